@@ -1,0 +1,26 @@
+//! Packet drops seen at `skb:kfree_skb`, aggregated in the kernel.
+
+/// Capacity of the per-CPU drop table; drops of keys that do not fit are
+/// counted in `DROPS_UNTRACKED` so no drop goes unseen.
+pub const DROP_TABLE_ENTRIES: u32 = 8192;
+
+/// One row of the in-kernel drop table: what was dropped, where, and why.
+/// The value is the number of drops (a per-CPU `u64`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DropKey {
+    /// Return address of the freeing call: the kernel function that dropped.
+    pub location: u64,
+    /// Inode number of the packet's network namespace (0 = unknown).
+    pub netns: u32,
+    /// `enum skb_drop_reason` value (0 where the kernel has no reasons).
+    pub reason: u32,
+    /// Interface index of `skb->dev` (0 = none).
+    pub ifindex: u32,
+    /// EtherType in host order (the tracepoint stores `ntohs(skb->protocol)`).
+    pub protocol: u16,
+    pub _pad: u16,
+}
+
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for DropKey {}

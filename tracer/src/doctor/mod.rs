@@ -1,0 +1,173 @@
+//! `xfrm-trace doctor`: what this kernel offers and how we would hook it.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::{
+    btf::{self, KernelBtf},
+    capabilities::{self, Attach, HookMode, HookPlan, ProgramSupport},
+    ebpf, hooks::Role,
+    kallsyms::Kallsyms,
+    xfrm_stat::XfrmStat,
+};
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub kernel_release: String,
+    pub btf: Check,
+    pub kallsyms_addresses: bool,
+    pub xfrm_stat: Check,
+    /// Counters the kernel has (from /proc/net/xfrm_stat).
+    pub xfrm_counters: Vec<String>,
+    /// Number of `enum skb_drop_reason` values (0 before 5.17).
+    pub drop_reasons: usize,
+    pub programs: Option<ProgramSupport>,
+    pub hooks: Vec<HookPlan>,
+    pub mode: HookMode,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Check {
+    pub ok: bool,
+    pub detail: String,
+}
+
+impl Check {
+    fn from<T, E: std::fmt::Display>(result: &Result<T, E>, ok_detail: &str) -> Self {
+        match result {
+            Ok(_) => Self { ok: true, detail: ok_detail.into() },
+            Err(e) => Self { ok: false, detail: e.to_string() },
+        }
+    }
+}
+
+/// Probes the running kernel (needs root to load programs).
+pub fn run() -> Report {
+    let kernel_release = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_else(|e| format!("unknown ({e})"));
+    let btf = KernelBtf::running();
+    let kallsyms = Kallsyms::read().unwrap_or_default();
+    let stat_text = std::fs::read_to_string("/proc/net/xfrm_stat");
+    let xfrm_stat = stat_text
+        .as_ref()
+        .map_err(|e| format!("/proc/net/xfrm_stat: {e} (kernel without CONFIG_XFRM_STATISTICS?)"))
+        .and_then(|t| XfrmStat::parse(t).map_err(|e| format!("/proc/net/xfrm_stat: {e}")));
+    let xfrm_counters = xfrm_stat.as_ref().map(|s| s.0.keys().cloned().collect()).unwrap_or_default();
+
+    let (programs, hooks, drop_reasons) = match &btf {
+        Ok(btf) => {
+            let programs = match ebpf::load(None) {
+                Ok(mut object) => capabilities::probe_programs(&mut object, btf, &kallsyms),
+                Err(e) => all_failed(&e.to_string()),
+            };
+            let hooks = capabilities::plan_hooks(btf, &kallsyms, &programs);
+            (Some(programs), hooks, btf::drop_reason_names(btf).len())
+        }
+        Err(_) => (None, Vec::new(), 0),
+    };
+    let brackets: Vec<Attach> = hooks
+        .iter()
+        .filter(|h| h.role == Role::Bracket)
+        .map(|h| h.attach.clone())
+        .collect();
+    let mode = match &programs {
+        Some(p) => capabilities::choose_mode(&brackets, p),
+        None => HookMode::CountersOnly,
+    };
+    Report {
+        kernel_release,
+        btf: Check::from(&btf.as_ref().map(|_| ()), btf::VMLINUX_BTF),
+        kallsyms_addresses: kallsyms.has_addresses(),
+        xfrm_stat: Check::from(&xfrm_stat, "/proc/net/xfrm_stat"),
+        xfrm_counters,
+        drop_reasons,
+        programs,
+        hooks,
+        mode,
+    }
+}
+
+fn all_failed(why: &str) -> ProgramSupport {
+    let e = || Err(why.to_string());
+    ProgramSupport { fentry: e(), kprobe: e(), tracepoint: e(), raw_tracepoint: e(), tp_btf: e() }
+}
+
+fn mark(ok: bool) -> &'static str {
+    if ok { "yes" } else { "NO " }
+}
+
+/// The report as a readable table.
+pub fn render(report: &Report) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "kernel         {}", report.kernel_release);
+    let _ = writeln!(out, "BTF            {}  {}", mark(report.btf.ok), report.btf.detail);
+    let _ = writeln!(out, "kallsyms       {}  addresses visible", mark(report.kallsyms_addresses));
+    let _ = writeln!(
+        out,
+        "xfrm_stat      {}  {} ({} counters)",
+        mark(report.xfrm_stat.ok),
+        report.xfrm_stat.detail,
+        report.xfrm_counters.len()
+    );
+    let _ = writeln!(out, "drop reasons   {} named in BTF", report.drop_reasons);
+    if let Some(p) = &report.programs {
+        let _ = writeln!(out, "\nprogram type   works");
+        for (name, support) in [
+            ("fentry/fexit", &p.fentry),
+            ("kprobe", &p.kprobe),
+            ("tracepoint", &p.tracepoint),
+            ("raw_tracepoint", &p.raw_tracepoint),
+            ("tp_btf", &p.tp_btf),
+        ] {
+            match support {
+                Ok(()) => {
+                    let _ = writeln!(out, "{name:<14} yes");
+                }
+                Err(e) => {
+                    let _ = writeln!(out, "{name:<14} NO   {e}");
+                }
+            }
+        }
+    }
+    if !report.hooks.is_empty() {
+        let _ = writeln!(out, "\n{:<32} {:<11} {:<4} {:<11} hook", "function", "role", "btf", "kallsyms");
+        for h in &report.hooks {
+            let role = serde_json::to_value(h.role).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+            let attach = match &h.attach {
+                Attach::Fentry => "fentry".to_string(),
+                Attach::Kprobe => "kprobe".to_string(),
+                Attach::Unavailable(why) => format!("none: {why}"),
+            };
+            let _ = writeln!(
+                out,
+                "{:<32} {:<11} {:<4} {:<11} {}",
+                h.function,
+                role,
+                if h.in_btf { "yes" } else { "no" },
+                h.kallsyms,
+                attach
+            );
+        }
+    }
+    let _ = writeln!(out, "\nhook mode      {}", report.mode.name());
+    let _ = writeln!(out, "{}", mode_explanation(report.mode));
+    out
+}
+
+fn mode_explanation(mode: HookMode) -> &'static str {
+    match mode {
+        HookMode::Fentry => "every XFRM counter path is hooked with fentry/fexit",
+        HookMode::FentryKprobe => {
+            "every XFRM counter path is hooked: fentry/fexit where possible, kprobes for the rest"
+        }
+        HookMode::Kprobe => "every XFRM counter path is hooked with kprobes",
+        HookMode::TracepointOnly => {
+            "no XFRM function can be hooked here: drops are seen at skb:kfree_skb (reason and location) and counters are reported as /proc/net/xfrm_stat deltas, without per-packet attribution"
+        }
+        HookMode::CountersOnly => {
+            "no eBPF program can be attached here: only /proc/net/xfrm_stat deltas are reported"
+        }
+    }
+}

@@ -1,0 +1,17 @@
+//! xfrm-trace: tells, live, why a Linux IPsec VPN drops, leaks or breaks
+//! packets. One module per concern.
+
+pub mod btf;
+pub mod capabilities;
+pub mod cli;
+pub mod doctor;
+pub mod drops;
+pub mod ebpf;
+pub mod hooks;
+pub mod kallsyms;
+pub mod netns;
+pub mod privilege;
+pub mod report;
+pub mod trace;
+pub mod tracefs;
+pub mod xfrm_stat;

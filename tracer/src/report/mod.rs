@@ -1,0 +1,128 @@
+//! The run's report: the JSON schema `xfrm-trace/1` and its text rendering.
+//!
+//! Field names are a published interface: add fields, never rename them.
+
+use std::{collections::BTreeMap, fmt::Write as _};
+
+use serde::Serialize;
+
+use crate::drops::DropRow;
+
+pub const SCHEMA: &str = "xfrm-trace/1";
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub schema: &'static str,
+    pub kernel: Kernel,
+    pub duration_secs: f64,
+    pub counters: Vec<Counter>,
+    pub drops: Vec<DropRow>,
+    /// Drops the in-kernel table had no room for (counted, not named).
+    pub drops_untracked: u64,
+    pub netns: Vec<NetnsInfo>,
+    pub findings: Vec<Finding>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Kernel {
+    pub release: String,
+    pub mode: String,
+}
+
+/// One `/proc/net/xfrm_stat` counter that moved during the run.
+#[derive(Debug, Serialize)]
+pub struct Counter {
+    pub name: String,
+    pub kernel_delta: u64,
+    pub attributed: u64,
+    /// `attributed` (every increment tied to its packet) or `counted` (the
+    /// kernel's delta only, as in tracepoint-only mode).
+    pub coverage: &'static str,
+    pub by_netns: Vec<NetnsDelta>,
+    pub sources: Vec<serde_json::Value>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct NetnsDelta {
+    pub netns: u64,
+    pub label: String,
+    pub delta: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct NetnsInfo {
+    pub inode: u64,
+    pub label: String,
+    /// Interface names by index, for reading `drops[].ifindex`.
+    pub interfaces: BTreeMap<u32, String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Finding {
+    pub kind: String,
+    pub summary: String,
+    pub fix: String,
+    pub evidence: Vec<String>,
+}
+
+fn netns_label(report: &Report, inode: u32) -> String {
+    report
+        .netns
+        .iter()
+        .find(|n| n.inode == u64::from(inode))
+        .map_or_else(|| if inode == 0 { "?".into() } else { format!("netns:{inode}") }, |n| n.label.clone())
+}
+
+fn ifname(report: &Report, inode: u32, ifindex: u32) -> String {
+    if ifindex == 0 {
+        return "-".into();
+    }
+    report
+        .netns
+        .iter()
+        .find(|n| n.inode == u64::from(inode))
+        .and_then(|n| n.interfaces.get(&ifindex).cloned())
+        .unwrap_or_else(|| format!("if{ifindex}"))
+}
+
+/// The end-of-run summary for a terminal.
+pub fn render(report: &Report) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "xfrm-trace: {:.1} s on {} in {} mode",
+        report.duration_secs, report.kernel.release, report.kernel.mode
+    );
+    let xfrm: Vec<&DropRow> = report.drops.iter().filter(|d| d.xfrm_related).collect();
+    let _ = writeln!(out, "\nXFRM-related drops (skb:kfree_skb): {}", xfrm.iter().map(|d| d.count).sum::<u64>());
+    if !xfrm.is_empty() {
+        let _ = writeln!(out, "  {:>8}  {:<20} {:<28} {:<16} {:<10} proto", "count", "reason", "function", "netns", "dev");
+        for d in &xfrm {
+            let _ = writeln!(
+                out,
+                "  {:>8}  {:<20} {:<28} {:<16} {:<10} {}",
+                d.count,
+                d.reason,
+                d.function,
+                netns_label(report, d.netns),
+                ifname(report, d.netns, d.ifindex),
+                d.protocol
+            );
+        }
+    }
+    let other: u64 = report.drops.iter().filter(|d| !d.xfrm_related).map(|d| d.count).sum();
+    let _ = writeln!(out, "other drops: {other}");
+    if report.drops_untracked > 0 {
+        let _ = writeln!(out, "drops not itemized (table full): {}", report.drops_untracked);
+    }
+    let _ = writeln!(out, "\n/proc/net/xfrm_stat deltas:");
+    if report.counters.is_empty() {
+        let _ = writeln!(out, "  none moved");
+    }
+    for c in &report.counters {
+        for n in &c.by_netns {
+            let _ = writeln!(out, "  {:<26} {:>8}  netns {} ({})", c.name, n.delta, n.label, c.coverage);
+        }
+    }
+    out
+}
