@@ -1,0 +1,200 @@
+//! Helpers for the integration tests: namespaces that are always removed,
+//! the binary under test, and the kernel's own counters.
+//!
+//! Tests send traffic only inside namespaces they create, to addresses
+//! inside them.
+
+use std::{
+    collections::BTreeMap,
+    fs::File,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use nix::sched::{CloneFlags, setns};
+
+/// The `xfrm-trace` binary: `$XFRM_TRACE_BIN` (set by `cargo xtask test`),
+/// else the release build, else the debug build.
+pub fn binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("XFRM_TRACE_BIN") {
+        return PathBuf::from(path);
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let release = root.join("target/release/xfrm-trace");
+    if release.exists() {
+        release
+    } else {
+        root.join("target/debug/xfrm-trace")
+    }
+}
+
+/// Panics with a clear message unless root: these tests load eBPF programs
+/// and create namespaces.
+pub fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "integration tests must run as root (sudo ./x.sh test)"
+    );
+}
+
+/// Runs a command; panics with its output unless it succeeds.
+pub fn sh(args: &[&str]) -> Output {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Named network namespaces (`ip netns`), deleted on drop even when the
+/// test panics.
+pub struct Namespaces {
+    pub names: Vec<String>,
+}
+
+impl Namespaces {
+    /// Creates namespaces `<prefix>-<role>` for each role, unique per process.
+    pub fn create(prefix: &str, roles: &[&str]) -> Self {
+        let names: Vec<String> = roles
+            .iter()
+            .map(|r| format!("{prefix}{}-{r}", std::process::id()))
+            .collect();
+        let created = Self { names: Vec::new() };
+        let mut created = created;
+        for name in &names {
+            let _ = Command::new("ip").args(["netns", "del", name]).output();
+            sh(&["ip", "netns", "add", name]);
+            created.names.push(name.clone());
+            sh(&["ip", "-n", name, "link", "set", "lo", "up"]);
+        }
+        created
+    }
+
+    pub fn name(&self, role: &str) -> &str {
+        self.names
+            .iter()
+            .find(|n| n.ends_with(&format!("-{role}")))
+            .unwrap_or_else(|| panic!("no namespace for role {role}"))
+    }
+
+    /// `ip -n <ns> <args>`.
+    pub fn ip(&self, role: &str, args: &[&str]) {
+        let mut full = vec!["ip", "-n", self.name(role)];
+        full.extend_from_slice(args);
+        sh(&full);
+    }
+
+    /// Runs `f` on a thread inside the namespace (setns is per thread).
+    pub fn run_in<T: Send + 'static>(
+        &self,
+        role: &str,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> T {
+        let path = PathBuf::from("/run/netns").join(self.name(role));
+        std::thread::spawn(move || {
+            let ns = File::open(&path).expect("open netns");
+            setns(&ns, CloneFlags::CLONE_NEWNET).expect("setns");
+            f()
+        })
+        .join()
+        .expect("netns thread panicked")
+    }
+
+    /// The kernel's own `/proc/net/xfrm_stat` of the namespace.
+    pub fn xfrm_stat(&self, role: &str) -> BTreeMap<String, u64> {
+        self.run_in(role, || {
+            std::fs::read_to_string("/proc/thread-self/net/xfrm_stat")
+                .expect("read xfrm_stat")
+                .lines()
+                .filter_map(|l| {
+                    let mut f = l.split_whitespace();
+                    Some((f.next()?.to_string(), f.next()?.parse().ok()?))
+                })
+                .collect()
+        })
+    }
+
+    /// Inode of the namespace: how the tool names it in its report.
+    pub fn inode(&self, role: &str) -> u64 {
+        use std::os::unix::fs::MetadataExt as _;
+        std::fs::metadata(Path::new("/run/netns").join(self.name(role)))
+            .expect("netns file")
+            .ino()
+    }
+}
+
+impl Drop for Namespaces {
+    fn drop(&mut self) {
+        for name in &self.names {
+            let _ = Command::new("ip").args(["netns", "del", name]).output();
+        }
+    }
+}
+
+/// A running `xfrm-trace`, killed on drop.
+pub struct Tracer {
+    pub child: Child,
+}
+
+impl Tracer {
+    /// Starts the tracer with `args` and waits until it says its programs
+    /// are attached.
+    pub fn start(args: &[&str], ready_file: &Path) -> Self {
+        let _ = std::fs::remove_file(ready_file);
+        let child = Command::new(binary())
+            .args(args)
+            .arg("--ready-file")
+            .arg(ready_file)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start xfrm-trace");
+        let mut tracer = Self { child };
+        let started = Instant::now();
+        while !ready_file.exists() {
+            if let Ok(Some(status)) = tracer.child.try_wait() {
+                let out = tracer.take_output();
+                panic!(
+                    "xfrm-trace exited early ({status}): {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "xfrm-trace not attached after 60 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        tracer
+    }
+
+    /// Waits for the run to end and returns its output.
+    pub fn take_output(&mut self) -> Output {
+        let child = std::mem::replace(
+            &mut self.child,
+            Command::new("true").spawn().expect("spawn true"),
+        );
+        child.wait_with_output().expect("wait for xfrm-trace")
+    }
+
+    /// Sends SIGINT (as Ctrl-C does) and waits for the report.
+    pub fn interrupt(&mut self) -> Output {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).expect("SIGINT");
+        self.take_output()
+    }
+}
+
+impl Drop for Tracer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

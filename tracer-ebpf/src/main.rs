@@ -11,7 +11,9 @@ use aya_ebpf::{
     helpers::bpf_probe_read_kernel,
     macros::{btf_tracepoint, fentry, kprobe, map, raw_tracepoint, tracepoint},
     maps::{PerCpuArray, PerCpuHashMap},
-    programs::{BtfTracePointContext, FEntryContext, ProbeContext, RawTracePointContext, TracePointContext},
+    programs::{
+        BtfTracePointContext, FEntryContext, ProbeContext, RawTracePointContext, TracePointContext,
+    },
 };
 use aya_log_ebpf::warn;
 use tracer_common::{
@@ -28,8 +30,7 @@ static KERNEL_OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets::UNSET)
 /// Drop counts per (location, netns, reason, interface, protocol), per CPU:
 /// exact at any packet rate, summed by userspace.
 #[map]
-static DROPS: PerCpuHashMap<DropKey, u64> =
-    PerCpuHashMap::with_max_entries(DROP_TABLE_ENTRIES, 0);
+static DROPS: PerCpuHashMap<DropKey, u64> = PerCpuHashMap::with_max_entries(DROP_TABLE_ENTRIES, 0);
 
 /// Drops whose key did not fit in `DROPS` (index 0).
 #[map]
@@ -53,7 +54,14 @@ unsafe fn drop_key(ctx: &TracePointContext, record: &KfreeSkbRecord) -> Result<D
         unsafe { ctx.read_at(record.reason as usize)? }
     };
     let (netns, ifindex) = unsafe { skb_netns_and_ifindex(skb) };
-    Ok(DropKey { location, netns, reason, ifindex, protocol, _pad: 0 })
+    Ok(DropKey {
+        location,
+        netns,
+        reason,
+        ifindex,
+        protocol,
+        _pad: 0,
+    })
 }
 
 /// The packet's netns (through its device, else its socket) and interface.
@@ -66,10 +74,18 @@ unsafe fn skb_netns_and_ifindex(skb: u64) -> (u32, u32) {
         (net, ifindex)
     } else {
         let sk: u64 = unsafe { read_at(skb, offsets.sk_buff_sk) }.unwrap_or(0);
-        let net: u64 = if sk != 0 { unsafe { read_at(sk, offsets.sock_net) }.unwrap_or(0) } else { 0 };
+        let net: u64 = if sk != 0 {
+            unsafe { read_at(sk, offsets.sock_net) }.unwrap_or(0)
+        } else {
+            0
+        };
         (net, 0)
     };
-    let netns: u32 = if net != 0 { unsafe { read_at(net, offsets.net_ns_inum) }.unwrap_or(0) } else { 0 };
+    let netns: u32 = if net != 0 {
+        unsafe { read_at(net, offsets.net_ns_inum) }.unwrap_or(0)
+    } else {
+        0
+    };
     (netns, ifindex)
 }
 

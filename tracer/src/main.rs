@@ -15,7 +15,10 @@ fn main() {
         1 => log::LevelFilter::Info,
         _ => log::LevelFilter::Debug,
     };
-    env_logger::Builder::new().filter_level(level).format_timestamp(None).init();
+    env_logger::Builder::new()
+        .filter_level(level)
+        .format_timestamp(None)
+        .init();
     if let Err(error) = run(cli) {
         eprintln!("xfrm-trace: error: {error:#}");
         std::process::exit(1);
@@ -34,7 +37,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         None => {
-            let options = trace::Options { duration: cli.duration, ready_file: cli.ready_file };
+            let options = trace::Options {
+                duration: cli.duration,
+                ready_file: cli.ready_file,
+            };
             let report = trace::run(&options)?;
             let text = report::render(&report);
             match cli.json.as_deref() {

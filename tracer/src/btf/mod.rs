@@ -10,8 +10,13 @@ pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
 #[derive(Debug, thiserror::Error)]
 pub enum BtfError {
-    #[error("kernel BTF not available at {path} (kernel built without CONFIG_DEBUG_INFO_BTF?): {source}")]
-    Missing { path: String, source: std::io::Error },
+    #[error(
+        "kernel BTF not available at {path} (kernel built without CONFIG_DEBUG_INFO_BTF?): {source}"
+    )]
+    Missing {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("cannot parse BTF {path}: {message}")]
     Parse { path: String, message: String },
     #[error("BTF has no type {0}")]
@@ -219,7 +224,10 @@ mod tests {
     fn mib_counters_are_found_in_their_anonymous_enum() {
         let Some(btf) = running() else { return };
         let mib = btf.enum_containing("LINUX_MIB_XFRMINNOSTATES").unwrap();
-        assert!(mib.iter().any(|(n, v)| n == "LINUX_MIB_XFRMINNOSTATES" && *v == 4));
+        assert!(
+            mib.iter()
+                .any(|(n, v)| n == "LINUX_MIB_XFRMINNOSTATES" && *v == 4)
+        );
     }
 
     #[test]

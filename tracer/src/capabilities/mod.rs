@@ -78,7 +78,11 @@ impl HookMode {
 
 /// Picks the hook for one function: fentry when it is in vmlinux BTF under
 /// its exact name and fentry works, else a kprobe on the exact symbol.
-pub fn choose_attach(in_vmlinux_btf: bool, presence: &Presence, programs: &ProgramSupport) -> Attach {
+pub fn choose_attach(
+    in_vmlinux_btf: bool,
+    presence: &Presence,
+    programs: &ProgramSupport,
+) -> Attach {
     match presence {
         Presence::Absent => Attach::Unavailable("not in this kernel (inlined or not built)".into()),
         Presence::CloneOnly(clone) => {
@@ -90,7 +94,9 @@ pub fn choose_attach(in_vmlinux_btf: bool, presence: &Presence, programs: &Progr
             } else if programs.kprobe.is_ok() {
                 Attach::Kprobe
             } else if let Some(module) = module {
-                Attach::Unavailable(format!("in module {module}: needs kprobes, which do not work here"))
+                Attach::Unavailable(format!(
+                    "in module {module}: needs kprobes, which do not work here"
+                ))
             } else if !in_vmlinux_btf {
                 Attach::Unavailable("no BTF for it and kprobes do not work here".into())
             } else {
@@ -160,37 +166,49 @@ fn describe(error: &dyn std::error::Error) -> String {
 fn try_fentry(ebpf: &mut Ebpf, target: &str) -> Support {
     let btf = Btf::from_sys_fs().map_err(|e| describe(&e))?;
     let prog: &mut FEntry = program(ebpf, "probe_fentry")?;
-    prog.load(target, &btf).map_err(|e| format!("load: {}", describe(&e)))?;
-    let link = prog.attach().map_err(|e| format!("attach to {target}: {}", describe(&e)))?;
+    prog.load(target, &btf)
+        .map_err(|e| format!("load: {}", describe(&e)))?;
+    let link = prog
+        .attach()
+        .map_err(|e| format!("attach to {target}: {}", describe(&e)))?;
     prog.detach(link).map_err(|e| describe(&e))
 }
 
 fn try_kprobe(ebpf: &mut Ebpf, target: &str) -> Support {
     let prog: &mut KProbe = program(ebpf, "probe_kprobe")?;
     prog.load().map_err(|e| format!("load: {}", describe(&e)))?;
-    let link = prog.attach(target, 0).map_err(|e| format!("attach to {target}: {}", describe(&e)))?;
+    let link = prog
+        .attach(target, 0)
+        .map_err(|e| format!("attach to {target}: {}", describe(&e)))?;
     prog.detach(link).map_err(|e| describe(&e))
 }
 
 fn try_tracepoint(ebpf: &mut Ebpf) -> Support {
     let prog: &mut TracePoint = program(ebpf, "probe_tracepoint")?;
     prog.load().map_err(|e| format!("load: {}", describe(&e)))?;
-    let link = prog.attach("skb", "kfree_skb").map_err(|e| format!("attach: {}", describe(&e)))?;
+    let link = prog
+        .attach("skb", "kfree_skb")
+        .map_err(|e| format!("attach: {}", describe(&e)))?;
     prog.detach(link).map_err(|e| describe(&e))
 }
 
 fn try_raw_tracepoint(ebpf: &mut Ebpf) -> Support {
     let prog: &mut RawTracePoint = program(ebpf, "probe_raw_tracepoint")?;
     prog.load().map_err(|e| format!("load: {}", describe(&e)))?;
-    let link = prog.attach("kfree_skb").map_err(|e| format!("attach: {}", describe(&e)))?;
+    let link = prog
+        .attach("kfree_skb")
+        .map_err(|e| format!("attach: {}", describe(&e)))?;
     prog.detach(link).map_err(|e| describe(&e))
 }
 
 fn try_tp_btf(ebpf: &mut Ebpf) -> Support {
     let btf = Btf::from_sys_fs().map_err(|e| describe(&e))?;
     let prog: &mut BtfTracePoint = program(ebpf, "probe_btf_tracepoint")?;
-    prog.load("kfree_skb", &btf).map_err(|e| format!("load: {}", describe(&e)))?;
-    let link = prog.attach().map_err(|e| format!("attach: {}", describe(&e)))?;
+    prog.load("kfree_skb", &btf)
+        .map_err(|e| format!("load: {}", describe(&e)))?;
+    let link = prog
+        .attach()
+        .map_err(|e| format!("attach: {}", describe(&e)))?;
     prog.detach(link).map_err(|e| describe(&e))
 }
 
@@ -206,26 +224,36 @@ pub struct HookPlan {
     pub version_dependent: bool,
 }
 
-pub fn plan_hooks(btf: &KernelBtf, kallsyms: &Kallsyms, programs: &ProgramSupport) -> Vec<HookPlan> {
+pub fn plan_hooks(
+    btf: &KernelBtf,
+    kallsyms: &Kallsyms,
+    programs: &ProgramSupport,
+) -> Vec<HookPlan> {
     hooks::PLANNED
         .iter()
-        .map(|&Hook { function, role, version_dependent }| {
-            let presence = kallsyms.presence(function);
-            let in_btf = btf.has_function(function);
-            HookPlan {
-                function,
-                role,
-                in_btf,
-                kallsyms: match &presence {
-                    Presence::Exact { module: None } => "vmlinux".into(),
-                    Presence::Exact { module: Some(m) } => m.clone(),
-                    Presence::CloneOnly(_) => "clone-only".into(),
-                    Presence::Absent => "absent".into(),
-                },
-                attach: choose_attach(in_btf, &presence, programs),
-                version_dependent,
-            }
-        })
+        .map(
+            |&Hook {
+                 function,
+                 role,
+                 version_dependent,
+             }| {
+                let presence = kallsyms.presence(function);
+                let in_btf = btf.has_function(function);
+                HookPlan {
+                    function,
+                    role,
+                    in_btf,
+                    kallsyms: match &presence {
+                        Presence::Exact { module: None } => "vmlinux".into(),
+                        Presence::Exact { module: Some(m) } => m.clone(),
+                        Presence::CloneOnly(_) => "clone-only".into(),
+                        Presence::Absent => "absent".into(),
+                    },
+                    attach: choose_attach(in_btf, &presence, programs),
+                    version_dependent,
+                }
+            },
+        )
         .collect()
 }
 
@@ -248,8 +276,14 @@ mod tests {
 
     #[test]
     fn vmlinux_function_prefers_fentry_then_kprobe() {
-        assert_eq!(choose_attach(true, &VMLINUX, &support(true, true, true)), Attach::Fentry);
-        assert_eq!(choose_attach(true, &VMLINUX, &support(false, true, true)), Attach::Kprobe);
+        assert_eq!(
+            choose_attach(true, &VMLINUX, &support(true, true, true)),
+            Attach::Fentry
+        );
+        assert_eq!(
+            choose_attach(true, &VMLINUX, &support(false, true, true)),
+            Attach::Kprobe
+        );
         assert!(matches!(
             choose_attach(true, &VMLINUX, &support(false, false, true)),
             Attach::Unavailable(_)
@@ -258,9 +292,15 @@ mod tests {
 
     #[test]
     fn module_function_needs_kprobe() {
-        let esp4 = Presence::Exact { module: Some("esp4".into()) };
-        assert_eq!(choose_attach(false, &esp4, &support(true, true, true)), Attach::Kprobe);
-        let Attach::Unavailable(why) = choose_attach(false, &esp4, &support(true, false, true)) else {
+        let esp4 = Presence::Exact {
+            module: Some("esp4".into()),
+        };
+        assert_eq!(
+            choose_attach(false, &esp4, &support(true, true, true)),
+            Attach::Kprobe
+        );
+        let Attach::Unavailable(why) = choose_attach(false, &esp4, &support(true, false, true))
+        else {
             panic!("module function without kprobes must be unavailable");
         };
         assert!(why.contains("esp4"));
@@ -269,18 +309,35 @@ mod tests {
     #[test]
     fn clones_and_absent_functions_are_unavailable() {
         let clone = Presence::CloneOnly("ip_fragment.constprop.0".into());
-        assert!(matches!(choose_attach(true, &clone, &support(true, true, true)), Attach::Unavailable(w) if w.contains("constprop")));
-        assert!(matches!(choose_attach(false, &Presence::Absent, &support(true, true, true)), Attach::Unavailable(_)));
+        assert!(
+            matches!(choose_attach(true, &clone, &support(true, true, true)), Attach::Unavailable(w) if w.contains("constprop"))
+        );
+        assert!(matches!(
+            choose_attach(false, &Presence::Absent, &support(true, true, true)),
+            Attach::Unavailable(_)
+        ));
     }
 
     #[test]
     fn mode_follows_the_brackets() {
         let all = support(true, true, true);
-        assert_eq!(choose_mode(&[Attach::Fentry, Attach::Fentry], &all), HookMode::Fentry);
-        assert_eq!(choose_mode(&[Attach::Fentry, Attach::Kprobe], &all), HookMode::FentryKprobe);
+        assert_eq!(
+            choose_mode(&[Attach::Fentry, Attach::Fentry], &all),
+            HookMode::Fentry
+        );
+        assert_eq!(
+            choose_mode(&[Attach::Fentry, Attach::Kprobe], &all),
+            HookMode::FentryKprobe
+        );
         assert_eq!(choose_mode(&[Attach::Kprobe], &all), HookMode::Kprobe);
         let none = [Attach::Unavailable("x".into())];
-        assert_eq!(choose_mode(&none, &support(false, false, true)), HookMode::TracepointOnly);
-        assert_eq!(choose_mode(&none, &support(false, false, false)), HookMode::CountersOnly);
+        assert_eq!(
+            choose_mode(&none, &support(false, false, true)),
+            HookMode::TracepointOnly
+        );
+        assert_eq!(
+            choose_mode(&none, &support(false, false, false)),
+            HookMode::CountersOnly
+        );
     }
 }

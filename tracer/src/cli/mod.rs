@@ -12,7 +12,11 @@ use clap::{Parser, Subcommand};
 ///
 /// Exit codes: 0 success, 1 error (one line on stderr), 2 bad usage.
 #[derive(Debug, Parser)]
-#[command(name = "xfrm-trace", version, after_help = "Examples:\n  sudo xfrm-trace --duration 10s\n  sudo xfrm-trace --json report.json\n  sudo xfrm-trace doctor")]
+#[command(
+    name = "xfrm-trace",
+    version,
+    after_help = "Examples:\n  sudo xfrm-trace --duration 10s\n  sudo xfrm-trace --json report.json\n  sudo xfrm-trace doctor"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -43,15 +47,23 @@ pub enum Command {
 /// `30s`, `500ms`, `2m`, `1h`, or plain seconds.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(text.len());
+    let split = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let value: f64 = number.parse().map_err(|_| format!("not a duration: {text:?} (try 30s)"))?;
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("not a duration: {text:?} (try 30s)"))?;
     let seconds = match unit {
         "" | "s" => value,
         "ms" => value / 1000.0,
         "m" => value * 60.0,
         "h" => value * 3600.0,
-        _ => return Err(format!("unknown unit {unit:?} in {text:?} (use ms, s, m or h)")),
+        _ => {
+            return Err(format!(
+                "unknown unit {unit:?} in {text:?} (use ms, s, m or h)"
+            ));
+        }
     };
     Duration::try_from_secs_f64(seconds).map_err(|_| format!("not a duration: {text:?}"))
 }

@@ -7,7 +7,8 @@ use serde::Serialize;
 use crate::{
     btf::{self, KernelBtf},
     capabilities::{self, Attach, HookMode, HookPlan, ProgramSupport},
-    ebpf, hooks::Role,
+    ebpf,
+    hooks::Role,
     kallsyms::Kallsyms,
     xfrm_stat::XfrmStat,
 };
@@ -36,8 +37,14 @@ pub struct Check {
 impl Check {
     fn from<T, E: std::fmt::Display>(result: &Result<T, E>, ok_detail: &str) -> Self {
         match result {
-            Ok(_) => Self { ok: true, detail: ok_detail.into() },
-            Err(e) => Self { ok: false, detail: e.to_string() },
+            Ok(_) => Self {
+                ok: true,
+                detail: ok_detail.into(),
+            },
+            Err(e) => Self {
+                ok: false,
+                detail: e.to_string(),
+            },
         }
     }
 }
@@ -54,7 +61,10 @@ pub fn run() -> Report {
         .as_ref()
         .map_err(|e| format!("/proc/net/xfrm_stat: {e} (kernel without CONFIG_XFRM_STATISTICS?)"))
         .and_then(|t| XfrmStat::parse(t).map_err(|e| format!("/proc/net/xfrm_stat: {e}")));
-    let xfrm_counters = xfrm_stat.as_ref().map(|s| s.0.keys().cloned().collect()).unwrap_or_default();
+    let xfrm_counters = xfrm_stat
+        .as_ref()
+        .map(|s| s.0.keys().cloned().collect())
+        .unwrap_or_default();
 
     let (programs, hooks, drop_reasons) = match &btf {
         Ok(btf) => {
@@ -91,7 +101,13 @@ pub fn run() -> Report {
 
 fn all_failed(why: &str) -> ProgramSupport {
     let e = || Err(why.to_string());
-    ProgramSupport { fentry: e(), kprobe: e(), tracepoint: e(), raw_tracepoint: e(), tp_btf: e() }
+    ProgramSupport {
+        fentry: e(),
+        kprobe: e(),
+        tracepoint: e(),
+        raw_tracepoint: e(),
+        tp_btf: e(),
+    }
 }
 
 fn mark(ok: bool) -> &'static str {
@@ -102,8 +118,17 @@ fn mark(ok: bool) -> &'static str {
 pub fn render(report: &Report) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "kernel         {}", report.kernel_release);
-    let _ = writeln!(out, "BTF            {}  {}", mark(report.btf.ok), report.btf.detail);
-    let _ = writeln!(out, "kallsyms       {}  addresses visible", mark(report.kallsyms_addresses));
+    let _ = writeln!(
+        out,
+        "BTF            {}  {}",
+        mark(report.btf.ok),
+        report.btf.detail
+    );
+    let _ = writeln!(
+        out,
+        "kallsyms       {}  addresses visible",
+        mark(report.kallsyms_addresses)
+    );
     let _ = writeln!(
         out,
         "xfrm_stat      {}  {} ({} counters)",
@@ -132,9 +157,16 @@ pub fn render(report: &Report) -> String {
         }
     }
     if !report.hooks.is_empty() {
-        let _ = writeln!(out, "\n{:<32} {:<11} {:<4} {:<11} hook", "function", "role", "btf", "kallsyms");
+        let _ = writeln!(
+            out,
+            "\n{:<32} {:<11} {:<4} {:<11} hook",
+            "function", "role", "btf", "kallsyms"
+        );
         for h in &report.hooks {
-            let role = serde_json::to_value(h.role).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+            let role = serde_json::to_value(h.role)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default();
             let attach = match &h.attach {
                 Attach::Fentry => "fentry".to_string(),
                 Attach::Kprobe => "kprobe".to_string(),

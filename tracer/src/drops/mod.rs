@@ -29,7 +29,9 @@ pub fn attach(ebpf: &mut Ebpf) -> Result<(), DropsError> {
         .ok_or_else(|| DropsError::Attach("program kfree_skb missing from the object".into()))?
         .try_into()
         .map_err(|e: aya::programs::ProgramError| DropsError::Attach(e.to_string()))?;
-    program.load().map_err(|e| DropsError::Attach(format!("load: {e}")))?;
+    program
+        .load()
+        .map_err(|e| DropsError::Attach(format!("load: {e}")))?;
     program
         .attach("skb", "kfree_skb")
         .map_err(|e| DropsError::Attach(e.to_string()))?;
@@ -49,7 +51,9 @@ pub fn read(ebpf: &Ebpf) -> Result<(Vec<(DropKey, u64)>, u64), DropsError> {
     }
     let untracked: PerCpuArray<_, u64> = PerCpuArray::try_from(
         ebpf.map("DROPS_UNTRACKED")
-            .ok_or(aya::maps::MapError::InvalidName { name: "DROPS_UNTRACKED".into() })?,
+            .ok_or(aya::maps::MapError::InvalidName {
+                name: "DROPS_UNTRACKED".into(),
+            })?,
     )?;
     let untracked = untracked.get(&0, 0)?.iter().sum();
     Ok((rows, untracked))
@@ -98,19 +102,25 @@ pub fn summarize(
     }
     let mut out: Vec<DropRow> = grouped
         .into_iter()
-        .map(|((netns, reason, function, ifindex, protocol), count)| DropRow {
-            xfrm_related: is_xfrm_related(&reason, &function),
-            count,
-            reason,
-            function,
-            netns,
-            ifindex,
-            protocol: protocol_name(protocol),
-            netns_label: String::new(),
-            ifname: String::new(),
-        })
+        .map(
+            |((netns, reason, function, ifindex, protocol), count)| DropRow {
+                xfrm_related: is_xfrm_related(&reason, &function),
+                count,
+                reason,
+                function,
+                netns,
+                ifindex,
+                protocol: protocol_name(protocol),
+                netns_label: String::new(),
+                ifname: String::new(),
+            },
+        )
         .collect();
-    out.sort_by(|a, b| b.count.cmp(&a.count).then_with(|| a.function.cmp(&b.function)));
+    out.sort_by(|a, b| {
+        b.count
+            .cmp(&a.count)
+            .then_with(|| a.function.cmp(&b.function))
+    });
     out
 }
 
@@ -167,7 +177,14 @@ mod tests {
         ];
         let out = summarize(&rows, &syms, &reasons);
         assert_eq!(out.len(), 2);
-        assert_eq!((out[0].count, out[0].function.as_str(), out[0].reason.as_str()), (5, "ip_forward", "XFRM_POLICY"));
+        assert_eq!(
+            (
+                out[0].count,
+                out[0].function.as_str(),
+                out[0].reason.as_str()
+            ),
+            (5, "ip_forward", "XFRM_POLICY")
+        );
         assert!(out[0].xfrm_related);
         assert_eq!(out[0].protocol, "ipv4");
         assert_eq!((out[1].count, out[1].function.as_str()), (1, "ip_rcv"));

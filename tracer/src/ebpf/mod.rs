@@ -55,7 +55,8 @@ impl KernelLayout {
             location: field("location")?,
             protocol: field("protocol")?,
             // Drop reasons arrived in 5.17.
-            reason: tracefs::field_offset(&format, "reason").unwrap_or(tracer_common::layout::ABSENT),
+            reason: tracefs::field_offset(&format, "reason")
+                .unwrap_or(tracer_common::layout::ABSENT),
         };
         Ok(Self { offsets, kfree_skb })
     }
@@ -78,10 +79,16 @@ pub fn load(layout: Option<&KernelLayout>) -> Result<Ebpf, LoadError> {
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK (LWN 837122).
 fn raise_memlock_limit() {
-    let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
     // SAFETY: setrlimit only reads the struct we pass.
     let ret = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
     if ret != 0 {
-        log::debug!("could not raise RLIMIT_MEMLOCK: {}", std::io::Error::last_os_error());
+        log::debug!(
+            "could not raise RLIMIT_MEMLOCK: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }

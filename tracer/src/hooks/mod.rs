@@ -24,11 +24,19 @@ pub struct Hook {
 }
 
 const fn hook(function: &'static str, role: Role) -> Hook {
-    Hook { function, role, version_dependent: false }
+    Hook {
+        function,
+        role,
+        version_dependent: false,
+    }
 }
 
 const fn only_some(function: &'static str, role: Role) -> Hook {
-    Hook { function, role, version_dependent: true }
+    Hook {
+        function,
+        role,
+        version_dependent: true,
+    }
 }
 
 pub const PLANNED: &[Hook] = &[

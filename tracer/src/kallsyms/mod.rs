@@ -17,7 +17,9 @@ pub struct Symbol {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Presence {
     /// Exact name in vmlinux or a module.
-    Exact { module: Option<String> },
+    Exact {
+        module: Option<String>,
+    },
     /// Only compiler clones such as `name.constprop.0`: probes by exact
     /// name fail.
     CloneOnly(String),
@@ -43,21 +45,30 @@ impl Kallsyms {
         let mut clones = HashMap::new();
         for line in text.lines() {
             let mut fields = line.split_whitespace();
-            let (Some(address), Some(kind), Some(name)) = (fields.next(), fields.next(), fields.next())
+            let (Some(address), Some(kind), Some(name)) =
+                (fields.next(), fields.next(), fields.next())
             else {
                 continue;
             };
             if !matches!(kind, "t" | "T" | "w" | "W") {
                 continue;
             }
-            let Ok(address) = u64::from_str_radix(address, 16) else { continue };
+            let Ok(address) = u64::from_str_radix(address, 16) else {
+                continue;
+            };
             let module = fields
                 .next()
                 .map(|m| m.trim_start_matches('[').trim_end_matches(']').to_string());
             if let Some((base, _)) = name.split_once('.') {
-                clones.entry(base.to_string()).or_insert_with(|| name.to_string());
+                clones
+                    .entry(base.to_string())
+                    .or_insert_with(|| name.to_string());
             }
-            text_symbols.push(Symbol { address, name: name.to_string(), module });
+            text_symbols.push(Symbol {
+                address,
+                name: name.to_string(),
+                module,
+            });
         }
         text_symbols.sort_by_key(|s| s.address);
         let by_name = text_symbols
@@ -65,7 +76,11 @@ impl Kallsyms {
             .enumerate()
             .map(|(i, s)| (s.name.clone(), i))
             .collect();
-        Self { text: text_symbols, by_name, clones }
+        Self {
+            text: text_symbols,
+            by_name,
+            clones,
+        }
     }
 
     /// Whether the addresses are real (root, or kptr_restrict=0).
@@ -75,7 +90,9 @@ impl Kallsyms {
 
     pub fn presence(&self, function: &str) -> Presence {
         if let Some(&i) = self.by_name.get(function) {
-            return Presence::Exact { module: self.text[i].module.clone() };
+            return Presence::Exact {
+                module: self.text[i].module.clone(),
+            };
         }
         match self.clones.get(function) {
             Some(clone) => Presence::CloneOnly(clone.clone()),
@@ -111,16 +128,30 @@ ffffffffc0a01000 t esp_input\t[esp4]
         let (sym, off) = syms.symbolize(0xffffffff81ff80a0).unwrap();
         assert_eq!((sym.name.as_str(), off), ("ip_forward", 0x10));
         let (sym, off) = syms.symbolize(0xffffffffc0a01004).unwrap();
-        assert_eq!((sym.name.as_str(), sym.module.as_deref(), off), ("esp_input", Some("esp4"), 4));
+        assert_eq!(
+            (sym.name.as_str(), sym.module.as_deref(), off),
+            ("esp_input", Some("esp4"), 4)
+        );
         assert!(syms.symbolize(0x10).is_none());
     }
 
     #[test]
     fn tells_exact_module_and_clone_only_functions() {
         let syms = Kallsyms::parse(SAMPLE);
-        assert_eq!(syms.presence("xfrm_input"), Presence::Exact { module: None });
-        assert_eq!(syms.presence("esp_input"), Presence::Exact { module: Some("esp4".into()) });
-        assert_eq!(syms.presence("ip_fragment"), Presence::CloneOnly("ip_fragment.constprop.0".into()));
+        assert_eq!(
+            syms.presence("xfrm_input"),
+            Presence::Exact { module: None }
+        );
+        assert_eq!(
+            syms.presence("esp_input"),
+            Presence::Exact {
+                module: Some("esp4".into())
+            }
+        );
+        assert_eq!(
+            syms.presence("ip_fragment"),
+            Presence::CloneOnly("ip_fragment.constprop.0".into())
+        );
         assert_eq!(syms.presence("some_data"), Presence::Absent);
         assert_eq!(syms.presence("nothing"), Presence::Absent);
         assert!(syms.has_addresses());

@@ -31,13 +31,20 @@ pub fn all() -> BTreeMap<u64, Netns> {
     let mut found = BTreeMap::new();
     let mut add = |path: PathBuf, label: String| {
         if let Ok(meta) = std::fs::metadata(&path) {
-            found.entry(meta.ino()).or_insert(Netns { inode: meta.ino(), label, path });
+            found.entry(meta.ino()).or_insert(Netns {
+                inode: meta.ino(),
+                label,
+                path,
+            });
         }
     };
     add(PathBuf::from("/proc/self/ns/net"), "host".into());
     if let Ok(dir) = std::fs::read_dir(NAMED_NETNS_DIR) {
         for entry in dir.flatten() {
-            add(entry.path(), entry.file_name().to_string_lossy().into_owned());
+            add(
+                entry.path(),
+                entry.file_name().to_string_lossy().into_owned(),
+            );
         }
     }
     if let Ok(dir) = std::fs::read_dir("/proc") {

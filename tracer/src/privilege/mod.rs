@@ -8,5 +8,9 @@ pub struct NotRoot;
 
 /// Fails unless running as root (effective uid 0).
 pub fn require_root() -> Result<(), NotRoot> {
-    if nix::unistd::geteuid().is_root() { Ok(()) } else { Err(NotRoot) }
+    if nix::unistd::geteuid().is_root() {
+        Ok(())
+    } else {
+        Err(NotRoot)
+    }
 }

@@ -65,26 +65,6 @@ pub struct Finding {
     pub evidence: Vec<String>,
 }
 
-fn netns_label(report: &Report, inode: u32) -> String {
-    report
-        .netns
-        .iter()
-        .find(|n| n.inode == u64::from(inode))
-        .map_or_else(|| if inode == 0 { "?".into() } else { format!("netns:{inode}") }, |n| n.label.clone())
-}
-
-fn ifname(report: &Report, inode: u32, ifindex: u32) -> String {
-    if ifindex == 0 {
-        return "-".into();
-    }
-    report
-        .netns
-        .iter()
-        .find(|n| n.inode == u64::from(inode))
-        .and_then(|n| n.interfaces.get(&ifindex).cloned())
-        .unwrap_or_else(|| format!("if{ifindex}"))
-}
-
 /// The end-of-run summary for a terminal.
 pub fn render(report: &Report) -> String {
     let mut out = String::new();
@@ -94,26 +74,38 @@ pub fn render(report: &Report) -> String {
         report.duration_secs, report.kernel.release, report.kernel.mode
     );
     let xfrm: Vec<&DropRow> = report.drops.iter().filter(|d| d.xfrm_related).collect();
-    let _ = writeln!(out, "\nXFRM-related drops (skb:kfree_skb): {}", xfrm.iter().map(|d| d.count).sum::<u64>());
+    let _ = writeln!(
+        out,
+        "\nXFRM-related drops (skb:kfree_skb): {}",
+        xfrm.iter().map(|d| d.count).sum::<u64>()
+    );
     if !xfrm.is_empty() {
-        let _ = writeln!(out, "  {:>8}  {:<20} {:<28} {:<16} {:<10} proto", "count", "reason", "function", "netns", "dev");
+        let _ = writeln!(
+            out,
+            "  {:>8}  {:<20} {:<28} {:<16} {:<10} proto",
+            "count", "reason", "function", "netns", "dev"
+        );
         for d in &xfrm {
             let _ = writeln!(
                 out,
                 "  {:>8}  {:<20} {:<28} {:<16} {:<10} {}",
-                d.count,
-                d.reason,
-                d.function,
-                netns_label(report, d.netns),
-                ifname(report, d.netns, d.ifindex),
-                d.protocol
+                d.count, d.reason, d.function, d.netns_label, d.ifname, d.protocol
             );
         }
     }
-    let other: u64 = report.drops.iter().filter(|d| !d.xfrm_related).map(|d| d.count).sum();
+    let other: u64 = report
+        .drops
+        .iter()
+        .filter(|d| !d.xfrm_related)
+        .map(|d| d.count)
+        .sum();
     let _ = writeln!(out, "other drops: {other}");
     if report.drops_untracked > 0 {
-        let _ = writeln!(out, "drops not itemized (table full): {}", report.drops_untracked);
+        let _ = writeln!(
+            out,
+            "drops not itemized (table full): {}",
+            report.drops_untracked
+        );
     }
     let _ = writeln!(out, "\n/proc/net/xfrm_stat deltas:");
     if report.counters.is_empty() {
@@ -121,7 +113,11 @@ pub fn render(report: &Report) -> String {
     }
     for c in &report.counters {
         for n in &c.by_netns {
-            let _ = writeln!(out, "  {:<26} {:>8}  netns {} ({})", c.name, n.delta, n.label, c.coverage);
+            let _ = writeln!(
+                out,
+                "  {:<26} {:>8}  netns {} ({})",
+                c.name, n.delta, n.label, c.coverage
+            );
         }
     }
     out

@@ -46,7 +46,9 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
     let btf = KernelBtf::running()?;
     let kallsyms = Kallsyms::read().context("reading /proc/kallsyms")?;
     if !std::path::Path::new("/proc/net/xfrm_stat").exists() {
-        log::warn!("/proc/net/xfrm_stat is missing (kernel without CONFIG_XFRM_STATISTICS): no counter deltas");
+        log::warn!(
+            "/proc/net/xfrm_stat is missing (kernel without CONFIG_XFRM_STATISTICS): no counter deltas"
+        );
     }
     let release = nix::sys::utsname::uname()
         .map(|u| u.release().to_string_lossy().into_owned())
@@ -86,10 +88,14 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
     let after = snapshot();
 
     let reasons = btf::drop_reason_names(&btf);
-    let drops = drops::summarize(&rows, &kallsyms, &reasons);
+    let mut drops = drops::summarize(&rows, &kallsyms, &reasons);
     let counters = counter_deltas(&before, &after);
     let mut seen: Vec<u64> = drops.iter().map(|d| u64::from(d.netns)).collect();
-    seen.extend(counters.iter().flat_map(|c| c.by_netns.iter().map(|n| n.netns)));
+    seen.extend(
+        counters
+            .iter()
+            .flat_map(|c| c.by_netns.iter().map(|n| n.netns)),
+    );
     let netns = after
         .values()
         .chain(before.values())
@@ -108,10 +114,22 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
                 BTreeMap::new()
             },
         })
-        .collect();
+        .collect::<Vec<NetnsInfo>>();
+    for drop in &mut drops {
+        let ns = netns.iter().find(|n| n.inode == u64::from(drop.netns));
+        drop.netns_label = ns.map_or_else(|| format!("netns:{}", drop.netns), |n| n.label.clone());
+        drop.ifname = match ns.and_then(|n| n.interfaces.get(&drop.ifindex)) {
+            Some(name) => name.clone(),
+            None if drop.ifindex == 0 => "-".into(),
+            None => format!("if{}", drop.ifindex),
+        };
+    }
     Ok(Report {
         schema: report::SCHEMA,
-        kernel: Kernel { release, mode: "tracepoint-only".into() },
+        kernel: Kernel {
+            release,
+            mode: "tracepoint-only".into(),
+        },
         duration_secs: elapsed.as_secs_f64(),
         counters,
         drops,
@@ -130,7 +148,8 @@ fn wait(duration: Option<Duration>, mut tick: impl FnMut()) -> anyhow::Result<()
         .context("starting the async runtime")?;
     runtime.block_on(async {
         let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-        let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+        let mut terminate =
+            signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
         let deadline = duration.map(|d| tokio::time::Instant::now() + d);
         let mut ticks = tokio::time::interval(Duration::from_secs(1));
         loop {
@@ -156,7 +175,10 @@ fn wait(duration: Option<Duration>, mut tick: impl FnMut()) -> anyhow::Result<()
 fn counter_deltas(before: &Snapshot, after: &Snapshot) -> Vec<Counter> {
     let mut by_counter: BTreeMap<String, Vec<NetnsDelta>> = BTreeMap::new();
     for (inode, (ns, now)) in after {
-        let then = before.get(inode).map(|(_, s)| s.clone()).unwrap_or_default();
+        let then = before
+            .get(inode)
+            .map(|(_, s)| s.clone())
+            .unwrap_or_default();
         for (name, delta) in now.delta_since(&then) {
             by_counter.entry(name).or_default().push(NetnsDelta {
                 netns: *inode,

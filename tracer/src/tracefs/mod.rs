@@ -17,7 +17,11 @@ pub enum TracefsError {
 /// The tracefs root, mounting it at /sys/kernel/tracing when nothing is
 /// mounted (as on minimal hosts; the mount is left for later runs).
 pub fn root() -> Result<PathBuf, TracefsError> {
-    if let Some(found) = CANDIDATES.iter().map(Path::new).find(|p| p.join("events").is_dir()) {
+    if let Some(found) = CANDIDATES
+        .iter()
+        .map(Path::new)
+        .find(|p| p.join("events").is_dir())
+    {
         return Ok(found.to_path_buf());
     }
     let target = Path::new(CANDIDATES[0]);
@@ -34,8 +38,13 @@ pub fn root() -> Result<PathBuf, TracefsError> {
 
 /// The `format` file text of `category:name`.
 pub fn format(category: &str, name: &str) -> Result<String, TracefsError> {
-    let path = root()?.join("events").join(category).join(name).join("format");
-    std::fs::read_to_string(path).map_err(|_| TracefsError::NoTracepoint(format!("{category}:{name}")))
+    let path = root()?
+        .join("events")
+        .join(category)
+        .join(name)
+        .join("format");
+    std::fs::read_to_string(path)
+        .map_err(|_| TracefsError::NoTracepoint(format!("{category}:{name}")))
 }
 
 /// Offset of `field` in a tracepoint record, from its format text.
@@ -47,7 +56,9 @@ pub fn field_offset(format: &str, field: &str) -> Option<u32> {
         if name != field {
             return None;
         }
-        let offset = line.split(';').find_map(|part| part.trim().strip_prefix("offset:"))?;
+        let offset = line
+            .split(';')
+            .find_map(|part| part.trim().strip_prefix("offset:"))?;
         offset.parse().ok()
     })
 }

@@ -28,16 +28,28 @@ impl XfrmStat {
             let mut fields = raw.split_whitespace();
             let (Some(name), Some(value), None) = (fields.next(), fields.next(), fields.next())
             else {
-                return Err(ParseError::Malformed { line, text: raw.into() });
+                return Err(ParseError::Malformed {
+                    line,
+                    text: raw.into(),
+                });
             };
             let Ok(value) = value.parse::<u64>() else {
-                return Err(ParseError::Malformed { line, text: raw.into() });
+                return Err(ParseError::Malformed {
+                    line,
+                    text: raw.into(),
+                });
             };
             if !name.starts_with("Xfrm") {
-                return Err(ParseError::Malformed { line, text: raw.into() });
+                return Err(ParseError::Malformed {
+                    line,
+                    text: raw.into(),
+                });
             }
             if counters.insert(name.to_string(), value).is_some() {
-                return Err(ParseError::Duplicate { line, name: name.into() });
+                return Err(ParseError::Duplicate {
+                    line,
+                    name: name.into(),
+                });
             }
         }
         Ok(Self(counters))
@@ -85,7 +97,10 @@ mod tests {
     fn rejects_malformed_lines() {
         assert_eq!(
             XfrmStat::parse("XfrmInError 0\nXfrmInNoStates four\n"),
-            Err(ParseError::Malformed { line: 2, text: "XfrmInNoStates four".into() })
+            Err(ParseError::Malformed {
+                line: 2,
+                text: "XfrmInNoStates four".into()
+            })
         );
         assert!(XfrmStat::parse("XfrmInError\n").is_err());
         assert!(XfrmStat::parse("XfrmInError 1 2\n").is_err());

@@ -1,0 +1,299 @@
+//! The real binary against the running kernel (the host's, or a VM's): real
+//! eBPF programs, real packets across namespaces this test creates.
+
+use std::{
+    net::UdpSocket,
+    path::PathBuf,
+    process::Command,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use tests::{Namespaces, Tracer, binary, require_root, sh};
+
+/// The tests below look at programs loaded kernel-wide: one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn scratch(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("xfrm-trace-test-{}-{name}", std::process::id()))
+}
+
+/// Programs named `name` loaded in the kernel right now (needs bpftool).
+fn loaded_programs(name: &str) -> usize {
+    let out = sh(&["bpftool", "--json", "prog", "show"]);
+    let progs: Value = serde_json::from_slice(&out.stdout).expect("bpftool json");
+    progs
+        .as_array()
+        .map_or(0, |a| a.iter().filter(|p| p["name"] == name).count())
+}
+
+/// sender (a) -- router (r) -- receiver (b), with an XFRM policy on the
+/// router that blocks forwarding a->b and one on the sender that blocks its
+/// own UDP to the router.
+fn blocked_topology() -> Namespaces {
+    let ns = Namespaces::create("xt", &["a", "r", "b"]);
+    let (a, r, b) = (
+        ns.name("a").to_string(),
+        ns.name("r").to_string(),
+        ns.name("b").to_string(),
+    );
+    sh(&[
+        "ip", "link", "add", "va", "netns", &a, "type", "veth", "peer", "name", "ra", "netns", &r,
+    ]);
+    sh(&[
+        "ip", "link", "add", "vb", "netns", &b, "type", "veth", "peer", "name", "rb", "netns", &r,
+    ]);
+    ns.ip("a", &["addr", "add", "198.51.100.2/24", "dev", "va"]);
+    ns.ip("a", &["link", "set", "va", "up"]);
+    ns.ip("a", &["route", "add", "default", "via", "198.51.100.1"]);
+    ns.ip("b", &["addr", "add", "203.0.113.2/24", "dev", "vb"]);
+    ns.ip("b", &["link", "set", "vb", "up"]);
+    ns.ip("b", &["route", "add", "default", "via", "203.0.113.1"]);
+    ns.ip("r", &["addr", "add", "198.51.100.1/24", "dev", "ra"]);
+    ns.ip("r", &["addr", "add", "203.0.113.1/24", "dev", "rb"]);
+    ns.ip("r", &["link", "set", "ra", "up"]);
+    ns.ip("r", &["link", "set", "rb", "up"]);
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &r,
+        "sysctl",
+        "-qw",
+        "net.ipv4.ip_forward=1",
+    ]);
+    ns.ip(
+        "r",
+        &[
+            "xfrm",
+            "policy",
+            "add",
+            "src",
+            "198.51.100.0/24",
+            "dst",
+            "203.0.113.0/24",
+            "dir",
+            "fwd",
+            "action",
+            "block",
+        ],
+    );
+    ns.ip(
+        "a",
+        &[
+            "xfrm",
+            "policy",
+            "add",
+            "src",
+            "198.51.100.2/32",
+            "dst",
+            "198.51.100.1/32",
+            "proto",
+            "udp",
+            "dir",
+            "out",
+            "action",
+            "block",
+        ],
+    );
+    ns
+}
+
+/// Sends `count` UDP datagrams from inside `role` to `dst`; returns how
+/// many `sendto` calls the kernel refused.
+fn send_udp(ns: &Namespaces, role: &str, dst: &'static str, count: usize) -> usize {
+    ns.run_in(role, move || {
+        let socket = UdpSocket::bind("0.0.0.0:0").expect("bind");
+        (0..count)
+            .filter(|_| socket.send_to(b"xfrm-trace test", dst).is_err())
+            .count()
+    })
+}
+
+fn counter<'a>(report: &'a Value, name: &str) -> &'a Value {
+    report["counters"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["name"] == name))
+        .unwrap_or_else(|| panic!("counter {name} missing from report: {report:#}"))
+}
+
+fn netns_delta(counter: &Value, inode: u64) -> u64 {
+    counter["by_netns"]
+        .as_array()
+        .and_then(|n| n.iter().find(|n| n["netns"] == inode))
+        .and_then(|n| n["delta"].as_u64())
+        .unwrap_or(0)
+}
+
+#[test]
+fn xfrm_policy_drops_and_counters_are_reported_exactly() {
+    require_root();
+    let _serial = serial();
+    const FORWARDED: u64 = 7;
+    const LOCAL: u64 = 4;
+    let ns = blocked_topology();
+    // Resolve the router's MAC first, so every datagram below reaches it.
+    send_udp(&ns, "a", "203.0.113.2:9", 1);
+    std::thread::sleep(Duration::from_millis(300));
+    let router_before = ns.xfrm_stat("r");
+    let sender_before = ns.xfrm_stat("a");
+
+    let json = scratch("report.json");
+    let ready = scratch("ready");
+    let before_attach = loaded_programs("kfree_skb");
+    let mut tracer = Tracer::start(
+        &["--json".as_ref(), json.as_os_str()].map(|s| s.to_str().unwrap()),
+        &ready,
+    );
+    assert_eq!(
+        loaded_programs("kfree_skb"),
+        before_attach + 1,
+        "kfree_skb program not attached"
+    );
+
+    assert_eq!(send_udp(&ns, "a", "203.0.113.2:9", FORWARDED as usize), 0);
+    let refused = send_udp(&ns, "a", "198.51.100.1:9", LOCAL as usize);
+    assert_eq!(
+        refused as u64, LOCAL,
+        "the out policy must refuse every local datagram"
+    );
+    // Forwarded drops happen in softirq: wait until the kernel counted them.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ns.xfrm_stat("r")["XfrmInPolBlock"] < router_before["XfrmInPolBlock"] + FORWARDED {
+        assert!(
+            Instant::now() < deadline,
+            "router never counted the blocked packets"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = tracer.interrupt();
+    assert!(
+        out.status.success(),
+        "xfrm-trace failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        loaded_programs("kfree_skb"),
+        before_attach,
+        "a program stayed attached after exit"
+    );
+
+    let kernel_router = ns.xfrm_stat("r")["XfrmInPolBlock"] - router_before["XfrmInPolBlock"];
+    let kernel_sender = ns.xfrm_stat("a")["XfrmOutPolBlock"] - sender_before["XfrmOutPolBlock"];
+    assert_eq!((kernel_router, kernel_sender), (FORWARDED, LOCAL));
+
+    let report: Value =
+        serde_json::from_slice(&std::fs::read(&json).expect("report written")).expect("valid json");
+    let _ = std::fs::remove_file(&json);
+    assert_eq!(report["schema"], "xfrm-trace/1");
+    let router = ns.inode("r");
+    let policy_drops: u64 = report["drops"]
+        .as_array()
+        .expect("drops")
+        .iter()
+        .filter(|d| d["netns"] == router && d["reason"] == "XFRM_POLICY")
+        .map(|d| {
+            assert_eq!(d["function"], "ip_forward", "{d}");
+            assert_eq!(d["ifname"], "ra", "{d}");
+            assert_eq!(d["netns_label"], ns.name("r"), "{d}");
+            assert_eq!(d["xfrm_related"], true);
+            d["count"].as_u64().unwrap()
+        })
+        .sum();
+    assert_eq!(
+        policy_drops, FORWARDED,
+        "XFRM_POLICY drops seen at ip_forward in the router"
+    );
+    assert_eq!(
+        netns_delta(counter(&report, "XfrmInPolBlock"), router),
+        kernel_router
+    );
+    assert_eq!(
+        netns_delta(counter(&report, "XfrmOutPolBlock"), ns.inode("a")),
+        kernel_sender
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("XfrmOutPolBlock"), "text summary: {text}");
+}
+
+#[test]
+fn without_root_it_says_so_in_one_line() {
+    require_root();
+    for args in [&["--duration", "1s"][..], &["doctor"][..]] {
+        let out = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(binary())
+            .args(args)
+            .output()
+            .expect("run as nobody");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
+        assert!(stderr.contains("needs root"), "{stderr}");
+    }
+}
+
+#[test]
+fn bad_usage_is_reported_not_panicked() {
+    let out = Command::new(binary())
+        .args(["--duration", "soon"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a duration"));
+}
+
+#[test]
+fn doctor_matches_what_loads() {
+    require_root();
+    let _serial = serial();
+    let out = Command::new(binary())
+        .args(["doctor", "--json"])
+        .output()
+        .expect("doctor");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(report["btf"]["ok"], true);
+    assert_eq!(report["xfrm_stat"]["ok"], true);
+    let release = sh(&["uname", "-r"]);
+    assert_eq!(
+        report["kernel_release"],
+        String::from_utf8_lossy(&release.stdout).trim()
+    );
+    // Every kernel we support loads classic tracepoints: the run above relies on it.
+    assert_eq!(
+        report["programs"]["tracepoint"]["works"], true,
+        "{report:#}"
+    );
+    let hooks = report["hooks"].as_array().expect("hooks");
+    let input = hooks
+        .iter()
+        .find(|h| h["function"] == "xfrm_input")
+        .expect("xfrm_input planned");
+    assert_eq!(input["in_btf"], true);
+    let fentry = report["programs"]["fentry"]["works"] == true;
+    let kprobe = report["programs"]["kprobe"]["works"] == true;
+    let expected = match (fentry, kprobe) {
+        (true, _) => "fentry",
+        (false, true) => "kprobe",
+        (false, false) => "tracepoint-only",
+    };
+    assert_eq!(report["mode"], expected, "{report:#}");
+    assert_eq!(
+        input["attach"]["method"],
+        if expected == "tracepoint-only" {
+            "unavailable"
+        } else {
+            expected
+        }
+    );
+}

@@ -1,0 +1,133 @@
+//! Idempotent machine setup: the eBPF toolchain, bpf-linker built against
+//! that toolchain's own LLVM, and the Debian packages the tests use. Each
+//! step checks first, so a second run takes seconds.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::util::{output, run};
+
+/// The nightly that builds the eBPF programs (`tracer/build.rs` uses it).
+pub const EBPF_TOOLCHAIN: &str = "nightly-2026-10-29";
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+/// Debian packages the tests and the lab need.
+const PACKAGES: &[&str] = &["iproute2", "kmod", "util-linux", "bpftool"];
+
+pub fn all() -> anyhow::Result<()> {
+    install_packages(PACKAGES)?;
+    install_ebpf_toolchain()?;
+    install_bpf_linker()?;
+    Ok(())
+}
+
+fn installed(package: &str) -> bool {
+    output(Command::new("dpkg-query").args(["-W", "-f=${Status}", package]))
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+}
+
+pub fn install_packages(packages: &[&str]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = packages.iter().copied().filter(|p| !installed(p)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("setup: installing Debian packages: {}", missing.join(" "));
+    run(Command::new("apt-get").args(["update", "-q"]))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+fn rustup() -> Command {
+    let mut cmd = Command::new("rustup");
+    // rustup must not pick up the workspace's pinned stable here.
+    cmd.env_remove("RUSTUP_TOOLCHAIN");
+    cmd
+}
+
+fn install_ebpf_toolchain() -> anyhow::Result<()> {
+    let sysroot = ebpf_sysroot();
+    let has_rust_src = sysroot
+        .as_ref()
+        .is_ok_and(|s| s.join("lib/rustlib/src/rust/library/core").is_dir());
+    if has_rust_src {
+        return Ok(());
+    }
+    eprintln!("setup: installing {EBPF_TOOLCHAIN} with rust-src");
+    run(rustup().args([
+        "toolchain",
+        "install",
+        EBPF_TOOLCHAIN,
+        "--profile",
+        "minimal",
+        "--component",
+        "rust-src",
+    ]))
+}
+
+fn ebpf_sysroot() -> anyhow::Result<PathBuf> {
+    let out = output(rustup().args(["run", EBPF_TOOLCHAIN, "rustc", "--print", "sysroot"]))?;
+    if !out.status.success() {
+        bail!("{EBPF_TOOLCHAIN} is not installed");
+    }
+    Ok(PathBuf::from(String::from_utf8(out.stdout)?.trim()))
+}
+
+fn cache_dir() -> PathBuf {
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/root"), PathBuf::from);
+    home.join(".cache/xfrm-trace")
+}
+
+/// bpf-linker must use the very LLVM that the nightly emits bitcode for,
+/// and no prebuilt binary can be fetched: build it against the nightly's
+/// own libLLVM through a prefix folder that links to it.
+fn install_bpf_linker() -> anyhow::Result<()> {
+    let works = output(Command::new("bpf-linker").arg("--version")).is_ok_and(|o| {
+        o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION)
+    });
+    if works {
+        return Ok(());
+    }
+    let sysroot = ebpf_sysroot()?;
+    let libllvm = std::fs::read_dir(sysroot.join("lib"))
+        .context("reading the nightly's lib folder")?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name().is_some_and(|n| {
+                n.to_string_lossy().starts_with("libLLVM.so.")
+                    && n.to_string_lossy().contains("-rust-")
+            })
+        })
+        .context("the nightly has no libLLVM.so.*-rust-* (is it a rustup toolchain?)")?;
+    let soname = libllvm.file_name().context("libLLVM path")?.to_owned();
+    let prefix = cache_dir().join("llvm");
+    let lib = prefix.join("lib");
+    std::fs::create_dir_all(&lib).with_context(|| format!("creating {}", lib.display()))?;
+    for name in [Path::new("libLLVM.so"), Path::new(&soname)] {
+        let link = lib.join(name);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&libllvm, &link)
+            .with_context(|| format!("linking {}", link.display()))?;
+    }
+    eprintln!(
+        "setup: building bpf-linker {BPF_LINKER_VERSION} against {} (about 2 minutes)",
+        libllvm.display()
+    );
+    run(Command::new("cargo")
+        .args([
+            "install",
+            "bpf-linker",
+            "--locked",
+            "--force",
+            "--version",
+            BPF_LINKER_VERSION,
+        ])
+        .env("LLVM_PREFIX", &prefix)
+        .current_dir(std::env::temp_dir()))
+}
