@@ -47,7 +47,7 @@ fn demo() -> anyhow::Result<()> {
 fn test() -> anyhow::Result<()> {
     setup::all()?;
     let binary = util::build_release()?;
-    util::run(
+    let host = util::cargo_test(
         util::cargo()
             .args([
                 "test",
@@ -57,5 +57,11 @@ fn test() -> anyhow::Result<()> {
                 "--release",
             ])
             .env("XFRM_TRACE_BIN", &binary),
-    )
+    )?;
+    // One closing line that sums up every test runner.
+    println!("xtask: {} passed, {} failed", host.passed, host.failed);
+    if host.failed > 0 || !host.success {
+        anyhow::bail!("tests failed");
+    }
+    Ok(())
 }

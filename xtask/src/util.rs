@@ -48,3 +48,69 @@ pub fn build_release() -> anyhow::Result<PathBuf> {
     ]))?;
     Ok(workspace_root().join("target/release/xfrm-trace"))
 }
+
+/// What a `cargo test` run reported.
+#[derive(Debug, Default)]
+pub struct TestTally {
+    pub passed: u64,
+    pub failed: u64,
+    pub success: bool,
+}
+
+/// Runs `cargo test`, echoing its output, and adds up its result lines.
+pub fn cargo_test(cmd: &mut Command) -> anyhow::Result<TestTally> {
+    use std::io::{BufRead as _, BufReader};
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
+    let mut tally = TestTally::default();
+    let stdout = child.stdout.take().context("cargo test stdout")?;
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        let (passed, failed) = parse_result_line(&line);
+        tally.passed += passed;
+        tally.failed += failed;
+    }
+    tally.success = child.wait()?.success();
+    Ok(tally)
+}
+
+/// `test result: ok. 4 passed; 1 failed; ...` -> (4, 1).
+pub fn parse_result_line(line: &str) -> (u64, u64) {
+    let Some(rest) = line.strip_prefix("test result: ") else {
+        return (0, 0);
+    };
+    let count = |word: &str| {
+        rest.split(';')
+            .find_map(|part| {
+                part.trim()
+                    .trim_start_matches("ok. ")
+                    .trim_start_matches("FAILED. ")
+                    .strip_suffix(word)
+            })
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    (count(" passed"), count(" failed"))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn result_lines() {
+        use super::parse_result_line as p;
+        assert_eq!(
+            p(
+                "test result: ok. 4 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 1.67s"
+            ),
+            (4, 0)
+        );
+        assert_eq!(
+            p("test result: FAILED. 3 passed; 1 failed; 0 ignored"),
+            (3, 1)
+        );
+        assert_eq!(p("running 4 tests"), (0, 0));
+    }
+}
