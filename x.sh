@@ -8,6 +8,6 @@ cd "$(dirname "$0")"
 command -v rustup >/dev/null || { echo "x.sh: rustup is required (https://rustup.rs)" >&2; exit 1; }
 channel=$(sed -n 's/^channel *= *"\(.*\)"/\1/p' rust-toolchain.toml)
 if ! rustup toolchain list | grep -q "^$channel-"; then
-    rustup toolchain install "$channel" --profile minimal --component clippy,rustfmt
+    rustup toolchain install --no-self-update "$channel" --profile minimal --component clippy,rustfmt
 fi
 exec cargo xtask "$@"

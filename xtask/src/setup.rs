@@ -62,6 +62,7 @@ fn install_ebpf_toolchain() -> anyhow::Result<()> {
     run(rustup().args([
         "toolchain",
         "install",
+        "--no-self-update",
         EBPF_TOOLCHAIN,
         "--profile",
         "minimal",
