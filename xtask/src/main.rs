@@ -1,7 +1,10 @@
 //! Developer tasks: toolchain setup, build, tests (host and VMs), demo.
 
+mod kernels;
 mod setup;
 mod util;
+mod vm;
+mod vm_test;
 
 use clap::{Parser, Subcommand};
 
@@ -18,8 +21,11 @@ enum Command {
     Setup,
     /// Set up, build xfrm-trace (release) and run the built-in demo.
     Demo,
-    /// Set up, build, and run every test.
-    Test,
+    /// Set up, build, and run every test: on the host kernel, then inside
+    /// a VM for each kernel of the matrix.
+    Test(vm_test::Options),
+    /// Run the integration tests inside VMs only (kernel matrix).
+    VmTest(vm_test::Options),
 }
 
 fn main() {
@@ -27,7 +33,8 @@ fn main() {
     let result = match cli.command {
         Command::Setup => setup::all(),
         Command::Demo => demo(),
-        Command::Test => test(),
+        Command::Test(options) => test(&options),
+        Command::VmTest(options) => vm_only(&options),
     };
     if let Err(error) = result {
         eprintln!("xtask: error: {error:#}");
@@ -44,8 +51,9 @@ fn demo() -> anyhow::Result<()> {
     util::run(std::process::Command::new(&binary).args(["--duration", "3s"]))
 }
 
-fn test() -> anyhow::Result<()> {
+fn test(options: &vm_test::Options) -> anyhow::Result<()> {
     setup::all()?;
+    setup::vm_tools()?;
     let binary = util::build_release()?;
     let host = util::cargo_test(
         util::cargo()
@@ -58,10 +66,20 @@ fn test() -> anyhow::Result<()> {
             ])
             .env("XFRM_TRACE_BIN", &binary),
     )?;
-    // One closing line that sums up every test runner.
-    println!("xtask: {} passed, {} failed", host.passed, host.failed);
-    if host.failed > 0 || !host.success {
-        anyhow::bail!("tests failed");
-    }
-    Ok(())
+    let vms = vm_test::run(options, &binary)?;
+    vm_test::summarize(&host, &vms)
+}
+
+fn vm_only(options: &vm_test::Options) -> anyhow::Result<()> {
+    setup::all()?;
+    setup::vm_tools()?;
+    let binary = util::build_release()?;
+    let vms = vm_test::run(options, &binary)?;
+    vm_test::summarize(
+        &util::TestTally {
+            success: true,
+            ..Default::default()
+        },
+        &vms,
+    )
 }

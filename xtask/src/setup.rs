@@ -25,6 +25,27 @@ pub fn all() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What the VM tests need: QEMU and virtme-ng (from PyPI).
+pub fn vm_tools() -> anyhow::Result<()> {
+    install_packages(&["qemu-system-x86", "busybox-static"])?;
+    let has_vng = output(Command::new("vng").arg("--version")).is_ok_and(|o| {
+        o.status.success() && String::from_utf8_lossy(&o.stdout).contains(VIRTME_NG_VERSION)
+    });
+    if has_vng {
+        return Ok(());
+    }
+    eprintln!("setup: installing virtme-ng {VIRTME_NG_VERSION} from PyPI");
+    run(Command::new("python3").args([
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        &format!("virtme-ng=={VIRTME_NG_VERSION}"),
+    ]))
+}
+
+const VIRTME_NG_VERSION: &str = "1.42";
+
 fn installed(package: &str) -> bool {
     output(Command::new("dpkg-query").args(["-W", "-f=${Status}", package]))
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
