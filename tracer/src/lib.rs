@@ -9,6 +9,7 @@ pub mod drops;
 pub mod ebpf;
 pub mod hooks;
 pub mod kallsyms;
+pub mod lab;
 pub mod netns;
 pub mod privilege;
 pub mod report;

@@ -55,17 +55,7 @@ fn test(options: &vm_test::Options) -> anyhow::Result<()> {
     setup::all()?;
     setup::vm_tools()?;
     let binary = util::build_release()?;
-    let host = util::cargo_test(
-        util::cargo()
-            .args([
-                "test",
-                "--workspace",
-                "--exclude",
-                "tracer-ebpf",
-                "--release",
-            ])
-            .env("XFRM_TRACE_BIN", &binary),
-    )?;
+    let host = host_tests(&binary)?;
     let vms = vm_test::run(options, &binary)?;
     vm_test::summarize(&host, &vms)
 }
@@ -82,4 +72,23 @@ fn vm_only(options: &vm_test::Options) -> anyhow::Result<()> {
         },
         &vms,
     )
+}
+
+/// Unit tests of every crate, then the integration tests that run on any
+/// kernel (`tests/tests/vm_*.rs` need IPsec in the kernel: VMs only).
+fn host_tests(binary: &std::path::Path) -> anyhow::Result<util::TestTally> {
+    let mut args = vec![
+        "test",
+        "--workspace",
+        "--exclude",
+        "tracer-ebpf",
+        "--release",
+        "--lib",
+        "--bins",
+    ];
+    let targets = util::host_test_targets()?;
+    for target in &targets {
+        args.extend(["--test", target.as_str()]);
+    }
+    util::cargo_test(util::cargo().args(&args).env("XFRM_TRACE_BIN", binary))
 }

@@ -96,6 +96,25 @@ pub fn parse_result_line(line: &str) -> (u64, u64) {
     (count(" passed"), count(" failed"))
 }
 
+/// Integration test targets that run on the host kernel too: every
+/// `tests/tests/*.rs` except `vm_*.rs`.
+pub fn host_test_targets() -> anyhow::Result<Vec<String>> {
+    let dir = workspace_root().join("tests/tests");
+    let mut targets: Vec<String> = std::fs::read_dir(&dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .flatten()
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()?
+                .strip_suffix(".rs")
+                .map(str::to_string)
+        })
+        .filter(|name| !name.starts_with("vm_"))
+        .collect();
+    targets.sort();
+    Ok(targets)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
