@@ -22,10 +22,36 @@ pub struct KfreeSkbRecord {
 pub struct KernelOffsets {
     pub sk_buff_dev: u32,
     pub sk_buff_sk: u32,
+    pub sk_buff_head: u32,
+    pub sk_buff_network_header: u32,
+    pub sk_buff_refdst: u32,
     pub net_device_ifindex: u32,
     pub net_device_nd_net: u32,
     pub sock_net: u32,
     pub net_ns_inum: u32,
+    /// `net.mib.xfrm_statistics` (ABSENT without CONFIG_XFRM_STATISTICS).
+    pub net_xfrm_statistics: u32,
+    pub dst_entry_xfrm: u32,
+    pub dst_entry_ops: u32,
+    pub dst_ops_family: u32,
+    pub xfrm_state_spi: u32,
+    pub xfrm_state_reqid: u32,
+    pub xfrm_policy_index: u32,
+    pub flowi4_saddr: u32,
+    pub flowi4_daddr: u32,
+    pub flowi4_proto: u32,
+    pub flowi4_sport: u32,
+    pub flowi4_dport: u32,
+    pub flowi6_saddr: u32,
+    pub flowi6_daddr: u32,
+    pub flowi6_proto: u32,
+    pub flowi6_sport: u32,
+    pub flowi6_dport: u32,
+    /// Number of XFRM counters (`__LINUX_MIB_XFRMMAX`).
+    pub xfrm_counters: u32,
+    pub _pad: u32,
+    /// Address of `__per_cpu_offset` (from kallsyms; 0 = unknown).
+    pub per_cpu_offset: u64,
 }
 
 impl KfreeSkbRecord {
@@ -41,10 +67,33 @@ impl KernelOffsets {
     pub const UNSET: Self = Self {
         sk_buff_dev: ABSENT,
         sk_buff_sk: ABSENT,
+        sk_buff_head: ABSENT,
+        sk_buff_network_header: ABSENT,
+        sk_buff_refdst: ABSENT,
         net_device_ifindex: ABSENT,
         net_device_nd_net: ABSENT,
         sock_net: ABSENT,
         net_ns_inum: ABSENT,
+        net_xfrm_statistics: ABSENT,
+        dst_entry_xfrm: ABSENT,
+        dst_entry_ops: ABSENT,
+        dst_ops_family: ABSENT,
+        xfrm_state_spi: ABSENT,
+        xfrm_state_reqid: ABSENT,
+        xfrm_policy_index: ABSENT,
+        flowi4_saddr: ABSENT,
+        flowi4_daddr: ABSENT,
+        flowi4_proto: ABSENT,
+        flowi4_sport: ABSENT,
+        flowi4_dport: ABSENT,
+        flowi6_saddr: ABSENT,
+        flowi6_daddr: ABSENT,
+        flowi6_proto: ABSENT,
+        flowi6_sport: ABSENT,
+        flowi6_dport: ABSENT,
+        xfrm_counters: 0,
+        _pad: 0,
+        per_cpu_offset: 0,
     };
 }
 
@@ -52,3 +101,28 @@ impl KernelOffsets {
 unsafe impl aya::Pod for KfreeSkbRecord {}
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for KernelOffsets {}
+
+/// Argument positions that differ between kernels (from BTF prototypes):
+/// which argument is the skb, and where fexit finds the return value (after
+/// the last argument).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HookArgs {
+    /// `xfrm_output_resume(skb, err)` before 5.14, `(sk, skb, err)` after.
+    pub output_resume_skb: u32,
+    pub state_lookup_ret: u32,
+    pub input_state_lookup_ret: u32,
+    pub policy_lookup_ret: u32,
+}
+
+impl HookArgs {
+    pub const UNSET: Self = Self {
+        output_resume_skb: 1,
+        state_lookup_ret: 6,
+        input_state_lookup_ret: 6,
+        policy_lookup_ret: 6,
+    };
+}
+
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for HookArgs {}

@@ -4,5 +4,6 @@
 //! the layout byte for byte. Flags are integers, never `bool`.
 #![no_std]
 
+pub mod attribution;
 pub mod drops;
 pub mod layout;

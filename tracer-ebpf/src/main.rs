@@ -6,19 +6,24 @@
 #![no_std]
 #![no_main]
 
+mod attribution;
+
+use attribution::Packet;
 use aya_ebpf::{
     Global,
     helpers::bpf_probe_read_kernel,
-    macros::{btf_tracepoint, fentry, kprobe, map, raw_tracepoint, tracepoint},
+    macros::{btf_tracepoint, fentry, fexit, kprobe, map, raw_tracepoint, tracepoint},
     maps::{PerCpuArray, PerCpuHashMap},
     programs::{
-        BtfTracePointContext, FEntryContext, ProbeContext, RawTracePointContext, TracePointContext,
+        BtfTracePointContext, FEntryContext, FExitContext, ProbeContext, RawTracePointContext,
+        TracePointContext,
     },
 };
 use aya_log_ebpf::warn;
 use tracer_common::{
+    attribution::{dir, hook},
     drops::{DROP_TABLE_ENTRIES, DropKey},
-    layout::{ABSENT, KernelOffsets, KfreeSkbRecord},
+    layout::{ABSENT, HookArgs, KernelOffsets, KfreeSkbRecord},
 };
 
 #[unsafe(no_mangle)]
@@ -26,6 +31,9 @@ static KFREE_SKB_RECORD: Global<KfreeSkbRecord> = Global::new(KfreeSkbRecord::UN
 
 #[unsafe(no_mangle)]
 static KERNEL_OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets::UNSET);
+
+#[unsafe(no_mangle)]
+static HOOK_ARGS: Global<HookArgs> = Global::new(HookArgs::UNSET);
 
 /// Drop counts per (location, netns, reason, interface, protocol), per CPU:
 /// exact at any packet rate, summed by userspace.
@@ -91,7 +99,7 @@ unsafe fn skb_netns_and_ifindex(skb: u64) -> (u32, u32) {
 
 /// Reads a `T` at `base + offset` in kernel memory; fails for an offset the
 /// running kernel does not have.
-unsafe fn read_at<T>(base: u64, offset: u32) -> Result<T, i32> {
+pub(crate) unsafe fn read_at<T>(base: u64, offset: u32) -> Result<T, i32> {
     if offset == ABSENT {
         return Err(-1);
     }
@@ -108,6 +116,127 @@ fn count_drop(ctx: &TracePointContext, key: &DropKey) {
         }
         warn!(ctx, "drop table full: drop counted as untracked");
     }
+}
+
+// Brackets around every XFRM counter increment site (kernel-map §2.2). The
+// function names in the attributes are only section names: userspace loads
+// each program against its target from BTF.
+
+#[fentry(function = "xfrm_input")]
+pub fn xfrm_input_entry(ctx: FEntryContext) -> u32 {
+    let skb: u64 = ctx.arg(0);
+    attribution::enter(hook::XFRM_INPUT, skb, Packet::Skb { skb, dir: dir::IN });
+    0
+}
+
+#[fexit(function = "xfrm_input")]
+pub fn xfrm_input_exit(ctx: FExitContext) -> u32 {
+    attribution::exit(hook::XFRM_INPUT, ctx.arg(0));
+    0
+}
+
+#[fentry(function = "__xfrm_policy_check")]
+pub fn policy_check_entry(ctx: FEntryContext) -> u32 {
+    let skb: u64 = ctx.arg(2);
+    let direction: u32 = ctx.arg(1);
+    attribution::enter(
+        hook::POLICY_CHECK,
+        skb,
+        Packet::Skb {
+            skb,
+            dir: (direction & 3) as u8,
+        },
+    );
+    0
+}
+
+#[fexit(function = "__xfrm_policy_check")]
+pub fn policy_check_exit(ctx: FExitContext) -> u32 {
+    attribution::exit(hook::POLICY_CHECK, ctx.arg(2));
+    0
+}
+
+#[fentry(function = "__xfrm_route_forward")]
+pub fn route_forward_entry(ctx: FEntryContext) -> u32 {
+    let skb: u64 = ctx.arg(0);
+    attribution::enter(hook::ROUTE_FORWARD, skb, Packet::Skb { skb, dir: dir::FWD });
+    0
+}
+
+#[fexit(function = "__xfrm_route_forward")]
+pub fn route_forward_exit(ctx: FExitContext) -> u32 {
+    attribution::exit(hook::ROUTE_FORWARD, ctx.arg(0));
+    0
+}
+
+#[fentry(function = "xfrm_lookup_with_ifid")]
+pub fn lookup_entry(ctx: FEntryContext) -> u32 {
+    let fl: u64 = ctx.arg(2);
+    attribution::enter(
+        hook::LOOKUP,
+        fl,
+        Packet::Lookup {
+            net: ctx.arg(0),
+            fl,
+            dst_orig: ctx.arg(1),
+        },
+    );
+    0
+}
+
+#[fexit(function = "xfrm_lookup_with_ifid")]
+pub fn lookup_exit(ctx: FExitContext) -> u32 {
+    attribution::exit(hook::LOOKUP, ctx.arg(2));
+    0
+}
+
+#[fentry(function = "xfrm_output")]
+pub fn output_entry(ctx: FEntryContext) -> u32 {
+    let skb: u64 = ctx.arg(1);
+    attribution::enter(hook::OUTPUT, skb, Packet::Skb { skb, dir: dir::OUT });
+    0
+}
+
+#[fexit(function = "xfrm_output")]
+pub fn output_exit(ctx: FExitContext) -> u32 {
+    attribution::exit(hook::OUTPUT, ctx.arg(1));
+    0
+}
+
+#[fentry(function = "xfrm_output_resume")]
+pub fn output_resume_entry(ctx: FEntryContext) -> u32 {
+    let skb: u64 = ctx.arg(HOOK_ARGS.load().output_resume_skb as usize);
+    attribution::enter(hook::OUTPUT_RESUME, skb, Packet::Skb { skb, dir: dir::OUT });
+    0
+}
+
+#[fexit(function = "xfrm_output_resume")]
+pub fn output_resume_exit(ctx: FExitContext) -> u32 {
+    attribution::exit(
+        hook::OUTPUT_RESUME,
+        ctx.arg(HOOK_ARGS.load().output_resume_skb as usize),
+    );
+    0
+}
+
+// Enrichment: name the SA and the policy behind an increment.
+
+#[fexit(function = "xfrm_state_lookup")]
+pub fn state_lookup_exit(ctx: FExitContext) -> u32 {
+    attribution::state_found(ctx.arg(HOOK_ARGS.load().state_lookup_ret as usize));
+    0
+}
+
+#[fexit(function = "xfrm_input_state_lookup")]
+pub fn input_state_lookup_exit(ctx: FExitContext) -> u32 {
+    attribution::state_found(ctx.arg(HOOK_ARGS.load().input_state_lookup_ret as usize));
+    0
+}
+
+#[fexit(function = "xfrm_policy_lookup_bytype")]
+pub fn policy_lookup_exit(ctx: FExitContext) -> u32 {
+    attribution::policy_found(ctx.arg(HOOK_ARGS.load().policy_lookup_ret as usize));
+    0
 }
 
 // Minimal programs that `xfrm-trace doctor` loads and attaches to learn which

@@ -1,9 +1,11 @@
 //! xfrm-trace: tells, live, why a Linux IPsec VPN drops, leaks or breaks
 //! packets. One module per concern.
 
+pub mod attribution;
 pub mod btf;
 pub mod capabilities;
 pub mod cli;
+pub mod counters;
 pub mod doctor;
 pub mod drops;
 pub mod ebpf;

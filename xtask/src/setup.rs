@@ -16,7 +16,19 @@ pub const EBPF_TOOLCHAIN: &str = "nightly-2026-10-29";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Debian packages the tests and the lab need.
-const PACKAGES: &[&str] = &["iproute2", "kmod", "util-linux", "bpftool"];
+const PACKAGES: &[&str] = &[
+    "iproute2",
+    "kmod",
+    "util-linux",
+    "bpftool",
+    // The lab: IKE daemon, traffic and firewall tools.
+    "libreswan",
+    "iputils-ping",
+    "tcpdump",
+    "iptables",
+    "nftables",
+    "iperf3",
+];
 
 pub fn all() -> anyhow::Result<()> {
     install_packages(PACKAGES)?;

@@ -89,6 +89,23 @@ impl KernelBtf {
         self.functions.contains(name)
     }
 
+    /// Parameter names of a function, from its BTF prototype.
+    pub fn function_params(&self, name: &str) -> Option<Vec<String>> {
+        let proto = self.types.get().values().find_map(|t| match t {
+            TypeVariant::Func(f) if f.name().as_deref() == Some(name) => Some(*f.prototype_tid()),
+            _ => None,
+        })?;
+        match self.types.from_id(proto)? {
+            TypeVariant::FuncProto(p) => Some(
+                p.parameter_list()
+                    .iter()
+                    .map(|param| param.name().unwrap_or_default())
+                    .collect(),
+            ),
+            _ => None,
+        }
+    }
+
     /// Byte offset of `path` (e.g. `"dev"`, `"id.spi"`; anonymous unions
     /// are looked through) inside `struct ty`.
     pub fn member_offset(&self, ty: &str, path: &str) -> Result<u32, BtfError> {
@@ -228,6 +245,14 @@ mod tests {
             mib.iter()
                 .any(|(n, v)| n == "LINUX_MIB_XFRMINNOSTATES" && *v == 4)
         );
+    }
+
+    #[test]
+    fn function_prototypes_name_their_parameters() {
+        let Some(btf) = running() else { return };
+        let params = btf.function_params("xfrm_input").unwrap();
+        assert_eq!(params, ["skb", "nexthdr", "spi", "encap_type"]);
+        assert!(btf.function_params("no_such_function_xyz").is_none());
     }
 
     #[test]

@@ -1,10 +1,12 @@
 //! The embedded eBPF object and how it is loaded into the running kernel.
 
 use aya::{Ebpf, EbpfLoader};
-use tracer_common::layout::{KernelOffsets, KfreeSkbRecord};
+use tracer_common::layout::{ABSENT, HookArgs, KernelOffsets, KfreeSkbRecord};
 
 use crate::{
     btf::{BtfError, KernelBtf},
+    counters::Counters,
+    kallsyms::Kallsyms,
     tracefs::{self, TracefsError},
 };
 
@@ -30,18 +32,63 @@ pub enum LoadError {
 pub struct KernelLayout {
     pub offsets: KernelOffsets,
     pub kfree_skb: KfreeSkbRecord,
+    pub hook_args: HookArgs,
 }
 
 impl KernelLayout {
     /// Resolves offsets from BTF and the kfree_skb record from tracefs.
-    pub fn resolve(btf: &KernelBtf) -> Result<Self, LoadError> {
+    pub fn resolve(btf: &KernelBtf, kallsyms: &Kallsyms) -> Result<Self, LoadError> {
+        // Members every kernel has are required; the rest may be ABSENT
+        // (the programs then skip what they cannot read).
+        let optional = |ty: &str, path: &str| btf.optional_offset(ty, path).unwrap_or(ABSENT);
         let offsets = KernelOffsets {
             sk_buff_dev: btf.member_offset("sk_buff", "dev")?,
             sk_buff_sk: btf.member_offset("sk_buff", "sk")?,
+            sk_buff_head: btf.member_offset("sk_buff", "head")?,
+            sk_buff_network_header: btf.member_offset("sk_buff", "network_header")?,
+            sk_buff_refdst: btf.member_offset("sk_buff", "_skb_refdst")?,
             net_device_ifindex: btf.member_offset("net_device", "ifindex")?,
             net_device_nd_net: btf.member_offset("net_device", "nd_net")?,
             sock_net: btf.member_offset("sock", "__sk_common.skc_net")?,
             net_ns_inum: btf.member_offset("net", "ns.inum")?,
+            net_xfrm_statistics: optional("net", "mib.xfrm_statistics"),
+            dst_entry_xfrm: optional("dst_entry", "xfrm"),
+            dst_entry_ops: optional("dst_entry", "ops"),
+            dst_ops_family: optional("dst_ops", "family"),
+            xfrm_state_spi: optional("xfrm_state", "id.spi"),
+            xfrm_state_reqid: optional("xfrm_state", "props.reqid"),
+            xfrm_policy_index: optional("xfrm_policy", "index"),
+            flowi4_saddr: optional("flowi", "u.ip4.saddr"),
+            flowi4_daddr: optional("flowi", "u.ip4.daddr"),
+            flowi4_proto: optional("flowi", "u.ip4.__fl_common.flowic_proto"),
+            flowi4_sport: optional("flowi", "u.ip4.uli.ports.sport"),
+            flowi4_dport: optional("flowi", "u.ip4.uli.ports.dport"),
+            flowi6_saddr: optional("flowi", "u.ip6.saddr"),
+            flowi6_daddr: optional("flowi", "u.ip6.daddr"),
+            flowi6_proto: optional("flowi", "u.ip6.__fl_common.flowic_proto"),
+            flowi6_sport: optional("flowi", "u.ip6.uli.ports.sport"),
+            flowi6_dport: optional("flowi", "u.ip6.uli.ports.dport"),
+            xfrm_counters: Counters::from_btf(btf).map_or(0, |c| c.array_len),
+            _pad: 0,
+            per_cpu_offset: kallsyms.data_address("__per_cpu_offset").unwrap_or(0),
+        };
+        let params = |function: &str| btf.function_params(function).unwrap_or_default();
+        let defaults = HookArgs::UNSET;
+        let ret_index = |function: &str, default: u32| {
+            let count = params(function).len();
+            if count == 0 { default } else { count as u32 }
+        };
+        let hook_args = HookArgs {
+            output_resume_skb: params("xfrm_output_resume")
+                .iter()
+                .position(|p| p == "skb")
+                .map_or(defaults.output_resume_skb, |i| i as u32),
+            state_lookup_ret: ret_index("xfrm_state_lookup", defaults.state_lookup_ret),
+            input_state_lookup_ret: ret_index(
+                "xfrm_input_state_lookup",
+                defaults.input_state_lookup_ret,
+            ),
+            policy_lookup_ret: ret_index("xfrm_policy_lookup_bytype", defaults.policy_lookup_ret),
         };
         let format = tracefs::format("skb", "kfree_skb")?;
         let field = |name: &str| {
@@ -58,7 +105,11 @@ impl KernelLayout {
             reason: tracefs::field_offset(&format, "reason")
                 .unwrap_or(tracer_common::layout::ABSENT),
         };
-        Ok(Self { offsets, kfree_skb })
+        Ok(Self {
+            offsets,
+            kfree_skb,
+            hook_args,
+        })
     }
 }
 
@@ -72,7 +123,8 @@ pub fn load(layout: Option<&KernelLayout>) -> Result<Ebpf, LoadError> {
     if let Some(layout) = layout {
         loader
             .override_global("KERNEL_OFFSETS", &layout.offsets, true)
-            .override_global("KFREE_SKB_RECORD", &layout.kfree_skb, true);
+            .override_global("KFREE_SKB_RECORD", &layout.kfree_skb, true)
+            .override_global("HOOK_ARGS", &layout.hook_args, true);
     }
     Ok(loader.load(OBJECT)?)
 }

@@ -33,7 +33,12 @@ pub struct Kallsyms {
     by_name: HashMap<String, usize>,
     /// Base name -> first clone symbol seen (e.g. `ip_fragment.constprop.0`).
     clones: HashMap<String, String>,
+    /// The few data symbols we need (see `DATA_SYMBOLS`).
+    data: HashMap<String, u64>,
 }
+
+/// Data symbols read from kallsyms (present with CONFIG_KALLSYMS_ALL).
+const DATA_SYMBOLS: &[&str] = &["__per_cpu_offset"];
 
 impl Kallsyms {
     pub fn read() -> std::io::Result<Self> {
@@ -43,6 +48,7 @@ impl Kallsyms {
     pub fn parse(text: &str) -> Self {
         let mut text_symbols = Vec::new();
         let mut clones = HashMap::new();
+        let mut data = HashMap::new();
         for line in text.lines() {
             let mut fields = line.split_whitespace();
             let (Some(address), Some(kind), Some(name)) =
@@ -50,12 +56,15 @@ impl Kallsyms {
             else {
                 continue;
             };
-            if !matches!(kind, "t" | "T" | "w" | "W") {
-                continue;
-            }
             let Ok(address) = u64::from_str_radix(address, 16) else {
                 continue;
             };
+            if DATA_SYMBOLS.contains(&name) {
+                data.insert(name.to_string(), address);
+            }
+            if !matches!(kind, "t" | "T" | "w" | "W") {
+                continue;
+            }
             let module = fields
                 .next()
                 .map(|m| m.trim_start_matches('[').trim_end_matches(']').to_string());
@@ -80,12 +89,18 @@ impl Kallsyms {
             text: text_symbols,
             by_name,
             clones,
+            data,
         }
     }
 
     /// Whether the addresses are real (root, or kptr_restrict=0).
     pub fn has_addresses(&self) -> bool {
         self.text.iter().any(|s| s.address != 0)
+    }
+
+    /// Address of a data symbol listed in `DATA_SYMBOLS` (0 if hidden).
+    pub fn data_address(&self, name: &str) -> Option<u64> {
+        self.data.get(name).copied().filter(|&a| a != 0)
     }
 
     pub fn presence(&self, function: &str) -> Presence {
@@ -119,6 +134,7 @@ ffffffff81ff8400 t ip_forward_finish
 ffffffff82001000 t ip_fragment.constprop.0
 ffffffff820b76e0 T xfrm_input
 ffffffff820b7f00 d some_data
+ffffffff82a0c200 R __per_cpu_offset
 ffffffffc0a01000 t esp_input\t[esp4]
 ";
 
@@ -155,6 +171,11 @@ ffffffffc0a01000 t esp_input\t[esp4]
         assert_eq!(syms.presence("some_data"), Presence::Absent);
         assert_eq!(syms.presence("nothing"), Presence::Absent);
         assert!(syms.has_addresses());
+        assert_eq!(
+            syms.data_address("__per_cpu_offset"),
+            Some(0xffffffff82a0c200)
+        );
+        assert_eq!(syms.data_address("some_data"), None);
     }
 
     #[test]

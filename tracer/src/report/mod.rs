@@ -6,7 +6,10 @@ use std::{collections::BTreeMap, fmt::Write as _};
 
 use serde::Serialize;
 
-use crate::drops::DropRow;
+use crate::{
+    attribution::{AttributionErrors, Coverage, Source},
+    drops::DropRow,
+};
 
 pub const SCHEMA: &str = "xfrm-trace/1";
 
@@ -15,6 +18,9 @@ pub struct Report {
     pub schema: &'static str,
     pub kernel: Kernel,
     pub duration_secs: f64,
+    /// Which XFRM functions are hooked (and which could not be).
+    pub coverage: Coverage,
+    pub attribution_errors: AttributionErrors,
     pub counters: Vec<Counter>,
     pub drops: Vec<DropRow>,
     /// Drops the in-kernel table had no room for (counted, not named).
@@ -35,11 +41,13 @@ pub struct Counter {
     pub name: String,
     pub kernel_delta: u64,
     pub attributed: u64,
+    /// `kernel_delta - attributed`: increments no packet was found for.
+    pub gap: i128,
     /// `attributed` (every increment tied to its packet) or `counted` (the
     /// kernel's delta only, as in tracepoint-only mode).
     pub coverage: &'static str,
     pub by_netns: Vec<NetnsDelta>,
-    pub sources: Vec<serde_json::Value>,
+    pub sources: Vec<Source>,
 }
 
 #[derive(Debug, Serialize)]
@@ -47,6 +55,7 @@ pub struct NetnsDelta {
     pub netns: u64,
     pub label: String,
     pub delta: u64,
+    pub attributed: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -107,18 +116,70 @@ pub fn render(report: &Report) -> String {
             report.drops_untracked
         );
     }
-    let _ = writeln!(out, "\n/proc/net/xfrm_stat deltas:");
+    let _ = writeln!(out, "\nXFRM counters (/proc/net/xfrm_stat):");
     if report.counters.is_empty() {
         let _ = writeln!(out, "  none moved");
     }
     for c in &report.counters {
+        let gap = if c.gap == 0 {
+            String::new()
+        } else {
+            format!("  GAP {}", c.gap)
+        };
+        let _ = writeln!(
+            out,
+            "  {:<26} kernel +{:<6} attributed {:<6}{gap}",
+            c.name, c.kernel_delta, c.attributed
+        );
         for n in &c.by_netns {
+            let _ = writeln!(out, "      netns {:<20} +{}", n.label, n.delta);
+        }
+        for s in c.sources.iter().take(5) {
+            let spi = if s.spi.is_empty() {
+                String::new()
+            } else {
+                format!(" spi {}", s.spi)
+            };
+            let policy = if s.policy_index == 0 {
+                String::new()
+            } else {
+                format!(" policy {} ({})", s.policy_index, s.policy_dir)
+            };
             let _ = writeln!(
                 out,
-                "  {:<26} {:>8}  netns {} ({})",
-                c.name, n.delta, n.label, c.coverage
+                "      {:>6}  {} {} -> {} {}{spi}{policy} dir {} in {} on {} at {}",
+                s.count,
+                s.family,
+                s.src,
+                s.dst,
+                s.proto,
+                s.dir,
+                s.netns_label,
+                s.ifname,
+                s.function
             );
         }
+    }
+    if !report.coverage.complete {
+        let missing: Vec<String> = report
+            .coverage
+            .missing
+            .iter()
+            .map(|(f, why)| format!("{f}: {why}"))
+            .collect();
+        let _ = writeln!(
+            out,
+            "\ncounted only, not attributed to packets: {}",
+            missing.join("; ")
+        );
+    }
+    let e = &report.attribution_errors;
+    if e.unbalanced + e.too_deep + e.table_full > 0 {
+        let _ = writeln!(
+            out,
+            "attribution errors: unbalanced {}, too deep {}, table full {}",
+            e.unbalanced, e.too_deep, e.table_full
+        );
     }
     out
 }

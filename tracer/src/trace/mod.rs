@@ -1,5 +1,7 @@
 //! The default run: attach, watch until Ctrl-C/SIGTERM or `--duration`,
-//! detach, then report what was dropped and which XFRM counters moved.
+//! then report every XFRM counter that moved, the packets behind each
+//! increment (where the kernel lets us hook its XFRM functions), and the
+//! XFRM-related drops.
 
 use std::{
     collections::BTreeMap,
@@ -9,9 +11,12 @@ use std::{
 
 use anyhow::Context as _;
 use tokio::signal::unix::{SignalKind, signal};
+use tracer_common::attribution::SourceKey;
 
 use crate::{
+    attribution::{self, Coverage},
     btf::{self, KernelBtf},
+    counters::Counters,
     drops, ebpf,
     kallsyms::Kallsyms,
     netns::{self, Netns},
@@ -53,8 +58,9 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
     let release = nix::sys::utsname::uname()
         .map(|u| u.release().to_string_lossy().into_owned())
         .context("uname")?;
+    let counter_names = Counters::from_btf(&btf).unwrap_or_default();
 
-    let layout = ebpf::KernelLayout::resolve(&btf)?;
+    let layout = ebpf::KernelLayout::resolve(&btf, &kallsyms)?;
     let mut object = ebpf::load(Some(&layout))?;
     let mut logger = match aya_log::EbpfLogger::init(&mut object) {
         Ok(logger) => Some(logger),
@@ -63,8 +69,14 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
             None
         }
     };
-    let before = snapshot();
     drops::attach(&mut object)?;
+    let coverage = attribution::attach(&mut object, &btf, layout.offsets.per_cpu_offset != 0);
+    for (function, why) in &coverage.missing {
+        log::info!("not hooked: {function}: {why}");
+    }
+    // Counters are read once everything is attached, so every increment
+    // in the window can be attributed.
+    let before = snapshot();
     let started = Instant::now();
     if let Some(path) = &options.ready_file {
         std::fs::write(path, b"attached\n")
@@ -77,7 +89,9 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
         }
     })?;
 
-    let (rows, untracked) = drops::read(&object)?;
+    let after = snapshot();
+    let (drop_rows, untracked) = drops::read(&object)?;
+    let (sources, attribution_errors) = attribution::read(&object)?;
     if let Some(logger) = logger.as_mut() {
         logger.flush();
     }
@@ -85,18 +99,17 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
     drop(logger);
     drop(object);
     let elapsed = started.elapsed();
-    let after = snapshot();
 
     let reasons = btf::drop_reason_names(&btf);
-    let mut drops = drops::summarize(&rows, &kallsyms, &reasons);
-    let counters = counter_deltas(&before, &after);
+    let mut drops = drops::summarize(&drop_rows, &kallsyms, &reasons);
+    let mut counters = counter_report(&before, &after, &sources, &counter_names, &coverage);
     let mut seen: Vec<u64> = drops.iter().map(|d| u64::from(d.netns)).collect();
     seen.extend(
         counters
             .iter()
             .flat_map(|c| c.by_netns.iter().map(|n| n.netns)),
     );
-    let netns = after
+    let netns: Vec<NetnsInfo> = after
         .values()
         .chain(before.values())
         .map(|(ns, _)| ns)
@@ -114,23 +127,48 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
                 BTreeMap::new()
             },
         })
-        .collect::<Vec<NetnsInfo>>();
+        .collect();
+    let label_of = |inode: u64| {
+        netns
+            .iter()
+            .find(|n| n.inode == inode)
+            .map_or_else(|| format!("netns:{inode}"), |n| n.label.clone())
+    };
+    let ifname_of = |inode: u64, ifindex: u32| match netns
+        .iter()
+        .find(|n| n.inode == inode)
+        .and_then(|n| n.interfaces.get(&ifindex))
+    {
+        Some(name) => name.clone(),
+        None if ifindex == 0 => "-".into(),
+        None => format!("if{ifindex}"),
+    };
     for drop in &mut drops {
-        let ns = netns.iter().find(|n| n.inode == u64::from(drop.netns));
-        drop.netns_label = ns.map_or_else(|| format!("netns:{}", drop.netns), |n| n.label.clone());
-        drop.ifname = match ns.and_then(|n| n.interfaces.get(&drop.ifindex)) {
-            Some(name) => name.clone(),
-            None if drop.ifindex == 0 => "-".into(),
-            None => format!("if{}", drop.ifindex),
-        };
+        drop.netns_label = label_of(u64::from(drop.netns));
+        drop.ifname = ifname_of(u64::from(drop.netns), drop.ifindex);
     }
+    for counter in &mut counters {
+        for source in &mut counter.sources {
+            source.ifname = ifname_of(source.netns, source.ifindex);
+            source.netns_label = label_of(source.netns);
+        }
+    }
+    let mode = if coverage.complete {
+        "fentry"
+    } else if coverage.attached.is_empty() {
+        "tracepoint-only"
+    } else {
+        "fentry (partial)"
+    };
     Ok(Report {
         schema: report::SCHEMA,
         kernel: Kernel {
             release,
-            mode: "tracepoint-only".into(),
+            mode: mode.into(),
         },
         duration_secs: elapsed.as_secs_f64(),
+        coverage,
+        attribution_errors,
         counters,
         drops,
         drops_untracked: untracked,
@@ -170,32 +208,72 @@ fn wait(duration: Option<Duration>, mut tick: impl FnMut()) -> anyhow::Result<()
     })
 }
 
-/// Per counter, the increase in each netns (namespaces that appeared during
-/// the run count from zero).
-fn counter_deltas(before: &Snapshot, after: &Snapshot) -> Vec<Counter> {
-    let mut by_counter: BTreeMap<String, Vec<NetnsDelta>> = BTreeMap::new();
+/// Per counter: the kernel's increase in each netns (namespaces that
+/// appeared during the run count from zero), what was attributed, and the
+/// packets behind it.
+fn counter_report(
+    before: &Snapshot,
+    after: &Snapshot,
+    sources: &[(SourceKey, u64)],
+    names: &Counters,
+    coverage: &Coverage,
+) -> Vec<Counter> {
+    let mut by_counter: BTreeMap<String, Counter> = BTreeMap::new();
+    let kind = if coverage.complete {
+        "attributed"
+    } else {
+        "counted"
+    };
     for (inode, (ns, now)) in after {
         let then = before
             .get(inode)
             .map(|(_, s)| s.clone())
             .unwrap_or_default();
         for (name, delta) in now.delta_since(&then) {
-            by_counter.entry(name).or_default().push(NetnsDelta {
+            let counter = counter_entry(&mut by_counter, &name, kind);
+            counter.kernel_delta += delta;
+            counter.by_netns.push(NetnsDelta {
                 netns: *inode,
                 label: ns.label.clone(),
                 delta,
+                attributed: 0,
             });
         }
     }
+    for (key, count) in sources {
+        let name = names.name(key.counter);
+        let counter = counter_entry(&mut by_counter, &name, kind);
+        counter.attributed += count;
+        let netns = u64::from(key.flow.netns);
+        if let Some(n) = counter.by_netns.iter_mut().find(|n| n.netns == netns) {
+            n.attributed += count;
+        }
+        counter.sources.push(attribution::source(key, *count));
+    }
     by_counter
-        .into_iter()
-        .map(|(name, by_netns)| Counter {
-            kernel_delta: by_netns.iter().map(|n| n.delta).sum(),
-            name,
-            attributed: 0,
-            coverage: "counted",
-            by_netns,
-            sources: Vec::new(),
+        .into_values()
+        .map(|mut c| {
+            c.gap = i128::from(c.kernel_delta) - i128::from(c.attributed);
+            c.sources.sort_by_key(|s| std::cmp::Reverse(s.count));
+            c
         })
         .collect()
+}
+
+fn counter_entry<'a>(
+    by_counter: &'a mut BTreeMap<String, Counter>,
+    name: &str,
+    coverage: &'static str,
+) -> &'a mut Counter {
+    by_counter
+        .entry(name.to_string())
+        .or_insert_with(|| Counter {
+            name: name.to_string(),
+            kernel_delta: 0,
+            attributed: 0,
+            gap: 0,
+            coverage,
+            by_netns: Vec::new(),
+            sources: Vec::new(),
+        })
 }

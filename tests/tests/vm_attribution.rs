@@ -1,0 +1,396 @@
+//! Every XFRM counter increment the lab can cause is attributed to its
+//! packet: the tool's count equals the packets sent and the kernel's delta,
+//! and it names the SA, policy and addresses the test set up. VM-only: the
+//! host kernel has no ESP and cannot hook XFRM functions.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use serde_json::Value;
+use tests::Tracer;
+use xfrm_trace::lab::{EAST_WAN, EHOST, Host, Lab, StaticIpsec, WEST_WAN, WHOST};
+
+const COUNT: usize = 6;
+
+fn lab(name: &str) -> Lab {
+    let mut lab =
+        Lab::create(&format!("xa{}{name}", std::process::id() % 10000)).expect("lab topology");
+    lab.static_ipsec(&StaticIpsec::default())
+        .expect("static SAs");
+    lab
+}
+
+fn scratch(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("xfrm-trace-vm-{}-{name}", std::process::id()))
+}
+
+/// Runs `action` while the tracer watches; returns its JSON report.
+fn traced(name: &str, action: impl FnOnce()) -> Value {
+    let json = scratch(&format!("{name}.json"));
+    let mut tracer = Tracer::start(
+        &["--json", json.to_str().unwrap()],
+        &scratch(&format!("{name}.ready")),
+    );
+    action();
+    std::thread::sleep(Duration::from_millis(500));
+    let out = tracer.interrupt();
+    assert!(
+        out.status.success(),
+        "xfrm-trace failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value =
+        serde_json::from_slice(&std::fs::read(&json).expect("report")).expect("json");
+    let _ = std::fs::remove_file(&json);
+    assert_eq!(
+        report["kernel"]["mode"], "fentry",
+        "{:#}",
+        report["coverage"]
+    );
+    report
+}
+
+fn counter<'a>(report: &'a Value, name: &str) -> &'a Value {
+    report["counters"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["name"] == name))
+        .unwrap_or_else(|| panic!("{name} missing: {:#}", report["counters"]))
+}
+
+/// The counter moved by exactly `expected` in `host`'s netns, the tool
+/// attributed every increment, and returns the sources in that netns.
+fn assert_exact(
+    report: &Value,
+    lab: &Lab,
+    host: Host,
+    name: &str,
+    kernel_delta: u64,
+    expected: u64,
+) -> Vec<Value> {
+    use std::os::unix::fs::MetadataExt as _;
+    let inode = std::fs::metadata(lab.ns_path(host)).expect("netns").ino();
+    assert_eq!(kernel_delta, expected, "kernel's own {name} delta");
+    let c = counter(report, name);
+    let in_ns = c["by_netns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["netns"] == inode)
+        .expect("netns delta");
+    assert_eq!(
+        in_ns["delta"], expected,
+        "{name}: reported kernel delta {c:#}"
+    );
+    assert_eq!(in_ns["attributed"], expected, "{name}: attributed {c:#}");
+    assert_eq!(c["gap"], 0, "{name}: {c:#}");
+    let sources: Vec<Value> = c["sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["netns"] == inode)
+        .cloned()
+        .collect();
+    let total: u64 = sources.iter().map(|s| s["count"].as_u64().unwrap()).sum();
+    assert_eq!(total, expected, "{name}: sources {sources:#?}");
+    sources
+}
+
+fn delta(lab: &Lab, host: Host, name: &str, before: &xfrm_trace::xfrm_stat::XfrmStat) -> u64 {
+    let now = lab.xfrm_stat(host).expect("xfrm_stat");
+    now.0.get(name).copied().unwrap_or(0) - before.0.get(name).copied().unwrap_or(0)
+}
+
+fn udp(to: &str) -> SocketAddr {
+    format!("{to}:7000").parse().unwrap()
+}
+
+/// Policy index of the only policy matching `selector` in `host`.
+fn policy_index(lab: &Lab, host: Host, args: &[&str]) -> u64 {
+    let mut full = vec!["xfrm", "policy", "get"];
+    full.extend_from_slice(args);
+    let out = lab.ip(host, &full).expect("ip xfrm policy get");
+    let index = out
+        .split_whitespace()
+        .skip_while(|w| *w != "index")
+        .nth(1)
+        .expect("index in policy");
+    index.parse().expect("number")
+}
+
+#[test]
+fn in_no_states_names_the_missing_sa_and_ignores_healthy_traffic() {
+    let lab = lab("ns");
+    // Warm up neighbours both ways through the tunnel.
+    let sink = lab.udp_sink(Host::Ehost, 7000).unwrap();
+    let back = lab.udp_sink(Host::Whost, 7000).unwrap();
+    lab.send_udp(Host::Whost, udp(EHOST), 1, 64).unwrap();
+    assert_eq!(sink.receive(1, Duration::from_secs(10)), 1);
+    // East forgets its inbound SA: west's ESP with SPI 0x1001 finds no state.
+    lab.ip(
+        Host::East,
+        &[
+            "xfrm", "state", "delete", "src", WEST_WAN, "dst", EAST_WAN, "proto", "esp", "spi",
+            "0x1001",
+        ],
+    )
+    .unwrap();
+    let before = lab.xfrm_stat(Host::East).unwrap();
+    let report = traced("nostates", || {
+        for _ in 0..COUNT {
+            lab.send_udp(Host::Whost, udp(EHOST), 1, 100).unwrap();
+            // Healthy traffic the other way (SA 0x2002) at the same time.
+            lab.send_udp(Host::Ehost, udp(WHOST), 1, 100).unwrap();
+        }
+        assert_eq!(
+            back.receive(COUNT, Duration::from_secs(5)),
+            COUNT,
+            "healthy direction must work"
+        );
+    });
+    let sources = assert_exact(
+        &report,
+        &lab,
+        Host::East,
+        "XfrmInNoStates",
+        delta(&lab, Host::East, "XfrmInNoStates", &before),
+        COUNT as u64,
+    );
+    for s in &sources {
+        assert_eq!(s["spi"], "0x00001001", "{s}");
+        assert_eq!(
+            (s["src"].as_str(), s["dst"].as_str()),
+            (Some(WEST_WAN), Some(EAST_WAN)),
+            "{s}"
+        );
+        assert_eq!(s["proto"], "esp");
+        assert_eq!(s["function"], "xfrm_input");
+        assert_eq!(s["dir"], "in");
+        assert_eq!(s["ifname"], "wan0");
+    }
+    let all = report["counters"].as_array().unwrap();
+    assert!(
+        all.iter()
+            .flat_map(|c| c["sources"].as_array().unwrap())
+            .all(|s| s["spi"] != "0x00002002"),
+        "healthy SA 0x2002 misattributed: {all:#?}"
+    );
+}
+
+#[test]
+fn out_pol_block_names_the_blocking_policy() {
+    let lab = lab("ob");
+    lab.ip(
+        Host::West,
+        &[
+            "xfrm",
+            "policy",
+            "add",
+            "src",
+            "192.0.2.1/32",
+            "dst",
+            "203.0.113.1/32",
+            "proto",
+            "udp",
+            "dir",
+            "out",
+            "action",
+            "block",
+        ],
+    )
+    .unwrap();
+    let index = policy_index(
+        &lab,
+        Host::West,
+        &[
+            "src",
+            "192.0.2.1/32",
+            "dst",
+            "203.0.113.1/32",
+            "proto",
+            "udp",
+            "dir",
+            "out",
+        ],
+    );
+    let before = lab.xfrm_stat(Host::West).unwrap();
+    let report = traced("outpolblock", || {
+        assert_eq!(
+            lab.send_udp(Host::West, udp(EAST_WAN), COUNT, 100).unwrap(),
+            COUNT,
+            "every send refused"
+        );
+    });
+    let sources = assert_exact(
+        &report,
+        &lab,
+        Host::West,
+        "XfrmOutPolBlock",
+        delta(&lab, Host::West, "XfrmOutPolBlock", &before),
+        COUNT as u64,
+    );
+    for s in &sources {
+        assert_eq!(s["policy_index"], index, "{s}");
+        assert_eq!(s["policy_dir"], "out");
+        assert_eq!(
+            (s["src"].as_str(), s["dst"].as_str(), s["proto"].as_str()),
+            (Some(WEST_WAN), Some(EAST_WAN), Some("udp")),
+            "{s}"
+        );
+        assert_eq!(s["dport"], 7000);
+        assert_eq!(s["function"], "xfrm_lookup_with_ifid");
+    }
+}
+
+#[test]
+fn in_pol_block_names_the_blocking_policy() {
+    let lab = lab("ib");
+    lab.ip(
+        Host::East,
+        &[
+            "xfrm",
+            "policy",
+            "add",
+            "src",
+            "192.0.2.1/32",
+            "dst",
+            "203.0.113.1/32",
+            "proto",
+            "udp",
+            "dir",
+            "in",
+            "action",
+            "block",
+        ],
+    )
+    .unwrap();
+    let index = policy_index(
+        &lab,
+        Host::East,
+        &[
+            "src",
+            "192.0.2.1/32",
+            "dst",
+            "203.0.113.1/32",
+            "proto",
+            "udp",
+            "dir",
+            "in",
+        ],
+    );
+    // Neighbour resolution first (ARP is not blocked).
+    lab.send_udp(Host::West, udp(EAST_WAN), 1, 10).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let before = lab.xfrm_stat(Host::East).unwrap();
+    let report = traced("inpolblock", || {
+        lab.send_udp(Host::West, udp(EAST_WAN), COUNT, 100).unwrap();
+    });
+    let sources = assert_exact(
+        &report,
+        &lab,
+        Host::East,
+        "XfrmInPolBlock",
+        delta(&lab, Host::East, "XfrmInPolBlock", &before),
+        COUNT as u64,
+    );
+    for s in &sources {
+        assert_eq!(s["policy_index"], index, "{s}");
+        assert_eq!(s["policy_dir"], "in");
+        assert_eq!(
+            (s["src"].as_str(), s["dst"].as_str()),
+            (Some(WEST_WAN), Some(EAST_WAN))
+        );
+        assert_eq!(s["function"], "__xfrm_policy_check");
+        assert_eq!(s["dir"], "in");
+    }
+}
+
+#[test]
+fn in_tmpl_mismatch_and_no_pols_name_the_sa() {
+    let lab = lab("tm");
+    let sink = lab.udp_sink(Host::Ehost, 7000).unwrap();
+    lab.send_udp(Host::Whost, udp(EHOST), 1, 64).unwrap();
+    assert_eq!(sink.receive(1, Duration::from_secs(10)), 1);
+    // East's fwd policy now wants reqid 9; the SA has reqid 1.
+    lab.ip(
+        Host::East,
+        &[
+            "xfrm",
+            "policy",
+            "update",
+            "src",
+            "10.0.2.0/24",
+            "dst",
+            "192.168.0.0/16",
+            "dir",
+            "fwd",
+            "tmpl",
+            "src",
+            WEST_WAN,
+            "dst",
+            EAST_WAN,
+            "proto",
+            "esp",
+            "reqid",
+            "9",
+            "mode",
+            "tunnel",
+        ],
+    )
+    .unwrap();
+    let before = lab.xfrm_stat(Host::East).unwrap();
+    let report = traced("tmpl", || {
+        lab.send_udp(Host::Whost, udp(EHOST), COUNT, 100).unwrap();
+    });
+    let sources = assert_exact(
+        &report,
+        &lab,
+        Host::East,
+        "XfrmInTmplMismatch",
+        delta(&lab, Host::East, "XfrmInTmplMismatch", &before),
+        COUNT as u64,
+    );
+    for s in &sources {
+        // The inner packet, and the SA it came through.
+        assert_eq!(
+            (s["src"].as_str(), s["dst"].as_str(), s["proto"].as_str()),
+            (Some(WHOST), Some(EHOST), Some("udp")),
+            "{s}"
+        );
+        assert_eq!(s["spi"], "0x00001001", "{s}");
+        assert_eq!(s["reqid"], 1);
+        assert_eq!(s["dir"], "fwd");
+        assert!(s["policy_index"].as_u64().unwrap() > 0, "{s}");
+    }
+    // Without any fwd policy, decapsulated traffic has no policy at all.
+    lab.ip(
+        Host::East,
+        &[
+            "xfrm",
+            "policy",
+            "delete",
+            "src",
+            "10.0.2.0/24",
+            "dst",
+            "192.168.0.0/16",
+            "dir",
+            "fwd",
+        ],
+    )
+    .unwrap();
+    let before = lab.xfrm_stat(Host::East).unwrap();
+    let report = traced("nopols", || {
+        lab.send_udp(Host::Whost, udp(EHOST), COUNT, 100).unwrap();
+    });
+    let sources = assert_exact(
+        &report,
+        &lab,
+        Host::East,
+        "XfrmInNoPols",
+        delta(&lab, Host::East, "XfrmInNoPols", &before),
+        COUNT as u64,
+    );
+    for s in &sources {
+        assert_eq!(s["spi"], "0x00001001", "{s}");
+        assert_eq!(s["policy_index"], 0, "{s}");
+        assert_eq!(s["dst"], EHOST);
+    }
+}

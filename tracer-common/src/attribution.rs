@@ -1,0 +1,114 @@
+//! Attributing XFRM counter increments to packets.
+//!
+//! The kernel bumps `/proc/net/xfrm_stat` counters with an inlined per-CPU
+//! increment inside a few large functions (the "brackets"). At entry of a
+//! bracket the eBPF side snapshots this CPU's counters of the packet's netns
+//! and what it knows of the packet; at exit it diffs them: whatever moved in
+//! between (minus what nested brackets already claimed) belongs to this
+//! packet and this function.
+
+/// Upper bound of `__LINUX_MIB_XFRMMAX` (29 in 6.1, 33 in 6.18).
+pub const MAX_COUNTERS: usize = 40;
+/// Nesting of brackets on one CPU (output inside lookup inside softirq...).
+pub const MAX_DEPTH: usize = 6;
+
+/// The bracket functions.
+pub mod hook {
+    pub const XFRM_INPUT: u32 = 1;
+    pub const POLICY_CHECK: u32 = 2;
+    pub const ROUTE_FORWARD: u32 = 3;
+    pub const LOOKUP: u32 = 4;
+    pub const OUTPUT: u32 = 5;
+    pub const OUTPUT_RESUME: u32 = 6;
+}
+
+/// Direction, as XFRM policies have it.
+pub mod dir {
+    pub const IN: u8 = 0;
+    pub const OUT: u8 = 1;
+    pub const FWD: u8 = 2;
+}
+
+/// What is known of the packet behind an increment. IPv4 addresses use the
+/// first 4 bytes. Ports, SPI are in network byte order as in the packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Flow {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub spi: u32,
+    pub reqid: u32,
+    /// XFRM policy index (0 = no policy found).
+    pub policy_index: u32,
+    pub netns: u32,
+    pub ifindex: u32,
+    /// AF_INET (2) or AF_INET6 (10); 0 if unknown.
+    pub family: u16,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub dir: u8,
+}
+
+/// One open bracket on a CPU.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Frame {
+    pub hook: u32,
+    pub _pad: u32,
+    /// The first argument (skb or net): checked at exit to catch frames
+    /// that do not belong together (a skipped entry, a migrated task).
+    pub token: u64,
+    /// Address of this CPU's counter array of the packet's netns (0 = none).
+    pub mib: u64,
+    pub flow: Flow,
+    pub before: [u64; MAX_COUNTERS],
+    /// Increments already claimed by brackets nested in this one.
+    pub nested: [u64; MAX_COUNTERS],
+}
+
+/// The per-CPU stack of open brackets.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct FrameStack {
+    pub depth: u32,
+    pub _pad: u32,
+    pub frames: [Frame; MAX_DEPTH],
+}
+
+/// Key of the attribution table; its value is the number of increments.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SourceKey {
+    /// Counter index (`LINUX_MIB_XFRM*` value).
+    pub counter: u32,
+    pub hook: u32,
+    pub flow: Flow,
+}
+
+/// An SA seen by xfrm_input, remembered per skb for the policy check that
+/// follows decapsulation.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SaSeen {
+    pub spi: u32,
+    pub reqid: u32,
+}
+
+/// Indexes into the `ATTRIBUTION_ERRORS` per-CPU array.
+pub mod error {
+    /// Exit without a matching entry (skipped program, migration).
+    pub const UNBALANCED: u32 = 0;
+    /// Brackets nested deeper than `MAX_DEPTH`.
+    pub const TOO_DEEP: u32 = 1;
+    /// The attribution table was full.
+    pub const TABLE_FULL: u32 = 2;
+    pub const COUNT: u32 = 3;
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    unsafe impl aya::Pod for super::Flow {}
+    unsafe impl aya::Pod for super::SourceKey {}
+    unsafe impl aya::Pod for super::SaSeen {}
+}

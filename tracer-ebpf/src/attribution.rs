@@ -1,0 +1,373 @@
+//! Brackets: per-CPU counter snapshots around the functions that bump XFRM
+//! counters (see `tracer_common::attribution`).
+
+use aya_ebpf::{
+    helpers::{
+        bpf_get_smp_processor_id, bpf_probe_read_kernel,
+        generated::bpf_probe_read_kernel as probe_read_raw,
+    },
+    macros::map,
+    maps::{LruHashMap, PerCpuArray, PerCpuHashMap},
+};
+use tracer_common::attribution::{
+    Flow, FrameStack, MAX_COUNTERS, MAX_DEPTH, SaSeen, SourceKey, dir, error, hook,
+};
+
+use crate::{KERNEL_OFFSETS, read_at};
+
+#[map]
+static FRAMES: PerCpuArray<FrameStack> = PerCpuArray::with_max_entries(1, 0);
+
+/// Scratch space for the exit snapshot (too big for the eBPF stack).
+#[map]
+static AFTER: PerCpuArray<[u64; MAX_COUNTERS]> = PerCpuArray::with_max_entries(1, 0);
+
+/// Increments per (counter, bracket, flow): exact at any rate.
+#[map]
+static SOURCES: PerCpuHashMap<SourceKey, u64> = PerCpuHashMap::with_max_entries(16384, 0);
+
+/// The SA xfrm_input found for an skb, for the policy check after decap.
+#[map]
+static SKB_SA: LruHashMap<u64, SaSeen> = LruHashMap::with_max_entries(8192, 0);
+
+#[map]
+static ATTRIBUTION_ERRORS: PerCpuArray<u64> = PerCpuArray::with_max_entries(error::COUNT, 0);
+
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+
+fn count_error(index: u32) {
+    if let Some(count) = ATTRIBUTION_ERRORS.get_ptr_mut(index) {
+        unsafe { *count += 1 };
+    }
+}
+
+/// `net->ns.inum` and the address of this CPU's XFRM counters of `net`.
+unsafe fn netns_and_mib(net: u64) -> (u32, u64) {
+    let offsets = KERNEL_OFFSETS.load();
+    if net == 0 {
+        return (0, 0);
+    }
+    let inum: u32 = unsafe { read_at(net, offsets.net_ns_inum) }.unwrap_or(0);
+    let percpu: u64 = unsafe { read_at(net, offsets.net_xfrm_statistics) }.unwrap_or(0);
+    if percpu == 0 || offsets.per_cpu_offset == 0 {
+        return (inum, 0);
+    }
+    let cpu = u64::from(unsafe { bpf_get_smp_processor_id() });
+    let cpu_offset: u64 =
+        unsafe { bpf_probe_read_kernel((offsets.per_cpu_offset + cpu * 8) as *const u64) }
+            .unwrap_or(0);
+    if cpu_offset == 0 {
+        return (inum, 0);
+    }
+    (inum, percpu.wrapping_add(cpu_offset))
+}
+
+/// Reads the counters at `mib` into `out` (zeros where unknown).
+unsafe fn read_counters(mib: u64, out: &mut [u64; MAX_COUNTERS]) {
+    let count = KERNEL_OFFSETS.load().xfrm_counters as usize;
+    let count = if count > MAX_COUNTERS {
+        MAX_COUNTERS
+    } else {
+        count
+    };
+    let ret = if mib == 0 || count == 0 {
+        -1
+    } else {
+        unsafe { probe_read_raw(out.as_mut_ptr().cast(), (count * 8) as u32, mib as *const _) }
+    };
+    if ret != 0 {
+        for value in out.iter_mut() {
+            *value = 0;
+        }
+    }
+}
+
+/// The netns of an skb: through its device, else its socket.
+pub unsafe fn skb_net(skb: u64) -> (u64, u32) {
+    let offsets = KERNEL_OFFSETS.load();
+    let dev: u64 = unsafe { read_at(skb, offsets.sk_buff_dev) }.unwrap_or(0);
+    if dev != 0 {
+        let ifindex: u32 = unsafe { read_at(dev, offsets.net_device_ifindex) }.unwrap_or(0);
+        let net: u64 = unsafe { read_at(dev, offsets.net_device_nd_net) }.unwrap_or(0);
+        return (net, ifindex);
+    }
+    let sk: u64 = unsafe { read_at(skb, offsets.sk_buff_sk) }.unwrap_or(0);
+    let net = if sk != 0 {
+        unsafe { read_at(sk, offsets.sock_net) }.unwrap_or(0)
+    } else {
+        0
+    };
+    (net, 0)
+}
+
+/// Addresses, protocol, ports (or the ESP SPI) from the skb's IP header.
+unsafe fn flow_from_skb(skb: u64, flow: &mut Flow) {
+    let offsets = KERNEL_OFFSETS.load();
+    let head: u64 = unsafe { read_at(skb, offsets.sk_buff_head) }.unwrap_or(0);
+    let network: u16 = unsafe { read_at(skb, offsets.sk_buff_network_header) }.unwrap_or(0xffff);
+    if head == 0 || network == 0xffff {
+        return;
+    }
+    let ip = head + u64::from(network);
+    let first: u8 = unsafe { bpf_probe_read_kernel(ip as *const u8) }.unwrap_or(0);
+    let transport = match first >> 4 {
+        4 => {
+            flow.family = AF_INET;
+            flow.proto = unsafe { bpf_probe_read_kernel((ip + 9) as *const u8) }.unwrap_or(0);
+            flow.src = [0; 16];
+            flow.dst = [0; 16];
+            let src: [u8; 4] =
+                unsafe { bpf_probe_read_kernel((ip + 12) as *const [u8; 4]) }.unwrap_or([0; 4]);
+            let dst: [u8; 4] =
+                unsafe { bpf_probe_read_kernel((ip + 16) as *const [u8; 4]) }.unwrap_or([0; 4]);
+            flow.src[..4].copy_from_slice(&src);
+            flow.dst[..4].copy_from_slice(&dst);
+            ip + u64::from(first & 0x0f) * 4
+        }
+        6 => {
+            flow.family = AF_INET6;
+            flow.proto = unsafe { bpf_probe_read_kernel((ip + 6) as *const u8) }.unwrap_or(0);
+            flow.src =
+                unsafe { bpf_probe_read_kernel((ip + 8) as *const [u8; 16]) }.unwrap_or([0; 16]);
+            flow.dst =
+                unsafe { bpf_probe_read_kernel((ip + 24) as *const [u8; 16]) }.unwrap_or([0; 16]);
+            ip + 40
+        }
+        _ => return,
+    };
+    match flow.proto {
+        // TCP, UDP: ports; UDP 4500 carries ESP after an 8-byte header.
+        6 | 17 => {
+            let ports: [u16; 2] =
+                unsafe { bpf_probe_read_kernel(transport as *const [u16; 2]) }.unwrap_or([0; 2]);
+            flow.sport = ports[0];
+            flow.dport = ports[1];
+            if flow.proto == 17 && u16::from_be(ports[1]) == 4500 && flow.spi == 0 {
+                let spi: u32 =
+                    unsafe { bpf_probe_read_kernel((transport + 8) as *const u32) }.unwrap_or(0);
+                flow.spi = spi;
+            }
+        }
+        50 if flow.spi == 0 => {
+            flow.spi = unsafe { bpf_probe_read_kernel(transport as *const u32) }.unwrap_or(0);
+        }
+        _ => {}
+    }
+}
+
+/// The SA (SPI, reqid) an outgoing skb's route points at, if any.
+unsafe fn sa_of_route(skb: u64, flow: &mut Flow) {
+    let offsets = KERNEL_OFFSETS.load();
+    let refdst: u64 = unsafe { read_at(skb, offsets.sk_buff_refdst) }.unwrap_or(0);
+    let dst = refdst & !1;
+    if dst == 0 {
+        return;
+    }
+    let x: u64 = unsafe { read_at(dst, offsets.dst_entry_xfrm) }.unwrap_or(0);
+    if x != 0 {
+        flow.spi = unsafe { read_at(x, offsets.xfrm_state_spi) }.unwrap_or(0);
+        flow.reqid = unsafe { read_at(x, offsets.xfrm_state_reqid) }.unwrap_or(0);
+    }
+}
+
+/// The flow a route lookup is made for.
+unsafe fn flow_from_flowi(fl: u64, family: u16, flow: &mut Flow) {
+    let o = KERNEL_OFFSETS.load();
+    if fl == 0 {
+        return;
+    }
+    flow.family = family;
+    if family == AF_INET6 {
+        flow.src = unsafe { read_at(fl, o.flowi6_saddr) }.unwrap_or([0; 16]);
+        flow.dst = unsafe { read_at(fl, o.flowi6_daddr) }.unwrap_or([0; 16]);
+        flow.proto = unsafe { read_at(fl, o.flowi6_proto) }.unwrap_or(0);
+        flow.sport = unsafe { read_at(fl, o.flowi6_sport) }.unwrap_or(0);
+        flow.dport = unsafe { read_at(fl, o.flowi6_dport) }.unwrap_or(0);
+    } else {
+        let src: [u8; 4] = unsafe { read_at(fl, o.flowi4_saddr) }.unwrap_or([0; 4]);
+        let dst: [u8; 4] = unsafe { read_at(fl, o.flowi4_daddr) }.unwrap_or([0; 4]);
+        flow.src = [0; 16];
+        flow.dst = [0; 16];
+        flow.src[..4].copy_from_slice(&src);
+        flow.dst[..4].copy_from_slice(&dst);
+        flow.proto = unsafe { read_at(fl, o.flowi4_proto) }.unwrap_or(0);
+        flow.sport = unsafe { read_at(fl, o.flowi4_sport) }.unwrap_or(0);
+        flow.dport = unsafe { read_at(fl, o.flowi4_dport) }.unwrap_or(0);
+    }
+}
+
+/// What a bracket knows at entry.
+pub enum Packet {
+    /// An skb, with the direction of its path.
+    Skb { skb: u64, dir: u8 },
+    /// A route lookup: no skb yet.
+    Lookup { net: u64, fl: u64, dst_orig: u64 },
+}
+
+/// Opens a bracket: remembers the packet and snapshots the counters.
+pub fn enter(hook_id: u32, token: u64, packet: Packet) {
+    let Some(stack) = FRAMES.get_ptr_mut(0) else {
+        return;
+    };
+    let stack = unsafe { &mut *stack };
+    let depth = stack.depth as usize;
+    if depth >= MAX_DEPTH {
+        count_error(error::TOO_DEEP);
+        return;
+    }
+    let Some(frame) = stack.frames.get_mut(depth) else {
+        return;
+    };
+    frame.hook = hook_id;
+    frame.token = token;
+    frame.flow = Flow::default();
+    for value in frame.nested.iter_mut() {
+        *value = 0;
+    }
+    let net = match packet {
+        Packet::Skb { skb, dir } => {
+            frame.flow.dir = dir;
+            let (net, ifindex) = unsafe { skb_net(skb) };
+            frame.flow.ifindex = ifindex;
+            unsafe { flow_from_skb(skb, &mut frame.flow) };
+            if hook_id == hook::POLICY_CHECK {
+                if let Some(sa) = unsafe { SKB_SA.get(&skb) } {
+                    frame.flow.spi = sa.spi;
+                    frame.flow.reqid = sa.reqid;
+                }
+            }
+            if hook_id == hook::OUTPUT || hook_id == hook::OUTPUT_RESUME {
+                unsafe { sa_of_route(skb, &mut frame.flow) };
+            }
+            net
+        }
+        Packet::Lookup { net, fl, dst_orig } => {
+            frame.flow.dir = dir::OUT;
+            let o = KERNEL_OFFSETS.load();
+            let ops: u64 = unsafe { read_at(dst_orig, o.dst_entry_ops) }.unwrap_or(0);
+            let family: u16 = if ops != 0 {
+                unsafe { read_at(ops, o.dst_ops_family) }.unwrap_or(0)
+            } else {
+                0
+            };
+            unsafe { flow_from_flowi(fl, family, &mut frame.flow) };
+            net
+        }
+    };
+    let (netns, mib) = unsafe { netns_and_mib(net) };
+    frame.flow.netns = netns;
+    frame.mib = mib;
+    unsafe { read_counters(mib, &mut frame.before) };
+    stack.depth += 1;
+}
+
+/// Closes a bracket: what moved since entry, less what nested brackets
+/// claimed, is this packet's.
+pub fn exit(hook_id: u32, token: u64) {
+    let Some(stack) = FRAMES.get_ptr_mut(0) else {
+        return;
+    };
+    let stack = unsafe { &mut *stack };
+    let Some(after) = AFTER.get_ptr_mut(0) else {
+        return;
+    };
+    let after = unsafe { &mut *after };
+    if stack.depth == 0 {
+        count_error(error::UNBALANCED);
+        return;
+    }
+    let depth = stack.depth as usize - 1;
+    stack.depth -= 1;
+    if depth >= MAX_DEPTH {
+        return;
+    }
+    // Work in place: a Frame does not fit on the 512-byte eBPF stack.
+    let frames = stack.frames.as_mut_ptr();
+    let frame = unsafe { &*frames.add(depth) };
+    if frame.hook != hook_id || frame.token != token {
+        count_error(error::UNBALANCED);
+        return;
+    }
+    let flow = frame.flow;
+    unsafe { read_counters(frame.mib, after) };
+    let parent = if depth > 0 {
+        Some(unsafe { &mut *frames.add(depth - 1) })
+    } else {
+        None
+    };
+    let same_netns = parent.as_ref().is_some_and(|p| p.mib == frame.mib);
+    for counter in 0..MAX_COUNTERS {
+        let moved = after[counter].wrapping_sub(frame.before[counter]);
+        if moved == 0 || moved > 1 << 32 {
+            continue;
+        }
+        if same_netns && let Some(parent) = parent.as_ref() {
+            let parent = *parent as *const _ as *mut tracer_common::attribution::Frame;
+            unsafe { (*parent).nested[counter] += moved };
+        }
+        let own = moved.saturating_sub(frame.nested[counter]);
+        if own > 0 {
+            record(counter as u32, hook_id, &flow, own);
+        }
+    }
+}
+
+fn record(counter: u32, hook_id: u32, flow: &Flow, count: u64) {
+    let key = SourceKey {
+        counter,
+        hook: hook_id,
+        flow: *flow,
+    };
+    if let Some(value) = SOURCES.get_ptr_mut(&key) {
+        unsafe { *value += count };
+    } else if SOURCES.insert(&key, &count, 0).is_err() {
+        count_error(error::TABLE_FULL);
+    }
+}
+
+/// An SA lookup in xfrm_input returned `x`: name it in the open bracket and
+/// remember it for the skb's policy check.
+pub fn state_found(x: u64) {
+    let Some(stack) = FRAMES.get_ptr_mut(0) else {
+        return;
+    };
+    let stack = unsafe { &mut *stack };
+    if stack.depth == 0 || x == 0 {
+        return;
+    }
+    let o = KERNEL_OFFSETS.load();
+    let Some(frame) = stack.frames.get_mut(stack.depth as usize - 1) else {
+        return;
+    };
+    if frame.hook != hook::XFRM_INPUT {
+        return;
+    }
+    let sa = SaSeen {
+        spi: unsafe { read_at(x, o.xfrm_state_spi) }.unwrap_or(0),
+        reqid: unsafe { read_at(x, o.xfrm_state_reqid) }.unwrap_or(0),
+    };
+    frame.flow.spi = sa.spi;
+    frame.flow.reqid = sa.reqid;
+    let _ = SKB_SA.insert(&frame.token, &sa, 0);
+}
+
+/// A policy lookup returned `policy`: name it in the open bracket.
+pub fn policy_found(policy: u64) {
+    // NULL, or an error pointer (the top 4095 values).
+    if policy == 0 || policy > u64::MAX - 4095 {
+        return;
+    }
+    let Some(stack) = FRAMES.get_ptr_mut(0) else {
+        return;
+    };
+    let stack = unsafe { &mut *stack };
+    if stack.depth == 0 {
+        return;
+    }
+    let o = KERNEL_OFFSETS.load();
+    let Some(frame) = stack.frames.get_mut(stack.depth as usize - 1) else {
+        return;
+    };
+    frame.flow.policy_index = unsafe { read_at(policy, o.xfrm_policy_index) }.unwrap_or(0);
+}

@@ -1,0 +1,327 @@
+//! Attribution of XFRM counter increments to packets: attaching the bracket
+//! and enrichment programs, and reading what they recorded.
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use aya::{
+    Btf, Ebpf,
+    maps::{PerCpuArray, PerCpuHashMap},
+    programs::{FEntry, FExit},
+};
+use serde::Serialize;
+use tracer_common::attribution::{SourceKey, dir, error, hook};
+
+use crate::btf::KernelBtf;
+
+/// A bracket: the function and the two programs around it.
+struct Bracket {
+    function: &'static str,
+    entry: &'static str,
+    exit: &'static str,
+}
+
+const BRACKETS: &[Bracket] = &[
+    Bracket {
+        function: "xfrm_input",
+        entry: "xfrm_input_entry",
+        exit: "xfrm_input_exit",
+    },
+    Bracket {
+        function: "__xfrm_policy_check",
+        entry: "policy_check_entry",
+        exit: "policy_check_exit",
+    },
+    Bracket {
+        function: "__xfrm_route_forward",
+        entry: "route_forward_entry",
+        exit: "route_forward_exit",
+    },
+    Bracket {
+        function: "xfrm_lookup_with_ifid",
+        entry: "lookup_entry",
+        exit: "lookup_exit",
+    },
+    Bracket {
+        function: "xfrm_output",
+        entry: "output_entry",
+        exit: "output_exit",
+    },
+    Bracket {
+        function: "xfrm_output_resume",
+        entry: "output_resume_entry",
+        exit: "output_resume_exit",
+    },
+];
+
+/// (function, fexit program): name the SA and the policy. Only the functions
+/// this kernel has are attached (xfrm_input_state_lookup is 6.12+).
+const ENRICHMENT: &[(&str, &str)] = &[
+    ("xfrm_state_lookup", "state_lookup_exit"),
+    ("xfrm_input_state_lookup", "input_state_lookup_exit"),
+    ("xfrm_policy_lookup_bytype", "policy_lookup_exit"),
+];
+
+/// What got attached.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Coverage {
+    /// Every bracket attached: every increment can be tied to its packet.
+    pub complete: bool,
+    pub attached: Vec<String>,
+    /// Functions that could not be hooked, and why.
+    pub missing: Vec<(String, String)>,
+}
+
+fn describe(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+fn attach_fentry(ebpf: &mut Ebpf, program: &str, function: &str, btf: &Btf) -> Result<(), String> {
+    let prog: &mut FEntry = ebpf
+        .program_mut(program)
+        .ok_or_else(|| format!("{program} missing from the object"))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| describe(&e))?;
+    prog.load(function, btf).map_err(|e| describe(&e))?;
+    prog.attach().map(drop).map_err(|e| describe(&e))
+}
+
+fn attach_fexit(ebpf: &mut Ebpf, program: &str, function: &str, btf: &Btf) -> Result<(), String> {
+    let prog: &mut FExit = ebpf
+        .program_mut(program)
+        .ok_or_else(|| format!("{program} missing from the object"))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| describe(&e))?;
+    prog.load(function, btf).map_err(|e| describe(&e))?;
+    prog.attach().map(drop).map_err(|e| describe(&e))
+}
+
+/// Attaches every bracket and enrichment program this kernel allows. The
+/// links live as long as `ebpf`.
+pub fn attach(ebpf: &mut Ebpf, kernel_btf: &KernelBtf, has_per_cpu_offset: bool) -> Coverage {
+    let mut coverage = Coverage::default();
+    if !has_per_cpu_offset {
+        coverage.missing.push((
+            "all brackets".into(),
+            "__per_cpu_offset is not in /proc/kallsyms (kernel without CONFIG_KALLSYMS_ALL?): counters cannot be read per packet".into(),
+        ));
+        return coverage;
+    }
+    let btf = match Btf::from_sys_fs() {
+        Ok(btf) => btf,
+        Err(e) => {
+            coverage.missing.push(("all brackets".into(), describe(&e)));
+            return coverage;
+        }
+    };
+    let mut all = true;
+    for bracket in BRACKETS {
+        let result = attach_fexit(ebpf, bracket.exit, bracket.function, &btf)
+            .and_then(|()| attach_fentry(ebpf, bracket.entry, bracket.function, &btf));
+        match result {
+            Ok(()) => coverage.attached.push(bracket.function.to_string()),
+            Err(e) => {
+                all = false;
+                coverage.missing.push((bracket.function.to_string(), e));
+            }
+        }
+    }
+    for (function, program) in ENRICHMENT {
+        if !kernel_btf.has_function(function) {
+            continue;
+        }
+        match attach_fexit(ebpf, program, function, &btf) {
+            Ok(()) => coverage.attached.push(format!("{function} (fexit)")),
+            Err(e) => coverage.missing.push((function.to_string(), e)),
+        }
+    }
+    coverage.complete = all;
+    coverage
+}
+
+/// The raw attribution table, summed over CPUs, and the error counts.
+pub fn read(
+    ebpf: &Ebpf,
+) -> Result<(Vec<(SourceKey, u64)>, AttributionErrors), aya::maps::MapError> {
+    let map = |name: &str| {
+        ebpf.map(name)
+            .ok_or_else(|| aya::maps::MapError::InvalidName { name: name.into() })
+    };
+    let table: PerCpuHashMap<_, SourceKey, u64> = PerCpuHashMap::try_from(map("SOURCES")?)?;
+    let mut rows = Vec::new();
+    for entry in table.iter() {
+        let (key, per_cpu) = entry?;
+        rows.push((key, per_cpu.iter().sum()));
+    }
+    let errors: PerCpuArray<_, u64> = PerCpuArray::try_from(map("ATTRIBUTION_ERRORS")?)?;
+    let sum = |index: u32| -> Result<u64, aya::maps::MapError> {
+        Ok(errors.get(&index, 0)?.iter().sum())
+    };
+    Ok((
+        rows,
+        AttributionErrors {
+            unbalanced: sum(error::UNBALANCED)?,
+            too_deep: sum(error::TOO_DEEP)?,
+            table_full: sum(error::TABLE_FULL)?,
+        },
+    ))
+}
+
+/// Events the attribution could not account for (shown, never hidden).
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct AttributionErrors {
+    pub unbalanced: u64,
+    pub too_deep: u64,
+    pub table_full: u64,
+}
+
+/// One source of increments of a counter, as the JSON report has it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Source {
+    pub count: u64,
+    pub function: &'static str,
+    pub netns: u64,
+    /// `ip netns` name, `host`, or `pid N` (filled in by the report).
+    pub netns_label: String,
+    pub dir: &'static str,
+    pub family: &'static str,
+    pub src: String,
+    pub dst: String,
+    pub proto: String,
+    pub sport: u16,
+    pub dport: u16,
+    /// Hex, as `ip xfrm` shows it (`0x00001001`); empty when none.
+    pub spi: String,
+    pub reqid: u32,
+    pub policy_index: u32,
+    /// `in`, `out` or `fwd` from the policy index (its low 3 bits).
+    pub policy_dir: &'static str,
+    pub ifindex: u32,
+    pub ifname: String,
+}
+
+fn function_name(hook_id: u32) -> &'static str {
+    match hook_id {
+        hook::XFRM_INPUT => "xfrm_input",
+        hook::POLICY_CHECK => "__xfrm_policy_check",
+        hook::ROUTE_FORWARD => "__xfrm_route_forward",
+        hook::LOOKUP => "xfrm_lookup_with_ifid",
+        hook::OUTPUT => "xfrm_output",
+        hook::OUTPUT_RESUME => "xfrm_output_resume",
+        _ => "?",
+    }
+}
+
+fn dir_name(direction: u8) -> &'static str {
+    match direction {
+        dir::IN => "in",
+        dir::OUT => "out",
+        dir::FWD => "fwd",
+        _ => "?",
+    }
+}
+
+fn proto_name(proto: u8) -> String {
+    match proto {
+        0 => "-".into(),
+        1 => "icmp".into(),
+        6 => "tcp".into(),
+        17 => "udp".into(),
+        50 => "esp".into(),
+        51 => "ah".into(),
+        58 => "icmpv6".into(),
+        other => other.to_string(),
+    }
+}
+
+/// Turns a table row into its report form (the counter is the caller's).
+pub fn source(key: &SourceKey, count: u64) -> Source {
+    let flow = &key.flow;
+    let (family, src, dst) = match flow.family {
+        2 => (
+            "ipv4",
+            Ipv4Addr::new(flow.src[0], flow.src[1], flow.src[2], flow.src[3]).to_string(),
+            Ipv4Addr::new(flow.dst[0], flow.dst[1], flow.dst[2], flow.dst[3]).to_string(),
+        ),
+        10 => (
+            "ipv6",
+            Ipv6Addr::from(flow.src).to_string(),
+            Ipv6Addr::from(flow.dst).to_string(),
+        ),
+        _ => ("-", String::new(), String::new()),
+    };
+    Source {
+        count,
+        function: function_name(key.hook),
+        netns: u64::from(flow.netns),
+        netns_label: String::new(),
+        dir: dir_name(flow.dir),
+        family,
+        src,
+        dst,
+        proto: proto_name(flow.proto),
+        sport: u16::from_be(flow.sport),
+        dport: u16::from_be(flow.dport),
+        spi: if flow.spi == 0 {
+            String::new()
+        } else {
+            format!("{:#010x}", u32::from_be(flow.spi))
+        },
+        reqid: flow.reqid,
+        policy_index: flow.policy_index,
+        policy_dir: if flow.policy_index == 0 {
+            ""
+        } else {
+            dir_name((flow.policy_index & 7) as u8)
+        },
+        ifindex: flow.ifindex,
+        ifname: String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tracer_common::attribution::Flow;
+
+    use super::*;
+
+    #[test]
+    fn sources_read_like_ip_xfrm() {
+        let mut flow = Flow {
+            family: 2,
+            proto: 50,
+            dir: dir::IN,
+            netns: 7,
+            reqid: 1,
+            ..Flow::default()
+        };
+        flow.src[..4].copy_from_slice(&[192, 0, 2, 1]);
+        flow.dst[..4].copy_from_slice(&[203, 0, 113, 1]);
+        flow.spi = 0x1001u32.to_be();
+        flow.policy_index = 0x1a; // index 3, direction fwd (2)
+        flow.dport = 4500u16.to_be();
+        let s = source(
+            &SourceKey {
+                counter: 4,
+                hook: hook::XFRM_INPUT,
+                flow,
+            },
+            5,
+        );
+        assert_eq!(
+            (s.src.as_str(), s.dst.as_str(), s.proto.as_str()),
+            ("192.0.2.1", "203.0.113.1", "esp")
+        );
+        assert_eq!(
+            (s.spi.as_str(), s.function, s.dir, s.count),
+            ("0x00001001", "xfrm_input", "in", 5)
+        );
+        assert_eq!((s.policy_dir, s.dport), ("fwd", 4500));
+    }
+}
