@@ -107,7 +107,9 @@ fn udp(to: &str) -> SocketAddr {
 fn policy_index(lab: &Lab, host: Host, args: &[&str]) -> u64 {
     let mut full = vec!["xfrm", "policy", "get"];
     full.extend_from_slice(args);
-    let out = lab.ip(host, &full).expect("ip xfrm policy get");
+    let mut stats = vec!["-s"];
+    stats.extend_from_slice(&full);
+    let out = lab.ip(host, &stats).expect("ip -s xfrm policy get");
     let index = out
         .split_whitespace()
         .skip_while(|w| *w != "index")
@@ -392,5 +394,45 @@ fn in_tmpl_mismatch_and_no_pols_name_the_sa() {
         assert_eq!(s["spi"], "0x00001001", "{s}");
         assert_eq!(s["policy_index"], 0, "{s}");
         assert_eq!(s["dst"], EHOST);
+    }
+}
+
+#[test]
+fn replayed_esp_is_counted_as_sequence_errors_of_its_sa() {
+    let lab = lab("rp");
+    let sink = lab.udp_sink(Host::Ehost, 7000).unwrap();
+    lab.send_udp(Host::Whost, udp(EHOST), 1, 64).unwrap();
+    assert_eq!(sink.receive(1, Duration::from_secs(10)), 1);
+    let capture = lab.capture(Host::Router, "r-east").unwrap();
+    lab.send_udp(Host::Whost, udp(EHOST), COUNT, 100).unwrap();
+    assert_eq!(sink.receive(COUNT, Duration::from_secs(5)), COUNT);
+    std::thread::sleep(Duration::from_millis(200));
+    let frames: Vec<Vec<u8>> = capture
+        .stop()
+        .into_iter()
+        .filter(|p| p.protocol == 50 && p.dst.to_string() == EAST_WAN)
+        .map(|p| p.frame)
+        .collect();
+    assert_eq!(frames.len(), COUNT, "captured ESP frames");
+    let before = lab.xfrm_stat(Host::East).unwrap();
+    let report = traced("replay", || {
+        assert_eq!(lab.inject(Host::Router, "r-east", frames).unwrap(), COUNT);
+    });
+    let sources = assert_exact(
+        &report,
+        &lab,
+        Host::East,
+        "XfrmInStateSeqError",
+        delta(&lab, Host::East, "XfrmInStateSeqError", &before),
+        COUNT as u64,
+    );
+    for s in &sources {
+        assert_eq!(s["spi"], "0x00001001", "{s}");
+        assert_eq!(s["reqid"], 1, "{s}");
+        assert_eq!(
+            (s["src"].as_str(), s["dst"].as_str()),
+            (Some(WEST_WAN), Some(EAST_WAN))
+        );
+        assert_eq!(s["function"], "xfrm_input");
     }
 }

@@ -33,9 +33,19 @@ static SKB_SA: LruHashMap<u64, SaSeen> = LruHashMap::with_max_entries(8192, 0);
 #[map]
 static ATTRIBUTION_ERRORS: PerCpuArray<u64> = PerCpuArray::with_max_entries(error::COUNT, 0);
 
+/// Zeroes in place; volatile so LLVM does not turn it into a `memset`
+/// call, which older verifiers reject.
+#[inline(always)]
+fn zero(values: &mut [u64; MAX_COUNTERS]) {
+    for value in values.iter_mut() {
+        unsafe { core::ptr::write_volatile(value, 0) };
+    }
+}
+
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
 
+#[inline(always)]
 fn count_error(index: u32) {
     if let Some(count) = ATTRIBUTION_ERRORS.get_ptr_mut(index) {
         unsafe { *count += 1 };
@@ -43,6 +53,7 @@ fn count_error(index: u32) {
 }
 
 /// `net->ns.inum` and the address of this CPU's XFRM counters of `net`.
+#[inline(always)]
 unsafe fn netns_and_mib(net: u64) -> (u32, u64) {
     let offsets = KERNEL_OFFSETS.load();
     if net == 0 {
@@ -64,6 +75,7 @@ unsafe fn netns_and_mib(net: u64) -> (u32, u64) {
 }
 
 /// Reads the counters at `mib` into `out` (zeros where unknown).
+#[inline(always)]
 unsafe fn read_counters(mib: u64, out: &mut [u64; MAX_COUNTERS]) {
     let count = KERNEL_OFFSETS.load().xfrm_counters as usize;
     let count = if count > MAX_COUNTERS {
@@ -77,13 +89,12 @@ unsafe fn read_counters(mib: u64, out: &mut [u64; MAX_COUNTERS]) {
         unsafe { probe_read_raw(out.as_mut_ptr().cast(), (count * 8) as u32, mib as *const _) }
     };
     if ret != 0 {
-        for value in out.iter_mut() {
-            *value = 0;
-        }
+        zero(out);
     }
 }
 
 /// The netns of an skb: through its device, else its socket.
+#[inline(always)]
 pub unsafe fn skb_net(skb: u64) -> (u64, u32) {
     let offsets = KERNEL_OFFSETS.load();
     let dev: u64 = unsafe { read_at(skb, offsets.sk_buff_dev) }.unwrap_or(0);
@@ -102,6 +113,7 @@ pub unsafe fn skb_net(skb: u64) -> (u64, u32) {
 }
 
 /// Addresses, protocol, ports (or the ESP SPI) from the skb's IP header.
+#[inline(always)]
 unsafe fn flow_from_skb(skb: u64, flow: &mut Flow) {
     let offsets = KERNEL_OFFSETS.load();
     let head: u64 = unsafe { read_at(skb, offsets.sk_buff_head) }.unwrap_or(0);
@@ -157,6 +169,7 @@ unsafe fn flow_from_skb(skb: u64, flow: &mut Flow) {
 }
 
 /// The SA (SPI, reqid) an outgoing skb's route points at, if any.
+#[inline(always)]
 unsafe fn sa_of_route(skb: u64, flow: &mut Flow) {
     let offsets = KERNEL_OFFSETS.load();
     let refdst: u64 = unsafe { read_at(skb, offsets.sk_buff_refdst) }.unwrap_or(0);
@@ -172,6 +185,7 @@ unsafe fn sa_of_route(skb: u64, flow: &mut Flow) {
 }
 
 /// The flow a route lookup is made for.
+#[inline(always)]
 unsafe fn flow_from_flowi(fl: u64, family: u16, flow: &mut Flow) {
     let o = KERNEL_OFFSETS.load();
     if fl == 0 {
@@ -206,13 +220,14 @@ pub enum Packet {
 }
 
 /// Opens a bracket: remembers the packet and snapshots the counters.
+#[inline(always)]
 pub fn enter(hook_id: u32, token: u64, packet: Packet) {
     let Some(stack) = FRAMES.get_ptr_mut(0) else {
         return;
     };
     let stack = unsafe { &mut *stack };
-    let depth = stack.depth as usize;
-    if depth >= MAX_DEPTH {
+    let depth = (stack.depth as usize) & 7;
+    if depth >= MAX_DEPTH || stack.depth as usize >= MAX_DEPTH {
         count_error(error::TOO_DEEP);
         return;
     }
@@ -222,9 +237,7 @@ pub fn enter(hook_id: u32, token: u64, packet: Packet) {
     frame.hook = hook_id;
     frame.token = token;
     frame.flow = Flow::default();
-    for value in frame.nested.iter_mut() {
-        *value = 0;
-    }
+    zero(&mut frame.nested);
     let net = match packet {
         Packet::Skb { skb, dir } => {
             frame.flow.dir = dir;
@@ -264,6 +277,7 @@ pub fn enter(hook_id: u32, token: u64, packet: Packet) {
 
 /// Closes a bracket: what moved since entry, less what nested brackets
 /// claimed, is this packet's.
+#[inline(always)]
 pub fn exit(hook_id: u32, token: u64) {
     let Some(stack) = FRAMES.get_ptr_mut(0) else {
         return;
@@ -277,42 +291,53 @@ pub fn exit(hook_id: u32, token: u64) {
         count_error(error::UNBALANCED);
         return;
     }
-    let depth = stack.depth as usize - 1;
+    // Masked so the verifier sees the bound on the register it indexes with.
+    let depth = (stack.depth.wrapping_sub(1) as usize) & 7;
     stack.depth -= 1;
     if depth >= MAX_DEPTH {
         return;
     }
-    // Work in place: a Frame does not fit on the 512-byte eBPF stack.
-    let frames = stack.frames.as_mut_ptr();
-    let frame = unsafe { &*frames.add(depth) };
+    // Pass 1: what moved in this bracket, claimed minus nested claims;
+    // `after` keeps the total moved for the parent.
+    let Some(frame) = stack.frames.get(depth) else {
+        return;
+    };
     if frame.hook != hook_id || frame.token != token {
         count_error(error::UNBALANCED);
         return;
     }
-    let flow = frame.flow;
     unsafe { read_counters(frame.mib, after) };
-    let parent = if depth > 0 {
-        Some(unsafe { &mut *frames.add(depth - 1) })
-    } else {
-        None
-    };
-    let same_netns = parent.as_ref().is_some_and(|p| p.mib == frame.mib);
+    let mib = frame.mib;
     for counter in 0..MAX_COUNTERS {
         let moved = after[counter].wrapping_sub(frame.before[counter]);
-        if moved == 0 || moved > 1 << 32 {
-            continue;
-        }
-        if same_netns && let Some(parent) = parent.as_ref() {
-            let parent = *parent as *const _ as *mut tracer_common::attribution::Frame;
-            unsafe { (*parent).nested[counter] += moved };
-        }
+        // Counters only grow; anything else is a torn read.
+        let moved = if moved > 1 << 32 { 0 } else { moved };
+        after[counter] = moved;
         let own = moved.saturating_sub(frame.nested[counter]);
         if own > 0 {
-            record(counter as u32, hook_id, &flow, own);
+            record(counter as u32, hook_id, &frame.flow, own);
         }
+    }
+    // Pass 2: the enclosing bracket must not claim these again.
+    if depth == 0 {
+        return;
+    }
+    // A fresh (volatile) read of the depth, bounded on its own: derived
+    // from `depth` the verifier could not prove the index stays >= 0.
+    let parent_index =
+        (unsafe { core::ptr::read_volatile(&stack.depth) }.wrapping_sub(1) as usize) & 7;
+    let Some(parent) = stack.frames.get_mut(parent_index) else {
+        return;
+    };
+    if parent.mib != mib {
+        return;
+    }
+    for counter in 0..MAX_COUNTERS {
+        parent.nested[counter] += after[counter];
     }
 }
 
+#[inline(always)]
 fn record(counter: u32, hook_id: u32, flow: &Flow, count: u64) {
     let key = SourceKey {
         counter,
@@ -328,6 +353,7 @@ fn record(counter: u32, hook_id: u32, flow: &Flow, count: u64) {
 
 /// An SA lookup in xfrm_input returned `x`: name it in the open bracket and
 /// remember it for the skb's policy check.
+#[inline(always)]
 pub fn state_found(x: u64) {
     let Some(stack) = FRAMES.get_ptr_mut(0) else {
         return;
@@ -337,7 +363,10 @@ pub fn state_found(x: u64) {
         return;
     }
     let o = KERNEL_OFFSETS.load();
-    let Some(frame) = stack.frames.get_mut(stack.depth as usize - 1) else {
+    let Some(frame) = stack
+        .frames
+        .get_mut((stack.depth.wrapping_sub(1) as usize) & 7)
+    else {
         return;
     };
     if frame.hook != hook::XFRM_INPUT {
@@ -353,6 +382,7 @@ pub fn state_found(x: u64) {
 }
 
 /// A policy lookup returned `policy`: name it in the open bracket.
+#[inline(always)]
 pub fn policy_found(policy: u64) {
     // NULL, or an error pointer (the top 4095 values).
     if policy == 0 || policy > u64::MAX - 4095 {
@@ -366,7 +396,10 @@ pub fn policy_found(policy: u64) {
         return;
     }
     let o = KERNEL_OFFSETS.load();
-    let Some(frame) = stack.frames.get_mut(stack.depth as usize - 1) else {
+    let Some(frame) = stack
+        .frames
+        .get_mut((stack.depth.wrapping_sub(1) as usize) & 7)
+    else {
         return;
     };
     frame.flow.policy_index = unsafe { read_at(policy, o.xfrm_policy_index) }.unwrap_or(0);

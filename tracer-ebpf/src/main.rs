@@ -73,6 +73,7 @@ unsafe fn drop_key(ctx: &TracePointContext, record: &KfreeSkbRecord) -> Result<D
 }
 
 /// The packet's netns (through its device, else its socket) and interface.
+#[inline(always)]
 unsafe fn skb_netns_and_ifindex(skb: u64) -> (u32, u32) {
     let offsets = KERNEL_OFFSETS.load();
     let dev: u64 = unsafe { read_at(skb, offsets.sk_buff_dev) }.unwrap_or(0);
@@ -99,6 +100,7 @@ unsafe fn skb_netns_and_ifindex(skb: u64) -> (u32, u32) {
 
 /// Reads a `T` at `base + offset` in kernel memory; fails for an offset the
 /// running kernel does not have.
+#[inline(always)]
 pub(crate) unsafe fn read_at<T>(base: u64, offset: u32) -> Result<T, i32> {
     if offset == ABSENT {
         return Err(-1);
@@ -205,7 +207,7 @@ pub fn output_exit(ctx: FExitContext) -> u32 {
 
 #[fentry(function = "xfrm_output_resume")]
 pub fn output_resume_entry(ctx: FEntryContext) -> u32 {
-    let skb: u64 = ctx.arg(HOOK_ARGS.load().output_resume_skb as usize);
+    let skb: u64 = entry_arg(&ctx, HOOK_ARGS.load().output_resume_skb);
     attribution::enter(hook::OUTPUT_RESUME, skb, Packet::Skb { skb, dir: dir::OUT });
     0
 }
@@ -214,28 +216,56 @@ pub fn output_resume_entry(ctx: FEntryContext) -> u32 {
 pub fn output_resume_exit(ctx: FExitContext) -> u32 {
     attribution::exit(
         hook::OUTPUT_RESUME,
-        ctx.arg(HOOK_ARGS.load().output_resume_skb as usize),
+        exit_arg(&ctx, HOOK_ARGS.load().output_resume_skb),
     );
     0
+}
+
+// Tracing programs may only read their context at constant offsets: an
+// argument position known at load time becomes one constant branch (the
+// verifier prunes the others, the global being read-only).
+#[inline(always)]
+fn exit_arg(ctx: &FExitContext, n: u32) -> u64 {
+    match n {
+        0 => ctx.arg(0),
+        1 => ctx.arg(1),
+        2 => ctx.arg(2),
+        3 => ctx.arg(3),
+        4 => ctx.arg(4),
+        5 => ctx.arg(5),
+        6 => ctx.arg(6),
+        7 => ctx.arg(7),
+        _ => 0,
+    }
+}
+
+#[inline(always)]
+fn entry_arg(ctx: &FEntryContext, n: u32) -> u64 {
+    match n {
+        0 => ctx.arg(0),
+        1 => ctx.arg(1),
+        2 => ctx.arg(2),
+        _ => 0,
+    }
 }
 
 // Enrichment: name the SA and the policy behind an increment.
 
 #[fexit(function = "xfrm_state_lookup")]
 pub fn state_lookup_exit(ctx: FExitContext) -> u32 {
-    attribution::state_found(ctx.arg(HOOK_ARGS.load().state_lookup_ret as usize));
+    attribution::state_found(exit_arg(&ctx, HOOK_ARGS.load().state_lookup_ret));
     0
 }
 
 #[fexit(function = "xfrm_input_state_lookup")]
 pub fn input_state_lookup_exit(ctx: FExitContext) -> u32 {
-    attribution::state_found(ctx.arg(HOOK_ARGS.load().input_state_lookup_ret as usize));
+    attribution::state_found(exit_arg(&ctx, HOOK_ARGS.load().input_state_lookup_ret));
     0
 }
 
 #[fexit(function = "xfrm_policy_lookup_bytype")]
 pub fn policy_lookup_exit(ctx: FExitContext) -> u32 {
-    attribution::policy_found(ctx.arg(HOOK_ARGS.load().policy_lookup_ret as usize));
+    attribution::policy_found(exit_arg(&ctx, HOOK_ARGS.load().policy_lookup_ret));
     0
 }
 

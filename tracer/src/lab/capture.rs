@@ -26,6 +26,8 @@ pub struct Packet {
     pub udp_dport: Option<u16>,
     /// More-fragments flag or non-zero offset.
     pub fragment: bool,
+    /// The whole Ethernet frame, for re-sending it (replay tests).
+    pub frame: Vec<u8>,
 }
 
 impl Packet {
@@ -52,6 +54,7 @@ impl Packet {
             ip_len: u16::from_be_bytes([ip[2], ip[3]]),
             udp_dport,
             fragment,
+            frame: frame.to_vec(),
         })
     }
 
@@ -142,6 +145,49 @@ impl Lab {
             stop,
             thread: Some(thread),
         })
+    }
+}
+
+impl Lab {
+    /// Sends raw Ethernet frames out of `iface` of `host` (e.g. captured
+    /// ESP packets, to replay them).
+    pub fn inject(&self, host: Host, iface: &str, frames: Vec<Vec<u8>>) -> Result<usize> {
+        let iface = iface.to_string();
+        crate::netns::run_in(&self.ns_path(host), move || {
+            let index =
+                nix::net::if_::if_nametoindex(iface.as_str()).map_err(std::io::Error::from)?;
+            // SAFETY: plain socket(2); the fd is owned right away.
+            let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // SAFETY: fd was just returned by socket(2).
+            let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+            // SAFETY: sockaddr_ll is plain data; zeroed is a valid value.
+            let mut address: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            address.sll_family = libc::AF_PACKET as u16;
+            address.sll_ifindex = index as i32;
+            address.sll_halen = 6;
+            let mut sent = 0;
+            for frame in &frames {
+                // SAFETY: frame and address are valid for the lengths given.
+                let n = unsafe {
+                    libc::sendto(
+                        socket.as_raw_fd(),
+                        frame.as_ptr().cast(),
+                        frame.len(),
+                        0,
+                        std::ptr::from_ref(&address).cast(),
+                        std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+                    )
+                };
+                if n >= 0 {
+                    sent += 1;
+                }
+            }
+            Ok(sent)
+        })
+        .map_err(|e| LabError::Other(format!("injecting into {}: {e}", self.ns(host))))
     }
 }
 
