@@ -436,3 +436,82 @@ fn replayed_esp_is_counted_as_sequence_errors_of_its_sa() {
         assert_eq!(s["function"], "xfrm_input");
     }
 }
+
+#[test]
+fn out_no_states_names_the_policy_without_an_sa() {
+    let lab = lab("on");
+    // West keeps its out policy but loses the SA it points at; no IKE
+    // daemon listens, so no SA can be acquired.
+    lab.ip(
+        Host::West,
+        &[
+            "xfrm", "state", "delete", "src", WEST_WAN, "dst", EAST_WAN, "proto", "esp", "spi",
+            "0x1001",
+        ],
+    )
+    .unwrap();
+    let index = policy_index(
+        &lab,
+        Host::West,
+        &["src", "10.0.2.0/24", "dst", "192.168.0.0/16", "dir", "out"],
+    );
+    lab.send_udp(Host::Whost, udp(EHOST), 1, 64).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let before = lab.xfrm_stat(Host::West).unwrap();
+    let report = traced("outnostates", || {
+        lab.send_udp(Host::Whost, udp(EHOST), COUNT, 100).unwrap();
+    });
+    let sources = assert_exact(
+        &report,
+        &lab,
+        Host::West,
+        "XfrmOutNoStates",
+        delta(&lab, Host::West, "XfrmOutNoStates", &before),
+        COUNT as u64,
+    );
+    for s in &sources {
+        assert_eq!(s["policy_index"], index, "{s}");
+        assert_eq!(s["policy_dir"], "out");
+        assert_eq!(
+            (s["src"].as_str(), s["dst"].as_str(), s["proto"].as_str()),
+            (Some(WHOST), Some(EHOST), Some("udp")),
+            "{s}"
+        );
+        assert_eq!(s["function"], "xfrm_lookup_with_ifid");
+    }
+}
+
+#[test]
+fn out_state_mode_error_names_the_sa_of_oversize_packets() {
+    let lab = lab("om");
+    // 1472 bytes of UDP fill a 1500-byte link; ESP in tunnel mode cannot
+    // add its overhead, and PMTU probing keeps the kernel from shrinking.
+    let before = lab.xfrm_stat(Host::West).unwrap();
+    let report = traced("modeerror", || {
+        let refused = lab
+            .send_udp_ignoring_pmtu(Host::West, "10.0.2.1", udp(EHOST), COUNT, 1472)
+            .unwrap();
+        assert_eq!(
+            refused, COUNT,
+            "every oversize send must fail with EMSGSIZE"
+        );
+    });
+    let sources = assert_exact(
+        &report,
+        &lab,
+        Host::West,
+        "XfrmOutStateModeError",
+        delta(&lab, Host::West, "XfrmOutStateModeError", &before),
+        COUNT as u64,
+    );
+    for s in &sources {
+        assert_eq!(s["spi"], "0x00001001", "{s}");
+        assert_eq!(s["reqid"], 1, "{s}");
+        assert_eq!(
+            (s["src"].as_str(), s["dst"].as_str()),
+            (Some("10.0.2.1"), Some(EHOST)),
+            "{s}"
+        );
+        assert_eq!(s["dir"], "out");
+    }
+}

@@ -40,6 +40,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let options = trace::Options {
                 duration: cli.duration,
                 ready_file: cli.ready_file,
+                // JSON on stdout and the live view would mix.
+                live: cli.json.as_deref().is_none_or(|p| p.as_os_str() != "-"),
             };
             let report = trace::run(&options)?;
             let text = report::render(&report);

@@ -27,6 +27,44 @@ impl Lab {
         .map_err(|e| LabError::Other(format!("sending from {}: {e}", self.ns(host))))
     }
 
+    /// Like `send_udp` from `source`, with IP_PMTUDISC_PROBE: DF set and the
+    /// path MTU ignored, so an oversize packet reaches the IPsec size check.
+    /// Returns how many sends the kernel refused.
+    pub fn send_udp_ignoring_pmtu(
+        &self,
+        host: Host,
+        source: &str,
+        to: SocketAddr,
+        count: usize,
+        size: usize,
+    ) -> Result<usize> {
+        let source: std::net::IpAddr = source
+            .parse()
+            .map_err(|_| LabError::Other(format!("bad source address {source}")))?;
+        crate::netns::run_in(&self.ns_path(host), move || {
+            let socket = UdpSocket::bind((source, 0))?;
+            let probe: libc::c_int = libc::IP_PMTUDISC_PROBE;
+            // SAFETY: the socket is open; the option value is a c_int we own.
+            let ret = unsafe {
+                libc::setsockopt(
+                    std::os::fd::AsRawFd::as_raw_fd(&socket),
+                    libc::IPPROTO_IP,
+                    libc::IP_MTU_DISCOVER,
+                    std::ptr::from_ref(&probe).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            if ret != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let payload = vec![0x5a; size];
+            Ok((0..count)
+                .filter(|_| socket.send_to(&payload, to).is_err())
+                .count())
+        })
+        .map_err(|e| LabError::Other(format!("sending from {}: {e}", self.ns(host))))
+    }
+
     /// Binds a UDP socket on `port` inside `host`.
     pub fn udp_sink(&self, host: Host, port: u16) -> Result<UdpSink> {
         let socket = crate::netns::run_in(&self.ns_path(host), move || {

@@ -30,6 +30,8 @@ pub struct Options {
     pub duration: Option<Duration>,
     /// Created once every program is attached (for scripts and tests).
     pub ready_file: Option<PathBuf>,
+    /// Redraw the counters every second while running (on a terminal).
+    pub live: bool,
 }
 
 /// Counters of every network namespace, by netns inode.
@@ -83,9 +85,18 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
             .with_context(|| format!("writing ready file {}", path.display()))?;
     }
 
+    let live = options.live && std::io::IsTerminal::is_terminal(&std::io::stdout());
     wait(options.duration, || {
         if let Some(logger) = logger.as_mut() {
             logger.flush();
+        }
+        if live {
+            let sources = attribution::read(&object)
+                .map(|(rows, _)| rows)
+                .unwrap_or_default();
+            let counters =
+                counter_report(&before, &snapshot(), &sources, &counter_names, &coverage);
+            print!("{}", report::render_live(started.elapsed(), &counters));
         }
     })?;
 
