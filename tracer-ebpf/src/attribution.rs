@@ -351,27 +351,30 @@ fn record(counter: u32, hook_id: u32, flow: &Flow, count: u64) {
     }
 }
 
+/// The innermost open bracket on this CPU, if any.
+#[inline(always)]
+fn open_frame() -> Option<&'static mut tracer_common::attribution::Frame> {
+    let stack = unsafe { &mut *FRAMES.get_ptr_mut(0)? };
+    if stack.depth == 0 {
+        return None;
+    }
+    stack
+        .frames
+        .get_mut((stack.depth.wrapping_sub(1) as usize) & 7)
+}
+
 /// An SA lookup in xfrm_input returned `x`: name it in the open bracket and
 /// remember it for the skb's policy check.
 #[inline(always)]
 pub fn state_found(x: u64) {
-    let Some(stack) = FRAMES.get_ptr_mut(0) else {
-        return;
-    };
-    let stack = unsafe { &mut *stack };
-    if stack.depth == 0 || x == 0 {
+    if x == 0 {
         return;
     }
-    let o = KERNEL_OFFSETS.load();
-    let Some(frame) = stack
-        .frames
-        .get_mut((stack.depth.wrapping_sub(1) as usize) & 7)
-    else {
-        return;
-    };
+    let Some(frame) = open_frame() else { return };
     if frame.hook != hook::XFRM_INPUT {
         return;
     }
+    let o = KERNEL_OFFSETS.load();
     let sa = SaSeen {
         spi: unsafe { read_at(x, o.xfrm_state_spi) }.unwrap_or(0),
         reqid: unsafe { read_at(x, o.xfrm_state_reqid) }.unwrap_or(0),
@@ -388,19 +391,7 @@ pub fn policy_found(policy: u64) {
     if policy == 0 || policy > u64::MAX - 4095 {
         return;
     }
-    let Some(stack) = FRAMES.get_ptr_mut(0) else {
-        return;
-    };
-    let stack = unsafe { &mut *stack };
-    if stack.depth == 0 {
-        return;
-    }
-    let o = KERNEL_OFFSETS.load();
-    let Some(frame) = stack
-        .frames
-        .get_mut((stack.depth.wrapping_sub(1) as usize) & 7)
-    else {
-        return;
-    };
-    frame.flow.policy_index = unsafe { read_at(policy, o.xfrm_policy_index) }.unwrap_or(0);
+    let Some(frame) = open_frame() else { return };
+    frame.flow.policy_index =
+        unsafe { read_at(policy, KERNEL_OFFSETS.load().xfrm_policy_index) }.unwrap_or(0);
 }

@@ -11,7 +11,10 @@ use aya::{
 use serde::Serialize;
 use tracer_common::attribution::{SourceKey, dir, error, hook};
 
-use crate::btf::KernelBtf;
+use crate::{
+    btf::KernelBtf,
+    ebpf::{describe, program},
+};
 
 /// A bracket: the function and the two programs around it.
 struct Bracket {
@@ -71,33 +74,14 @@ pub struct Coverage {
     pub missing: Vec<(String, String)>,
 }
 
-fn describe(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
-fn attach_fentry(ebpf: &mut Ebpf, program: &str, function: &str, btf: &Btf) -> Result<(), String> {
-    let prog: &mut FEntry = ebpf
-        .program_mut(program)
-        .ok_or_else(|| format!("{program} missing from the object"))?
-        .try_into()
-        .map_err(|e: aya::programs::ProgramError| describe(&e))?;
+fn attach_fentry(ebpf: &mut Ebpf, name: &str, function: &str, btf: &Btf) -> Result<(), String> {
+    let prog: &mut FEntry = program(ebpf, name)?;
     prog.load(function, btf).map_err(|e| describe(&e))?;
     prog.attach().map(drop).map_err(|e| describe(&e))
 }
 
-fn attach_fexit(ebpf: &mut Ebpf, program: &str, function: &str, btf: &Btf) -> Result<(), String> {
-    let prog: &mut FExit = ebpf
-        .program_mut(program)
-        .ok_or_else(|| format!("{program} missing from the object"))?
-        .try_into()
-        .map_err(|e: aya::programs::ProgramError| describe(&e))?;
+fn attach_fexit(ebpf: &mut Ebpf, name: &str, function: &str, btf: &Btf) -> Result<(), String> {
+    let prog: &mut FExit = program(ebpf, name)?;
     prog.load(function, btf).map_err(|e| describe(&e))?;
     prog.attach().map(drop).map_err(|e| describe(&e))
 }

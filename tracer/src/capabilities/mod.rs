@@ -10,6 +10,7 @@ use serde::Serialize;
 
 use crate::{
     btf::KernelBtf,
+    ebpf::{describe, program},
     hooks::{self, Hook, Role},
     kallsyms::{Kallsyms, Presence},
 };
@@ -139,28 +140,6 @@ pub fn probe_programs(ebpf: &mut Ebpf, btf: &KernelBtf, kallsyms: &Kallsyms) -> 
         raw_tracepoint: try_raw_tracepoint(ebpf),
         tp_btf: try_tp_btf(ebpf),
     }
-}
-
-fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, String>
-where
-    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
-{
-    ebpf.program_mut(name)
-        .ok_or_else(|| format!("program {name} missing from the object"))?
-        .try_into()
-        .map_err(|e: aya::programs::ProgramError| e.to_string())
-}
-
-/// The error and its causes on one line (aya nests the errno).
-fn describe(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 fn try_fentry(ebpf: &mut Ebpf, target: &str) -> Support {

@@ -195,6 +195,7 @@ pub fn render_live(elapsed: std::time::Duration, counters: &[Counter]) -> String
     );
     if counters.is_empty() {
         let _ = writeln!(out, "no XFRM counter moved yet");
+        return out;
     }
     let _ = writeln!(
         out,
