@@ -95,6 +95,32 @@ pub struct SaSeen {
     pub reqid: u32,
 }
 
+/// Samples per second and CPU at most; the rest are counted as lost.
+pub const SAMPLES_PER_SECOND: u64 = 64;
+
+/// One attributed increment, sent to userspace through a ring buffer
+/// (rate-limited: the counts in `SourceKey` stay exact regardless).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Sample {
+    pub time_ns: u64,
+    pub counter: u32,
+    pub hook: u32,
+    /// Kernel stack in the `STACKS` map (negative: none).
+    pub stack_id: i64,
+    /// Increments in this bracket (usually 1).
+    pub count: u64,
+    pub flow: Flow,
+}
+
+/// Per-CPU rate limiter state.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SampleBudget {
+    pub window_start_ns: u64,
+    pub used: u64,
+}
+
 /// Indexes into the `ATTRIBUTION_ERRORS` per-CPU array.
 pub mod error {
     /// Exit without a matching entry (skipped program, migration).
@@ -103,7 +129,9 @@ pub mod error {
     pub const TOO_DEEP: u32 = 1;
     /// The attribution table was full.
     pub const TABLE_FULL: u32 = 2;
-    pub const COUNT: u32 = 3;
+    /// Samples not sent (rate limit or full ring buffer).
+    pub const SAMPLES_LOST: u32 = 3;
+    pub const COUNT: u32 = 4;
 }
 
 #[cfg(feature = "user")]
@@ -111,4 +139,5 @@ mod pod {
     unsafe impl aya::Pod for super::Flow {}
     unsafe impl aya::Pod for super::SourceKey {}
     unsafe impl aya::Pod for super::SaSeen {}
+    unsafe impl aya::Pod for super::Sample {}
 }

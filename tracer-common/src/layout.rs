@@ -101,28 +101,3 @@ impl KernelOffsets {
 unsafe impl aya::Pod for KfreeSkbRecord {}
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for KernelOffsets {}
-
-/// Argument positions that differ between kernels (from BTF prototypes):
-/// which argument is the skb, and where fexit finds the return value (after
-/// the last argument).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct HookArgs {
-    /// `xfrm_output_resume(skb, err)` before 5.14, `(sk, skb, err)` after.
-    pub output_resume_skb: u32,
-    pub state_lookup_ret: u32,
-    pub input_state_lookup_ret: u32,
-    pub policy_lookup_ret: u32,
-}
-
-impl HookArgs {
-    pub const UNSET: Self = Self {
-        output_resume_skb: 1,
-        state_lookup_ret: 6,
-        input_state_lookup_ret: 6,
-        policy_lookup_ret: 6,
-    };
-}
-
-#[cfg(feature = "user")]
-unsafe impl aya::Pod for HookArgs {}

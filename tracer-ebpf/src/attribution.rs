@@ -7,10 +7,12 @@ use aya_ebpf::{
         generated::bpf_probe_read_kernel as probe_read_raw,
     },
     macros::map,
-    maps::{LruHashMap, PerCpuArray, PerCpuHashMap},
+    maps::{LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf, StackTrace},
+    programs::{FExitContext, tracing::StackIdContext as _},
 };
 use tracer_common::attribution::{
-    Flow, FrameStack, MAX_COUNTERS, MAX_DEPTH, SaSeen, SourceKey, dir, error, hook,
+    Flow, FrameStack, MAX_COUNTERS, MAX_DEPTH, SAMPLES_PER_SECOND, SaSeen, Sample, SampleBudget,
+    SourceKey, dir, error, hook,
 };
 
 use crate::{KERNEL_OFFSETS, read_at};
@@ -29,6 +31,16 @@ static SOURCES: PerCpuHashMap<SourceKey, u64> = PerCpuHashMap::with_max_entries(
 /// The SA xfrm_input found for an skb, for the policy check after decap.
 #[map]
 static SKB_SA: LruHashMap<u64, SaSeen> = LruHashMap::with_max_entries(8192, 0);
+
+/// Per-increment samples for userspace (with kernel stacks).
+#[map]
+static SAMPLES: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+
+#[map]
+static STACKS: StackTrace = StackTrace::with_max_entries(1024, 0);
+
+#[map]
+static SAMPLE_BUDGET: PerCpuArray<SampleBudget> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 static ATTRIBUTION_ERRORS: PerCpuArray<u64> = PerCpuArray::with_max_entries(error::COUNT, 0);
@@ -278,7 +290,7 @@ pub fn enter(hook_id: u32, token: u64, packet: Packet) {
 /// Closes a bracket: what moved since entry, less what nested brackets
 /// claimed, is this packet's.
 #[inline(always)]
-pub fn exit(hook_id: u32, token: u64) {
+pub fn exit(ctx: &FExitContext, hook_id: u32, token: u64) {
     let Some(stack) = FRAMES.get_ptr_mut(0) else {
         return;
     };
@@ -316,6 +328,7 @@ pub fn exit(hook_id: u32, token: u64) {
         let own = moved.saturating_sub(frame.nested[counter]);
         if own > 0 {
             record(counter as u32, hook_id, &frame.flow, own);
+            sample(ctx, counter as u32, hook_id, &frame.flow, own);
         }
     }
     // Pass 2: the enclosing bracket must not claim these again.
@@ -335,6 +348,39 @@ pub fn exit(hook_id: u32, token: u64) {
     for counter in 0..MAX_COUNTERS {
         parent.nested[counter] += after[counter];
     }
+}
+
+/// Sends a sample if this CPU's budget for the current second allows.
+#[inline(always)]
+fn sample(ctx: &FExitContext, counter: u32, hook_id: u32, flow: &Flow, count: u64) {
+    let Some(budget) = SAMPLE_BUDGET.get_ptr_mut(0) else {
+        return;
+    };
+    let budget = unsafe { &mut *budget };
+    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
+    if now.wrapping_sub(budget.window_start_ns) > 1_000_000_000 {
+        budget.window_start_ns = now;
+        budget.used = 0;
+    }
+    if budget.used >= SAMPLES_PER_SECOND {
+        count_error(error::SAMPLES_LOST);
+        return;
+    }
+    budget.used += 1;
+    let Some(mut entry) = SAMPLES.reserve::<Sample>(0) else {
+        count_error(error::SAMPLES_LOST);
+        return;
+    };
+    let stack_id = ctx.get_stackid(&STACKS, 0).map_or(-1, i64::from);
+    entry.write(Sample {
+        time_ns: now,
+        counter,
+        hook: hook_id,
+        stack_id,
+        count,
+        flow: *flow,
+    });
+    entry.submit(0);
 }
 
 #[inline(always)]

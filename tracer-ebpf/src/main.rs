@@ -23,7 +23,7 @@ use aya_log_ebpf::warn;
 use tracer_common::{
     attribution::{dir, hook},
     drops::{DROP_TABLE_ENTRIES, DropKey},
-    layout::{ABSENT, HookArgs, KernelOffsets, KfreeSkbRecord},
+    layout::{ABSENT, KernelOffsets, KfreeSkbRecord},
 };
 
 #[unsafe(no_mangle)]
@@ -31,9 +31,6 @@ static KFREE_SKB_RECORD: Global<KfreeSkbRecord> = Global::new(KfreeSkbRecord::UN
 
 #[unsafe(no_mangle)]
 static KERNEL_OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets::UNSET);
-
-#[unsafe(no_mangle)]
-static HOOK_ARGS: Global<HookArgs> = Global::new(HookArgs::UNSET);
 
 /// Drop counts per (location, netns, reason, interface, protocol), per CPU:
 /// exact at any packet rate, summed by userspace.
@@ -133,7 +130,7 @@ pub fn xfrm_input_entry(ctx: FEntryContext) -> u32 {
 
 #[fexit(function = "xfrm_input")]
 pub fn xfrm_input_exit(ctx: FExitContext) -> u32 {
-    attribution::exit(hook::XFRM_INPUT, ctx.arg(0));
+    attribution::exit(&ctx, hook::XFRM_INPUT, ctx.arg(0));
     0
 }
 
@@ -154,7 +151,7 @@ pub fn policy_check_entry(ctx: FEntryContext) -> u32 {
 
 #[fexit(function = "__xfrm_policy_check")]
 pub fn policy_check_exit(ctx: FExitContext) -> u32 {
-    attribution::exit(hook::POLICY_CHECK, ctx.arg(2));
+    attribution::exit(&ctx, hook::POLICY_CHECK, ctx.arg(2));
     0
 }
 
@@ -167,7 +164,7 @@ pub fn route_forward_entry(ctx: FEntryContext) -> u32 {
 
 #[fexit(function = "__xfrm_route_forward")]
 pub fn route_forward_exit(ctx: FExitContext) -> u32 {
-    attribution::exit(hook::ROUTE_FORWARD, ctx.arg(0));
+    attribution::exit(&ctx, hook::ROUTE_FORWARD, ctx.arg(0));
     0
 }
 
@@ -188,7 +185,7 @@ pub fn lookup_entry(ctx: FEntryContext) -> u32 {
 
 #[fexit(function = "xfrm_lookup_with_ifid")]
 pub fn lookup_exit(ctx: FExitContext) -> u32 {
-    attribution::exit(hook::LOOKUP, ctx.arg(2));
+    attribution::exit(&ctx, hook::LOOKUP, ctx.arg(2));
     0
 }
 
@@ -201,71 +198,59 @@ pub fn output_entry(ctx: FEntryContext) -> u32 {
 
 #[fexit(function = "xfrm_output")]
 pub fn output_exit(ctx: FExitContext) -> u32 {
-    attribution::exit(hook::OUTPUT, ctx.arg(1));
+    attribution::exit(&ctx, hook::OUTPUT, ctx.arg(1));
     0
 }
 
+// xfrm_output_resume(sk, skb, err) since 5.14, (skb, err) before: one pair
+// of programs per layout (tracing programs may only read their context at
+// constant offsets); userspace picks the pair from the BTF prototype.
+
 #[fentry(function = "xfrm_output_resume")]
 pub fn output_resume_entry(ctx: FEntryContext) -> u32 {
-    let skb: u64 = entry_arg(&ctx, HOOK_ARGS.load().output_resume_skb);
+    let skb: u64 = ctx.arg(1);
     attribution::enter(hook::OUTPUT_RESUME, skb, Packet::Skb { skb, dir: dir::OUT });
     0
 }
 
 #[fexit(function = "xfrm_output_resume")]
 pub fn output_resume_exit(ctx: FExitContext) -> u32 {
-    attribution::exit(
-        hook::OUTPUT_RESUME,
-        exit_arg(&ctx, HOOK_ARGS.load().output_resume_skb),
-    );
+    attribution::exit(&ctx, hook::OUTPUT_RESUME, ctx.arg(1));
     0
 }
 
-// Tracing programs may only read their context at constant offsets: an
-// argument position known at load time becomes one constant branch (the
-// verifier prunes the others, the global being read-only).
-#[inline(always)]
-fn exit_arg(ctx: &FExitContext, n: u32) -> u64 {
-    match n {
-        0 => ctx.arg(0),
-        1 => ctx.arg(1),
-        2 => ctx.arg(2),
-        3 => ctx.arg(3),
-        4 => ctx.arg(4),
-        5 => ctx.arg(5),
-        6 => ctx.arg(6),
-        7 => ctx.arg(7),
-        _ => 0,
-    }
+#[fentry(function = "xfrm_output_resume")]
+pub fn output_resume_old_entry(ctx: FEntryContext) -> u32 {
+    let skb: u64 = ctx.arg(0);
+    attribution::enter(hook::OUTPUT_RESUME, skb, Packet::Skb { skb, dir: dir::OUT });
+    0
 }
 
-#[inline(always)]
-fn entry_arg(ctx: &FEntryContext, n: u32) -> u64 {
-    match n {
-        0 => ctx.arg(0),
-        1 => ctx.arg(1),
-        2 => ctx.arg(2),
-        _ => 0,
-    }
+#[fexit(function = "xfrm_output_resume")]
+pub fn output_resume_old_exit(ctx: FExitContext) -> u32 {
+    attribution::exit(&ctx, hook::OUTPUT_RESUME, ctx.arg(0));
+    0
 }
 
-// Enrichment: name the SA and the policy behind an increment.
+// Enrichment: name the SA and the policy behind an increment. All three
+// functions take six arguments (checked against BTF before attaching), so
+// fexit finds the return value in slot 6.
 
 #[fexit(function = "xfrm_state_lookup")]
 pub fn state_lookup_exit(ctx: FExitContext) -> u32 {
-    attribution::state_found(exit_arg(&ctx, HOOK_ARGS.load().state_lookup_ret));
+    attribution::state_found(ctx.arg(6));
     0
 }
 
 #[fexit(function = "xfrm_input_state_lookup")]
 pub fn input_state_lookup_exit(ctx: FExitContext) -> u32 {
-    attribution::state_found(exit_arg(&ctx, HOOK_ARGS.load().input_state_lookup_ret));
+    attribution::state_found(ctx.arg(6));
     0
 }
 
 #[fexit(function = "xfrm_policy_lookup_bytype")]
 pub fn policy_lookup_exit(ctx: FExitContext) -> u32 {
-    attribution::policy_found(exit_arg(&ctx, HOOK_ARGS.load().policy_lookup_ret));
+    attribution::policy_found(ctx.arg(6));
     0
 }
 

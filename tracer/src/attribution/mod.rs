@@ -5,11 +5,11 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 use aya::{
     Btf, Ebpf,
-    maps::{PerCpuArray, PerCpuHashMap},
+    maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf, StackTraceMap},
     programs::{FEntry, FExit},
 };
 use serde::Serialize;
-use tracer_common::attribution::{SourceKey, dir, error, hook};
+use tracer_common::attribution::{Sample, SourceKey, dir, error, hook};
 
 use crate::{
     btf::KernelBtf,
@@ -23,46 +23,64 @@ struct Bracket {
     exit: &'static str,
 }
 
+const fn bracket(function: &'static str, entry: &'static str, exit: &'static str) -> Bracket {
+    Bracket {
+        function,
+        entry,
+        exit,
+    }
+}
+
 const BRACKETS: &[Bracket] = &[
-    Bracket {
-        function: "xfrm_input",
-        entry: "xfrm_input_entry",
-        exit: "xfrm_input_exit",
-    },
-    Bracket {
-        function: "__xfrm_policy_check",
-        entry: "policy_check_entry",
-        exit: "policy_check_exit",
-    },
-    Bracket {
-        function: "__xfrm_route_forward",
-        entry: "route_forward_entry",
-        exit: "route_forward_exit",
-    },
-    Bracket {
-        function: "xfrm_lookup_with_ifid",
-        entry: "lookup_entry",
-        exit: "lookup_exit",
-    },
-    Bracket {
-        function: "xfrm_output",
-        entry: "output_entry",
-        exit: "output_exit",
-    },
-    Bracket {
-        function: "xfrm_output_resume",
-        entry: "output_resume_entry",
-        exit: "output_resume_exit",
-    },
+    bracket("xfrm_input", "xfrm_input_entry", "xfrm_input_exit"),
+    bracket(
+        "__xfrm_policy_check",
+        "policy_check_entry",
+        "policy_check_exit",
+    ),
+    bracket(
+        "__xfrm_route_forward",
+        "route_forward_entry",
+        "route_forward_exit",
+    ),
+    bracket("xfrm_lookup_with_ifid", "lookup_entry", "lookup_exit"),
+    bracket("xfrm_output", "output_entry", "output_exit"),
 ];
 
+/// xfrm_output_resume gained an `sk` argument in 5.14. The programs read
+/// the skb at a fixed position, so pick the pair that matches this kernel's
+/// prototype.
+fn output_resume(btf: &KernelBtf) -> Result<Bracket, String> {
+    let params = btf
+        .function_params("xfrm_output_resume")
+        .unwrap_or_default();
+    match params.iter().position(|p| p == "skb") {
+        Some(1) => Ok(bracket(
+            "xfrm_output_resume",
+            "output_resume_entry",
+            "output_resume_exit",
+        )),
+        Some(0) => Ok(bracket(
+            "xfrm_output_resume",
+            "output_resume_old_entry",
+            "output_resume_old_exit",
+        )),
+        _ => Err(format!(
+            "unexpected prototype xfrm_output_resume({})",
+            params.join(", ")
+        )),
+    }
+}
+
 /// (function, fexit program): name the SA and the policy. Only the functions
-/// this kernel has are attached (xfrm_input_state_lookup is 6.12+).
+/// this kernel has are attached (xfrm_input_state_lookup is 6.12+); the
+/// programs read the return value after six arguments.
 const ENRICHMENT: &[(&str, &str)] = &[
     ("xfrm_state_lookup", "state_lookup_exit"),
     ("xfrm_input_state_lookup", "input_state_lookup_exit"),
     ("xfrm_policy_lookup_bytype", "policy_lookup_exit"),
 ];
+const ENRICHMENT_ARGS: usize = 6;
 
 /// What got attached.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -105,7 +123,14 @@ pub fn attach(ebpf: &mut Ebpf, kernel_btf: &KernelBtf, has_per_cpu_offset: bool)
         }
     };
     let mut all = true;
-    for bracket in BRACKETS {
+    let resume = output_resume(kernel_btf);
+    if let Err(why) = &resume {
+        all = false;
+        coverage
+            .missing
+            .push(("xfrm_output_resume".into(), why.clone()));
+    }
+    for bracket in BRACKETS.iter().chain(resume.as_ref().ok()) {
         let result = attach_fexit(ebpf, bracket.exit, bracket.function, &btf)
             .and_then(|()| attach_fentry(ebpf, bracket.entry, bracket.function, &btf));
         match result {
@@ -117,7 +142,17 @@ pub fn attach(ebpf: &mut Ebpf, kernel_btf: &KernelBtf, has_per_cpu_offset: bool)
         }
     }
     for (function, program) in ENRICHMENT {
-        if !kernel_btf.has_function(function) {
+        let Some(params) = kernel_btf.function_params(function) else {
+            continue;
+        };
+        if params.len() != ENRICHMENT_ARGS {
+            coverage.missing.push((
+                function.to_string(),
+                format!(
+                    "unexpected prototype ({} arguments, expected {ENRICHMENT_ARGS})",
+                    params.len()
+                ),
+            ));
             continue;
         }
         match attach_fexit(ebpf, program, function, &btf) {
@@ -153,6 +188,7 @@ pub fn read(
             unbalanced: sum(error::UNBALANCED)?,
             too_deep: sum(error::TOO_DEEP)?,
             table_full: sum(error::TABLE_FULL)?,
+            samples_lost: sum(error::SAMPLES_LOST)?,
         },
     ))
 }
@@ -163,6 +199,66 @@ pub struct AttributionErrors {
     pub unbalanced: u64,
     pub too_deep: u64,
     pub table_full: u64,
+    /// Samples not sent (rate limit, full ring buffer); counts stay exact.
+    pub samples_lost: u64,
+}
+
+/// Most samples kept for the report (the counts stay exact regardless).
+pub const SAMPLES_KEPT: usize = 1000;
+
+/// The ring buffer of per-increment samples, taken out of the object so it
+/// can be drained while the programs run.
+pub fn take_samples(ebpf: &mut Ebpf) -> Option<RingBuf<MapData>> {
+    RingBuf::try_from(ebpf.take_map("SAMPLES")?).ok()
+}
+
+/// Moves what the ring buffer holds into `kept` (up to `SAMPLES_KEPT`);
+/// returns how many were dropped for lack of room.
+pub fn drain_samples(ring: &mut RingBuf<MapData>, kept: &mut Vec<Sample>) -> u64 {
+    let mut dropped = 0;
+    while let Some(item) = ring.next() {
+        if item.len() < std::mem::size_of::<Sample>() {
+            continue;
+        }
+        if kept.len() >= SAMPLES_KEPT {
+            dropped += 1;
+            continue;
+        }
+        // SAFETY: Sample is plain repr(C) data and the item is at least that long.
+        kept.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<Sample>()) });
+    }
+    dropped
+}
+
+/// The kernel stack of a sample, innermost first, as `function+0xoff`.
+pub fn stack(ebpf: &Ebpf, stack_id: i64, kallsyms: &crate::kallsyms::Kallsyms) -> Vec<String> {
+    let (Ok(id), Some(map)) = (u32::try_from(stack_id), ebpf.map("STACKS")) else {
+        return Vec::new();
+    };
+    let Ok(stacks) = StackTraceMap::try_from(map) else {
+        return Vec::new();
+    };
+    let Ok(trace) = stacks.get(&id, 0) else {
+        return Vec::new();
+    };
+    trace
+        .frames()
+        .iter()
+        .map(|frame| match kallsyms.symbolize(frame.ip) {
+            Some((symbol, offset)) => format!("{}+{offset:#x}", symbol.name),
+            None => format!("{:#x}", frame.ip),
+        })
+        .collect()
+}
+
+/// One sampled increment as the report has it.
+#[derive(Clone, Debug, Serialize)]
+pub struct SampleReport {
+    /// Milliseconds since the first sample of the run.
+    pub time_ms: u64,
+    #[serde(flatten)]
+    pub source: Source,
+    pub stack: Vec<String>,
 }
 
 /// One source of increments of a counter, as the JSON report has it.

@@ -1,7 +1,7 @@
 //! The embedded eBPF object and how it is loaded into the running kernel.
 
 use aya::{Ebpf, EbpfLoader};
-use tracer_common::layout::{ABSENT, HookArgs, KernelOffsets, KfreeSkbRecord};
+use tracer_common::layout::{ABSENT, KernelOffsets, KfreeSkbRecord};
 
 use crate::{
     btf::{BtfError, KernelBtf},
@@ -32,7 +32,6 @@ pub enum LoadError {
 pub struct KernelLayout {
     pub offsets: KernelOffsets,
     pub kfree_skb: KfreeSkbRecord,
-    pub hook_args: HookArgs,
 }
 
 impl KernelLayout {
@@ -72,24 +71,6 @@ impl KernelLayout {
             _pad: 0,
             per_cpu_offset: kallsyms.data_address("__per_cpu_offset").unwrap_or(0),
         };
-        let params = |function: &str| btf.function_params(function).unwrap_or_default();
-        let defaults = HookArgs::UNSET;
-        let ret_index = |function: &str, default: u32| {
-            let count = params(function).len();
-            if count == 0 { default } else { count as u32 }
-        };
-        let hook_args = HookArgs {
-            output_resume_skb: params("xfrm_output_resume")
-                .iter()
-                .position(|p| p == "skb")
-                .map_or(defaults.output_resume_skb, |i| i as u32),
-            state_lookup_ret: ret_index("xfrm_state_lookup", defaults.state_lookup_ret),
-            input_state_lookup_ret: ret_index(
-                "xfrm_input_state_lookup",
-                defaults.input_state_lookup_ret,
-            ),
-            policy_lookup_ret: ret_index("xfrm_policy_lookup_bytype", defaults.policy_lookup_ret),
-        };
         let format = tracefs::format("skb", "kfree_skb")?;
         let field = |name: &str| {
             tracefs::field_offset(&format, name).ok_or_else(|| TracefsError::NoField {
@@ -105,11 +86,7 @@ impl KernelLayout {
             reason: tracefs::field_offset(&format, "reason")
                 .unwrap_or(tracer_common::layout::ABSENT),
         };
-        Ok(Self {
-            offsets,
-            kfree_skb,
-            hook_args,
-        })
+        Ok(Self { offsets, kfree_skb })
     }
 }
 
@@ -123,8 +100,7 @@ pub fn load(layout: Option<&KernelLayout>) -> Result<Ebpf, LoadError> {
     if let Some(layout) = layout {
         loader
             .override_global("KERNEL_OFFSETS", &layout.offsets, true)
-            .override_global("KFREE_SKB_RECORD", &layout.kfree_skb, true)
-            .override_global("HOOK_ARGS", &layout.hook_args, true);
+            .override_global("KFREE_SKB_RECORD", &layout.kfree_skb, true);
     }
     Ok(loader.load(OBJECT)?)
 }

@@ -7,7 +7,7 @@ use std::{collections::BTreeMap, fmt::Write as _};
 use serde::Serialize;
 
 use crate::{
-    attribution::{AttributionErrors, Coverage, Source},
+    attribution::{AttributionErrors, Coverage, SampleReport, Source},
     drops::DropRow,
 };
 
@@ -48,6 +48,8 @@ pub struct Counter {
     pub coverage: &'static str,
     pub by_netns: Vec<NetnsDelta>,
     pub sources: Vec<Source>,
+    /// Sampled increments with their kernel stacks (rate-limited).
+    pub samples: Vec<SampleReport>,
 }
 
 #[derive(Debug, Serialize)]

@@ -286,5 +286,6 @@ fn counter_entry<'a>(
             coverage,
             by_netns: Vec::new(),
             sources: Vec::new(),
+            samples: Vec::new(),
         })
 }
