@@ -29,6 +29,11 @@ pub fn binary() -> PathBuf {
     }
 }
 
+/// A per-process scratch path under the temp dir.
+pub fn scratch(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("xfrm-trace-test-{}-{name}", std::process::id()))
+}
+
 /// Panics with a clear message unless root: these tests load eBPF programs
 /// and create namespaces.
 pub fn require_root() {
@@ -66,8 +71,7 @@ impl Namespaces {
             .iter()
             .map(|r| format!("{prefix}{}-{r}", std::process::id()))
             .collect();
-        let created = Self { names: Vec::new() };
-        let mut created = created;
+        let mut created = Self { names: Vec::new() };
         for name in &names {
             let _ = Command::new("ip").args(["netns", "del", name]).output();
             sh(&["ip", "netns", "add", name]);
@@ -109,16 +113,11 @@ impl Namespaces {
 
     /// The kernel's own `/proc/net/xfrm_stat` of the namespace.
     pub fn xfrm_stat(&self, role: &str) -> BTreeMap<String, u64> {
-        self.run_in(role, || {
-            std::fs::read_to_string("/proc/thread-self/net/xfrm_stat")
-                .expect("read xfrm_stat")
-                .lines()
-                .filter_map(|l| {
-                    let mut f = l.split_whitespace();
-                    Some((f.next()?.to_string(), f.next()?.parse().ok()?))
-                })
-                .collect()
-        })
+        let path = Path::new("/run/netns").join(self.name(role));
+        let text = xfrm_trace::netns::read_proc_net(&path, "xfrm_stat").expect("read xfrm_stat");
+        xfrm_trace::xfrm_stat::XfrmStat::parse(&text)
+            .expect("parse xfrm_stat")
+            .0
     }
 
     /// Inode of the namespace: how the tool names it in its report.

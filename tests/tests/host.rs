@@ -3,24 +3,19 @@
 
 use std::{
     net::UdpSocket,
-    path::PathBuf,
     process::Command,
     sync::Mutex,
     time::{Duration, Instant},
 };
 
 use serde_json::Value;
-use tests::{Namespaces, Tracer, binary, require_root, sh};
+use tests::{Namespaces, Tracer, binary, require_root, scratch, sh};
 
 /// The tests below look at programs loaded kernel-wide: one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn scratch(name: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("xfrm-trace-test-{}-{name}", std::process::id()))
 }
 
 /// Programs named `name` loaded in the kernel right now (needs bpftool).

@@ -3,10 +3,10 @@
 //! and it names the SA, policy and addresses the test set up. VM-only: the
 //! host kernel has no ESP and cannot hook XFRM functions.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{net::SocketAddr, time::Duration};
 
 use serde_json::Value;
-use tests::Tracer;
+use tests::{Tracer, scratch};
 use xfrm_trace::lab::{EAST_WAN, EHOST, Host, Lab, StaticIpsec, WEST_WAN, WHOST};
 
 const COUNT: usize = 6;
@@ -17,10 +17,6 @@ fn lab(name: &str) -> Lab {
     lab.static_ipsec(&StaticIpsec::default())
         .expect("static SAs");
     lab
-}
-
-fn scratch(name: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("xfrm-trace-vm-{}-{name}", std::process::id()))
 }
 
 /// Runs `action` while the tracer watches; returns its JSON report.

@@ -69,26 +69,13 @@ unsafe fn drop_key(ctx: &TracePointContext, record: &KfreeSkbRecord) -> Result<D
     })
 }
 
-/// The packet's netns (through its device, else its socket) and interface.
+/// The packet's netns inode and interface (the netns through its device,
+/// else its socket, as the brackets find it).
 #[inline(always)]
 unsafe fn skb_netns_and_ifindex(skb: u64) -> (u32, u32) {
-    let offsets = KERNEL_OFFSETS.load();
-    let dev: u64 = unsafe { read_at(skb, offsets.sk_buff_dev) }.unwrap_or(0);
-    let (net, ifindex) = if dev != 0 {
-        let ifindex: u32 = unsafe { read_at(dev, offsets.net_device_ifindex) }.unwrap_or(0);
-        let net: u64 = unsafe { read_at(dev, offsets.net_device_nd_net) }.unwrap_or(0);
-        (net, ifindex)
-    } else {
-        let sk: u64 = unsafe { read_at(skb, offsets.sk_buff_sk) }.unwrap_or(0);
-        let net: u64 = if sk != 0 {
-            unsafe { read_at(sk, offsets.sock_net) }.unwrap_or(0)
-        } else {
-            0
-        };
-        (net, 0)
-    };
+    let (net, ifindex) = unsafe { attribution::skb_net(skb) };
     let netns: u32 = if net != 0 {
-        unsafe { read_at(net, offsets.net_ns_inum) }.unwrap_or(0)
+        unsafe { read_at(net, KERNEL_OFFSETS.load().net_ns_inum) }.unwrap_or(0)
     } else {
         0
     };
