@@ -410,6 +410,12 @@ fn replayed_esp_is_counted_as_sequence_errors_of_its_sa() {
         .map(|p| p.frame)
         .collect();
     assert_eq!(frames.len(), COUNT, "captured ESP frames");
+    // ESP sequence numbers on the wire: Ethernet 14 + IPv4 20 + SPI 4.
+    let mut wire_seqs: Vec<u64> = frames
+        .iter()
+        .map(|f| u64::from(u32::from_be_bytes(f[38..42].try_into().unwrap())))
+        .collect();
+    wire_seqs.sort_unstable();
     let before = lab.xfrm_stat(Host::East).unwrap();
     let report = traced("replay", || {
         assert_eq!(lab.inject(Host::Router, "r-east", frames).unwrap(), COUNT);
@@ -431,6 +437,29 @@ fn replayed_esp_is_counted_as_sequence_errors_of_its_sa() {
         );
         assert_eq!(s["function"], "xfrm_input");
     }
+    // Every replayed packet is sampled (well under the rate limit), with
+    // its sequence number and the kernel stack that led to xfrm_input.
+    let samples = counter(&report, "XfrmInStateSeqError")["samples"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let mut seqs: Vec<u64> = samples.iter().filter_map(|s| s["seq"].as_u64()).collect();
+    seqs.sort_unstable();
+    assert_eq!(seqs, wire_seqs, "{samples:#?}");
+    for sample in &samples {
+        assert_eq!(sample["spi"], "0x00001001", "{sample}");
+        let stack: Vec<&str> = sample["stack"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(Value::as_str)
+            .collect();
+        assert!(
+            stack.iter().any(|f| f.starts_with("ip_")),
+            "stack without the IP receive path: {stack:?}"
+        );
+    }
+    assert_eq!(report["attribution_errors"]["samples_lost"], 0);
 }
 
 #[test]

@@ -55,7 +55,8 @@ pub struct Flow {
 #[derive(Clone, Copy)]
 pub struct Frame {
     pub hook: u32,
-    pub _pad: u32,
+    /// ESP sequence number of the packet (network order; 0 if none).
+    pub seq: u32,
     /// The first argument (skb or net): checked at exit to catch frames
     /// that do not belong together (a skipped entry, a migrated task).
     pub token: u64,
@@ -111,6 +112,9 @@ pub struct Sample {
     /// Increments in this bracket (usually 1).
     pub count: u64,
     pub flow: Flow,
+    /// ESP sequence number (network order; 0 if none).
+    pub seq: u32,
+    pub _pad: u32,
 }
 
 /// Per-CPU rate limiter state.

@@ -11,8 +11,8 @@ use aya_ebpf::{
     programs::{FExitContext, tracing::StackIdContext as _},
 };
 use tracer_common::attribution::{
-    Flow, FrameStack, MAX_COUNTERS, MAX_DEPTH, SAMPLES_PER_SECOND, SaSeen, Sample, SampleBudget,
-    SourceKey, dir, error, hook,
+    Flow, Frame, FrameStack, MAX_COUNTERS, MAX_DEPTH, SAMPLES_PER_SECOND, SaSeen, Sample,
+    SampleBudget, SourceKey, dir, error, hook,
 };
 
 use crate::{KERNEL_OFFSETS, read_at};
@@ -124,9 +124,10 @@ pub unsafe fn skb_net(skb: u64) -> (u64, u32) {
     (net, 0)
 }
 
-/// Addresses, protocol, ports (or the ESP SPI) from the skb's IP header.
+/// Addresses, protocol, ports (or the ESP SPI and sequence number) from
+/// the skb's IP header.
 #[inline(always)]
-unsafe fn flow_from_skb(skb: u64, flow: &mut Flow) {
+unsafe fn flow_from_skb(skb: u64, flow: &mut Flow, seq: &mut u32) {
     let offsets = KERNEL_OFFSETS.load();
     let head: u64 = unsafe { read_at(skb, offsets.sk_buff_head) }.unwrap_or(0);
     let network: u16 = unsafe { read_at(skb, offsets.sk_buff_network_header) }.unwrap_or(0xffff);
@@ -168,13 +169,18 @@ unsafe fn flow_from_skb(skb: u64, flow: &mut Flow) {
             flow.sport = ports[0];
             flow.dport = ports[1];
             if flow.proto == 17 && u16::from_be(ports[1]) == 4500 && flow.spi == 0 {
-                let spi: u32 =
-                    unsafe { bpf_probe_read_kernel((transport + 8) as *const u32) }.unwrap_or(0);
-                flow.spi = spi;
+                let esp: [u32; 2] =
+                    unsafe { bpf_probe_read_kernel((transport + 8) as *const [u32; 2]) }
+                        .unwrap_or([0; 2]);
+                flow.spi = esp[0];
+                *seq = esp[1];
             }
         }
         50 if flow.spi == 0 => {
-            flow.spi = unsafe { bpf_probe_read_kernel(transport as *const u32) }.unwrap_or(0);
+            let esp: [u32; 2] =
+                unsafe { bpf_probe_read_kernel(transport as *const [u32; 2]) }.unwrap_or([0; 2]);
+            flow.spi = esp[0];
+            *seq = esp[1];
         }
         _ => {}
     }
@@ -249,13 +255,14 @@ pub fn enter(hook_id: u32, token: u64, packet: Packet) {
     frame.hook = hook_id;
     frame.token = token;
     frame.flow = Flow::default();
+    frame.seq = 0;
     zero(&mut frame.nested);
     let net = match packet {
         Packet::Skb { skb, dir } => {
             frame.flow.dir = dir;
             let (net, ifindex) = unsafe { skb_net(skb) };
             frame.flow.ifindex = ifindex;
-            unsafe { flow_from_skb(skb, &mut frame.flow) };
+            unsafe { flow_from_skb(skb, &mut frame.flow, &mut frame.seq) };
             if hook_id == hook::POLICY_CHECK {
                 if let Some(sa) = unsafe { SKB_SA.get(&skb) } {
                     frame.flow.spi = sa.spi;
@@ -328,7 +335,7 @@ pub fn exit(ctx: &FExitContext, hook_id: u32, token: u64) {
         let own = moved.saturating_sub(frame.nested[counter]);
         if own > 0 {
             record(counter as u32, hook_id, &frame.flow, own);
-            sample(ctx, counter as u32, hook_id, &frame.flow, own);
+            sample(ctx, counter as u32, hook_id, frame, own);
         }
     }
     // Pass 2: the enclosing bracket must not claim these again.
@@ -352,7 +359,7 @@ pub fn exit(ctx: &FExitContext, hook_id: u32, token: u64) {
 
 /// Sends a sample if this CPU's budget for the current second allows.
 #[inline(always)]
-fn sample(ctx: &FExitContext, counter: u32, hook_id: u32, flow: &Flow, count: u64) {
+fn sample(ctx: &FExitContext, counter: u32, hook_id: u32, frame: &Frame, count: u64) {
     let Some(budget) = SAMPLE_BUDGET.get_ptr_mut(0) else {
         return;
     };
@@ -378,7 +385,9 @@ fn sample(ctx: &FExitContext, counter: u32, hook_id: u32, flow: &Flow, count: u6
         hook: hook_id,
         stack_id,
         count,
-        flow: *flow,
+        flow: frame.flow,
+        seq: frame.seq,
+        _pad: 0,
     });
     entry.submit(0);
 }

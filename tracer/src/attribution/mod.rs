@@ -258,7 +258,46 @@ pub struct SampleReport {
     pub time_ms: u64,
     #[serde(flatten)]
     pub source: Source,
+    /// ESP sequence number of the packet (inbound ESP only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u32>,
     pub stack: Vec<String>,
+}
+
+/// Samples shown per counter (the counts stay exact regardless).
+pub const SAMPLES_PER_COUNTER: usize = 16;
+
+/// The kept samples in report form, with symbolized stacks (read while the
+/// programs' maps are still open), by counter index.
+pub fn sample_reports(
+    ebpf: &Ebpf,
+    samples: &[Sample],
+    kallsyms: &crate::kallsyms::Kallsyms,
+) -> Vec<(u32, SampleReport)> {
+    let first = samples.iter().map(|s| s.time_ns).min().unwrap_or(0);
+    let mut shown: std::collections::HashMap<u32, usize> = std::collections::HashMap::new();
+    samples
+        .iter()
+        .filter(|s| {
+            let n = shown.entry(s.counter).or_default();
+            *n += 1;
+            *n <= SAMPLES_PER_COUNTER
+        })
+        .map(|s| {
+            let key = SourceKey {
+                counter: s.counter,
+                hook: s.hook,
+                flow: s.flow,
+            };
+            let report = SampleReport {
+                time_ms: (s.time_ns - first) / 1_000_000,
+                source: source(&key, s.count),
+                seq: (s.seq != 0).then(|| u32::from_be(s.seq)),
+                stack: stack(ebpf, s.stack_id, kallsyms),
+            };
+            (s.counter, report)
+        })
+        .collect()
 }
 
 /// One source of increments of a counter, as the JSON report has it.

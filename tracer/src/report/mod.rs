@@ -161,6 +161,20 @@ pub fn render(report: &Report) -> String {
                 s.function
             );
         }
+        if let Some(sample) = c.samples.first() {
+            let seq = sample.seq.map_or_else(String::new, |q| format!(" seq {q}"));
+            let _ = writeln!(
+                out,
+                "      sample{seq}: {}",
+                sample
+                    .stack
+                    .iter()
+                    .take(6)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(" <- ")
+            );
+        }
     }
     if !report.coverage.complete {
         let missing: Vec<String> = report
@@ -176,6 +190,14 @@ pub fn render(report: &Report) -> String {
         );
     }
     let e = &report.attribution_errors;
+    if e.samples_lost > 0 {
+        let _ = writeln!(
+            out,
+            "samples not sent (rate limit {} per second and CPU; counts are exact): {}",
+            tracer_common::attribution::SAMPLES_PER_SECOND,
+            e.samples_lost
+        );
+    }
     if e.unbalanced + e.too_deep + e.table_full > 0 {
         let _ = writeln!(
             out,

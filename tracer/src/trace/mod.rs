@@ -72,6 +72,8 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
         }
     };
     drops::attach(&mut object)?;
+    let mut samples_ring = attribution::take_samples(&mut object);
+    let mut samples = Vec::new();
     let coverage = attribution::attach(&mut object, &btf, layout.offsets.per_cpu_offset != 0);
     for (function, why) in &coverage.missing {
         log::info!("not hooked: {function}: {why}");
@@ -90,6 +92,9 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
         if let Some(logger) = logger.as_mut() {
             logger.flush();
         }
+        if let Some(ring) = samples_ring.as_mut() {
+            attribution::drain_samples(ring, &mut samples);
+        }
         if live {
             let sources = attribution::read(&object)
                 .map(|(rows, _)| rows)
@@ -103,6 +108,11 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
     let after = snapshot();
     let (drop_rows, untracked) = drops::read(&object)?;
     let (sources, attribution_errors) = attribution::read(&object)?;
+    if let Some(ring) = samples_ring.as_mut() {
+        attribution::drain_samples(ring, &mut samples);
+    }
+    drop(samples_ring);
+    let sample_reports = attribution::sample_reports(&object, &samples, &kallsyms);
     if let Some(logger) = logger.as_mut() {
         logger.flush();
     }
@@ -157,6 +167,14 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
     for drop in &mut drops {
         drop.netns_label = label_of(u64::from(drop.netns));
         drop.ifname = ifname_of(u64::from(drop.netns), drop.ifindex);
+    }
+    for (index, mut sample) in sample_reports {
+        let name = counter_names.name(index);
+        if let Some(counter) = counters.iter_mut().find(|c| c.name == name) {
+            sample.source.ifname = ifname_of(sample.source.netns, sample.source.ifindex);
+            sample.source.netns_label = label_of(sample.source.netns);
+            counter.samples.push(sample);
+        }
     }
     for counter in &mut counters {
         for source in &mut counter.sources {
