@@ -12,11 +12,30 @@ use xfrm_trace::lab::{EAST_WAN, EHOST, Host, Lab, StaticIpsec, WEST_WAN, WHOST};
 const COUNT: usize = 6;
 
 fn lab(name: &str) -> Lab {
+    lab_with(name, &StaticIpsec::default())
+}
+
+fn lab_with(name: &str, config: &StaticIpsec) -> Lab {
     let mut lab =
         Lab::create(&format!("xa{}{name}", std::process::id() % 10000)).expect("lab topology");
-    lab.static_ipsec(&StaticIpsec::default())
-        .expect("static SAs");
+    lab.static_ipsec(config).expect("static SAs");
     lab
+}
+
+/// Sends `count` datagrams 100 ms apart (so SA expiry timers run between).
+fn send_spaced(lab: &Lab, from: Host, to: &str, count: usize) {
+    for _ in 0..count {
+        lab.send_udp(from, udp(to), 1, 100).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Every source of `name` in `host`'s netns names SA 0x1001 west->east.
+fn assert_west_to_east_sa(sources: &[Value]) {
+    for s in sources {
+        assert_eq!(s["spi"], "0x00001001", "{s}");
+        assert_eq!(s["reqid"], 1, "{s}");
+    }
 }
 
 /// Runs `action` while the tracer watches; returns its JSON report.
@@ -538,5 +557,135 @@ fn out_state_mode_error_names_the_sa_of_oversize_packets() {
             "{s}"
         );
         assert_eq!(s["dir"], "out");
+    }
+}
+
+#[test]
+fn in_state_expired_names_the_sa_that_reached_its_hard_limit() {
+    // East's SAs die after 3 packets: the 4th finds its inbound SA expired,
+    // the next ones find none (the kernel deletes expired SAs at once).
+    let lab = lab_with(
+        "ie",
+        &StaticIpsec {
+            expire_after_packets: Some((Host::East, 3)),
+            ..StaticIpsec::default()
+        },
+    );
+    let before = lab.xfrm_stat(Host::East).unwrap();
+    let report = traced("inexpired", || send_spaced(&lab, Host::Whost, EHOST, 6));
+    let expired = assert_exact(
+        &report,
+        &lab,
+        Host::East,
+        "XfrmInStateExpired",
+        delta(&lab, Host::East, "XfrmInStateExpired", &before),
+        1,
+    );
+    assert_west_to_east_sa(&expired);
+    assert_eq!(expired[0]["function"], "xfrm_input");
+    assert_eq!(expired[0]["src"], WEST_WAN);
+    let gone = assert_exact(
+        &report,
+        &lab,
+        Host::East,
+        "XfrmInNoStates",
+        delta(&lab, Host::East, "XfrmInNoStates", &before),
+        2,
+    );
+    for s in &gone {
+        assert_eq!(s["spi"], "0x00001001", "{s}");
+    }
+}
+
+#[test]
+fn out_state_expired_names_the_sa_that_reached_its_hard_limit() {
+    let lab = lab_with(
+        "oe",
+        &StaticIpsec {
+            expire_after_packets: Some((Host::West, 3)),
+            ..StaticIpsec::default()
+        },
+    );
+    let before = lab.xfrm_stat(Host::West).unwrap();
+    let report = traced("outexpired", || send_spaced(&lab, Host::Whost, EHOST, 6));
+    let expired = assert_exact(
+        &report,
+        &lab,
+        Host::West,
+        "XfrmOutStateExpired",
+        delta(&lab, Host::West, "XfrmOutStateExpired", &before),
+        1,
+    );
+    assert_west_to_east_sa(&expired);
+    assert_eq!(
+        (expired[0]["src"].as_str(), expired[0]["dst"].as_str()),
+        (Some(WHOST), Some(EHOST))
+    );
+    assert_eq!(expired[0]["dir"], "out");
+    // Then the policy has no SA left.
+    assert_exact(
+        &report,
+        &lab,
+        Host::West,
+        "XfrmOutNoStates",
+        delta(&lab, Host::West, "XfrmOutNoStates", &before),
+        2,
+    );
+}
+
+#[test]
+fn in_state_proto_error_names_the_sa_of_corrupted_esp() {
+    let lab = lab("ip");
+    let sink = lab.udp_sink(Host::Ehost, 7000).unwrap();
+    lab.send_udp(Host::Whost, udp(EHOST), 1, 64).unwrap();
+    assert_eq!(sink.receive(1, Duration::from_secs(10)), 1);
+    // Fresh ESP that east has not seen: its firewall holds it back while the
+    // router captures it.
+    let nft = |args: &[&str]| lab.exec(Host::East, "nft", args).unwrap();
+    nft(&["add", "table", "inet", "hold"]);
+    nft(&[
+        "add",
+        "chain",
+        "inet",
+        "hold",
+        "in",
+        "{ type filter hook input priority 0; }",
+    ]);
+    nft(&[
+        "add", "rule", "inet", "hold", "in", "meta", "l4proto", "esp", "drop",
+    ]);
+    let capture = lab.capture(Host::Router, "r-east").unwrap();
+    lab.send_udp(Host::Whost, udp(EHOST), COUNT, 100).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    nft(&["delete", "table", "inet", "hold"]);
+    // Flip a bit of each ICV (the last byte): integrity check fails.
+    let frames: Vec<Vec<u8>> = capture
+        .stop()
+        .into_iter()
+        .filter(|p| p.protocol == 50 && p.dst.to_string() == EAST_WAN)
+        .map(|p| {
+            let mut frame = p.frame;
+            *frame.last_mut().unwrap() ^= 1;
+            frame
+        })
+        .collect();
+    assert_eq!(frames.len(), COUNT, "captured ESP frames");
+    let before = lab.xfrm_stat(Host::East).unwrap();
+    let report = traced("protoerror", || {
+        assert_eq!(lab.inject(Host::Router, "r-east", frames).unwrap(), COUNT);
+    });
+    assert_eq!(sink.receive(1, Duration::from_millis(200)), 0);
+    let sources = assert_exact(
+        &report,
+        &lab,
+        Host::East,
+        "XfrmInStateProtoError",
+        delta(&lab, Host::East, "XfrmInStateProtoError", &before),
+        COUNT as u64,
+    );
+    assert_west_to_east_sa(&sources);
+    for s in &sources {
+        assert_eq!(s["function"], "xfrm_input", "{s}");
+        assert_eq!(s["ifname"], "wan0", "{s}");
     }
 }

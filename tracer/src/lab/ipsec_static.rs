@@ -34,6 +34,9 @@ pub struct StaticIpsec {
     pub nat_t: bool,
     /// 0 disables anti-replay (the kernel's default for static SAs).
     pub replay_window: u32,
+    /// The SAs installed on this gateway expire (hard) after this many
+    /// packets, as a rekey that never happens would leave them.
+    pub expire_after_packets: Option<(Host, u64)>,
 }
 
 impl Default for StaticIpsec {
@@ -43,6 +46,7 @@ impl Default for StaticIpsec {
             cipher: Cipher::AesGcm128,
             nat_t: false,
             replay_window: 32,
+            expire_after_packets: None,
         }
     }
 }
@@ -125,6 +129,13 @@ impl Lab {
                 args.extend(algorithm.iter().map(String::as_str));
                 if config.nat_t {
                     args.extend(["encap", "espinudp", "4500", "4500", "0.0.0.0"]);
+                }
+                let limit = match config.expire_after_packets {
+                    Some((host, packets)) if host == gw => packets.to_string(),
+                    _ => String::new(),
+                };
+                if !limit.is_empty() {
+                    args.extend(["limit", "packet-hard", &limit]);
                 }
                 self.ip(gw, &args)?;
             }
