@@ -38,11 +38,28 @@ fn assert_west_to_east_sa(sources: &[Value]) {
     }
 }
 
+/// How the tracer hooks the XFRM functions in a test.
+#[derive(Clone, Copy)]
+enum Hooks {
+    /// The default choice; the VM kernels allow fentry everywhere.
+    Auto,
+    /// Forced kprobe/kretprobe: the fallback for kernels without fentry.
+    Kprobe,
+}
+
 /// Runs `action` while the tracer watches; returns its JSON report.
 fn traced(name: &str, action: impl FnOnce()) -> Value {
+    traced_with(Hooks::Auto, name, action)
+}
+
+fn traced_with(hooks: Hooks, name: &str, action: impl FnOnce()) -> Value {
     let json = scratch(&format!("{name}.json"));
+    let (hooks, mode) = match hooks {
+        Hooks::Auto => ("auto", "fentry"),
+        Hooks::Kprobe => ("kprobe", "kprobe"),
+    };
     let mut tracer = Tracer::start(
-        &["--json", json.to_str().unwrap()],
+        &["--json", json.to_str().unwrap(), "--hooks", hooks],
         &scratch(&format!("{name}.ready")),
     );
     action();
@@ -56,11 +73,7 @@ fn traced(name: &str, action: impl FnOnce()) -> Value {
     let report: Value =
         serde_json::from_slice(&std::fs::read(&json).expect("report")).expect("json");
     let _ = std::fs::remove_file(&json);
-    assert_eq!(
-        report["kernel"]["mode"], "fentry",
-        "{:#}",
-        report["coverage"]
-    );
+    assert_eq!(report["kernel"]["mode"], mode, "{:#}", report["coverage"]);
     report
 }
 
@@ -135,7 +148,16 @@ fn policy_index(lab: &Lab, host: Host, args: &[&str]) -> u64 {
 
 #[test]
 fn in_no_states_names_the_missing_sa_and_ignores_healthy_traffic() {
-    let lab = lab("ns");
+    in_no_states(Hooks::Auto);
+}
+
+#[test]
+fn kprobe_in_no_states_names_the_missing_sa() {
+    in_no_states(Hooks::Kprobe);
+}
+
+fn in_no_states(hooks: Hooks) {
+    let lab = lab(&format!("ns{}", hooks as u8));
     // Warm up neighbours both ways through the tunnel.
     let sink = lab.udp_sink(Host::Ehost, 7000).unwrap();
     let back = lab.udp_sink(Host::Whost, 7000).unwrap();
@@ -151,7 +173,7 @@ fn in_no_states_names_the_missing_sa_and_ignores_healthy_traffic() {
     )
     .unwrap();
     let before = lab.xfrm_stat(Host::East).unwrap();
-    let report = traced("nostates", || {
+    let report = traced_with(hooks, "nostates", || {
         for _ in 0..COUNT {
             lab.send_udp(Host::Whost, udp(EHOST), 1, 100).unwrap();
             // Healthy traffic the other way (SA 0x2002) at the same time.
@@ -414,7 +436,16 @@ fn in_tmpl_mismatch_and_no_pols_name_the_sa() {
 
 #[test]
 fn replayed_esp_is_counted_as_sequence_errors_of_its_sa() {
-    let lab = lab("rp");
+    replay(Hooks::Auto);
+}
+
+#[test]
+fn kprobe_replayed_esp_is_sampled_with_its_sequence_numbers() {
+    replay(Hooks::Kprobe);
+}
+
+fn replay(hooks: Hooks) {
+    let lab = lab(&format!("rp{}", hooks as u8));
     let sink = lab.udp_sink(Host::Ehost, 7000).unwrap();
     lab.send_udp(Host::Whost, udp(EHOST), 1, 64).unwrap();
     assert_eq!(sink.receive(1, Duration::from_secs(10)), 1);
@@ -436,7 +467,7 @@ fn replayed_esp_is_counted_as_sequence_errors_of_its_sa() {
         .collect();
     wire_seqs.sort_unstable();
     let before = lab.xfrm_stat(Host::East).unwrap();
-    let report = traced("replay", || {
+    let report = traced_with(hooks, "replay", || {
         assert_eq!(lab.inject(Host::Router, "r-east", frames).unwrap(), COUNT);
     });
     let sources = assert_exact(
@@ -483,7 +514,16 @@ fn replayed_esp_is_counted_as_sequence_errors_of_its_sa() {
 
 #[test]
 fn out_no_states_names_the_policy_without_an_sa() {
-    let lab = lab("on");
+    out_no_states(Hooks::Auto);
+}
+
+#[test]
+fn kprobe_out_no_states_names_the_policy() {
+    out_no_states(Hooks::Kprobe);
+}
+
+fn out_no_states(hooks: Hooks) {
+    let lab = lab(&format!("on{}", hooks as u8));
     // West keeps its out policy but loses the SA it points at; no IKE
     // daemon listens, so no SA can be acquired.
     lab.ip(
@@ -502,7 +542,7 @@ fn out_no_states_names_the_policy_without_an_sa() {
     lab.send_udp(Host::Whost, udp(EHOST), 1, 64).unwrap();
     std::thread::sleep(Duration::from_millis(500));
     let before = lab.xfrm_stat(Host::West).unwrap();
-    let report = traced("outnostates", || {
+    let report = traced_with(hooks, "outnostates", || {
         lab.send_udp(Host::Whost, udp(EHOST), COUNT, 100).unwrap();
     });
     let sources = assert_exact(

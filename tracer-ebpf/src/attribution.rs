@@ -8,7 +8,7 @@ use aya_ebpf::{
     },
     macros::map,
     maps::{LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf, StackTrace},
-    programs::{FExitContext, tracing::StackIdContext as _},
+    programs::tracing::StackIdContext,
 };
 use tracer_common::attribution::{
     Flow, Frame, FrameStack, MAX_COUNTERS, MAX_DEPTH, SAMPLES_PER_SECOND, SaSeen, Sample,
@@ -297,7 +297,7 @@ pub fn enter(hook_id: u32, token: u64, packet: Packet) {
 /// Closes a bracket: what moved since entry, less what nested brackets
 /// claimed, is this packet's.
 #[inline(always)]
-pub fn exit(ctx: &FExitContext, hook_id: u32, token: u64) {
+pub fn exit<C: StackIdContext>(ctx: &C, hook_id: u32, token: Option<u64>) {
     let Some(stack) = FRAMES.get_ptr_mut(0) else {
         return;
     };
@@ -321,7 +321,7 @@ pub fn exit(ctx: &FExitContext, hook_id: u32, token: u64) {
     let Some(frame) = stack.frames.get(depth) else {
         return;
     };
-    if frame.hook != hook_id || frame.token != token {
+    if frame.hook != hook_id || token.is_some_and(|t| t != frame.token) {
         count_error(error::UNBALANCED);
         return;
     }
@@ -359,7 +359,7 @@ pub fn exit(ctx: &FExitContext, hook_id: u32, token: u64) {
 
 /// Sends a sample if this CPU's budget for the current second allows.
 #[inline(always)]
-fn sample(ctx: &FExitContext, counter: u32, hook_id: u32, frame: &Frame, count: u64) {
+fn sample<C: StackIdContext>(ctx: &C, counter: u32, hook_id: u32, frame: &Frame, count: u64) {
     let Some(budget) = SAMPLE_BUDGET.get_ptr_mut(0) else {
         return;
     };

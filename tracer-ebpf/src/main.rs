@@ -12,11 +12,11 @@ use attribution::Packet;
 use aya_ebpf::{
     Global,
     helpers::bpf_probe_read_kernel,
-    macros::{btf_tracepoint, fentry, fexit, kprobe, map, raw_tracepoint, tracepoint},
+    macros::{btf_tracepoint, fentry, fexit, kprobe, kretprobe, map, raw_tracepoint, tracepoint},
     maps::{PerCpuArray, PerCpuHashMap},
     programs::{
         BtfTracePointContext, FEntryContext, FExitContext, ProbeContext, RawTracePointContext,
-        TracePointContext,
+        RetProbeContext, TracePointContext,
     },
 };
 use aya_log_ebpf::warn;
@@ -106,25 +106,74 @@ fn count_drop(ctx: &TracePointContext, key: &DropKey) {
 
 // Brackets around every XFRM counter increment site (kernel-map §2.2). The
 // function names in the attributes are only section names: userspace loads
-// each program against its target from BTF.
+// each program against its target from BTF (fentry/fexit) or attaches the
+// kprobe/kretprobe pair to the symbol where fentry is not possible.
 
-#[fentry(function = "xfrm_input")]
-pub fn xfrm_input_entry(ctx: FEntryContext) -> u32 {
-    let skb: u64 = ctx.arg(0);
+/// Function arguments, from a trampoline or from registers.
+trait Args {
+    fn arg_u64(&self, n: usize) -> u64;
+}
+
+impl Args for FEntryContext {
+    #[inline(always)]
+    fn arg_u64(&self, n: usize) -> u64 {
+        self.arg(n)
+    }
+}
+
+impl Args for ProbeContext {
+    #[inline(always)]
+    fn arg_u64(&self, n: usize) -> u64 {
+        self.arg(n).unwrap_or(0)
+    }
+}
+
+/// The four programs of a bracket: `$enter` opens it from the arguments;
+/// fexit passes the token argument so the exit matches its entry
+/// (kretprobes cannot read arguments: they match by depth and hook alone).
+macro_rules! bracket {
+    ($function:tt, $hook:expr, token = $token:tt, $enter:ident =>
+        $fentry:ident, $fexit:ident, $kprobe:ident, $kretprobe:ident) => {
+        #[fentry(function = $function)]
+        pub fn $fentry(ctx: FEntryContext) -> u32 {
+            $enter(&ctx);
+            0
+        }
+
+        #[fexit(function = $function)]
+        pub fn $fexit(ctx: FExitContext) -> u32 {
+            attribution::exit(&ctx, $hook, Some(ctx.arg($token)));
+            0
+        }
+
+        #[kprobe]
+        pub fn $kprobe(ctx: ProbeContext) -> u32 {
+            $enter(&ctx);
+            0
+        }
+
+        #[kretprobe]
+        pub fn $kretprobe(ctx: RetProbeContext) -> u32 {
+            attribution::exit(&ctx, $hook, None);
+            0
+        }
+    };
+}
+
+/// `xfrm_input(skb, nexthdr, spi, encap_type)`
+#[inline(always)]
+fn enter_xfrm_input(a: &impl Args) {
+    let skb = a.arg_u64(0);
     attribution::enter(hook::XFRM_INPUT, skb, Packet::Skb { skb, dir: dir::IN });
-    0
 }
+bracket!("xfrm_input", hook::XFRM_INPUT, token = 0, enter_xfrm_input =>
+    xfrm_input_entry, xfrm_input_exit, xfrm_input_kprobe, xfrm_input_kretprobe);
 
-#[fexit(function = "xfrm_input")]
-pub fn xfrm_input_exit(ctx: FExitContext) -> u32 {
-    attribution::exit(&ctx, hook::XFRM_INPUT, ctx.arg(0));
-    0
-}
-
-#[fentry(function = "__xfrm_policy_check")]
-pub fn policy_check_entry(ctx: FEntryContext) -> u32 {
-    let skb: u64 = ctx.arg(2);
-    let direction: u32 = ctx.arg(1);
+/// `__xfrm_policy_check(sk, dir, skb, family)`
+#[inline(always)]
+fn enter_policy_check(a: &impl Args) {
+    let skb = a.arg_u64(2);
+    let direction = a.arg_u64(1);
     attribution::enter(
         hook::POLICY_CHECK,
         skb,
@@ -133,91 +182,65 @@ pub fn policy_check_entry(ctx: FEntryContext) -> u32 {
             dir: (direction & 3) as u8,
         },
     );
-    0
 }
+bracket!("__xfrm_policy_check", hook::POLICY_CHECK, token = 2, enter_policy_check =>
+    policy_check_entry, policy_check_exit, policy_check_kprobe, policy_check_kretprobe);
 
-#[fexit(function = "__xfrm_policy_check")]
-pub fn policy_check_exit(ctx: FExitContext) -> u32 {
-    attribution::exit(&ctx, hook::POLICY_CHECK, ctx.arg(2));
-    0
-}
-
-#[fentry(function = "__xfrm_route_forward")]
-pub fn route_forward_entry(ctx: FEntryContext) -> u32 {
-    let skb: u64 = ctx.arg(0);
+/// `__xfrm_route_forward(skb, family)`
+#[inline(always)]
+fn enter_route_forward(a: &impl Args) {
+    let skb = a.arg_u64(0);
     attribution::enter(hook::ROUTE_FORWARD, skb, Packet::Skb { skb, dir: dir::FWD });
-    0
 }
+bracket!("__xfrm_route_forward", hook::ROUTE_FORWARD, token = 0, enter_route_forward =>
+    route_forward_entry, route_forward_exit, route_forward_kprobe, route_forward_kretprobe);
 
-#[fexit(function = "__xfrm_route_forward")]
-pub fn route_forward_exit(ctx: FExitContext) -> u32 {
-    attribution::exit(&ctx, hook::ROUTE_FORWARD, ctx.arg(0));
-    0
-}
-
-#[fentry(function = "xfrm_lookup_with_ifid")]
-pub fn lookup_entry(ctx: FEntryContext) -> u32 {
-    let fl: u64 = ctx.arg(2);
+/// `xfrm_lookup_with_ifid(net, dst_orig, fl, sk, flags, if_id)`
+#[inline(always)]
+fn enter_lookup(a: &impl Args) {
+    let fl = a.arg_u64(2);
     attribution::enter(
         hook::LOOKUP,
         fl,
         Packet::Lookup {
-            net: ctx.arg(0),
+            net: a.arg_u64(0),
             fl,
-            dst_orig: ctx.arg(1),
+            dst_orig: a.arg_u64(1),
         },
     );
-    0
 }
+bracket!("xfrm_lookup_with_ifid", hook::LOOKUP, token = 2, enter_lookup =>
+    lookup_entry, lookup_exit, lookup_kprobe, lookup_kretprobe);
 
-#[fexit(function = "xfrm_lookup_with_ifid")]
-pub fn lookup_exit(ctx: FExitContext) -> u32 {
-    attribution::exit(&ctx, hook::LOOKUP, ctx.arg(2));
-    0
-}
-
-#[fentry(function = "xfrm_output")]
-pub fn output_entry(ctx: FEntryContext) -> u32 {
-    let skb: u64 = ctx.arg(1);
+/// `xfrm_output(sk, skb)`
+#[inline(always)]
+fn enter_output(a: &impl Args) {
+    let skb = a.arg_u64(1);
     attribution::enter(hook::OUTPUT, skb, Packet::Skb { skb, dir: dir::OUT });
-    0
 }
+bracket!("xfrm_output", hook::OUTPUT, token = 1, enter_output =>
+    output_entry, output_exit, output_kprobe, output_kretprobe);
 
-#[fexit(function = "xfrm_output")]
-pub fn output_exit(ctx: FExitContext) -> u32 {
-    attribution::exit(&ctx, hook::OUTPUT, ctx.arg(1));
-    0
-}
-
-// xfrm_output_resume(sk, skb, err) since 5.14, (skb, err) before: one pair
+// xfrm_output_resume(sk, skb, err) since 5.14, (skb, err) before: one set
 // of programs per layout (tracing programs may only read their context at
-// constant offsets); userspace picks the pair from the BTF prototype.
+// constant offsets); userspace picks the set from the BTF prototype.
 
-#[fentry(function = "xfrm_output_resume")]
-pub fn output_resume_entry(ctx: FEntryContext) -> u32 {
-    let skb: u64 = ctx.arg(1);
+#[inline(always)]
+fn enter_output_resume(a: &impl Args) {
+    let skb = a.arg_u64(1);
     attribution::enter(hook::OUTPUT_RESUME, skb, Packet::Skb { skb, dir: dir::OUT });
-    0
 }
+bracket!("xfrm_output_resume", hook::OUTPUT_RESUME, token = 1, enter_output_resume =>
+    output_resume_entry, output_resume_exit, output_resume_kprobe, output_resume_kretprobe);
 
-#[fexit(function = "xfrm_output_resume")]
-pub fn output_resume_exit(ctx: FExitContext) -> u32 {
-    attribution::exit(&ctx, hook::OUTPUT_RESUME, ctx.arg(1));
-    0
-}
-
-#[fentry(function = "xfrm_output_resume")]
-pub fn output_resume_old_entry(ctx: FEntryContext) -> u32 {
-    let skb: u64 = ctx.arg(0);
+#[inline(always)]
+fn enter_output_resume_old(a: &impl Args) {
+    let skb = a.arg_u64(0);
     attribution::enter(hook::OUTPUT_RESUME, skb, Packet::Skb { skb, dir: dir::OUT });
-    0
 }
-
-#[fexit(function = "xfrm_output_resume")]
-pub fn output_resume_old_exit(ctx: FExitContext) -> u32 {
-    attribution::exit(&ctx, hook::OUTPUT_RESUME, ctx.arg(0));
-    0
-}
+bracket!("xfrm_output_resume", hook::OUTPUT_RESUME, token = 0, enter_output_resume_old =>
+    output_resume_old_entry, output_resume_old_exit, output_resume_old_kprobe,
+    output_resume_old_kretprobe);
 
 // Enrichment: name the SA and the policy behind an increment. All three
 // functions take six arguments (checked against BTF before attaching), so
@@ -238,6 +261,19 @@ pub fn input_state_lookup_exit(ctx: FExitContext) -> u32 {
 #[fexit(function = "xfrm_policy_lookup_bytype")]
 pub fn policy_lookup_exit(ctx: FExitContext) -> u32 {
     attribution::policy_found(ctx.arg(6));
+    0
+}
+
+/// kretprobe form of the SA lookups (both functions).
+#[kretprobe]
+pub fn state_lookup_kretprobe(ctx: RetProbeContext) -> u32 {
+    attribution::state_found(ctx.ret());
+    0
+}
+
+#[kretprobe]
+pub fn policy_lookup_kretprobe(ctx: RetProbeContext) -> u32 {
+    attribution::policy_found(ctx.ret());
     0
 }
 

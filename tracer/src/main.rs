@@ -42,6 +42,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 ready_file: cli.ready_file,
                 // JSON on stdout and the live view would mix.
                 live: cli.json.as_deref().is_none_or(|p| p.as_os_str() != "-"),
+                hooks: cli.hooks,
             };
             let report = trace::run(&options)?;
             let text = report::render(&report);

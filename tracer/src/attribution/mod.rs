@@ -6,7 +6,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use aya::{
     Btf, Ebpf,
     maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf, StackTraceMap},
-    programs::{FEntry, FExit},
+    programs::{FEntry, FExit, KProbe, kprobe::KProbeLinkId},
 };
 use serde::Serialize;
 use tracer_common::attribution::{Sample, SourceKey, dir, error, hook};
@@ -14,57 +14,38 @@ use tracer_common::attribution::{Sample, SourceKey, dir, error, hook};
 use crate::{
     btf::KernelBtf,
     ebpf::{describe, program},
+    kallsyms::{Kallsyms, Presence},
 };
 
-/// A bracket: the function and the two programs around it.
+/// A bracket: the function and its programs, named `<prefix>_entry`,
+/// `_exit` (fentry/fexit) and `_kprobe`, `_kretprobe`.
 struct Bracket {
     function: &'static str,
-    entry: &'static str,
-    exit: &'static str,
+    prefix: &'static str,
 }
 
-const fn bracket(function: &'static str, entry: &'static str, exit: &'static str) -> Bracket {
-    Bracket {
-        function,
-        entry,
-        exit,
-    }
+const fn bracket(function: &'static str, prefix: &'static str) -> Bracket {
+    Bracket { function, prefix }
 }
 
 const BRACKETS: &[Bracket] = &[
-    bracket("xfrm_input", "xfrm_input_entry", "xfrm_input_exit"),
-    bracket(
-        "__xfrm_policy_check",
-        "policy_check_entry",
-        "policy_check_exit",
-    ),
-    bracket(
-        "__xfrm_route_forward",
-        "route_forward_entry",
-        "route_forward_exit",
-    ),
-    bracket("xfrm_lookup_with_ifid", "lookup_entry", "lookup_exit"),
-    bracket("xfrm_output", "output_entry", "output_exit"),
+    bracket("xfrm_input", "xfrm_input"),
+    bracket("__xfrm_policy_check", "policy_check"),
+    bracket("__xfrm_route_forward", "route_forward"),
+    bracket("xfrm_lookup_with_ifid", "lookup"),
+    bracket("xfrm_output", "output"),
 ];
 
 /// xfrm_output_resume gained an `sk` argument in 5.14. The programs read
-/// the skb at a fixed position, so pick the pair that matches this kernel's
+/// the skb at a fixed position, so pick the set that matches this kernel's
 /// prototype.
 fn output_resume(btf: &KernelBtf) -> Result<Bracket, String> {
     let params = btf
         .function_params("xfrm_output_resume")
         .unwrap_or_default();
     match params.iter().position(|p| p == "skb") {
-        Some(1) => Ok(bracket(
-            "xfrm_output_resume",
-            "output_resume_entry",
-            "output_resume_exit",
-        )),
-        Some(0) => Ok(bracket(
-            "xfrm_output_resume",
-            "output_resume_old_entry",
-            "output_resume_old_exit",
-        )),
+        Some(1) => Ok(bracket("xfrm_output_resume", "output_resume")),
+        Some(0) => Ok(bracket("xfrm_output_resume", "output_resume_old")),
         _ => Err(format!(
             "unexpected prototype xfrm_output_resume({})",
             params.join(", ")
@@ -72,24 +53,69 @@ fn output_resume(btf: &KernelBtf) -> Result<Bracket, String> {
     }
 }
 
-/// (function, fexit program): name the SA and the policy. Only the functions
-/// this kernel has are attached (xfrm_input_state_lookup is 6.12+); the
-/// programs read the return value after six arguments.
-const ENRICHMENT: &[(&str, &str)] = &[
-    ("xfrm_state_lookup", "state_lookup_exit"),
-    ("xfrm_input_state_lookup", "input_state_lookup_exit"),
-    ("xfrm_policy_lookup_bytype", "policy_lookup_exit"),
+/// (function, fexit program, kretprobe program): name the SA and the
+/// policy. Only the functions this kernel has are attached
+/// (xfrm_input_state_lookup is 6.12+); the fexit programs read the return
+/// value after six arguments.
+const ENRICHMENT: &[(&str, &str, &str)] = &[
+    (
+        "xfrm_state_lookup",
+        "state_lookup_exit",
+        "state_lookup_kretprobe",
+    ),
+    (
+        "xfrm_input_state_lookup",
+        "input_state_lookup_exit",
+        "state_lookup_kretprobe",
+    ),
+    (
+        "xfrm_policy_lookup_bytype",
+        "policy_lookup_exit",
+        "policy_lookup_kretprobe",
+    ),
 ];
 const ENRICHMENT_ARGS: usize = 6;
+
+/// Which hooks the user allows (`--hooks`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum HookChoice {
+    /// fentry/fexit where they attach, kprobes where not.
+    #[default]
+    Auto,
+    Fentry,
+    Kprobe,
+    /// No brackets: kfree_skb drop reasons and counter deltas only.
+    Tracepoint,
+}
 
 /// What got attached.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Coverage {
     /// Every bracket attached: every increment can be tied to its packet.
     pub complete: bool,
+    /// Brackets attached with fentry/fexit and with kprobe/kretprobe.
+    pub fentry_brackets: usize,
+    pub kprobe_brackets: usize,
     pub attached: Vec<String>,
     /// Functions that could not be hooked, and why.
     pub missing: Vec<(String, String)>,
+}
+
+impl Coverage {
+    /// The mode as the report names it.
+    pub fn mode(&self) -> String {
+        let method = match (self.fentry_brackets, self.kprobe_brackets) {
+            (0, 0) => return "tracepoint-only".into(),
+            (_, 0) => "fentry",
+            (0, _) => "kprobe",
+            _ => "fentry+kprobe",
+        };
+        if self.complete {
+            method.into()
+        } else {
+            format!("{method} (partial)")
+        }
+    }
 }
 
 fn attach_fentry(ebpf: &mut Ebpf, name: &str, function: &str, btf: &Btf) -> Result<(), String> {
@@ -104,10 +130,61 @@ fn attach_fexit(ebpf: &mut Ebpf, name: &str, function: &str, btf: &Btf) -> Resul
     prog.attach().map(drop).map_err(|e| describe(&e))
 }
 
-/// Attaches every bracket and enrichment program this kernel allows. The
-/// links live as long as `ebpf`.
-pub fn attach(ebpf: &mut Ebpf, kernel_btf: &KernelBtf, has_per_cpu_offset: bool) -> Coverage {
+/// Attaches a kprobe or kretprobe program (loading it on first use: the
+/// same program may serve several functions).
+fn attach_kprobe(ebpf: &mut Ebpf, name: &str, function: &str) -> Result<KProbeLinkId, String> {
+    let prog: &mut KProbe = program(ebpf, name)?;
+    if prog.fd().is_err() {
+        prog.load().map_err(|e| describe(&e))?;
+    }
+    prog.attach(function, 0).map_err(|e| describe(&e))
+}
+
+/// fexit before fentry, kretprobe before kprobe: an exit without its entry
+/// is ignored, an entry without its exit would leave a frame open.
+fn attach_bracket(
+    ebpf: &mut Ebpf,
+    bracket: &Bracket,
+    kprobe: bool,
+    btf: &Btf,
+) -> Result<(), String> {
+    let name = |suffix: &str| format!("{}_{suffix}", bracket.prefix);
+    if kprobe {
+        let exit = attach_kprobe(ebpf, &name("kretprobe"), bracket.function)?;
+        if let Err(e) = attach_kprobe(ebpf, &name("kprobe"), bracket.function) {
+            let prog: &mut KProbe = program(ebpf, &name("kretprobe"))?;
+            let _ = prog.detach(exit);
+            return Err(e);
+        }
+        return Ok(());
+    }
+    attach_fexit(ebpf, &name("exit"), bracket.function, btf)?;
+    if let Err(e) = attach_fentry(ebpf, &name("entry"), bracket.function, btf) {
+        // Unload the fexit (and its link) so a kprobe pair can take over.
+        let prog: &mut FExit = program(ebpf, &name("exit"))?;
+        let _ = prog.unload();
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Attaches every bracket and enrichment program this kernel allows:
+/// fentry/fexit first, kprobes for what fentry cannot reach (unless
+/// `choice` says otherwise). The links live as long as `ebpf`.
+pub fn attach(
+    ebpf: &mut Ebpf,
+    kernel_btf: &KernelBtf,
+    kallsyms: &Kallsyms,
+    has_per_cpu_offset: bool,
+    choice: HookChoice,
+) -> Coverage {
     let mut coverage = Coverage::default();
+    if choice == HookChoice::Tracepoint {
+        coverage
+            .missing
+            .push(("all brackets".into(), "--hooks tracepoint".into()));
+        return coverage;
+    }
     if !has_per_cpu_offset {
         coverage.missing.push((
             "all brackets".into(),
@@ -115,13 +192,8 @@ pub fn attach(ebpf: &mut Ebpf, kernel_btf: &KernelBtf, has_per_cpu_offset: bool)
         ));
         return coverage;
     }
-    let btf = match Btf::from_sys_fs() {
-        Ok(btf) => btf,
-        Err(e) => {
-            coverage.missing.push(("all brackets".into(), describe(&e)));
-            return coverage;
-        }
-    };
+    // Without vmlinux BTF for aya, fentry is out but kprobes may still work.
+    let btf = Btf::from_sys_fs().map_err(|e| describe(&e));
     let mut all = true;
     let resume = output_resume(kernel_btf);
     if let Err(why) = &resume {
@@ -130,33 +202,80 @@ pub fn attach(ebpf: &mut Ebpf, kernel_btf: &KernelBtf, has_per_cpu_offset: bool)
             .missing
             .push(("xfrm_output_resume".into(), why.clone()));
     }
+    let kprobe_target = |function: &str| match kallsyms.presence(function) {
+        Presence::Exact { .. } => Ok(()),
+        Presence::CloneOnly(clone) => Err(format!("only the compiler clone {clone} exists")),
+        Presence::Absent => Err("not in /proc/kallsyms (inlined?)".to_string()),
+    };
     for bracket in BRACKETS.iter().chain(resume.as_ref().ok()) {
-        let result = attach_fexit(ebpf, bracket.exit, bracket.function, &btf)
-            .and_then(|()| attach_fentry(ebpf, bracket.entry, bracket.function, &btf));
-        match result {
-            Ok(()) => coverage.attached.push(bracket.function.to_string()),
-            Err(e) => {
+        let mut errors = Vec::new();
+        let mut method = None;
+        if choice != HookChoice::Kprobe {
+            match btf
+                .as_ref()
+                .map_err(Clone::clone)
+                .and_then(|btf| attach_bracket(ebpf, bracket, false, btf))
+            {
+                Ok(()) => method = Some("fentry"),
+                Err(e) => errors.push(format!("fentry: {e}")),
+            }
+        }
+        if method.is_none() && choice != HookChoice::Fentry {
+            let attached = kprobe_target(bracket.function).and_then(|()| {
+                // kprobes need no BTF; any loaded `Btf` will do for the call.
+                let empty = Btf::new();
+                attach_bracket(ebpf, bracket, true, btf.as_ref().unwrap_or(&empty))
+            });
+            match attached {
+                Ok(()) => method = Some("kprobe"),
+                Err(e) => errors.push(format!("kprobe: {e}")),
+            }
+        }
+        match method {
+            Some(method) => {
+                if method == "fentry" {
+                    coverage.fentry_brackets += 1;
+                } else {
+                    coverage.kprobe_brackets += 1;
+                }
+                coverage
+                    .attached
+                    .push(format!("{} ({method})", bracket.function));
+            }
+            None => {
                 all = false;
-                coverage.missing.push((bracket.function.to_string(), e));
+                coverage
+                    .missing
+                    .push((bracket.function.to_string(), errors.join("; ")));
             }
         }
     }
-    for (function, program) in ENRICHMENT {
+    for (function, fexit, kretprobe) in ENRICHMENT {
         let Some(params) = kernel_btf.function_params(function) else {
             continue;
         };
-        if params.len() != ENRICHMENT_ARGS {
-            coverage.missing.push((
-                function.to_string(),
-                format!(
-                    "unexpected prototype ({} arguments, expected {ENRICHMENT_ARGS})",
-                    params.len()
-                ),
-            ));
-            continue;
-        }
-        match attach_fexit(ebpf, program, function, &btf) {
-            Ok(()) => coverage.attached.push(format!("{function} (fexit)")),
+        let fexit_result = if choice == HookChoice::Kprobe {
+            Err("--hooks kprobe".to_string())
+        } else if params.len() != ENRICHMENT_ARGS {
+            Err(format!(
+                "unexpected prototype ({} arguments, expected {ENRICHMENT_ARGS})",
+                params.len()
+            ))
+        } else {
+            btf.as_ref()
+                .map_err(Clone::clone)
+                .and_then(|btf| attach_fexit(ebpf, fexit, function, btf))
+        };
+        let result = match fexit_result {
+            Ok(()) => Ok("fexit"),
+            Err(_) if choice == HookChoice::Fentry => Err("fexit failed".to_string()),
+            Err(fexit_error) => kprobe_target(function)
+                .and_then(|()| attach_kprobe(ebpf, kretprobe, function).map(drop))
+                .map(|()| "kretprobe")
+                .map_err(|e| format!("fexit: {fexit_error}; kretprobe: {e}")),
+        };
+        match result {
+            Ok(method) => coverage.attached.push(format!("{function} ({method})")),
             Err(e) => coverage.missing.push((function.to_string(), e)),
         }
     }

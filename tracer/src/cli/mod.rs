@@ -29,6 +29,10 @@ pub struct Cli {
     /// Create FILE once every program is attached.
     #[arg(long, value_name = "FILE")]
     pub ready_file: Option<PathBuf>,
+    /// Which kernel hooks to use: auto picks fentry/fexit and falls back to
+    /// kprobes per function; the others force one method.
+    #[arg(long, value_enum, default_value_t)]
+    pub hooks: crate::attribution::HookChoice,
     /// More detail on stderr (repeat for more).
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,

@@ -32,6 +32,7 @@ pub struct Options {
     pub ready_file: Option<PathBuf>,
     /// Redraw the counters every second while running (on a terminal).
     pub live: bool,
+    pub hooks: attribution::HookChoice,
 }
 
 /// Counters of every network namespace, by netns inode.
@@ -74,7 +75,13 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
     drops::attach(&mut object)?;
     let mut samples_ring = attribution::take_samples(&mut object);
     let mut samples = Vec::new();
-    let coverage = attribution::attach(&mut object, &btf, layout.offsets.per_cpu_offset != 0);
+    let coverage = attribution::attach(
+        &mut object,
+        &btf,
+        &kallsyms,
+        layout.offsets.per_cpu_offset != 0,
+        options.hooks,
+    );
     for (function, why) in &coverage.missing {
         log::info!("not hooked: {function}: {why}");
     }
@@ -182,19 +189,10 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
             source.netns_label = label_of(source.netns);
         }
     }
-    let mode = if coverage.complete {
-        "fentry"
-    } else if coverage.attached.is_empty() {
-        "tracepoint-only"
-    } else {
-        "fentry (partial)"
-    };
+    let mode = coverage.mode();
     Ok(Report {
         schema: report::SCHEMA,
-        kernel: Kernel {
-            release,
-            mode: mode.into(),
-        },
+        kernel: Kernel { release, mode },
         duration_secs: elapsed.as_secs_f64(),
         coverage,
         attribution_errors,
