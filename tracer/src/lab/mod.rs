@@ -25,9 +25,9 @@ use std::{
 };
 
 pub use capture::{Capture, Packet};
-pub use ipsec_static::{Cipher, Mode, StaticIpsec};
+pub use ipsec_static::{Cipher, Mode, REQID, SPI_EAST_TO_WEST, SPI_WEST_TO_EAST, StaticIpsec};
 pub use pluto::{PlutoConfig, PlutoInstance};
-pub use traffic::UdpSink;
+pub use traffic::{Df, UdpSink};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LabError {

@@ -8,6 +8,16 @@ use std::{
 
 use super::{Host, Lab, LabError, Result};
 
+/// The don't-fragment behaviour of a sender.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Df {
+    /// IP_PMTUDISC_PROBE: DF set and the learned path MTU ignored, so an
+    /// oversize packet reaches every size check on the way.
+    SetIgnoringPmtu,
+    /// IP_PMTUDISC_DONT: DF clear, so routers fragment.
+    Clear,
+}
+
 /// A UDP socket bound inside a lab host that counts what arrives.
 pub struct UdpSink {
     socket: UdpSocket,
@@ -27,30 +37,33 @@ impl Lab {
         .map_err(|e| LabError::Other(format!("sending from {}: {e}", self.ns(host))))
     }
 
-    /// Like `send_udp` from `source`, with IP_PMTUDISC_PROBE: DF set and the
-    /// path MTU ignored, so an oversize packet reaches the IPsec size check.
-    /// Returns how many sends the kernel refused.
-    pub fn send_udp_ignoring_pmtu(
+    /// Like `send_udp` from `source`, with the don't-fragment behaviour
+    /// `df`. Returns how many sends the kernel refused.
+    pub fn send_udp_df(
         &self,
         host: Host,
         source: &str,
         to: SocketAddr,
         count: usize,
         size: usize,
+        df: Df,
     ) -> Result<usize> {
         let source: std::net::IpAddr = source
             .parse()
             .map_err(|_| LabError::Other(format!("bad source address {source}")))?;
         crate::netns::run_in(&self.ns_path(host), move || {
             let socket = UdpSocket::bind((source, 0))?;
-            let probe: libc::c_int = libc::IP_PMTUDISC_PROBE;
+            let mode: libc::c_int = match df {
+                Df::SetIgnoringPmtu => libc::IP_PMTUDISC_PROBE,
+                Df::Clear => libc::IP_PMTUDISC_DONT,
+            };
             // SAFETY: the socket is open; the option value is a c_int we own.
             let ret = unsafe {
                 libc::setsockopt(
                     std::os::fd::AsRawFd::as_raw_fd(&socket),
                     libc::IPPROTO_IP,
                     libc::IP_MTU_DISCOVER,
-                    std::ptr::from_ref(&probe).cast(),
+                    std::ptr::from_ref(&mode).cast(),
                     std::mem::size_of::<libc::c_int>() as libc::socklen_t,
                 )
             };
@@ -63,6 +76,70 @@ impl Lab {
                 .count())
         })
         .map_err(|e| LabError::Other(format!("sending from {}: {e}", self.ns(host))))
+    }
+
+    /// Sends `bytes` over TCP from `from` to `to` (a listener is opened
+    /// in `server`); returns how many bytes arrived within `patience`.
+    pub fn tcp_transfer(
+        &self,
+        from: Host,
+        server: Host,
+        to: SocketAddr,
+        bytes: usize,
+        patience: Duration,
+    ) -> Result<usize> {
+        use std::io::{Read as _, Write as _};
+        let listener = crate::netns::run_in(&self.ns_path(server), move || {
+            std::net::TcpListener::bind(("0.0.0.0", to.port()))
+        })
+        .map_err(|e| LabError::Other(format!("TCP listener in {}: {e}", self.ns(server))))?;
+        let receiver = std::thread::spawn(move || -> std::io::Result<usize> {
+            // Polled, so a sender that never connects cannot block us.
+            listener.set_nonblocking(true)?;
+            let deadline = std::time::Instant::now() + patience;
+            let mut stream = loop {
+                match listener.accept() {
+                    Ok((stream, _)) => break stream,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        if std::time::Instant::now() > deadline {
+                            return Ok(0);
+                        }
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    Err(e) => return Err(e),
+                }
+            };
+            stream.set_nonblocking(false)?;
+            stream.set_read_timeout(Some(patience))?;
+            let mut buffer = vec![0u8; 65536];
+            let mut received = 0;
+            while received < bytes {
+                match stream.read(&mut buffer) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => received += n,
+                }
+            }
+            Ok(received)
+        });
+        let sent = crate::netns::run_in(&self.ns_path(from), move || {
+            let mut stream = std::net::TcpStream::connect_timeout(&to, patience)?;
+            stream.set_write_timeout(Some(patience))?;
+            let chunk = vec![0x5a; 16 * 1024];
+            let mut sent = 0;
+            while sent < bytes {
+                match stream.write(&chunk[..chunk.len().min(bytes - sent)]) {
+                    Ok(n) => sent += n,
+                    Err(_) => break,
+                }
+            }
+            Ok(sent)
+        });
+        let received = receiver
+            .join()
+            .map_err(|_| LabError::Other("TCP receiver panicked".into()))?
+            .map_err(|e| LabError::Other(format!("TCP receiver in {}: {e}", self.ns(server))))?;
+        sent.map_err(|e| LabError::Other(format!("TCP from {}: {e}", self.ns(from))))?;
+        Ok(received)
     }
 
     /// Binds a UDP socket on `port` inside `host`.

@@ -1,0 +1,196 @@
+//! The kernel's SAs and policies, read over NETLINK_XFRM (what `ip xfrm
+//! state` / `ip xfrm policy` show). Keys are skipped by the parser: they
+//! never reach memory we keep, a report or a log.
+//!
+//! The message layouts are the stable UAPI of `<linux/xfrm.h>`.
+
+mod netlink;
+mod overhead;
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::Path,
+};
+
+use serde::Serialize;
+
+pub use overhead::EspGeometry;
+
+/// What a selector matches (addresses with prefix lengths, protocol, ports).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Selector {
+    pub src: String,
+    pub dst: String,
+    /// 0 = any.
+    pub proto: u8,
+    pub sport: u16,
+    pub dport: u16,
+    pub ifindex: i32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Algorithm {
+    /// Kernel crypto name, e.g. `rfc4106(gcm(aes))`, `cbc(aes)`, `hmac(sha256)`.
+    pub name: String,
+    pub key_bits: u32,
+    /// ICV (AEAD) or truncation (auth) length in bits; 0 for ciphers.
+    pub icv_bits: u32,
+}
+
+/// UDP encapsulation (NAT traversal).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Encap {
+    /// 1 = ESP in UDP (non-IKE), 2 = ESP in UDP (RFC 3948), 7 = ESP in TCP.
+    pub kind: u16,
+    pub sport: u16,
+    pub dport: u16,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Lifetime {
+    pub soft_bytes: u64,
+    pub hard_bytes: u64,
+    pub soft_packets: u64,
+    pub hard_packets: u64,
+    pub soft_add_secs: u64,
+    pub hard_add_secs: u64,
+}
+
+/// One SA, without its keys.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Sa {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    /// Host order.
+    pub spi: u32,
+    /// 50 ESP, 51 AH, 108 IPComp.
+    pub proto: u8,
+    pub reqid: u32,
+    pub mode: Mode,
+    pub replay_window: u32,
+    pub selector: Selector,
+    pub aead: Option<Algorithm>,
+    pub cipher: Option<Algorithm>,
+    pub auth: Option<Algorithm>,
+    pub encap: Option<Encap>,
+    pub lifetime: Lifetime,
+    pub bytes: u64,
+    pub packets: u64,
+    /// Packets dropped by the replay check and by the integrity check.
+    pub replay_errors: u32,
+    pub integrity_failures: u32,
+    pub mark: Option<(u32, u32)>,
+    pub if_id: Option<u32>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Transport,
+    Tunnel,
+    RouteOptimization,
+    InTrigger,
+    Beet,
+    IpTfs,
+    Other,
+}
+
+impl Mode {
+    fn from_uapi(value: u8) -> Self {
+        match value {
+            0 => Self::Transport,
+            1 => Self::Tunnel,
+            2 => Self::RouteOptimization,
+            3 => Self::InTrigger,
+            4 => Self::Beet,
+            5 => Self::IpTfs,
+            _ => Self::Other,
+        }
+    }
+}
+
+/// One template of a policy: the SA a matching packet needs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Template {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub proto: u8,
+    pub spi: u32,
+    pub reqid: u32,
+    pub mode: Mode,
+    pub optional: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Policy {
+    pub selector: Selector,
+    /// `in`, `out` or `fwd`.
+    pub dir: &'static str,
+    /// `allow` or `block`.
+    pub action: &'static str,
+    pub index: u32,
+    pub priority: u32,
+    pub templates: Vec<Template>,
+    pub mark: Option<(u32, u32)>,
+    pub if_id: Option<u32>,
+}
+
+/// Every SA and policy of the current thread's network namespace.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct XfrmState {
+    pub sas: Vec<Sa>,
+    pub policies: Vec<Policy>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("NETLINK_XFRM: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("NETLINK_XFRM: malformed message: {0}")]
+    Malformed(&'static str),
+}
+
+impl XfrmState {
+    /// Dumps the SAs and policies of the calling thread's netns.
+    pub fn read() -> Result<Self, Error> {
+        let socket = netlink::Socket::open()?;
+        let sas = socket
+            .dump(netlink::XFRM_MSG_GETSA, netlink::USERSA_INFO_LEN)?
+            .iter()
+            .map(|m| netlink::parse_sa(m))
+            .collect::<Result<_, _>>()?;
+        let policies = socket
+            .dump(netlink::XFRM_MSG_GETPOLICY, netlink::USERPOLICY_INFO_LEN)?
+            .iter()
+            .map(|m| netlink::parse_policy(m))
+            .collect::<Result<_, _>>()?;
+        Ok(Self { sas, policies })
+    }
+
+    /// Dumps the SAs and policies of the netns at `ns_path`.
+    pub fn read_in(ns_path: &Path) -> Result<Self, Error> {
+        crate::netns::run_in(ns_path, || Self::read().map_err(std::io::Error::other))
+            .map_err(Error::Io)
+    }
+
+    /// The SA with this SPI (host order) and destination, if any.
+    pub fn sa(&self, spi: u32, dst: IpAddr) -> Option<&Sa> {
+        self.sas.iter().find(|sa| sa.spi == spi && sa.dst == dst)
+    }
+
+    /// The policy with this index, if any.
+    pub fn policy(&self, index: u32) -> Option<&Policy> {
+        self.policies.iter().find(|p| p.index == index)
+    }
+}
+
+/// `xfrm_address_t` (16 bytes) of `family` as an address.
+fn address(bytes: &[u8], family: u16) -> IpAddr {
+    let mut raw = [0u8; 16];
+    raw.copy_from_slice(&bytes[..16]);
+    if family == libc::AF_INET6 as u16 {
+        IpAddr::V6(Ipv6Addr::from(raw))
+    } else {
+        IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]))
+    }
+}
