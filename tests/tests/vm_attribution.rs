@@ -7,7 +7,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use serde_json::Value;
 use tests::{Tracer, scratch};
-use xfrm_trace::lab::{EAST_WAN, EHOST, Host, Lab, StaticIpsec, WEST_WAN, WHOST};
+use xfrm_trace::lab::{Df, EAST_WAN, EHOST, Host, Lab, StaticIpsec, WEST_WAN, WHOST};
 
 const COUNT: usize = 6;
 
@@ -573,7 +573,14 @@ fn out_state_mode_error_names_the_sa_of_oversize_packets() {
     let before = lab.xfrm_stat(Host::West).unwrap();
     let report = traced("modeerror", || {
         let refused = lab
-            .send_udp_ignoring_pmtu(Host::West, "10.0.2.1", udp(EHOST), COUNT, 1472)
+            .send_udp_df(
+                Host::West,
+                "10.0.2.1",
+                udp(EHOST),
+                COUNT,
+                1472,
+                Df::SetIgnoringPmtu,
+            )
             .unwrap();
         assert_eq!(
             refused, COUNT,

@@ -47,9 +47,15 @@ pub struct KernelOffsets {
     pub flowi6_proto: u32,
     pub flowi6_sport: u32,
     pub flowi6_dport: u32,
+    pub sk_buff_transport_header: u32,
+    pub sk_buff_end: u32,
+    pub sk_buff_len: u32,
+    pub skb_shared_info_gso_size: u32,
+    pub net_device_mtu: u32,
+    pub dst_entry_dev: u32,
+    pub xfrm_state_daddr: u32,
     /// Number of XFRM counters (`__LINUX_MIB_XFRMMAX`).
     pub xfrm_counters: u32,
-    pub _pad: u32,
     /// Address of `__per_cpu_offset` (from kallsyms; 0 = unknown).
     pub per_cpu_offset: u64,
 }
@@ -91,8 +97,14 @@ impl KernelOffsets {
         flowi6_proto: ABSENT,
         flowi6_sport: ABSENT,
         flowi6_dport: ABSENT,
+        sk_buff_transport_header: ABSENT,
+        sk_buff_end: ABSENT,
+        sk_buff_len: ABSENT,
+        skb_shared_info_gso_size: ABSENT,
+        net_device_mtu: ABSENT,
+        dst_entry_dev: ABSENT,
+        xfrm_state_daddr: ABSENT,
         xfrm_counters: 0,
-        _pad: 0,
         per_cpu_offset: 0,
     };
 }

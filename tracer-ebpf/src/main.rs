@@ -7,6 +7,7 @@
 #![no_main]
 
 mod attribution;
+mod mtu;
 
 use attribution::Packet;
 use aya_ebpf::{
@@ -110,7 +111,7 @@ fn count_drop(ctx: &TracePointContext, key: &DropKey) {
 // kprobe/kretprobe pair to the symbol where fentry is not possible.
 
 /// Function arguments, from a trampoline or from registers.
-trait Args {
+pub(crate) trait Args {
     fn arg_u64(&self, n: usize) -> u64;
 }
 

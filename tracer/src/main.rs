@@ -4,8 +4,8 @@ use std::io::Write as _;
 
 use clap::Parser as _;
 use xfrm_trace::{
-    cli::{Cli, Command},
-    doctor, privilege, report, trace,
+    cli::{Cli, Command, LabScenario},
+    doctor, privilege, report, scenarios, trace,
 };
 
 fn main() {
@@ -27,6 +27,12 @@ fn main() {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Some(Command::Lab { scenario }) => {
+            privilege::require_root()?;
+            match scenario {
+                LabScenario::Mtu => scenarios::mtu::run(cli.hooks),
+            }
+        }
         Some(Command::Doctor { json }) => {
             privilege::require_root()?;
             let report = doctor::run();
@@ -43,6 +49,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 // JSON on stdout and the live view would mix.
                 live: cli.json.as_deref().is_none_or(|p| p.as_os_str() != "-"),
                 hooks: cli.hooks,
+                stop: None,
             };
             let report = trace::run(&options)?;
             let text = report::render(&report);

@@ -6,14 +6,14 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use aya::{
     Btf, Ebpf,
     maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf, StackTraceMap},
-    programs::{FEntry, FExit, KProbe, kprobe::KProbeLinkId},
+    programs::{FExit, KProbe},
 };
 use serde::Serialize;
 use tracer_common::attribution::{Sample, SourceKey, dir, error, hook};
 
 use crate::{
     btf::KernelBtf,
-    ebpf::{describe, program},
+    ebpf::{attach_fentry, attach_fexit, attach_kprobe, describe, program},
     kallsyms::{Kallsyms, Presence},
 };
 
@@ -116,28 +116,6 @@ impl Coverage {
             format!("{method} (partial)")
         }
     }
-}
-
-fn attach_fentry(ebpf: &mut Ebpf, name: &str, function: &str, btf: &Btf) -> Result<(), String> {
-    let prog: &mut FEntry = program(ebpf, name)?;
-    prog.load(function, btf).map_err(|e| describe(&e))?;
-    prog.attach().map(drop).map_err(|e| describe(&e))
-}
-
-fn attach_fexit(ebpf: &mut Ebpf, name: &str, function: &str, btf: &Btf) -> Result<(), String> {
-    let prog: &mut FExit = program(ebpf, name)?;
-    prog.load(function, btf).map_err(|e| describe(&e))?;
-    prog.attach().map(drop).map_err(|e| describe(&e))
-}
-
-/// Attaches a kprobe or kretprobe program (loading it on first use: the
-/// same program may serve several functions).
-fn attach_kprobe(ebpf: &mut Ebpf, name: &str, function: &str) -> Result<KProbeLinkId, String> {
-    let prog: &mut KProbe = program(ebpf, name)?;
-    if prog.fd().is_err() {
-        prog.load().map_err(|e| describe(&e))?;
-    }
-    prog.attach(function, 0).map_err(|e| describe(&e))
 }
 
 /// fexit before fentry, kretprobe before kprobe: an exit without its entry

@@ -40,6 +40,12 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Reproduce a classic IPsec failure in a lab of network namespaces,
+    /// diagnose it with xfrm-trace, apply the fix, show it working, clean up.
+    Lab {
+        #[arg(value_enum)]
+        scenario: LabScenario,
+    },
     /// Show what this kernel offers (BTF, program types, hookable functions) and the hook mode.
     Doctor {
         /// Print JSON instead of a table.
@@ -92,4 +98,10 @@ mod tests {
         use clap::CommandFactory as _;
         Cli::command().debug_assert();
     }
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum LabScenario {
+    /// ESP over a path with a lower MTU and filtered ICMP: TCP stalls.
+    Mtu,
 }

@@ -1,6 +1,9 @@
 //! The embedded eBPF object and how it is loaded into the running kernel.
 
-use aya::{Ebpf, EbpfLoader};
+use aya::{
+    Btf, Ebpf, EbpfLoader,
+    programs::{FEntry, FExit, KProbe, kprobe::KProbeLinkId},
+};
 use tracer_common::layout::{ABSENT, KernelOffsets, KfreeSkbRecord};
 
 use crate::{
@@ -67,8 +70,14 @@ impl KernelLayout {
             flowi6_proto: optional("flowi", "u.ip6.__fl_common.flowic_proto"),
             flowi6_sport: optional("flowi", "u.ip6.uli.ports.sport"),
             flowi6_dport: optional("flowi", "u.ip6.uli.ports.dport"),
+            sk_buff_transport_header: optional("sk_buff", "transport_header"),
+            sk_buff_end: optional("sk_buff", "end"),
+            sk_buff_len: optional("sk_buff", "len"),
+            skb_shared_info_gso_size: optional("skb_shared_info", "gso_size"),
+            net_device_mtu: optional("net_device", "mtu"),
+            dst_entry_dev: optional("dst_entry", "dev"),
+            xfrm_state_daddr: optional("xfrm_state", "id.daddr"),
             xfrm_counters: Counters::from_btf(btf).map_or(0, |c| c.array_len),
-            _pad: 0,
             per_cpu_offset: kallsyms.data_address("__per_cpu_offset").unwrap_or(0),
         };
         let format = tracefs::format("skb", "kfree_skb")?;
@@ -130,6 +139,28 @@ where
         .ok_or_else(|| format!("program {name} missing from the object"))?
         .try_into()
         .map_err(|e: aya::programs::ProgramError| describe(&e))
+}
+
+pub fn attach_fentry(ebpf: &mut Ebpf, name: &str, function: &str, btf: &Btf) -> Result<(), String> {
+    let prog: &mut FEntry = program(ebpf, name)?;
+    prog.load(function, btf).map_err(|e| describe(&e))?;
+    prog.attach().map(drop).map_err(|e| describe(&e))
+}
+
+pub fn attach_fexit(ebpf: &mut Ebpf, name: &str, function: &str, btf: &Btf) -> Result<(), String> {
+    let prog: &mut FExit = program(ebpf, name)?;
+    prog.load(function, btf).map_err(|e| describe(&e))?;
+    prog.attach().map(drop).map_err(|e| describe(&e))
+}
+
+/// Attaches a kprobe or kretprobe program (loading it on first use: the
+/// same program may serve several functions).
+pub fn attach_kprobe(ebpf: &mut Ebpf, name: &str, function: &str) -> Result<KProbeLinkId, String> {
+    let prog: &mut KProbe = program(ebpf, name)?;
+    if prog.fd().is_err() {
+        prog.load().map_err(|e| describe(&e))?;
+    }
+    prog.attach(function, 0).map_err(|e| describe(&e))
 }
 
 /// An error and its causes on one line (aya nests the errno and the

@@ -26,7 +26,17 @@ pub struct Report {
     /// Drops the in-kernel table had no room for (counted, not named).
     pub drops_untracked: u64,
     pub netns: Vec<NetnsInfo>,
+    /// Per SA: packets that did not fit the MTU, largest inner packet, MSS.
+    pub esp_sizes: Vec<crate::mtu::SaSizes>,
+    pub esp_sizes_hooks: HookList,
     pub findings: Vec<Finding>,
+}
+
+/// Hooks attached for one capability, and those missing with the reason.
+#[derive(Debug, Default, Serialize)]
+pub struct HookList {
+    pub attached: Vec<String>,
+    pub missing: Vec<(String, String)>,
 }
 
 #[derive(Debug, Serialize)]
@@ -68,7 +78,7 @@ pub struct NetnsInfo {
     pub interfaces: BTreeMap<u32, String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Clone, Debug, Serialize)]
 pub struct Finding {
     pub kind: String,
     pub summary: String,
@@ -188,6 +198,26 @@ pub fn render(report: &Report) -> String {
             "\ncounted only, not attributed to packets: {}",
             missing.join("; ")
         );
+    }
+    if !report.esp_sizes_hooks.missing.is_empty() {
+        let missing: Vec<String> = report
+            .esp_sizes_hooks
+            .missing
+            .iter()
+            .map(|(f, why)| format!("{f}: {why}"))
+            .collect();
+        let _ = writeln!(out, "oversize ESP not watched at: {}", missing.join("; "));
+    }
+    let _ = writeln!(out, "\nDiagnosis:");
+    if report.findings.is_empty() {
+        let _ = writeln!(out, "  no finding");
+    }
+    for f in &report.findings {
+        let _ = writeln!(out, "  [{}] {}", f.kind, f.summary);
+        let _ = writeln!(out, "      fix: {}", f.fix);
+        for e in &f.evidence {
+            let _ = writeln!(out, "      - {e}");
+        }
     }
     let e = &report.attribution_errors;
     if e.samples_lost > 0 {

@@ -19,10 +19,12 @@ use crate::{
     counters::Counters,
     drops, ebpf,
     kallsyms::Kallsyms,
+    mtu,
     netns::{self, Netns},
     privilege,
     report::{self, Counter, Kernel, NetnsDelta, NetnsInfo, Report},
     xfrm_stat::XfrmStat,
+    xfrm_state::XfrmState,
 };
 
 pub struct Options {
@@ -33,6 +35,8 @@ pub struct Options {
     /// Redraw the counters every second while running (on a terminal).
     pub live: bool,
     pub hooks: attribution::HookChoice,
+    /// Stops the run (checked every second) when set by another thread.
+    pub stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// Counters of every network namespace, by netns inode.
@@ -82,7 +86,8 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
         layout.offsets.per_cpu_offset != 0,
         options.hooks,
     );
-    for (function, why) in &coverage.missing {
+    let (mtu_attached, mtu_missing) = mtu::attach(&mut object, &kallsyms, options.hooks);
+    for (function, why) in coverage.missing.iter().chain(&mtu_missing) {
         log::info!("not hooked: {function}: {why}");
     }
     // Counters are read once everything is attached, so every increment
@@ -95,6 +100,7 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
     }
 
     let live = options.live && std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let stop = options.stop.clone();
     wait(options.duration, || {
         if let Some(logger) = logger.as_mut() {
             logger.flush();
@@ -110,11 +116,14 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
                 counter_report(&before, &snapshot(), &sources, &counter_names, &coverage);
             print!("{}", report::render_live(started.elapsed(), &counters));
         }
+        stop.as_ref()
+            .is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed))
     })?;
 
     let after = snapshot();
     let (drop_rows, untracked) = drops::read(&object)?;
     let (sources, attribution_errors) = attribution::read(&object)?;
+    let mtu_rows = mtu::read(&object)?;
     if let Some(ring) = samples_ring.as_mut() {
         attribution::drain_samples(ring, &mut samples);
     }
@@ -132,6 +141,7 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
     let mut drops = drops::summarize(&drop_rows, &kallsyms, &reasons);
     let mut counters = counter_report(&before, &after, &sources, &counter_names, &coverage);
     let mut seen: Vec<u64> = drops.iter().map(|d| u64::from(d.netns)).collect();
+    seen.extend(mtu_rows.iter().map(|(k, _)| u64::from(k.netns)));
     seen.extend(
         counters
             .iter()
@@ -171,6 +181,9 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
         None if ifindex == 0 => "-".into(),
         None => format!("if{ifindex}"),
     };
+    let esp_sizes = esp_sizes(&mtu_rows, &after, &netns);
+    let mut findings = mtu::findings(&esp_sizes);
+    findings.sort_by(|a, b| a.kind.cmp(&b.kind));
     for drop in &mut drops {
         drop.netns_label = label_of(u64::from(drop.netns));
         drop.ifname = ifname_of(u64::from(drop.netns), drop.ifindex);
@@ -200,13 +213,44 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
         drops,
         drops_untracked: untracked,
         netns,
-        findings: Vec::new(),
+        esp_sizes,
+        esp_sizes_hooks: report::HookList {
+            attached: mtu_attached,
+            missing: mtu_missing,
+        },
+        findings,
     })
 }
 
-/// Blocks until the duration passes or SIGINT/SIGTERM arrives, calling
-/// `tick` every second (to drain the eBPF log).
-fn wait(duration: Option<Duration>, mut tick: impl FnMut()) -> anyhow::Result<()> {
+/// Oversize ESP per SA, with the SAs of every netns (read only when some
+/// ESP packet did not fit or went out, as that costs a netlink dump each).
+fn esp_sizes(
+    rows: &[(tracer_common::mtu::MtuKey, tracer_common::mtu::MtuStats)],
+    snapshot: &Snapshot,
+    netns: &[NetnsInfo],
+) -> Vec<mtu::SaSizes> {
+    if rows.is_empty() {
+        return Vec::new();
+    }
+    let states: BTreeMap<u64, XfrmState> = snapshot
+        .iter()
+        .filter_map(|(inode, (ns, _))| Some((*inode, XfrmState::read_in(&ns.path).ok()?)))
+        .collect();
+    let views: Vec<mtu::NetnsView> = netns
+        .iter()
+        .map(|n| mtu::NetnsView {
+            inode: n.inode,
+            label: &n.label,
+            interfaces: &n.interfaces,
+            state: states.get(&n.inode),
+        })
+        .collect();
+    mtu::summarize(rows, &views)
+}
+
+/// Blocks until the duration passes, SIGINT/SIGTERM arrives or `tick`
+/// (called every second) returns true.
+fn wait(duration: Option<Duration>, mut tick: impl FnMut() -> bool) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -228,7 +272,9 @@ fn wait(duration: Option<Duration>, mut tick: impl FnMut()) -> anyhow::Result<()
                 _ = interrupt.recv() => break,
                 _ = terminate.recv() => break,
                 () = until_deadline => break,
-                _ = ticks.tick() => tick(),
+                _ = ticks.tick() => if tick() {
+                    break;
+                },
             }
         }
         Ok(())

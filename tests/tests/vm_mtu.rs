@@ -1,0 +1,251 @@
+//! Oversize ESP: with the path MTU lowered on the router, every packet that
+//! does not fit is reported once (fragmented after encryption, or refused
+//! with ICMP "fragmentation needed" wherever that happens first), with the
+//! `mtu=` and MSS computed from the SA's real overhead; traffic that fits
+//! gives no finding. VM-only: the host kernel has no ESP.
+
+use std::{net::SocketAddr, time::Duration};
+
+use serde_json::Value;
+use tests::{Tracer, scratch};
+use xfrm_trace::lab::{Cipher, Df, EAST_WAN, EHOST, Host, Lab, Mode, StaticIpsec, WEST_WAN, WHOST};
+
+const COUNT: usize = 5;
+/// MTU of the router's link towards east.
+const PATH_MTU: u32 = 1400;
+
+fn lab(name: &str, config: &StaticIpsec) -> Lab {
+    let mut lab =
+        Lab::create(&format!("xm{}{name}", std::process::id() % 10000)).expect("lab topology");
+    lab.static_ipsec(config).expect("static SAs");
+    lab.ip(
+        Host::Router,
+        &["link", "set", "r-east", "mtu", &PATH_MTU.to_string()],
+    )
+    .unwrap();
+    lab
+}
+
+fn traced(name: &str, action: impl FnOnce()) -> Value {
+    let json = scratch(&format!("{name}.json"));
+    let mut tracer = Tracer::start(
+        &["--json", json.to_str().unwrap()],
+        &scratch(&format!("{name}.ready")),
+    );
+    action();
+    std::thread::sleep(Duration::from_millis(500));
+    let out = tracer.interrupt();
+    assert!(
+        out.status.success(),
+        "xfrm-trace failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value =
+        serde_json::from_slice(&std::fs::read(&json).expect("report")).expect("json");
+    let _ = std::fs::remove_file(&json);
+    assert!(
+        report["esp_sizes_hooks"]["missing"]
+            .as_array()
+            .unwrap()
+            .is_empty(),
+        "{:#}",
+        report["esp_sizes_hooks"]
+    );
+    report
+}
+
+/// The `esp_sizes` entry of SA 0x1001.
+fn west_to_east(report: &Value) -> Value {
+    report["esp_sizes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["spi"] == "0x00001001")
+        .cloned()
+        .unwrap_or_else(|| panic!("SA 0x1001 missing: {:#}", report["esp_sizes"]))
+}
+
+fn oversize_findings(report: &Value) -> Vec<Value> {
+    report["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["kind"] == "esp_oversize")
+        .cloned()
+        .collect()
+}
+
+/// (sender netns, its address, destination): through the tunnel, or
+/// gateway to gateway in transport mode.
+fn endpoints(config: &StaticIpsec) -> (Host, &'static str, SocketAddr) {
+    match config.mode {
+        Mode::Tunnel => (Host::Whost, WHOST, format!("{EHOST}:7000").parse().unwrap()),
+        Mode::Transport => (
+            Host::West,
+            WEST_WAN,
+            format!("{EAST_WAN}:7000").parse().unwrap(),
+        ),
+    }
+}
+
+/// Largest inner packet for the path MTU, as the kernel's xfrm_state_mtu
+/// computes it for these algorithms (kernel-map §4.2).
+fn expected_max_inner(config: &StaticIpsec) -> u32 {
+    let (iv, block, icv) = match config.cipher {
+        Cipher::AesGcm128 => (8, 4, 16),
+        Cipher::AesCbcHmacSha256 => (16, 16, 16),
+    };
+    let tunnel_ip = if config.mode == Mode::Tunnel { 20 } else { 0 };
+    let transport_ip = 20 - tunnel_ip;
+    let header = 8 + iv + tunnel_ip + if config.nat_t { 8 } else { 0 };
+    ((PATH_MTU - header - icv - transport_ip) & !(block - 1)) + transport_ip - 2
+}
+
+fn oversize_is_reported_once_per_packet_with_the_fix(name: &str, config: StaticIpsec) {
+    let lab = lab(name, &config);
+    let (from, source, to) = endpoints(&config);
+    let max_inner = expected_max_inner(&config);
+    // Fits exactly: no finding, and the largest inner packet is measured.
+    let report = traced(&format!("{name}-fits"), || {
+        let refused = lab
+            .send_udp_df(
+                from,
+                source,
+                to,
+                COUNT,
+                (max_inner - 28) as usize,
+                Df::SetIgnoringPmtu,
+            )
+            .unwrap();
+        assert_eq!(refused, 0);
+    });
+    assert!(
+        oversize_findings(&report).is_empty(),
+        "{:#}",
+        report["findings"]
+    );
+    let sa = west_to_east(&report);
+    assert_eq!(sa["packets_out"], COUNT as u64, "{sa:#}");
+    assert_eq!(sa["max_inner_len"], max_inner, "{sa:#}");
+    assert!(sa["events"].as_array().unwrap().is_empty(), "{sa:#}");
+
+    // One byte more, DF set: each packet is refused once, at the router
+    // (path MTU) or, once west learned it, at west (IPsec MTU).
+    let report = traced(&format!("{name}-df"), || {
+        lab.send_udp_df(
+            from,
+            source,
+            to,
+            COUNT,
+            (max_inner - 27) as usize,
+            Df::SetIgnoringPmtu,
+        )
+        .unwrap();
+    });
+    let sa = west_to_east(&report);
+    let events = sa["events"].as_array().unwrap();
+    let total: u64 = events.iter().map(|e| e["count"].as_u64().unwrap()).sum();
+    assert_eq!(total, COUNT as u64, "{sa:#}");
+    for e in events {
+        assert_ne!(e["kind"], "fragmented", "{e}");
+        let expected_mtu = if e["mtu_is_inner"] == true {
+            max_inner
+        } else {
+            PATH_MTU
+        };
+        assert_eq!(e["mtu"], expected_mtu, "{e}");
+    }
+    assert_eq!(sa["max_inner_fitting"], max_inner, "{sa:#}");
+    let findings = oversize_findings(&report);
+    assert_eq!(findings.len(), 1, "{findings:#?}");
+    let fix = findings[0]["fix"].as_str().unwrap();
+    assert!(fix.contains(&format!("mtu={max_inner}")), "{fix}");
+    assert!(
+        fix.contains(&format!("--set-mss {}", max_inner - 40)),
+        "{fix}"
+    );
+    assert!(
+        findings[0]["summary"]
+            .as_str()
+            .unwrap()
+            .contains("0x00001001")
+    );
+}
+
+#[test]
+fn tunnel_gcm_oversize_is_reported_once_per_packet_with_the_fix() {
+    oversize_is_reported_once_per_packet_with_the_fix("tg", StaticIpsec::default());
+}
+
+#[test]
+fn transport_cbc_nat_t_oversize_is_reported_once_per_packet_with_the_fix() {
+    oversize_is_reported_once_per_packet_with_the_fix(
+        "pc",
+        StaticIpsec {
+            mode: Mode::Transport,
+            cipher: Cipher::AesCbcHmacSha256,
+            nat_t: true,
+            ..StaticIpsec::default()
+        },
+    );
+}
+
+#[test]
+fn esp_fragmented_by_the_router_is_counted_per_packet() {
+    let config = StaticIpsec::default();
+    let lab = lab("fr", &config);
+    let max_inner = expected_max_inner(&config);
+    let sink = lab.udp_sink(Host::Ehost, 7000).unwrap();
+    let report = traced("fragmented", || {
+        lab.send_udp_df(
+            Host::Whost,
+            WHOST,
+            format!("{EHOST}:7000").parse().unwrap(),
+            COUNT,
+            (max_inner - 28 + 40) as usize,
+            Df::Clear,
+        )
+        .unwrap();
+        // Fragmented, not lost: every datagram arrives.
+        assert_eq!(sink.receive(COUNT, Duration::from_secs(5)), COUNT);
+    });
+    let sa = west_to_east(&report);
+    let events = sa["events"].as_array().unwrap();
+    assert_eq!(events.len(), 1, "{sa:#}");
+    let e = &events[0];
+    assert_eq!(
+        (e["kind"].as_str(), e["count"].as_u64(), e["mtu"].as_u64()),
+        (
+            Some("fragmented"),
+            Some(COUNT as u64),
+            Some(u64::from(PATH_MTU))
+        ),
+        "{e}"
+    );
+    assert_eq!(e["ifname"], "r-east", "{e}");
+    assert!(
+        e["netns_label"].as_str().unwrap().ends_with("-router"),
+        "{e}"
+    );
+    assert_eq!(sa["max_inner_fitting"], max_inner);
+}
+
+#[test]
+fn lab_mtu_reproduces_diagnoses_and_fixes_the_black_hole() {
+    let out = std::process::Command::new(tests::binary())
+        .args(["lab", "mtu"])
+        .output()
+        .expect("running xfrm-trace lab mtu");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("[esp_oversize]"), "{stdout}");
+    assert!(stdout.contains("mtu=1346"), "{stdout}");
+    assert!(
+        stdout.contains("TCP transfer of 1048576 bytes: 1048576 arrived"),
+        "{stdout}"
+    );
+}

@@ -1,0 +1,51 @@
+//! Oversize ESP: packets of an SA that did not fit the path MTU, and the
+//! largest inner packets and TCP MSS each SA carried.
+
+/// What happened to a packet (the `kind` of an `MtuKey`).
+pub mod kind {
+    /// ESP packet fragmented after encryption (`ip_do_fragment`).
+    pub const FRAGMENTED: u8 = 1;
+    /// ICMP "fragmentation needed" sent for it (`__icmp_send`): refused
+    /// with DF set, before encryption (bundle MTU) or after (path MTU).
+    pub const FRAG_NEEDED: u8 = 2;
+    /// A local sender got EMSGSIZE from the IPsec size check
+    /// (`xfrm_local_error`).
+    pub const LOCAL_EMSGSIZE: u8 = 3;
+    /// Every packet entering `xfrm_output`: largest inner packet and MSS.
+    pub const INNER: u8 = 4;
+}
+
+/// Per (event, SA, netns, MTU): counted exactly in per-CPU maps.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct MtuKey {
+    /// SA destination (IPv4 in the first 4 bytes; zero if unknown).
+    pub sa_dst: [u8; 16],
+    /// Network byte order; 0 if unknown.
+    pub spi: u32,
+    pub netns: u32,
+    /// Egress interface (0 if unknown).
+    pub ifindex: u32,
+    /// The MTU the packet was judged against (0 for `INNER`).
+    pub mtu: u32,
+    pub kind: u8,
+    /// 1: `mtu` is the inner (IPsec bundle) MTU; 0: the outer path MTU.
+    pub inner_mtu: u8,
+    pub _pad: u16,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MtuStats {
+    pub count: u64,
+    /// Largest packet (for GSO packets: the largest segment).
+    pub max_len: u32,
+    /// Largest TCP MSS option seen in a SYN (`INNER` only).
+    pub max_mss: u32,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    unsafe impl aya::Pod for super::MtuKey {}
+    unsafe impl aya::Pod for super::MtuStats {}
+}

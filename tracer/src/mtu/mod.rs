@@ -1,0 +1,401 @@
+//! Oversize ESP: which packets of which SA did not fit the path MTU, what
+//! happened to them, and the `mtu=` and MSS clamp that fix it, computed
+//! from the SA's real algorithms and mode.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr},
+};
+
+use aya::{Btf, Ebpf, maps::PerCpuHashMap};
+use serde::Serialize;
+use tracer_common::mtu::{MtuKey, MtuStats, kind};
+
+use crate::{
+    attribution::HookChoice,
+    ebpf::{attach_fentry, attach_kprobe, describe},
+    kallsyms::{Kallsyms, Presence},
+    report::Finding,
+    xfrm_state::{EspGeometry, Sa, XfrmState},
+};
+
+/// (function, program prefix): `<prefix>_fentry` / `<prefix>_kprobe`.
+const HOOKS: &[(&str, &str)] = &[
+    ("ip_do_fragment", "mtu_fragment"),
+    ("__icmp_send", "mtu_icmp"),
+    ("xfrm_local_error", "mtu_local_error"),
+    ("xfrm_output", "mtu_output"),
+];
+
+/// Attaches the oversize-ESP hooks; returns what is attached and what not.
+pub fn attach(
+    ebpf: &mut Ebpf,
+    kallsyms: &Kallsyms,
+    choice: HookChoice,
+) -> (Vec<String>, Vec<(String, String)>) {
+    let mut attached = Vec::new();
+    let mut missing = Vec::new();
+    if choice == HookChoice::Tracepoint {
+        missing.push(("oversize ESP hooks".into(), "--hooks tracepoint".into()));
+        return (attached, missing);
+    }
+    let btf = Btf::from_sys_fs().map_err(|e| describe(&e));
+    for (function, prefix) in HOOKS {
+        let mut errors = Vec::new();
+        if choice != HookChoice::Kprobe {
+            let result = btf
+                .as_ref()
+                .map_err(Clone::clone)
+                .and_then(|btf| attach_fentry(ebpf, &format!("{prefix}_fentry"), function, btf));
+            match result {
+                Ok(()) => {
+                    attached.push(format!("{function} (fentry)"));
+                    continue;
+                }
+                Err(e) => errors.push(format!("fentry: {e}")),
+            }
+        }
+        if choice != HookChoice::Fentry {
+            let result = match kallsyms.presence(function) {
+                Presence::Exact { .. } => {
+                    attach_kprobe(ebpf, &format!("{prefix}_kprobe"), function).map(drop)
+                }
+                _ => Err("not in /proc/kallsyms".into()),
+            };
+            match result {
+                Ok(()) => {
+                    attached.push(format!("{function} (kprobe)"));
+                    continue;
+                }
+                Err(e) => errors.push(format!("kprobe: {e}")),
+            }
+        }
+        missing.push((function.to_string(), errors.join("; ")));
+    }
+    (attached, missing)
+}
+
+/// The table, summed over CPUs.
+pub fn read(ebpf: &Ebpf) -> Result<Vec<(MtuKey, MtuStats)>, aya::maps::MapError> {
+    let map = ebpf
+        .map("MTU_EVENTS")
+        .ok_or_else(|| aya::maps::MapError::InvalidName {
+            name: "MTU_EVENTS".into(),
+        })?;
+    let table: PerCpuHashMap<_, MtuKey, MtuStats> = PerCpuHashMap::try_from(map)?;
+    let mut rows = Vec::new();
+    for entry in table.iter() {
+        let (key, per_cpu) = entry?;
+        let mut total = MtuStats::default();
+        for stats in per_cpu.iter() {
+            total.count += stats.count;
+            total.max_len = total.max_len.max(stats.max_len);
+            total.max_mss = total.max_mss.max(stats.max_mss);
+        }
+        rows.push((key, total));
+    }
+    Ok(rows)
+}
+
+/// One kind of event of one SA, as the report has it.
+#[derive(Clone, Debug, Serialize)]
+pub struct SizeEvent {
+    /// `fragmented`, `frag_needed` or `local_emsgsize`.
+    pub kind: &'static str,
+    pub count: u64,
+    pub netns: u64,
+    pub netns_label: String,
+    pub ifname: String,
+    /// The MTU the packets were judged against.
+    pub mtu: u32,
+    /// True: `mtu` is the inner (IPsec) MTU; false: the outer path MTU.
+    pub mtu_is_inner: bool,
+    pub max_len: u32,
+}
+
+/// Per SA: what it carried and what did not fit.
+#[derive(Clone, Debug, Serialize)]
+pub struct SaSizes {
+    /// Hex, as `ip xfrm` shows it.
+    pub spi: String,
+    pub sa_dst: String,
+    /// Where the SA is installed (`ip netns` name), if found.
+    pub sa_netns: String,
+    pub mode: String,
+    pub algorithms: String,
+    pub geometry: Option<EspGeometry>,
+    pub packets_out: u64,
+    pub max_inner_len: u32,
+    pub max_tcp_mss: u32,
+    pub events: Vec<SizeEvent>,
+    /// The largest inner packet that fits the smallest MTU seen.
+    pub max_inner_fitting: Option<u32>,
+}
+
+impl SaSizes {
+    fn oversize(&self) -> u64 {
+        self.events.iter().map(|e| e.count).sum()
+    }
+}
+
+/// A netns as the analysis needs it: label, interfaces, XFRM state.
+pub struct NetnsView<'a> {
+    pub inode: u64,
+    pub label: &'a str,
+    pub interfaces: &'a BTreeMap<u32, String>,
+    pub state: Option<&'a XfrmState>,
+}
+
+fn address(raw: &[u8; 16]) -> IpAddr {
+    // The hooks record IPv4 SAs only (IPv6 is not hooked yet).
+    IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]))
+}
+
+fn algorithms(sa: &Sa) -> String {
+    let names: Vec<String> = [&sa.aead, &sa.cipher, &sa.auth]
+        .into_iter()
+        .flatten()
+        .map(|a| {
+            if a.icv_bits > 0 {
+                format!("{}/{}", a.name, a.icv_bits)
+            } else {
+                a.name.clone()
+            }
+        })
+        .collect();
+    let encap = if sa.encap.is_some() {
+        " +UDP encap"
+    } else {
+        ""
+    };
+    format!("{}{encap}", names.join(" + "))
+}
+
+/// Groups the events per SA and joins them with the SAs the kernel has.
+pub fn summarize(rows: &[(MtuKey, MtuStats)], namespaces: &[NetnsView]) -> Vec<SaSizes> {
+    let mut by_sa: BTreeMap<(u32, [u8; 16]), SaSizes> = BTreeMap::new();
+    for (key, stats) in rows {
+        if key.spi == 0 {
+            continue;
+        }
+        let spi = u32::from_be(key.spi);
+        let sa_dst = address(&key.sa_dst);
+        let entry = by_sa.entry((spi, key.sa_dst)).or_insert_with(|| {
+            // The SA lives where it is installed, which may be another netns
+            // than the one that saw the packet (a router on the path).
+            let found = namespaces.iter().find_map(|ns| {
+                let sa = ns.state?.sa(spi, sa_dst)?;
+                Some((ns.label, sa))
+            });
+            SaSizes {
+                spi: format!("{spi:#010x}"),
+                sa_dst: sa_dst.to_string(),
+                sa_netns: found.map_or_else(String::new, |(label, _)| label.to_string()),
+                mode: found.map_or_else(String::new, |(_, sa)| {
+                    format!("{:?}", sa.mode).to_lowercase()
+                }),
+                algorithms: found.map_or_else(String::new, |(_, sa)| algorithms(sa)),
+                geometry: found.and_then(|(_, sa)| sa.esp_geometry()),
+                packets_out: 0,
+                max_inner_len: 0,
+                max_tcp_mss: 0,
+                events: Vec::new(),
+                max_inner_fitting: None,
+            }
+        });
+        if key.kind == kind::INNER {
+            entry.packets_out += stats.count;
+            entry.max_inner_len = entry.max_inner_len.max(stats.max_len);
+            entry.max_tcp_mss = entry.max_tcp_mss.max(stats.max_mss);
+            continue;
+        }
+        let ns = namespaces.iter().find(|n| n.inode == u64::from(key.netns));
+        entry.events.push(SizeEvent {
+            kind: match key.kind {
+                kind::FRAGMENTED => "fragmented",
+                kind::FRAG_NEEDED => "frag_needed",
+                _ => "local_emsgsize",
+            },
+            count: stats.count,
+            netns: u64::from(key.netns),
+            netns_label: ns.map_or_else(|| format!("netns:{}", key.netns), |n| n.label.into()),
+            ifname: ns
+                .and_then(|n| n.interfaces.get(&key.ifindex).cloned())
+                .unwrap_or_else(|| {
+                    if key.ifindex == 0 {
+                        "-".into()
+                    } else {
+                        format!("if{}", key.ifindex)
+                    }
+                }),
+            mtu: key.mtu,
+            mtu_is_inner: key.inner_mtu != 0,
+            max_len: stats.max_len,
+        });
+    }
+    let mut all: Vec<SaSizes> = by_sa.into_values().collect();
+    for sa in &mut all {
+        sa.events.sort_by_key(|e| std::cmp::Reverse(e.count));
+        sa.max_inner_fitting = sa
+            .events
+            .iter()
+            .filter(|e| e.mtu > 0)
+            .filter_map(|e| {
+                if e.mtu_is_inner {
+                    Some(e.mtu)
+                } else {
+                    sa.geometry.map(|g| g.max_inner(e.mtu))
+                }
+            })
+            .min();
+    }
+    all
+}
+
+/// One `esp_oversize` finding per SA that had packets over the MTU.
+pub fn findings(sizes: &[SaSizes]) -> Vec<Finding> {
+    sizes
+        .iter()
+        .filter(|sa| sa.oversize() > 0)
+        .map(|sa| {
+            let what: Vec<String> = sa
+                .events
+                .iter()
+                .map(|e| {
+                    let action = match e.kind {
+                        "fragmented" => "fragmented after encryption",
+                        "frag_needed" => "refused with ICMP fragmentation needed",
+                        _ => "refused to a local sender with EMSGSIZE",
+                    };
+                    let mtu = if e.mtu_is_inner {
+                        format!("IPsec MTU {}", e.mtu)
+                    } else {
+                        format!("path MTU {}", e.mtu)
+                    };
+                    format!(
+                        "{} {action} in {} on {} ({mtu}, largest {} bytes)",
+                        e.count, e.netns_label, e.ifname, e.max_len
+                    )
+                })
+                .collect();
+            let overhead = sa.geometry.map_or_else(String::new, |g| {
+                format!(
+                    "; ESP ({}, {}) adds {}-{} bytes",
+                    sa.mode,
+                    sa.algorithms,
+                    g.header + g.icv + 2,
+                    g.header + g.icv + g.block + 1
+                )
+            });
+            let summary = format!(
+                "{} packets of SA {} to {} did not fit the MTU: {}{overhead}",
+                sa.oversize(),
+                sa.spi,
+                sa.sa_dst,
+                what.join(", ")
+            );
+            let fix = match sa.max_inner_fitting {
+                Some(inner) => {
+                    let mss = inner.saturating_sub(40);
+                    format!(
+                        "set mtu={inner} in the libreswan connection of SA {spi} (or `ip route ... mtu {inner}` for the protected subnet), and clamp TCP MSS on the gateway: `iptables -t mangle -A FORWARD -p tcp --tcp-flags SYN,RST SYN -j TCPMSS --set-mss {mss}` (nftables: `tcp flags syn tcp option maxseg size set {mss}`), or `-j TCPMSS --clamp-mss-to-pmtu` once mtu= is set",
+                        spi = sa.spi
+                    )
+                }
+                None => "lower the MTU of the tunnel (libreswan mtu=) by the ESP overhead and clamp TCP MSS (-j TCPMSS --clamp-mss-to-pmtu)".into(),
+            };
+            let mut evidence = what;
+            if sa.packets_out > 0 {
+                evidence.push(format!(
+                    "{} packets entered xfrm_output for this SA; largest inner packet {} bytes{}",
+                    sa.packets_out,
+                    sa.max_inner_len,
+                    if sa.max_tcp_mss > 0 {
+                        format!(", largest TCP MSS announced {}", sa.max_tcp_mss)
+                    } else {
+                        String::new()
+                    }
+                ));
+            }
+            Finding {
+                kind: "esp_oversize".into(),
+                summary,
+                fix,
+                evidence,
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(kind: u8, netns: u32, mtu: u32, inner_mtu: u8) -> MtuKey {
+        let mut key = MtuKey {
+            spi: 0x1001u32.to_be(),
+            netns,
+            ifindex: 3,
+            mtu,
+            kind,
+            inner_mtu,
+            ..MtuKey::default()
+        };
+        key.sa_dst[..4].copy_from_slice(&[203, 0, 113, 1]);
+        key
+    }
+
+    fn stats(count: u64, max_len: u32) -> MtuStats {
+        MtuStats {
+            count,
+            max_len,
+            max_mss: 0,
+        }
+    }
+
+    #[test]
+    fn without_the_sa_the_inner_mtu_still_gives_the_fix() {
+        let interfaces = BTreeMap::from([(3, "wan0".to_string())]);
+        let views = [NetnsView {
+            inode: 7,
+            label: "west",
+            interfaces: &interfaces,
+            state: None,
+        }];
+        let rows = [
+            (key(kind::FRAG_NEEDED, 7, 1346, 1), stats(3, 1400)),
+            (key(kind::FRAG_NEEDED, 7, 1446, 1), stats(2, 1500)),
+            (key(kind::INNER, 7, 0, 0), stats(10, 1500)),
+        ];
+        let sizes = summarize(&rows, &views);
+        assert_eq!(sizes.len(), 1);
+        let sa = &sizes[0];
+        assert_eq!(
+            (sa.spi.as_str(), sa.packets_out, sa.max_inner_len),
+            ("0x00001001", 10, 1500)
+        );
+        assert_eq!(sa.max_inner_fitting, Some(1346));
+        let findings = findings(&sizes);
+        assert_eq!(findings.len(), 1);
+        assert!(
+            findings[0]
+                .summary
+                .starts_with("5 packets of SA 0x00001001")
+        );
+        assert!(findings[0].fix.contains("mtu=1346"));
+        assert!(findings[0].fix.contains("--set-mss 1306"));
+    }
+
+    #[test]
+    fn traffic_that_fits_gives_no_finding() {
+        let interfaces = BTreeMap::new();
+        let views = [NetnsView {
+            inode: 7,
+            label: "west",
+            interfaces: &interfaces,
+            state: None,
+        }];
+        let sizes = summarize(&[(key(kind::INNER, 7, 0, 0), stats(10, 1000))], &views);
+        assert!(findings(&sizes).is_empty());
+    }
+}
