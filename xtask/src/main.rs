@@ -42,13 +42,89 @@ fn main() {
     }
 }
 
-/// The built-in default job: what this kernel offers, as `xfrm-trace doctor`
-/// shows it, then a short trace.
+/// Lab scenarios the demo runs, in order.
+const DEMO_SCENARIOS: &[&str] = &["mtu"];
+/// The VM kernel for the demo when the local one cannot host the lab.
+const DEMO_KERNEL: &str = "6.12";
+
+/// The built-in default job: what this kernel offers (`xfrm-trace doctor`),
+/// then the lab scenarios, each reproducing a failure, diagnosing it with
+/// xfrm-trace and fixing it. They run here when this kernel has ESP and
+/// hookable XFRM functions, else in a VM.
 fn demo() -> anyhow::Result<()> {
     setup::all()?;
     let binary = util::build_release()?;
     util::run(std::process::Command::new(&binary).arg("doctor"))?;
-    util::run(std::process::Command::new(&binary).args(["--duration", "3s"]))
+    if let Some(why) = local_kernel_cannot_host_the_lab(&binary) {
+        eprintln!("demo: {why}; running the lab in a VM (kernel {DEMO_KERNEL}, QEMU)");
+        return demo_in_vm(&binary);
+    }
+    for scenario in DEMO_SCENARIOS {
+        util::run(std::process::Command::new(&binary).args(["lab", scenario]))?;
+    }
+    Ok(())
+}
+
+/// Why the running kernel cannot host the lab, if it cannot.
+fn local_kernel_cannot_host_the_lab(binary: &std::path::Path) -> Option<String> {
+    let doctor = util::output(std::process::Command::new(binary).args(["doctor", "--json"]));
+    let mode = doctor
+        .ok()
+        .and_then(|o| serde_json::from_slice::<serde_json::Value>(&o.stdout).ok())
+        .and_then(|v| v["mode"].as_str().map(str::to_string))
+        .unwrap_or_default();
+    if !matches!(mode.as_str(), "fentry" | "fentry-kprobe" | "kprobe") {
+        return Some(format!(
+            "this kernel cannot hook XFRM functions (mode {mode})"
+        ));
+    }
+    let esp = std::path::Path::new("/sys/module/esp4").exists()
+        || std::process::Command::new("modprobe")
+            .arg("esp4")
+            .status()
+            .is_ok_and(|s| s.success());
+    (!esp).then(|| "this kernel has no ESP (esp4)".to_string())
+}
+
+fn demo_in_vm(binary: &std::path::Path) -> anyhow::Result<()> {
+    setup::vm_tools()?;
+    let spec = kernels::MATRIX
+        .iter()
+        .find(|k| k.name == DEMO_KERNEL)
+        .ok_or_else(|| anyhow::anyhow!("kernel {DEMO_KERNEL} is not in the matrix"))?;
+    let kernel = kernels::ensure(spec)?;
+    let out_dir = vm::out_dir("demo");
+    std::fs::create_dir_all(&out_dir)?;
+    let mut script = String::from(
+        "export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+set -e
+",
+    );
+    for scenario in DEMO_SCENARIOS {
+        script.push_str(&format!(
+            "echo '$ xfrm-trace lab {scenario}'
+{} lab {scenario}
+",
+            binary.display()
+        ));
+    }
+    let path = out_dir.join("run.sh");
+    std::fs::write(&path, script)?;
+    let outcome = vm::run_script(
+        &kernel,
+        &path,
+        &out_dir,
+        std::time::Duration::from_secs(900),
+    )?;
+    print!("{}", outcome.log);
+    match outcome.exit_code {
+        Some(0) => Ok(()),
+        Some(code) => anyhow::bail!("the demo failed in the VM (exit {code})"),
+        None => anyhow::bail!(
+            "the VM did not finish the demo (timed out: {})",
+            outcome.timed_out
+        ),
+    }
 }
 
 fn test(options: &vm_test::Options) -> anyhow::Result<()> {
