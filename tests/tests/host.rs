@@ -3,6 +3,7 @@
 
 use std::{
     net::UdpSocket,
+    path::Path,
     process::Command,
     sync::Mutex,
     time::{Duration, Instant},
@@ -245,6 +246,36 @@ fn without_root_it_says_so_in_one_line() {
         assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
         assert!(stderr.contains("needs root"), "{stderr}");
     }
+}
+
+#[test]
+fn lab_on_a_kernel_without_esp_says_why_in_one_line_without_keys() {
+    require_root();
+    let esp_available = Path::new("/sys/module/esp4").exists()
+        || Command::new("modprobe")
+            .args(["-n", "esp4"])
+            .status()
+            .is_ok_and(|s| s.success());
+    if esp_available {
+        // This kernel hosts the lab: vm_mtu.rs runs the scenario through.
+        return;
+    }
+    let out = Command::new(binary())
+        .args(["lab", "mtu"])
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("cannot host the IPsec lab"), "{stderr}");
+    assert!(
+        stderr.contains("<key>"),
+        "the failing command, keys replaced: {stderr}"
+    );
+    assert!(
+        !Path::new("/run/netns/xtmtu-west").exists(),
+        "lab left behind"
+    );
 }
 
 #[test]

@@ -110,10 +110,23 @@ pub fn run(program: &str, args: &[&str]) -> Result<String> {
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     } else {
         Err(LabError::Command {
-            command: format!("{program} {}", args.join(" ")),
+            command: format!("{program} {}", redact_keys(args).join(" ")),
             stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
         })
     }
+}
+
+/// The arguments with every key (`0x` and more than 16 hex digits; SPIs
+/// have 8) replaced, so no error message carries one.
+fn redact_keys<'a>(args: &[&'a str]) -> Vec<&'a str> {
+    args.iter()
+        .map(|arg| {
+            let is_key = arg
+                .strip_prefix("0x")
+                .is_some_and(|hex| hex.len() > 16 && hex.chars().all(|c| c.is_ascii_hexdigit()));
+            if is_key { "<key>" } else { arg }
+        })
+        .collect()
 }
 
 impl Lab {
@@ -234,5 +247,26 @@ impl Drop for Lab {
         self.encap_sockets.clear();
         self.remove_namespaces();
         let _ = std::fs::remove_dir_all(&self.run_dir);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn error_messages_never_carry_keys() {
+        let args = [
+            "spi",
+            "0x00001001",
+            "aead",
+            "rfc4106(gcm(aes))",
+            "0x0123456789abcdef01234567",
+            "128",
+        ];
+        let error = super::run("false", &args).unwrap_err().to_string();
+        assert!(
+            error.contains("0x00001001") && error.contains("<key>"),
+            "{error}"
+        );
+        assert!(!error.contains("0123456789abcdef"), "{error}");
     }
 }
