@@ -46,7 +46,14 @@ pub fn build_release() -> anyhow::Result<PathBuf> {
         "--bin",
         "xfrm-trace",
     ]))?;
-    Ok(workspace_root().join("target/release/xfrm-trace"))
+    Ok(target_dir().join("release/xfrm-trace"))
+}
+
+/// Cargo's target folder (`CARGO_TARGET_DIR` lets a second checkout of
+/// the binaries run VM tests while the first is busy).
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| workspace_root().join("target"), PathBuf::from)
 }
 
 /// What a `cargo test` run reported.

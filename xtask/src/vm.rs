@@ -84,7 +84,5 @@ pub fn run_script(
 
 /// Where a kernel's results go.
 pub fn out_dir(kernel_name: &str) -> PathBuf {
-    crate::util::workspace_root()
-        .join("target/vm")
-        .join(kernel_name)
+    crate::util::target_dir().join("vm").join(kernel_name)
 }

@@ -97,6 +97,7 @@ impl Lab {
     /// Installs the same pair of SAs on both gateways and each gateway's
     /// policies (out, in, and fwd in tunnel mode).
     pub fn static_ipsec(&mut self, config: &StaticIpsec) -> Result<()> {
+        self.warm_crypto()?;
         let west_to_east = config.algorithm_args()?;
         let east_to_west = config.algorithm_args()?;
         for gw in [Host::West, Host::East] {

@@ -117,15 +117,35 @@ fn config_text(gw: Host, dir: &std::path::Path, config: &PlutoConfig) -> String 
 }
 
 impl Lab {
-    /// Instantiates the AES-GCM ESP transform once in a throw-away netns: the
-    /// first one costs seconds under TCG, enough to make IKE retransmit.
+    /// Instantiates the ESP transforms the lab uses once, in a throw-away
+    /// netns: the first one loads and self-tests crypto modules, which
+    /// costs seconds under TCG (enough to make IKE retransmit) and, on a
+    /// loaded machine, can fail with ENOSYS: so it is retried.
     pub fn warm_crypto(&self) -> Result<()> {
         let ns = format!("{}-warm", self.prefix);
         let _ = run("ip", &["netns", "del", &ns]);
         run("ip", &["netns", "add", &ns])?;
-        let result = run(
-            "ip",
+        let algorithms: [&[&str]; 2] = [
             &[
+                "aead",
+                "rfc4106(gcm(aes))",
+                "0x0102030405060708090a0b0c0d0e0f1011121314",
+                "128",
+            ],
+            &[
+                "enc",
+                "cbc(aes)",
+                "0x0102030405060708090a0b0c0d0e0f10",
+                "auth-trunc",
+                "hmac(sha256)",
+                "0x0102030405060708090a0b0c0d0e0f100102030405060708090a0b0c0d0e0f10",
+                "128",
+            ],
+        ];
+        let mut result = Ok(String::new());
+        for (spi, algorithm) in algorithms.iter().enumerate() {
+            let spi = (spi + 1).to_string();
+            let mut args = vec![
                 "-n",
                 &ns,
                 "xfrm",
@@ -138,15 +158,24 @@ impl Lab {
                 "proto",
                 "esp",
                 "spi",
-                "1",
+                &spi,
                 "mode",
                 "tunnel",
-                "aead",
-                "rfc4106(gcm(aes))",
-                "0x0102030405060708090a0b0c0d0e0f1011121314",
-                "128",
-            ],
-        );
+            ];
+            args.extend_from_slice(algorithm);
+            for attempt in 0..3 {
+                if attempt > 0 {
+                    std::thread::sleep(std::time::Duration::from_secs(2));
+                }
+                result = run("ip", &args);
+                if result.is_ok() {
+                    break;
+                }
+            }
+            if result.is_err() {
+                break;
+            }
+        }
         let _ = run("ip", &["netns", "del", &ns]);
         result.map(drop)
     }
