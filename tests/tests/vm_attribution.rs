@@ -122,6 +122,16 @@ fn assert_exact(
     sources
 }
 
+/// Whether the running kernel is older than `major.minor`.
+fn kernel_before(major: u32, minor: u32) -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let mut parts = release
+        .trim()
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) < (major, minor)
+}
+
 fn delta(lab: &Lab, host: Host, name: &str, before: &xfrm_trace::xfrm_stat::XfrmStat) -> u64 {
     let now = lab.xfrm_stat(host).expect("xfrm_stat");
     now.0.get(name).copied().unwrap_or(0) - before.0.get(name).copied().unwrap_or(0)
@@ -504,8 +514,13 @@ fn replay(hooks: Hooks) {
             .iter()
             .filter_map(Value::as_str)
             .collect();
+        // Kernels before 5.14 cannot unwind a kretprobe's stack past its
+        // trampoline: there, that is all a kprobe-mode sample can show.
+        let truncated_kretprobe = matches!(hooks, Hooks::Kprobe)
+            && stack.as_slice() == ["kretprobe_trampoline+0x0"]
+            && kernel_before(5, 14);
         assert!(
-            stack.iter().any(|f| f.starts_with("ip_")),
+            stack.iter().any(|f| f.starts_with("ip_")) || truncated_kretprobe,
             "stack without the IP receive path: {stack:?}"
         );
     }
