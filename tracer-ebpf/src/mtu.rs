@@ -175,7 +175,8 @@ entry_hook!("ip_do_fragment", on_fragment => mtu_fragment_fentry, mtu_fragment_k
 /// for a packet routed into IPsec (inner MTU) or for an ESP packet (outer).
 #[inline(always)]
 fn on_icmp_send(a: &impl Args) {
-    let (skb, icmp_type, code) = (a.arg_u64(0), a.arg_u64(1), a.arg_u64(2));
+    // `int` arguments: only the low 32 bits of the register are defined.
+    let (skb, icmp_type, code) = (a.arg_u64(0), a.arg_u64(1) as u32, a.arg_u64(2) as u32);
     if icmp_type != 3 || code != 4 {
         return;
     }
