@@ -52,6 +52,20 @@ pub struct KernelOffsets {
     pub _pad: u32,
     /// Address of `__per_cpu_offset` (from kallsyms; 0 = unknown).
     pub per_cpu_offset: u64,
+    // MASQUERADE-before-IPsec detection (all optional).
+    pub sk_buff_len: u32,
+    pub dst_entry_dev: u32,
+    /// `xfrm_dst.pols` (its first element, `pols[0]`).
+    pub xfrm_dst_pols: u32,
+    pub xfrm_state_daddr: u32,
+    pub xfrm_state_family: u32,
+    pub xfrm_policy_sel_saddr: u32,
+    pub xfrm_policy_sel_daddr: u32,
+    pub xfrm_policy_sel_family: u32,
+    pub xfrm_policy_sel_prefixlen_s: u32,
+    pub xfrm_policy_sel_prefixlen_d: u32,
+    pub xfrm_policy_sel_proto: u32,
+    pub _pad2: u32,
 }
 
 impl KfreeSkbRecord {
@@ -94,6 +108,18 @@ impl KernelOffsets {
         xfrm_counters: 0,
         _pad: 0,
         per_cpu_offset: 0,
+        sk_buff_len: ABSENT,
+        dst_entry_dev: ABSENT,
+        xfrm_dst_pols: ABSENT,
+        xfrm_state_daddr: ABSENT,
+        xfrm_state_family: ABSENT,
+        xfrm_policy_sel_saddr: ABSENT,
+        xfrm_policy_sel_daddr: ABSENT,
+        xfrm_policy_sel_family: ABSENT,
+        xfrm_policy_sel_prefixlen_s: ABSENT,
+        xfrm_policy_sel_prefixlen_d: ABSENT,
+        xfrm_policy_sel_proto: ABSENT,
+        _pad2: 0,
     };
 }
 

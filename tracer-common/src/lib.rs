@@ -7,3 +7,4 @@
 pub mod attribution;
 pub mod drops;
 pub mod layout;
+pub mod masquerade;

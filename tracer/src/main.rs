@@ -4,8 +4,8 @@ use std::io::Write as _;
 
 use clap::Parser as _;
 use xfrm_trace::{
-    cli::{Cli, Command},
-    doctor, privilege, report, trace,
+    cli::{Cli, Command, LabScenario},
+    doctor, masquerade, privilege, report, trace,
 };
 
 fn main() {
@@ -36,6 +36,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 print(&doctor::render(&report))
             }
         }
+        Some(Command::Lab {
+            scenario: LabScenario::Masquerade,
+        }) => masquerade::lab::run(),
         None => {
             let options = trace::Options {
                 duration: cli.duration,

@@ -15,7 +15,7 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "xfrm-trace",
     version,
-    after_help = "Examples:\n  sudo xfrm-trace --duration 10s\n  sudo xfrm-trace --json report.json\n  sudo xfrm-trace doctor"
+    after_help = "Examples:\n  sudo xfrm-trace --duration 10s\n  sudo xfrm-trace --json report.json\n  sudo xfrm-trace doctor\n  sudo xfrm-trace lab masquerade"
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -42,6 +42,18 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Reproduce a problem on demand in a namespace lab, show the tool's
+    /// finding, apply the fix, clean up (needs a kernel with IPsec).
+    Lab {
+        #[arg(value_enum)]
+        scenario: LabScenario,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LabScenario {
+    /// A MASQUERADE rule on the gateway sends tunnel traffic out in clear.
+    Masquerade,
 }
 
 /// `30s`, `500ms`, `2m`, `1h`, or plain seconds.

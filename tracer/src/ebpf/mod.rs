@@ -70,6 +70,18 @@ impl KernelLayout {
             xfrm_counters: Counters::from_btf(btf).map_or(0, |c| c.array_len),
             _pad: 0,
             per_cpu_offset: kallsyms.data_address("__per_cpu_offset").unwrap_or(0),
+            sk_buff_len: optional("sk_buff", "len"),
+            dst_entry_dev: optional("dst_entry", "dev"),
+            xfrm_dst_pols: optional("xfrm_dst", "pols"),
+            xfrm_state_daddr: optional("xfrm_state", "id.daddr"),
+            xfrm_state_family: optional("xfrm_state", "props.family"),
+            xfrm_policy_sel_saddr: optional("xfrm_policy", "selector.saddr"),
+            xfrm_policy_sel_daddr: optional("xfrm_policy", "selector.daddr"),
+            xfrm_policy_sel_family: optional("xfrm_policy", "selector.family"),
+            xfrm_policy_sel_prefixlen_s: optional("xfrm_policy", "selector.prefixlen_s"),
+            xfrm_policy_sel_prefixlen_d: optional("xfrm_policy", "selector.prefixlen_d"),
+            xfrm_policy_sel_proto: optional("xfrm_policy", "selector.proto"),
+            _pad2: 0,
         };
         let format = tracefs::format("skb", "kfree_skb")?;
         let field = |name: &str| {

@@ -110,10 +110,26 @@ pub fn run(program: &str, args: &[&str]) -> Result<String> {
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     } else {
         Err(LabError::Command {
-            command: format!("{program} {}", args.join(" ")),
+            command: format!("{program} {}", redact(args)),
             stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
         })
     }
+}
+
+/// The arguments for an error message, with key material (long hex
+/// strings, as `ip xfrm state` takes keys) replaced: never print keys.
+fn redact(args: &[&str]) -> String {
+    args.iter()
+        .map(|a| {
+            let hex = a.strip_prefix("0x").unwrap_or("");
+            if hex.len() > 8 && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                "0x<key>"
+            } else {
+                a
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 impl Lab {
@@ -223,6 +239,21 @@ impl Lab {
         for host in Host::ALL {
             let _ = run("ip", &["netns", "del", &self.ns(host)]);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn errors_never_show_keys() {
+        let text = super::redact(&[
+            "spi",
+            "0x00001001",
+            "aead",
+            "rfc4106(gcm(aes))",
+            "0x0102030405060708090a",
+        ]);
+        assert_eq!(text, "spi 0x00001001 aead rfc4106(gcm(aes)) 0x<key>");
     }
 }
 

@@ -27,6 +27,8 @@ pub struct Report {
     pub drops_untracked: u64,
     pub netns: Vec<NetnsInfo>,
     pub findings: Vec<Finding>,
+    /// Packets SNATed before the IPsec policy lookup, per flow.
+    pub masquerade: crate::masquerade::MasqueradeReport,
 }
 
 #[derive(Debug, Serialize)]
@@ -174,6 +176,26 @@ pub fn render(report: &Report) -> String {
             "\ncounted only, not attributed to packets: {}",
             missing.join("; ")
         );
+    }
+    let _ = writeln!(
+        out,
+        "\nMASQUERADE before IPsec (packets re-routed out of a tunnel by NAT): {}",
+        report
+            .masquerade
+            .leaks
+            .iter()
+            .map(|l| l.packets)
+            .sum::<u64>()
+    );
+    if report.masquerade.coverage.detected.is_empty() {
+        let _ = writeln!(out, "  not watched on this kernel");
+    }
+    for f in &report.findings {
+        let _ = writeln!(out, "\nFINDING {}: {}", f.kind, f.summary);
+        let _ = writeln!(out, "  fix: {}", f.fix.replace('\n', "\n       "));
+        for e in &f.evidence {
+            let _ = writeln!(out, "  - {e}");
+        }
     }
     let e = &report.attribution_errors;
     if e.unbalanced + e.too_deep + e.table_full > 0 {

@@ -19,6 +19,7 @@ use crate::{
     counters::Counters,
     drops, ebpf,
     kallsyms::Kallsyms,
+    masquerade,
     netns::{self, Netns},
     privilege,
     report::{self, Counter, Kernel, NetnsDelta, NetnsInfo, Report},
@@ -76,6 +77,10 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
     for (function, why) in &coverage.missing {
         log::info!("not hooked: {function}: {why}");
     }
+    let masq_coverage = masquerade::attach(&mut object, &btf, &kallsyms);
+    for (function, why) in &masq_coverage.missing {
+        log::info!("MASQUERADE detection: not hooked: {function}: {why}");
+    }
     // Counters are read once everything is attached, so every increment
     // in the window can be attributed.
     let before = snapshot();
@@ -103,6 +108,7 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
     let after = snapshot();
     let (drop_rows, untracked) = drops::read(&object)?;
     let (sources, attribution_errors) = attribution::read(&object)?;
+    let masq_counted = masquerade::read(&object)?;
     if let Some(logger) = logger.as_mut() {
         logger.flush();
     }
@@ -114,7 +120,9 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
     let reasons = btf::drop_reason_names(&btf);
     let mut drops = drops::summarize(&drop_rows, &kallsyms, &reasons);
     let mut counters = counter_report(&before, &after, &sources, &counter_names, &coverage);
+    let mut leaks = masquerade::leaks(&masq_counted, &masq_coverage);
     let mut seen: Vec<u64> = drops.iter().map(|d| u64::from(d.netns)).collect();
+    seen.extend(leaks.iter().map(|l| l.netns));
     seen.extend(
         counters
             .iter()
@@ -164,6 +172,11 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
             source.netns_label = label_of(source.netns);
         }
     }
+    for leak in &mut leaks {
+        leak.netns_label = label_of(leak.netns);
+        leak.ifname = ifname_of(leak.netns, leak.ifindex);
+    }
+    let findings = masquerade::findings(&leaks);
     let mode = if coverage.complete {
         "fentry"
     } else if coverage.attached.is_empty() {
@@ -184,7 +197,13 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
         drops,
         drops_untracked: untracked,
         netns,
-        findings: Vec::new(),
+        findings,
+        masquerade: masquerade::MasqueradeReport {
+            coverage: masq_coverage,
+            leaks,
+            table_full: masq_counted.table_full,
+            unseen: masq_counted.unseen,
+        },
     })
 }
 
