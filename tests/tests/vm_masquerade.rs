@@ -633,3 +633,92 @@ fn lab_masquerade_command_shows_the_leak_the_finding_and_the_fix() {
     }
     assert!(!stdout.contains("0x<key>") && !stdout.to_lowercase().contains("aead"));
 }
+
+#[test]
+fn masquerade_kprobe_fallback_counts_every_leak() {
+    let lab = lab("kp");
+    lab.exec(
+        Host::West,
+        "iptables",
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "POSTROUTING",
+            "-o",
+            "wan0",
+            "-j",
+            "MASQUERADE",
+        ],
+    )
+    .unwrap();
+    // As on a kernel where fentry does not work: kprobes on the same four
+    // functions, without the outcome.
+    let json = scratch("masq-kprobe.json");
+    let ready = scratch("masq-kprobe.ready");
+    let _ = std::fs::remove_file(&ready);
+    let child = std::process::Command::new(tests::binary())
+        .args(["--json", json.to_str().unwrap(), "--ready-file"])
+        .arg(&ready)
+        .env("XFRM_TRACE_MASQ_KPROBE", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut tracer = Tracer { child };
+    let started = std::time::Instant::now();
+    while !ready.exists() {
+        assert!(
+            tracer.child.try_wait().unwrap().is_none(),
+            "xfrm-trace exited early"
+        );
+        assert!(started.elapsed() < Duration::from_secs(600), "not attached");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let wire = on_the_wire(&lab, || {
+        lab.send_udp(Host::Whost, to(EHOST), COUNT, 100).unwrap();
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let out = tracer.interrupt();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let _ = std::fs::remove_file(&json);
+    assert_eq!(plaintext_to_ehost(&wire), COUNT, "{wire:#?}");
+    let coverage = &report["masquerade"]["coverage"];
+    for function in [
+        "xfrm4_output",
+        "__xfrm4_output",
+        "xfrm6_output",
+        "__xfrm6_output",
+    ] {
+        assert!(
+            coverage["attached"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|a| *a == format!("{function} (kprobe)")),
+            "{coverage:#}"
+        );
+    }
+    assert_eq!(coverage["outcome"], serde_json::json!([]), "{coverage:#}");
+    let rows = leaks(&report);
+    assert_eq!(rows.len(), 1, "{rows:#?}");
+    assert_eq!(rows[0]["packets"], COUNT);
+    assert_eq!(rows[0]["outcome_known"], false);
+    assert_eq!(rows[0]["pre_src"], WHOST);
+    assert_eq!(rows[0]["spi"], "0x00001001");
+    assert_eq!(rows[0]["policy_src"], WEST_SUBNET);
+    let found = findings(&report);
+    assert_eq!(found.len(), 1, "{found:#?}");
+    assert!(
+        found[0]["summary"]
+            .as_str()
+            .unwrap()
+            .contains("before IPsec and routed out of IPsec on wan0"),
+        "{found:#?}"
+    );
+}

@@ -242,6 +242,17 @@ impl Lab {
     }
 }
 
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for pluto in &mut self.plutos {
+            pluto.stop();
+        }
+        self.encap_sockets.clear();
+        self.remove_namespaces();
+        let _ = std::fs::remove_dir_all(&self.run_dir);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -254,16 +265,5 @@ mod tests {
             "0x0102030405060708090a",
         ]);
         assert_eq!(text, "spi 0x00001001 aead rfc4106(gcm(aes)) 0x<key>");
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        for pluto in &mut self.plutos {
-            pluto.stop();
-        }
-        self.encap_sockets.clear();
-        self.remove_namespaces();
-        let _ = std::fs::remove_dir_all(&self.run_dir);
     }
 }

@@ -448,15 +448,21 @@ pub fn findings(leaks: &[Leak]) -> Vec<Finding> {
             } else {
                 format!(" from {from} to {to}")
             };
-            let fate = if !first.outcome_known {
-                "left IPsec (sent or dropped: not tracked on this kernel)".to_string()
+            let (fate, after) = if !first.outcome_known {
+                (
+                    "routed out of IPsec",
+                    "; sent or dropped is not tracked on this kernel".to_string(),
+                )
             } else if dropped == 0 {
-                "sent in clear".to_string()
+                ("sent in clear", String::new())
             } else {
-                format!("left IPsec ({sent} sent in clear, {dropped} dropped)")
+                (
+                    "routed out of IPsec",
+                    format!(": {sent} sent in clear, {dropped} dropped"),
+                )
             };
             let summary = format!(
-                "{packets} packet{} {flows} {} SNATed to {} before IPsec and {fate} on {} (netns {})",
+                "{packets} packet{} {flows} {} SNATed to {} before IPsec and {fate} on {} (netns {}){after}",
                 if packets == 1 { "" } else { "s" },
                 if packets == 1 { "was" } else { "were" },
                 first.post_src,
