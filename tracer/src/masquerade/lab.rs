@@ -185,6 +185,9 @@ pub fn run() -> anyhow::Result<()> {
         "\n2. the mistake, on the west gateway: ip netns exec {west} iptables {}",
         rule.join(" ")
     ));
+    say(&format!(
+        "   tracing (xfrm-trace --json) while whost sends {PACKETS} UDP datagrams to {EHOST}:{PORT}..."
+    ));
     let traced = Traced::start(&lab.run_dir, "leak")?;
     let wire = phase(&lab, || send(&lab))?;
     let report = traced.finish()?;
@@ -237,6 +240,7 @@ pub fn run() -> anyhow::Result<()> {
         "\n4. the fix, as the finding says: {}",
         command.join(" ")
     ));
+    say("   tracing again while whost sends the same datagrams...");
     let traced = Traced::start(&lab.run_dir, "fixed")?;
     let wire = phase(&lab, || send(&lab))?;
     let report = traced.finish()?;
