@@ -85,13 +85,9 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
     // in the window can be attributed.
     let before = snapshot();
     let started = Instant::now();
-    if let Some(path) = &options.ready_file {
-        std::fs::write(path, b"attached\n")
-            .with_context(|| format!("writing ready file {}", path.display()))?;
-    }
 
     let live = options.live && std::io::IsTerminal::is_terminal(&std::io::stdout());
-    wait(options.duration, || {
+    wait(options.duration, options.ready_file.as_deref(), || {
         if let Some(logger) = logger.as_mut() {
             logger.flush();
         }
@@ -209,7 +205,14 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
 
 /// Blocks until the duration passes or SIGINT/SIGTERM arrives, calling
 /// `tick` every second (to drain the eBPF log).
-fn wait(duration: Option<Duration>, mut tick: impl FnMut()) -> anyhow::Result<()> {
+/// The ready file is written once the signal handlers are installed, so a
+/// SIGINT sent as soon as it appears ends the run with a report instead of
+/// killing the process.
+fn wait(
+    duration: Option<Duration>,
+    ready_file: Option<&std::path::Path>,
+    mut tick: impl FnMut(),
+) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -218,6 +221,10 @@ fn wait(duration: Option<Duration>, mut tick: impl FnMut()) -> anyhow::Result<()
         let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
         let mut terminate =
             signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+        if let Some(path) = ready_file {
+            std::fs::write(path, b"attached\n")
+                .with_context(|| format!("writing ready file {}", path.display()))?;
+        }
         let deadline = duration.map(|d| tokio::time::Instant::now() + d);
         let mut ticks = tokio::time::interval(Duration::from_secs(1));
         loop {
