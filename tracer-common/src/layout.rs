@@ -49,15 +49,27 @@ pub struct KernelOffsets {
     pub flowi6_dport: u32,
     pub sk_buff_transport_header: u32,
     pub sk_buff_end: u32,
-    pub sk_buff_len: u32,
     pub skb_shared_info_gso_size: u32,
     pub net_device_mtu: u32,
-    pub dst_entry_dev: u32,
-    pub xfrm_state_daddr: u32,
     /// Number of XFRM counters (`__LINUX_MIB_XFRMMAX`).
     pub xfrm_counters: u32,
+    pub _pad: u32,
     /// Address of `__per_cpu_offset` (from kallsyms; 0 = unknown).
     pub per_cpu_offset: u64,
+    // MASQUERADE-before-IPsec detection (all optional).
+    pub sk_buff_len: u32,
+    pub dst_entry_dev: u32,
+    /// `xfrm_dst.pols` (its first element, `pols[0]`).
+    pub xfrm_dst_pols: u32,
+    pub xfrm_state_daddr: u32,
+    pub xfrm_state_family: u32,
+    pub xfrm_policy_sel_saddr: u32,
+    pub xfrm_policy_sel_daddr: u32,
+    pub xfrm_policy_sel_family: u32,
+    pub xfrm_policy_sel_prefixlen_s: u32,
+    pub xfrm_policy_sel_prefixlen_d: u32,
+    pub xfrm_policy_sel_proto: u32,
+    pub _pad2: u32,
 }
 
 impl KfreeSkbRecord {
@@ -99,13 +111,23 @@ impl KernelOffsets {
         flowi6_dport: ABSENT,
         sk_buff_transport_header: ABSENT,
         sk_buff_end: ABSENT,
-        sk_buff_len: ABSENT,
         skb_shared_info_gso_size: ABSENT,
         net_device_mtu: ABSENT,
-        dst_entry_dev: ABSENT,
-        xfrm_state_daddr: ABSENT,
         xfrm_counters: 0,
+        _pad: 0,
         per_cpu_offset: 0,
+        sk_buff_len: ABSENT,
+        dst_entry_dev: ABSENT,
+        xfrm_dst_pols: ABSENT,
+        xfrm_state_daddr: ABSENT,
+        xfrm_state_family: ABSENT,
+        xfrm_policy_sel_saddr: ABSENT,
+        xfrm_policy_sel_daddr: ABSENT,
+        xfrm_policy_sel_family: ABSENT,
+        xfrm_policy_sel_prefixlen_s: ABSENT,
+        xfrm_policy_sel_prefixlen_d: ABSENT,
+        xfrm_policy_sel_proto: ABSENT,
+        _pad2: 0,
     };
 }
 

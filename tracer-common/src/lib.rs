@@ -7,4 +7,5 @@
 pub mod attribution;
 pub mod drops;
 pub mod layout;
+pub mod masquerade;
 pub mod mtu;

@@ -7,6 +7,7 @@
 #![no_main]
 
 mod attribution;
+mod masquerade;
 mod mtu;
 
 use attribution::Packet;
@@ -275,6 +276,63 @@ pub fn state_lookup_kretprobe(ctx: RetProbeContext) -> u32 {
 #[kretprobe]
 pub fn policy_lookup_kretprobe(ctx: RetProbeContext) -> u32 {
     attribution::policy_found(ctx.ret());
+    0
+}
+
+// MASQUERADE before IPsec (kernel-map §3.5). xfrm4_output, xfrm6_output
+// and their POSTROUTING okfns __xfrm4_output, __xfrm6_output all take
+// (net, sk, skb) (checked against BTF before attaching). One fentry program
+// per target; the kprobe fallbacks attach to both families.
+
+#[fentry(function = "xfrm4_output")]
+pub fn masq_xfrm4_output(ctx: FEntryContext) -> u32 {
+    masquerade::entering_postrouting(ctx.arg(2));
+    0
+}
+
+#[fentry(function = "xfrm6_output")]
+pub fn masq_xfrm6_output(ctx: FEntryContext) -> u32 {
+    masquerade::entering_postrouting(ctx.arg(2));
+    0
+}
+
+#[fentry(function = "__xfrm4_output")]
+pub fn masq_xfrm4_okfn(ctx: FEntryContext) -> u32 {
+    masquerade::leaving_postrouting(ctx.arg(2), true);
+    0
+}
+
+#[fentry(function = "__xfrm6_output")]
+pub fn masq_xfrm6_okfn(ctx: FEntryContext) -> u32 {
+    masquerade::leaving_postrouting(ctx.arg(2), true);
+    0
+}
+
+#[fexit(function = "__xfrm4_output")]
+pub fn masq_xfrm4_okfn_exit(ctx: FExitContext) -> u32 {
+    masquerade::left_postrouting(ctx.arg(2), ctx.arg(3));
+    0
+}
+
+#[fexit(function = "__xfrm6_output")]
+pub fn masq_xfrm6_okfn_exit(ctx: FExitContext) -> u32 {
+    masquerade::left_postrouting(ctx.arg(2), ctx.arg(3));
+    0
+}
+
+#[kprobe]
+pub fn masq_output_kprobe(ctx: ProbeContext) -> u32 {
+    if let Some(skb) = ctx.arg::<u64>(2) {
+        masquerade::entering_postrouting(skb);
+    }
+    0
+}
+
+#[kprobe]
+pub fn masq_okfn_kprobe(ctx: ProbeContext) -> u32 {
+    if let Some(skb) = ctx.arg::<u64>(2) {
+        masquerade::leaving_postrouting(skb, false);
+    }
     0
 }
 

@@ -12,6 +12,7 @@ pub mod ebpf;
 pub mod hooks;
 pub mod kallsyms;
 pub mod lab;
+pub mod masquerade;
 pub mod mtu;
 pub mod netns;
 pub mod privilege;

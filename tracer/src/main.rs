@@ -30,6 +30,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Lab { scenario }) => {
             privilege::require_root()?;
             match scenario {
+                LabScenario::Masquerade => scenarios::masquerade::run(),
                 LabScenario::Mtu => scenarios::mtu::run(cli.hooks),
             }
         }

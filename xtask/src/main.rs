@@ -43,7 +43,7 @@ fn main() {
 }
 
 /// Lab scenarios the demo runs, in order.
-const DEMO_SCENARIOS: &[&str] = &["mtu"];
+const DEMO_SCENARIOS: &[&str] = &["masquerade", "mtu"];
 /// The VM kernel for the demo when the local one cannot host the lab.
 const DEMO_KERNEL: &str = "6.12";
 

@@ -15,7 +15,7 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "xfrm-trace",
     version,
-    after_help = "Examples:\n  sudo xfrm-trace --duration 10s\n  sudo xfrm-trace --json report.json\n  sudo xfrm-trace doctor"
+    after_help = "Examples:\n  sudo xfrm-trace --duration 10s\n  sudo xfrm-trace --json report.json\n  sudo xfrm-trace doctor\n  sudo xfrm-trace lab masquerade\n  sudo xfrm-trace lab mtu"
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -100,8 +100,10 @@ mod tests {
     }
 }
 
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum LabScenario {
+    /// A MASQUERADE rule on the gateway sends tunnel traffic out in clear.
+    Masquerade,
     /// ESP over a path with a lower MTU and filtered ICMP: TCP stalls.
     Mtu,
 }

@@ -58,6 +58,8 @@ pub const PLANNED: &[Hook] = &[
     hook("esp_input", Role::Enrichment),
     hook("esp_output_done", Role::Enrichment),
     hook("nf_xfrm_me_harder", Role::Nat),
+    hook("xfrm4_output", Role::Nat),
+    hook("xfrm6_output", Role::Nat),
     hook("__xfrm4_output", Role::Nat),
     hook("__xfrm6_output", Role::Nat),
     only_some("xfrm4_tunnel_check_size", Role::Mtu),

@@ -30,6 +30,8 @@ pub struct Report {
     pub esp_sizes: Vec<crate::mtu::SaSizes>,
     pub esp_sizes_hooks: HookList,
     pub findings: Vec<Finding>,
+    /// Packets SNATed before the IPsec policy lookup, per flow.
+    pub masquerade: crate::masquerade::MasqueradeReport,
 }
 
 /// Hooks attached for one capability, and those missing with the reason.
@@ -198,6 +200,19 @@ pub fn render(report: &Report) -> String {
             "\ncounted only, not attributed to packets: {}",
             missing.join("; ")
         );
+    }
+    let _ = writeln!(
+        out,
+        "\nMASQUERADE before IPsec (packets re-routed out of a tunnel by NAT): {}",
+        report
+            .masquerade
+            .leaks
+            .iter()
+            .map(|l| l.packets)
+            .sum::<u64>()
+    );
+    if report.masquerade.coverage.detected.is_empty() {
+        let _ = writeln!(out, "  not watched on this kernel");
     }
     if !report.esp_sizes_hooks.missing.is_empty() {
         let missing: Vec<String> = report

@@ -2,6 +2,7 @@
 //! of network namespaces, show xfrm-trace diagnosing it, apply the fix,
 //! show it working, and clean up.
 
+pub mod masquerade;
 pub mod mtu;
 
 use std::sync::{

@@ -19,7 +19,7 @@ use crate::{
     counters::Counters,
     drops, ebpf,
     kallsyms::Kallsyms,
-    mtu,
+    masquerade, mtu,
     netns::{self, Netns},
     privilege,
     report::{self, Counter, Kernel, NetnsDelta, NetnsInfo, Report},
@@ -90,18 +90,18 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
     for (function, why) in coverage.missing.iter().chain(&mtu_missing) {
         log::info!("not hooked: {function}: {why}");
     }
+    let masq_coverage = masquerade::attach(&mut object, &btf, &kallsyms);
+    for (function, why) in &masq_coverage.missing {
+        log::info!("MASQUERADE detection: not hooked: {function}: {why}");
+    }
     // Counters are read once everything is attached, so every increment
     // in the window can be attributed.
     let before = snapshot();
     let started = Instant::now();
-    if let Some(path) = &options.ready_file {
-        std::fs::write(path, b"attached\n")
-            .with_context(|| format!("writing ready file {}", path.display()))?;
-    }
 
     let live = options.live && std::io::IsTerminal::is_terminal(&std::io::stdout());
     let stop = options.stop.clone();
-    wait(options.duration, || {
+    wait(options.duration, options.ready_file.as_deref(), || {
         if let Some(logger) = logger.as_mut() {
             logger.flush();
         }
@@ -129,6 +129,7 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
     }
     drop(samples_ring);
     let sample_reports = attribution::sample_reports(&object, &samples, &kallsyms);
+    let masq_counted = masquerade::read(&object)?;
     if let Some(logger) = logger.as_mut() {
         logger.flush();
     }
@@ -140,8 +141,10 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
     let reasons = btf::drop_reason_names(&btf);
     let mut drops = drops::summarize(&drop_rows, &kallsyms, &reasons);
     let mut counters = counter_report(&before, &after, &sources, &counter_names, &coverage);
+    let mut leaks = masquerade::leaks(&masq_counted, &masq_coverage);
     let mut seen: Vec<u64> = drops.iter().map(|d| u64::from(d.netns)).collect();
     seen.extend(mtu_rows.iter().map(|(k, _)| u64::from(k.netns)));
+    seen.extend(leaks.iter().map(|l| l.netns));
     seen.extend(
         counters
             .iter()
@@ -182,8 +185,6 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
         None => format!("if{ifindex}"),
     };
     let esp_sizes = esp_sizes(&mtu_rows, &after, &netns);
-    let mut findings = mtu::findings(&esp_sizes);
-    findings.sort_by(|a, b| a.kind.cmp(&b.kind));
     for drop in &mut drops {
         drop.netns_label = label_of(u64::from(drop.netns));
         drop.ifname = ifname_of(u64::from(drop.netns), drop.ifindex);
@@ -202,6 +203,12 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
             source.netns_label = label_of(source.netns);
         }
     }
+    for leak in &mut leaks {
+        leak.netns_label = label_of(leak.netns);
+        leak.ifname = ifname_of(leak.netns, leak.ifindex);
+    }
+    let mut findings = masquerade::findings(&leaks);
+    findings.extend(mtu::findings(&esp_sizes));
     let mode = coverage.mode();
     Ok(Report {
         schema: report::SCHEMA,
@@ -219,6 +226,12 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
             missing: mtu_missing,
         },
         findings,
+        masquerade: masquerade::MasqueradeReport {
+            coverage: masq_coverage,
+            leaks,
+            table_full: masq_counted.table_full,
+            unseen: masq_counted.unseen,
+        },
     })
 }
 
@@ -249,8 +262,14 @@ fn esp_sizes(
 }
 
 /// Blocks until the duration passes, SIGINT/SIGTERM arrives or `tick`
-/// (called every second) returns true.
-fn wait(duration: Option<Duration>, mut tick: impl FnMut() -> bool) -> anyhow::Result<()> {
+/// (called every second) returns true. The ready file is written once the
+/// signal handlers are installed, so a SIGINT sent as soon as it appears
+/// ends the run with a report instead of killing the process.
+fn wait(
+    duration: Option<Duration>,
+    ready_file: Option<&std::path::Path>,
+    mut tick: impl FnMut() -> bool,
+) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -259,6 +278,10 @@ fn wait(duration: Option<Duration>, mut tick: impl FnMut() -> bool) -> anyhow::R
         let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
         let mut terminate =
             signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+        if let Some(path) = ready_file {
+            std::fs::write(path, b"attached\n")
+                .with_context(|| format!("writing ready file {}", path.display()))?;
+        }
         let deadline = duration.map(|d| tokio::time::Instant::now() + d);
         let mut ticks = tokio::time::interval(Duration::from_secs(1));
         loop {

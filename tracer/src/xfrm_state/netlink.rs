@@ -267,7 +267,7 @@ pub fn parse_policy(m: &[u8]) -> Result<Policy, Error> {
     for (kind, value) in attributes(&m[USERPOLICY_INFO_LEN..])? {
         match kind {
             XFRMA_TMPL => {
-                for t in value.chunks_exact(USER_TMPL_LEN) {
+                for t in value.as_chunks::<USER_TMPL_LEN>().0 {
                     let family = u16_at(t, 24);
                     policy.templates.push(Template {
                         dst: address(&t[0..16], family),

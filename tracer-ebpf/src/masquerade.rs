@@ -1,0 +1,274 @@
+//! MASQUERADE before IPsec (see `tracer_common::masquerade`): remember each
+//! skb entering POSTROUTING with an IPsec bundle, count it when the okfn
+//! finds that POSTROUTING NAT replaced the bundle by a plain route.
+
+use aya_ebpf::{
+    helpers::{bpf_probe_read_kernel, generated::bpf_probe_read_kernel as probe_read_raw},
+    macros::map,
+    maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
+};
+use tracer_common::masquerade::{
+    LEAK_TABLE_ENTRIES, LeakCount, LeakKey, PolicyKey, Seen, Selector, error,
+};
+
+use crate::{KERNEL_OFFSETS, read_at};
+
+/// Skbs that entered POSTROUTING with a bundle, by skb address.
+#[map]
+static MASQ_SEEN: LruHashMap<u64, Seen> = LruHashMap::with_max_entries(16384, 0);
+
+/// Re-routed skbs between the okfn's entry and exit (for the outcome).
+#[map]
+static MASQ_PENDING: LruHashMap<u64, LeakKey> = LruHashMap::with_max_entries(4096, 0);
+
+/// Packets that left IPsec in POSTROUTING, per (flows, SA, policy, netns,
+/// egress): exact per-CPU counts.
+#[map]
+static MASQ_LEAKS: PerCpuHashMap<LeakKey, LeakCount> =
+    PerCpuHashMap::with_max_entries(LEAK_TABLE_ENTRIES, 0);
+
+/// Selectors of the policies behind leaks, read from the kernel.
+#[map]
+static MASQ_POLICIES: HashMap<PolicyKey, Selector> = HashMap::with_max_entries(1024, 0);
+
+#[map]
+static MASQ_ERRORS: PerCpuArray<u64> = PerCpuArray::with_max_entries(error::COUNT, 0);
+
+#[inline(always)]
+fn count_error(index: u32) {
+    if let Some(count) = MASQ_ERRORS.get_ptr_mut(index) {
+        unsafe { *count += 1 };
+    }
+}
+
+/// Zeroes a plain-data value word by word; volatile so LLVM does not turn
+/// it into a `memset` call, which older verifiers reject. `T` must be a
+/// multiple of 8 bytes.
+#[inline(always)]
+fn zeroed<T>(value: &mut core::mem::MaybeUninit<T>) -> &mut T {
+    let words = value.as_mut_ptr() as *mut u64;
+    for i in 0..core::mem::size_of::<T>() / 8 {
+        unsafe { core::ptr::write_volatile(words.add(i), 0) };
+    }
+    // SAFETY: every byte is written; the types are plain integers/arrays.
+    unsafe { value.assume_init_mut() }
+}
+
+/// Reads `N` bytes at `src` into `dst`, zeroes on failure (no temporary).
+#[inline(always)]
+unsafe fn read_bytes<const N: usize>(dst: &mut [u8; N], src: u64) {
+    let ret = unsafe { probe_read_raw(dst.as_mut_ptr().cast(), N as u32, src as *const _) };
+    if ret != 0 {
+        for byte in dst.iter_mut() {
+            unsafe { core::ptr::write_volatile(byte, 0) };
+        }
+    }
+}
+
+/// Like `read_bytes` at `base + offset`; zeroes for an absent offset.
+#[inline(always)]
+unsafe fn read_field<const N: usize>(dst: &mut [u8; N], base: u64, offset: u32) {
+    if offset == tracer_common::layout::ABSENT {
+        for byte in dst.iter_mut() {
+            unsafe { core::ptr::write_volatile(byte, 0) };
+        }
+        return;
+    }
+    unsafe { read_bytes(dst, base + u64::from(offset)) };
+}
+
+/// The skb's route (`_skb_refdst` without the NOREF bit).
+#[inline(always)]
+unsafe fn skb_dst(skb: u64) -> u64 {
+    let refdst: u64 = unsafe { read_at(skb, KERNEL_OFFSETS.load().sk_buff_refdst) }.unwrap_or(0);
+    refdst & !1
+}
+
+/// Family, protocol and addresses of the skb's (inner, not yet
+/// transformed) IP header.
+#[inline(always)]
+unsafe fn ip_header(skb: u64, src: &mut [u8; 16], dst: &mut [u8; 16]) -> (u16, u8) {
+    let o = KERNEL_OFFSETS.load();
+    let head: u64 = unsafe { read_at(skb, o.sk_buff_head) }.unwrap_or(0);
+    let network: u16 = unsafe { read_at(skb, o.sk_buff_network_header) }.unwrap_or(0xffff);
+    if head == 0 || network == 0xffff {
+        return (0, 0);
+    }
+    let ip = head + u64::from(network);
+    let first: u8 = unsafe { bpf_probe_read_kernel(ip as *const u8) }.unwrap_or(0);
+    match first >> 4 {
+        4 => {
+            let proto = unsafe { bpf_probe_read_kernel((ip + 9) as *const u8) }.unwrap_or(0);
+            let s: u32 = unsafe { bpf_probe_read_kernel((ip + 12) as *const u32) }.unwrap_or(0);
+            let d: u32 = unsafe { bpf_probe_read_kernel((ip + 16) as *const u32) }.unwrap_or(0);
+            // Native byte order in, native out: the bytes stay as on the wire.
+            let (s, d) = (s.to_ne_bytes(), d.to_ne_bytes());
+            src[0] = s[0];
+            src[1] = s[1];
+            src[2] = s[2];
+            src[3] = s[3];
+            dst[0] = d[0];
+            dst[1] = d[1];
+            dst[2] = d[2];
+            dst[3] = d[3];
+            (2, proto)
+        }
+        6 => {
+            let proto = unsafe { bpf_probe_read_kernel((ip + 6) as *const u8) }.unwrap_or(0);
+            unsafe { read_bytes(src, ip + 8) };
+            unsafe { read_bytes(dst, ip + 24) };
+            (10, proto)
+        }
+        _ => (0, 0),
+    }
+}
+
+/// fentry/kprobe `xfrm4_output`/`xfrm6_output`: the skb enters POSTROUTING
+/// with its bundle; remember the flow the policy matched, the SA, the policy.
+#[inline(always)]
+pub fn entering_postrouting(skb: u64) {
+    let o = KERNEL_OFFSETS.load();
+    let dst = unsafe { skb_dst(skb) };
+    if dst == 0 {
+        return;
+    }
+    let x: u64 = unsafe { read_at(dst, o.dst_entry_xfrm) }.unwrap_or(0);
+    if x == 0 {
+        return;
+    }
+    let mut seen = core::mem::MaybeUninit::<Seen>::uninit();
+    let seen = zeroed(&mut seen);
+    let (family, proto) = unsafe { ip_header(skb, &mut seen.src, &mut seen.dst) };
+    seen.family = family;
+    seen.proto = proto;
+    seen.spi = unsafe { read_at(x, o.xfrm_state_spi) }.unwrap_or(0);
+    seen.reqid = unsafe { read_at(x, o.xfrm_state_reqid) }.unwrap_or(0);
+    unsafe { read_field(&mut seen.sa_daddr, x, o.xfrm_state_daddr) };
+    seen.sa_family = unsafe { read_at(x, o.xfrm_state_family) }.unwrap_or(0);
+    // The bundle is a struct xfrm_dst whose first member is the dst_entry.
+    let policy: u64 = unsafe { read_at(dst, o.xfrm_dst_pols) }.unwrap_or(0);
+    if policy != 0 {
+        seen.policy = policy;
+        seen.policy_index = unsafe { read_at(policy, o.xfrm_policy_index) }.unwrap_or(0);
+    }
+    let sk: u64 = unsafe { read_at(skb, o.sk_buff_sk) }.unwrap_or(0);
+    seen.local = u8::from(sk != 0);
+    let _ = MASQ_SEEN.insert(&skb, seen, 0);
+}
+
+/// fentry/kprobe `__xfrm4_output`/`__xfrm6_output` (the okfn of that
+/// POSTROUTING): if the route has no SA any more, NAT re-routed the packet
+/// out of IPsec and it is about to leave in clear.
+#[inline(always)]
+pub fn leaving_postrouting(skb: u64, track_outcome: bool) {
+    let o = KERNEL_OFFSETS.load();
+    let dst = unsafe { skb_dst(skb) };
+    if dst == 0 {
+        return;
+    }
+    let x: u64 = unsafe { read_at(dst, o.dst_entry_xfrm) }.unwrap_or(1);
+    if x != 0 {
+        // Still IPsec (the normal case): forget the skb.
+        let _ = MASQ_SEEN.remove(&skb);
+        return;
+    }
+    let mut key = core::mem::MaybeUninit::<LeakKey>::uninit();
+    let key = zeroed(&mut key);
+    let (family, proto) = unsafe { ip_header(skb, &mut key.post_src, &mut key.post_dst) };
+    key.family = family;
+    key.proto = proto;
+    let dev: u64 = unsafe { read_at(dst, o.dst_entry_dev) }.unwrap_or(0);
+    let mut net: u64 = 0;
+    if dev != 0 {
+        key.ifindex = unsafe { read_at(dev, o.net_device_ifindex) }.unwrap_or(0);
+        net = unsafe { read_at(dev, o.net_device_nd_net) }.unwrap_or(0);
+    }
+    if net != 0 {
+        key.netns = unsafe { read_at(net, o.net_ns_inum) }.unwrap_or(0);
+    }
+    let mut policy: u64 = 0;
+    if let Some(seen) = unsafe { MASQ_SEEN.get(&skb) } {
+        key.pre_src = seen.src;
+        key.pre_dst = seen.dst;
+        key.sa_daddr = seen.sa_daddr;
+        key.spi = seen.spi;
+        key.reqid = seen.reqid;
+        key.policy_index = seen.policy_index;
+        key.sa_family = seen.sa_family;
+        key.local = seen.local;
+        key.seen = 1;
+        policy = seen.policy;
+    } else {
+        count_error(error::UNSEEN);
+        let sk: u64 = unsafe { read_at(skb, o.sk_buff_sk) }.unwrap_or(0);
+        key.local = u8::from(sk != 0);
+    }
+    let _ = MASQ_SEEN.remove(&skb);
+    let len: u32 = unsafe { read_at(skb, o.sk_buff_len) }.unwrap_or(0);
+    if let Some(count) = MASQ_LEAKS.get_ptr_mut(key) {
+        unsafe {
+            (*count).packets += 1;
+            (*count).bytes += u64::from(len);
+        }
+    } else {
+        let mut count = core::mem::MaybeUninit::<LeakCount>::uninit();
+        let count = zeroed(&mut count);
+        count.packets = 1;
+        count.bytes = u64::from(len);
+        if MASQ_LEAKS.insert(key, count, 0).is_err() {
+            count_error(error::TABLE_FULL);
+            return;
+        }
+    }
+    if policy != 0 && key.policy_index != 0 {
+        let pkey = PolicyKey {
+            netns: key.netns,
+            index: key.policy_index,
+        };
+        if unsafe { MASQ_POLICIES.get(&pkey) }.is_none() {
+            let mut selector = core::mem::MaybeUninit::<Selector>::uninit();
+            let selector = zeroed(&mut selector);
+            unsafe {
+                read_field(&mut selector.saddr, policy, o.xfrm_policy_sel_saddr);
+                read_field(&mut selector.daddr, policy, o.xfrm_policy_sel_daddr);
+            }
+            selector.family = unsafe { read_at(policy, o.xfrm_policy_sel_family) }.unwrap_or(0);
+            selector.prefixlen_s =
+                unsafe { read_at(policy, o.xfrm_policy_sel_prefixlen_s) }.unwrap_or(0);
+            selector.prefixlen_d =
+                unsafe { read_at(policy, o.xfrm_policy_sel_prefixlen_d) }.unwrap_or(0);
+            selector.proto = unsafe { read_at(policy, o.xfrm_policy_sel_proto) }.unwrap_or(0);
+            let _ = MASQ_POLICIES.insert(&pkey, selector, 0);
+        }
+    }
+    if track_outcome {
+        let _ = MASQ_PENDING.insert(&skb, key, 0);
+    }
+}
+
+/// fexit of the okfn: `dst_output` of the plain route returned `ret`.
+#[inline(always)]
+pub fn left_postrouting(skb: u64, ret: i32) {
+    let Some(key) = MASQ_PENDING.get_ptr(&skb) else {
+        return;
+    };
+    // The key is used in place (a copy of the map value would need memcpy).
+    let key = unsafe { &*key };
+    let (sent, failed) = if ret == 0 { (1, 0) } else { (0, 1) };
+    if let Some(count) = MASQ_LEAKS.get_ptr_mut(key) {
+        unsafe {
+            (*count).sent += sent;
+            (*count).failed += failed;
+        }
+    } else {
+        // Another CPU counted the packet (the task migrated): the sums agree.
+        let mut count = core::mem::MaybeUninit::<LeakCount>::uninit();
+        let count = zeroed(&mut count);
+        count.sent = sent;
+        count.failed = failed;
+        if MASQ_LEAKS.insert(key, count, 0).is_err() {
+            count_error(error::TABLE_FULL);
+        }
+    }
+    let _ = MASQ_PENDING.remove(&skb);
+}

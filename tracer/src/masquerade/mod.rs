@@ -1,0 +1,588 @@
+//! MASQUERADE/SNAT before the IPsec policy lookup (kernel-map §3): packets
+//! routed into IPsec whose source POSTROUTING NAT rewrote, so that the
+//! policy re-lookup matched nothing and they left unencrypted. Attaching
+//! the detector, reading what it counted, and the finding with its fix.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
+
+use aya::{
+    Btf, Ebpf,
+    maps::{HashMap as BpfHashMap, PerCpuArray, PerCpuHashMap},
+    programs::{FEntry, FExit, KProbe},
+};
+use serde::Serialize;
+use tracer_common::masquerade::{LeakCount, LeakKey, PolicyKey, Selector, error};
+
+use crate::{
+    btf::KernelBtf,
+    ebpf::{describe, program},
+    kallsyms::{Kallsyms, Presence},
+    report::Finding,
+};
+
+pub const FINDING_KIND: &str = "masquerade_before_policy";
+
+/// The functions, per family: the bundle's `output` (POSTROUTING starts)
+/// and its okfn (POSTROUTING ended).
+struct Family {
+    name: &'static str,
+    output: &'static str,
+    okfn: &'static str,
+    output_fentry: &'static str,
+    okfn_fentry: &'static str,
+    okfn_fexit: &'static str,
+}
+
+const FAMILIES: &[Family] = &[
+    Family {
+        name: "ipv4",
+        output: "xfrm4_output",
+        okfn: "__xfrm4_output",
+        output_fentry: "masq_xfrm4_output",
+        okfn_fentry: "masq_xfrm4_okfn",
+        okfn_fexit: "masq_xfrm4_okfn_exit",
+    },
+    Family {
+        name: "ipv6",
+        output: "xfrm6_output",
+        okfn: "__xfrm6_output",
+        output_fentry: "masq_xfrm6_output",
+        okfn_fentry: "masq_xfrm6_okfn",
+        okfn_fexit: "masq_xfrm6_okfn_exit",
+    },
+];
+
+/// What the detector covers on this kernel.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct MasqCoverage {
+    /// Families whose re-routes out of IPsec are counted (`ipv4`, `ipv6`).
+    pub detected: Vec<String>,
+    /// Families whose pre-NAT flow, SA and policy are known too.
+    pub explained: Vec<String>,
+    /// Families where "sent in clear" vs "dropped" is known (fexit).
+    pub outcome: Vec<String>,
+    /// `function (fentry|fexit|kprobe)`.
+    pub attached: Vec<String>,
+    pub missing: Vec<(String, String)>,
+}
+
+fn skb_is_third(btf: &KernelBtf, function: &str) -> Result<(), String> {
+    match btf.function_params(function) {
+        Some(params) if params.iter().position(|p| p == "skb") == Some(2) => Ok(()),
+        Some(params) => Err(format!(
+            "unexpected prototype {function}({})",
+            params.join(", ")
+        )),
+        // Not in BTF: kprobes read registers, trust the (net, sk, skb)
+        // prototype every kernel since 4.4 has.
+        None => Ok(()),
+    }
+}
+
+fn fentry(ebpf: &mut Ebpf, name: &str, function: &str, btf: &Btf) -> Result<(), String> {
+    let prog: &mut FEntry = program(ebpf, name)?;
+    prog.load(function, btf).map_err(|e| describe(&e))?;
+    prog.attach().map(drop).map_err(|e| describe(&e))
+}
+
+fn fexit(ebpf: &mut Ebpf, name: &str, function: &str, btf: &Btf) -> Result<(), String> {
+    let prog: &mut FExit = program(ebpf, name)?;
+    prog.load(function, btf).map_err(|e| describe(&e))?;
+    prog.attach().map(drop).map_err(|e| describe(&e))
+}
+
+fn kprobe(ebpf: &mut Ebpf, name: &str, function: &str) -> Result<(), String> {
+    let prog: &mut KProbe = program(ebpf, name)?;
+    if prog.fd().is_err() {
+        prog.load().map_err(|e| describe(&e))?;
+    }
+    prog.attach(function, 0).map(drop).map_err(|e| describe(&e))
+}
+
+/// Set to force the kprobe fallback (to test it where fentry works).
+pub const FORCE_KPROBE_ENV: &str = "XFRM_TRACE_MASQ_KPROBE";
+
+/// Attaches what this kernel allows: fentry (+ fexit for the outcome) on
+/// each function, else a kprobe on its exact symbol.
+pub fn attach(ebpf: &mut Ebpf, kernel_btf: &KernelBtf, kallsyms: &Kallsyms) -> MasqCoverage {
+    let mut coverage = MasqCoverage::default();
+    let force_kprobe = std::env::var_os(FORCE_KPROBE_ENV).is_some();
+    let btf = if force_kprobe {
+        Err("fentry not tried (XFRM_TRACE_MASQ_KPROBE set)".to_string())
+    } else {
+        Btf::from_sys_fs().map_err(|e| describe(&e))
+    };
+    for family in FAMILIES {
+        let hooked = |ebpf: &mut Ebpf,
+                      function: &str,
+                      fentry_prog: &str,
+                      kprobe_prog: &str,
+                      coverage: &mut MasqCoverage|
+         -> Option<&'static str> {
+            if let Err(why) = skb_is_third(kernel_btf, function) {
+                coverage.missing.push((function.into(), why));
+                return None;
+            }
+            let via_fentry = match &btf {
+                Ok(btf) if kernel_btf.has_function(function) => {
+                    fentry(ebpf, fentry_prog, function, btf)
+                }
+                Ok(_) => Err("not in BTF".into()),
+                Err(e) => Err(e.clone()),
+            };
+            let fentry_error = match via_fentry {
+                Ok(()) => {
+                    coverage.attached.push(format!("{function} (fentry)"));
+                    return Some("fentry");
+                }
+                Err(e) => e,
+            };
+            if !matches!(
+                kallsyms.presence(function),
+                Presence::Exact { module: None }
+            ) {
+                coverage.missing.push((
+                    function.into(),
+                    format!("fentry: {fentry_error}; kprobe: no exact vmlinux symbol"),
+                ));
+                return None;
+            }
+            match kprobe(ebpf, kprobe_prog, function) {
+                Ok(()) => {
+                    coverage.attached.push(format!("{function} (kprobe)"));
+                    Some("kprobe")
+                }
+                Err(e) => {
+                    coverage.missing.push((
+                        function.into(),
+                        format!("fentry: {fentry_error}; kprobe: {e}"),
+                    ));
+                    None
+                }
+            }
+        };
+        let okfn = hooked(
+            ebpf,
+            family.okfn,
+            family.okfn_fentry,
+            "masq_okfn_kprobe",
+            &mut coverage,
+        );
+        let Some(okfn) = okfn else { continue };
+        coverage.detected.push(family.name.into());
+        if okfn == "fentry"
+            && let Ok(btf) = &btf
+        {
+            match fexit(ebpf, family.okfn_fexit, family.okfn, btf) {
+                Ok(()) => {
+                    coverage.attached.push(format!("{} (fexit)", family.okfn));
+                    coverage.outcome.push(family.name.into());
+                }
+                Err(e) => coverage
+                    .missing
+                    .push((format!("{} (fexit)", family.okfn), e)),
+            }
+        } else {
+            coverage.missing.push((
+                format!("{} (fexit)", family.okfn),
+                "kprobe mode: whether the packet was sent or dropped after the re-route is not known".into(),
+            ));
+        }
+        if hooked(
+            ebpf,
+            family.output,
+            family.output_fentry,
+            "masq_output_kprobe",
+            &mut coverage,
+        )
+        .is_some()
+        {
+            coverage.explained.push(family.name.into());
+        }
+    }
+    coverage
+}
+
+/// What the kernel side counted.
+#[derive(Debug, Default)]
+pub struct Counted {
+    pub leaks: Vec<(LeakKey, LeakCount)>,
+    pub policies: HashMap<PolicyKey, Selector>,
+    pub table_full: u64,
+    pub unseen: u64,
+}
+
+/// Reads the leak table (summed over CPUs), the selectors and the errors.
+pub fn read(ebpf: &Ebpf) -> Result<Counted, aya::maps::MapError> {
+    let map = |name: &str| {
+        ebpf.map(name)
+            .ok_or_else(|| aya::maps::MapError::InvalidName { name: name.into() })
+    };
+    let table: PerCpuHashMap<_, LeakKey, LeakCount> = PerCpuHashMap::try_from(map("MASQ_LEAKS")?)?;
+    let mut counted = Counted::default();
+    for entry in table.iter() {
+        let (key, per_cpu) = entry?;
+        let mut sum = LeakCount::default();
+        for c in per_cpu.iter() {
+            sum.packets += c.packets;
+            sum.bytes += c.bytes;
+            sum.sent += c.sent;
+            sum.failed += c.failed;
+        }
+        counted.leaks.push((key, sum));
+    }
+    let policies: BpfHashMap<_, PolicyKey, Selector> = BpfHashMap::try_from(map("MASQ_POLICIES")?)?;
+    for entry in policies.iter() {
+        let (key, selector) = entry?;
+        counted.policies.insert(key, selector);
+    }
+    let errors: PerCpuArray<_, u64> = PerCpuArray::try_from(map("MASQ_ERRORS")?)?;
+    counted.table_full = errors.get(&error::TABLE_FULL, 0)?.iter().sum();
+    counted.unseen = errors.get(&error::UNSEEN, 0)?.iter().sum();
+    Ok(counted)
+}
+
+/// The detector's part of the report.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct MasqueradeReport {
+    pub coverage: MasqCoverage,
+    /// Packets re-routed out of IPsec, per flow.
+    pub leaks: Vec<Leak>,
+    /// Leaks not itemized (table full): counted here only.
+    pub table_full: u64,
+    /// Leaks whose skb was not seen entering POSTROUTING (no pre-NAT flow).
+    pub unseen: u64,
+}
+
+/// One pre-NAT flow that POSTROUTING NAT took out of its IPsec bundle.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Leak {
+    pub packets: u64,
+    pub bytes: u64,
+    /// `dst_output` accepted them: they left in clear.
+    pub sent: u64,
+    /// `dst_output` failed after the re-route.
+    pub dropped: u64,
+    /// Whether `sent`/`dropped` are known (fexit attached).
+    pub outcome_known: bool,
+    pub family: &'static str,
+    /// `forwarded` or `local` (the skb belonged to a local socket).
+    pub origin: &'static str,
+    /// The flow the IPsec policy matched (empty if not seen).
+    pub pre_src: String,
+    pub pre_dst: String,
+    /// The flow as it left.
+    pub post_src: String,
+    pub post_dst: String,
+    pub proto: String,
+    /// The SA it should have used (hex SPI as `ip xfrm` shows it).
+    pub spi: String,
+    pub reqid: u32,
+    pub sa_dst: String,
+    pub policy_index: u32,
+    /// The policy's selector, `addr/prefix` (empty if unknown).
+    pub policy_src: String,
+    pub policy_dst: String,
+    pub netns: u64,
+    pub netns_label: String,
+    pub ifindex: u32,
+    pub ifname: String,
+}
+
+fn address(family: u16, bytes: &[u8; 16]) -> Option<IpAddr> {
+    match family {
+        2 => Some(IpAddr::V4(Ipv4Addr::new(
+            bytes[0], bytes[1], bytes[2], bytes[3],
+        ))),
+        10 => Some(IpAddr::V6(Ipv6Addr::from(*bytes))),
+        _ => None,
+    }
+}
+
+fn text(family: u16, bytes: &[u8; 16]) -> String {
+    address(family, bytes).map_or_else(String::new, |a| a.to_string())
+}
+
+fn proto_name(proto: u8) -> String {
+    match proto {
+        1 => "icmp".into(),
+        6 => "tcp".into(),
+        17 => "udp".into(),
+        58 => "icmpv6".into(),
+        other => other.to_string(),
+    }
+}
+
+/// The report rows, most packets first. Labels and interface names are
+/// filled in with `label`.
+pub fn leaks(counted: &Counted, coverage: &MasqCoverage) -> Vec<Leak> {
+    let mut rows: Vec<Leak> = counted
+        .leaks
+        .iter()
+        .filter(|(_, c)| c.packets > 0)
+        .map(|(k, c)| {
+            let family_name = if k.family == 10 { "ipv6" } else { "ipv4" };
+            let selector = counted.policies.get(&PolicyKey {
+                netns: k.netns,
+                index: k.policy_index,
+            });
+            let cidr = |bytes: &[u8; 16], len: u8, family: u16| {
+                address(family, bytes).map_or_else(String::new, |a| format!("{a}/{len}"))
+            };
+            Leak {
+                packets: c.packets,
+                bytes: c.bytes,
+                sent: c.sent,
+                dropped: c.failed,
+                outcome_known: coverage.outcome.iter().any(|f| f == family_name),
+                family: family_name,
+                origin: if k.local != 0 { "local" } else { "forwarded" },
+                pre_src: if k.seen != 0 {
+                    text(k.family, &k.pre_src)
+                } else {
+                    String::new()
+                },
+                pre_dst: if k.seen != 0 {
+                    text(k.family, &k.pre_dst)
+                } else {
+                    String::new()
+                },
+                post_src: text(k.family, &k.post_src),
+                post_dst: text(k.family, &k.post_dst),
+                proto: proto_name(k.proto),
+                spi: if k.seen != 0 {
+                    format!("{:#010x}", u32::from_be(k.spi))
+                } else {
+                    String::new()
+                },
+                reqid: k.reqid,
+                sa_dst: text(k.sa_family, &k.sa_daddr),
+                policy_index: k.policy_index,
+                policy_src: selector
+                    .map_or_else(String::new, |s| cidr(&s.saddr, s.prefixlen_s, s.family)),
+                policy_dst: selector
+                    .map_or_else(String::new, |s| cidr(&s.daddr, s.prefixlen_d, s.family)),
+                netns: u64::from(k.netns),
+                netns_label: String::new(),
+                ifindex: k.ifindex,
+                ifname: String::new(),
+            }
+        })
+        .collect();
+    rows.sort_by(|a, b| b.packets.cmp(&a.packets).then(a.pre_src.cmp(&b.pre_src)));
+    rows
+}
+
+/// How to run a command in the leak's netns.
+fn in_netns(label: &str) -> String {
+    if label == "host" || label.is_empty() || label.starts_with("netns:") {
+        String::new()
+    } else if let Some(pid) = label.strip_prefix("pid ") {
+        format!("nsenter -t {pid} -n ")
+    } else {
+        format!("ip netns exec {label} ")
+    }
+}
+
+/// The exempting rule for these subnets, first line iptables (run as is).
+pub fn fix(leak: &Leak) -> String {
+    let (src, dst) = if leak.policy_src.is_empty() {
+        // Policy not known: the exact flow that was matched.
+        let host = if leak.family == "ipv6" { "128" } else { "32" };
+        (
+            format!("{}/{host}", leak.pre_src),
+            format!("{}/{host}", leak.pre_dst),
+        )
+    } else {
+        (leak.policy_src.clone(), leak.policy_dst.clone())
+    };
+    let ns = in_netns(&leak.netns_label);
+    let (iptables, nft_family, addr) = if leak.family == "ipv6" {
+        ("ip6tables", "ip6", "ip6")
+    } else {
+        ("iptables", "ip", "ip")
+    };
+    format!(
+        "{ns}{iptables} -t nat -I POSTROUTING -s {src} -d {dst} -j RETURN\n\
+         nftables: {ns}nft insert rule {nft_family} nat POSTROUTING {addr} saddr {src} {addr} daddr {dst} return \
+         (in the table and chain that hold your masquerade rule)\n\
+         or, for all IPsec traffic: {ns}{iptables} -t nat -I POSTROUTING -m policy --dir out --pol ipsec -j ACCEPT \
+         (nftables: rt ipsec exists accept)"
+    )
+}
+
+/// One finding per (netns, policy, NAT source, egress interface).
+pub fn findings(leaks: &[Leak]) -> Vec<Finding> {
+    let mut groups: BTreeMap<(u64, u32, String, u32, &str), Vec<&Leak>> = BTreeMap::new();
+    for leak in leaks {
+        groups
+            .entry((
+                leak.netns,
+                leak.policy_index,
+                leak.post_src.clone(),
+                leak.ifindex,
+                leak.family,
+            ))
+            .or_default()
+            .push(leak);
+    }
+    groups
+        .into_values()
+        .map(|rows| {
+            let first = rows[0];
+            let packets: u64 = rows.iter().map(|l| l.packets).sum();
+            let sent: u64 = rows.iter().map(|l| l.sent).sum();
+            let dropped: u64 = rows.iter().map(|l| l.dropped).sum();
+            let (from, to) = if first.policy_src.is_empty() {
+                (first.pre_src.clone(), first.pre_dst.clone())
+            } else {
+                (first.policy_src.clone(), first.policy_dst.clone())
+            };
+            let flows = if from.is_empty() {
+                String::new()
+            } else {
+                format!(" from {from} to {to}")
+            };
+            let (fate, after) = if !first.outcome_known {
+                (
+                    "routed out of IPsec",
+                    "; sent or dropped is not tracked on this kernel".to_string(),
+                )
+            } else if dropped == 0 {
+                ("sent in clear", String::new())
+            } else {
+                (
+                    "routed out of IPsec",
+                    format!(": {sent} sent in clear, {dropped} dropped"),
+                )
+            };
+            let summary = format!(
+                "{packets} packet{} {flows} {} SNATed to {} before IPsec and {fate} on {} (netns {}){after}",
+                if packets == 1 { "" } else { "s" },
+                if packets == 1 { "was" } else { "were" },
+                first.post_src,
+                first.ifname,
+                first.netns_label,
+            )
+            .replace("  ", " ");
+            let mut evidence = vec![format!(
+                "the route of these packets carried IPsec SA spi {} reqid {} (to {}) of policy index {}{} when POSTROUTING began, and a plain route when it ended: NAT changed the source, the policy re-lookup (nf_xfrm_me_harder) matched no policy, and {} handed the packet to dst_output unencrypted",
+                if first.spi.is_empty() { "?" } else { &first.spi },
+                first.reqid,
+                if first.sa_dst.is_empty() { "?" } else { &first.sa_dst },
+                first.policy_index,
+                if first.policy_src.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (src {} dst {})", first.policy_src, first.policy_dst)
+                },
+                if first.family == "ipv6" {
+                    "__xfrm6_output"
+                } else {
+                    "__xfrm4_output"
+                },
+            )];
+            for l in &rows {
+                evidence.push(format!(
+                    "{} {} packet(s) {} -> {} {} left as {} -> {} on {}",
+                    l.packets,
+                    l.origin,
+                    if l.pre_src.is_empty() { "?" } else { &l.pre_src },
+                    if l.pre_dst.is_empty() { "?" } else { &l.pre_dst },
+                    l.proto,
+                    l.post_src,
+                    l.post_dst,
+                    l.ifname
+                ));
+            }
+            if first.outcome_known {
+                evidence.push(format!(
+                    "outcome: {sent} accepted by dst_output (sent in clear), {dropped} failed"
+                ));
+            }
+            evidence.push(
+                "no /proc/net/xfrm_stat counter moves for this, and nothing is logged".into(),
+            );
+            Finding {
+                kind: FINDING_KIND.into(),
+                summary,
+                fix: fix(first),
+                evidence,
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn leak() -> Leak {
+        Leak {
+            packets: 6,
+            bytes: 600,
+            sent: 6,
+            dropped: 0,
+            outcome_known: true,
+            family: "ipv4",
+            origin: "forwarded",
+            pre_src: "10.0.2.10".into(),
+            pre_dst: "192.168.1.10".into(),
+            post_src: "192.0.2.1".into(),
+            post_dst: "192.168.1.10".into(),
+            proto: "udp".into(),
+            spi: "0x00001001".into(),
+            reqid: 1,
+            sa_dst: "203.0.113.1".into(),
+            policy_index: 1,
+            policy_src: "10.0.2.0/24".into(),
+            policy_dst: "192.168.0.0/16".into(),
+            netns: 7,
+            netns_label: "west".into(),
+            ifindex: 3,
+            ifname: "wan0".into(),
+        }
+    }
+
+    #[test]
+    fn finding_reads_at_a_glance_and_fix_is_exact() {
+        let f = findings(&[leak()]);
+        assert_eq!(f.len(), 1);
+        assert_eq!(f[0].kind, "masquerade_before_policy");
+        assert_eq!(
+            f[0].summary,
+            "6 packets from 10.0.2.0/24 to 192.168.0.0/16 were SNATed to 192.0.2.1 before IPsec and sent in clear on wan0 (netns west)"
+        );
+        assert_eq!(
+            f[0].fix.lines().next().unwrap(),
+            "ip netns exec west iptables -t nat -I POSTROUTING -s 10.0.2.0/24 -d 192.168.0.0/16 -j RETURN"
+        );
+        assert!(
+            f[0].fix
+                .contains("ip saddr 10.0.2.0/24 ip daddr 192.168.0.0/16 return")
+        );
+    }
+
+    #[test]
+    fn ipv6_and_unknown_policy() {
+        let mut l = leak();
+        l.family = "ipv6";
+        l.policy_src.clear();
+        l.policy_dst.clear();
+        l.pre_src = "fd00:2::10".into();
+        l.pre_dst = "fd00:168::10".into();
+        l.netns_label = "host".into();
+        let f = findings(&[l]);
+        assert_eq!(
+            f[0].fix.lines().next().unwrap(),
+            "ip6tables -t nat -I POSTROUTING -s fd00:2::10/128 -d fd00:168::10/128 -j RETURN"
+        );
+        assert!(
+            f[0].summary
+                .starts_with("6 packets from fd00:2::10 to fd00:168::10 were")
+        );
+    }
+}
