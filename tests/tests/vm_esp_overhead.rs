@@ -24,15 +24,9 @@ fn keys(lab: &Lab, host: Host) -> Vec<String> {
         .collect()
 }
 
-fn check(config: StaticIpsec) {
-    let name = format!(
-        "xo{}{}{}{}",
-        std::process::id() % 1000,
-        config.mode as u8,
-        config.cipher as u8,
-        u8::from(config.nat_t)
-    );
-    let mut lab = Lab::create(&name).expect("lab topology");
+/// Installs `config` in the (reused) lab and checks it.
+fn check(lab: &mut Lab, config: StaticIpsec) {
+    lab.clear_ipsec().expect("clearing SAs");
     lab.static_ipsec(&config).expect("static SAs");
     let state = XfrmState::read_in(&lab.ns_path(Host::West)).expect("netlink dump");
     let sa = state
@@ -110,15 +104,19 @@ fn check(config: StaticIpsec) {
 
 #[test]
 fn computed_esp_overhead_equals_the_wire_for_every_mode_cipher_and_encap() {
+    let mut lab = Lab::create(&format!("xo{}", std::process::id() % 10000)).expect("lab topology");
     for mode in [Mode::Tunnel, Mode::Transport] {
         for cipher in [Cipher::AesGcm128, Cipher::AesCbcHmacSha256] {
             for nat_t in [false, true] {
-                check(StaticIpsec {
-                    mode,
-                    cipher,
-                    nat_t,
-                    ..StaticIpsec::default()
-                });
+                check(
+                    &mut lab,
+                    StaticIpsec {
+                        mode,
+                        cipher,
+                        nat_t,
+                        ..StaticIpsec::default()
+                    },
+                );
             }
         }
     }

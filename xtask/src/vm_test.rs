@@ -24,7 +24,7 @@ pub struct Options {
     #[arg(long)]
     pub test: Option<String>,
     /// Time limit for one VM (boot, tests, power-off).
-    #[arg(long, default_value_t = 1800)]
+    #[arg(long, default_value_t = 2400)]
     pub vm_timeout_secs: u64,
 }
 

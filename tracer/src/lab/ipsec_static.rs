@@ -192,6 +192,17 @@ impl Lab {
         Ok(())
     }
 
+    /// Removes every SA and policy of both gateways (and the NAT-T
+    /// sockets), so the same topology can carry another configuration.
+    pub fn clear_ipsec(&mut self) -> Result<()> {
+        for gw in [Host::West, Host::East] {
+            self.ip(gw, &["xfrm", "state", "flush"])?;
+            self.ip(gw, &["xfrm", "policy", "flush"])?;
+        }
+        self.encap_sockets.clear();
+        Ok(())
+    }
+
     /// A UDP socket on port 4500 marked for ESP-in-UDP: without one the
     /// kernel treats arriving UDP 4500 as plain UDP (pluto opens it for IKE).
     fn encap_socket(&self, gw: Host) -> Result<OwnedFd> {
