@@ -137,6 +137,27 @@ impl Drop for Namespaces {
     }
 }
 
+/// Runs `action` while `xfrm-trace <args> --json ...` watches, stops it
+/// with Ctrl-C, checks it succeeded and returns its JSON report.
+pub fn traced_report(name: &str, args: &[&str], action: impl FnOnce()) -> serde_json::Value {
+    let json = scratch(&format!("{name}.json"));
+    let mut all = vec!["--json", json.to_str().expect("scratch path")];
+    all.extend_from_slice(args);
+    let mut tracer = Tracer::start(&all, &scratch(&format!("{name}.ready")));
+    action();
+    // Let the last packets' events land before the maps are read.
+    std::thread::sleep(Duration::from_millis(500));
+    let out = tracer.interrupt();
+    assert!(
+        out.status.success(),
+        "xfrm-trace failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = serde_json::from_slice(&std::fs::read(&json).expect("report")).expect("json");
+    let _ = std::fs::remove_file(&json);
+    report
+}
+
 /// A running `xfrm-trace`, killed on drop.
 pub struct Tracer {
     pub child: Child,
@@ -166,8 +187,8 @@ impl Tracer {
                 );
             }
             assert!(
-                started.elapsed() < Duration::from_secs(60),
-                "xfrm-trace not attached after 60 s"
+                started.elapsed() < Duration::from_secs(180),
+                "xfrm-trace not attached after 180 s"
             );
             std::thread::sleep(Duration::from_millis(50));
         }

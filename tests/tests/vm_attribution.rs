@@ -6,7 +6,7 @@
 use std::{net::SocketAddr, time::Duration};
 
 use serde_json::Value;
-use tests::{Tracer, scratch};
+use tests::traced_report;
 use xfrm_trace::lab::{Df, EAST_WAN, EHOST, Host, Lab, StaticIpsec, WEST_WAN, WHOST};
 
 const COUNT: usize = 6;
@@ -53,26 +53,11 @@ fn traced(name: &str, action: impl FnOnce()) -> Value {
 }
 
 fn traced_with(hooks: Hooks, name: &str, action: impl FnOnce()) -> Value {
-    let json = scratch(&format!("{name}.json"));
     let (hooks, mode) = match hooks {
         Hooks::Auto => ("auto", "fentry"),
         Hooks::Kprobe => ("kprobe", "kprobe"),
     };
-    let mut tracer = Tracer::start(
-        &["--json", json.to_str().unwrap(), "--hooks", hooks],
-        &scratch(&format!("{name}.ready")),
-    );
-    action();
-    std::thread::sleep(Duration::from_millis(500));
-    let out = tracer.interrupt();
-    assert!(
-        out.status.success(),
-        "xfrm-trace failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: Value =
-        serde_json::from_slice(&std::fs::read(&json).expect("report")).expect("json");
-    let _ = std::fs::remove_file(&json);
+    let report = traced_report(name, &["--hooks", hooks], action);
     assert_eq!(report["kernel"]["mode"], mode, "{:#}", report["coverage"]);
     report
 }

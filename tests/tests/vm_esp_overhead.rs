@@ -63,7 +63,7 @@ fn check(lab: &mut Lab, config: StaticIpsec) {
     // Keys never reach what we keep.
     let json = serde_json::to_string(&state).unwrap().to_lowercase();
     let debug = format!("{state:?}").to_lowercase();
-    let keys = keys(&lab, Host::West);
+    let keys = keys(lab, Host::West);
     assert!(!keys.is_empty(), "ip xfrm state shows no keys");
     for key in &keys {
         assert!(!json.contains(key.as_str()) && !debug.contains(key.as_str()));

@@ -8,7 +8,7 @@
 use std::{net::SocketAddr, time::Duration};
 
 use serde_json::Value;
-use tests::{Tracer, scratch};
+use tests::{Tracer, scratch, traced_report};
 use xfrm_trace::lab::{
     Df, EAST_SUBNET, EAST_WAN, EHOST, Host, Lab, Packet, ROUTER_WEST, StaticIpsec, WEST_LAN,
     WEST_SUBNET, WEST_WAN, WHOST,
@@ -39,22 +39,7 @@ fn to(host: &str) -> SocketAddr {
 
 /// Runs `action` while the tracer watches; returns its JSON report.
 fn traced(name: &str, action: impl FnOnce()) -> Value {
-    let json = scratch(&format!("{name}.json"));
-    let mut tracer = Tracer::start(
-        &["--json", json.to_str().unwrap()],
-        &scratch(&format!("{name}.ready")),
-    );
-    action();
-    std::thread::sleep(Duration::from_millis(500));
-    let out = tracer.interrupt();
-    assert!(
-        out.status.success(),
-        "xfrm-trace failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: Value =
-        serde_json::from_slice(&std::fs::read(&json).expect("report")).expect("json");
-    let _ = std::fs::remove_file(&json);
+    let report = traced_report(name, &[], action);
     let coverage = &report["masquerade"]["coverage"];
     for key in ["detected", "explained", "outcome"] {
         assert!(

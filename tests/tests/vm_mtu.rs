@@ -7,7 +7,7 @@
 use std::{net::SocketAddr, time::Duration};
 
 use serde_json::Value;
-use tests::{Tracer, scratch};
+use tests::traced_report;
 use xfrm_trace::lab::{Cipher, Df, EAST_WAN, EHOST, Host, Lab, Mode, StaticIpsec, WEST_WAN, WHOST};
 
 const COUNT: usize = 5;
@@ -27,22 +27,7 @@ fn lab(name: &str, config: &StaticIpsec) -> Lab {
 }
 
 fn traced(name: &str, action: impl FnOnce()) -> Value {
-    let json = scratch(&format!("{name}.json"));
-    let mut tracer = Tracer::start(
-        &["--json", json.to_str().unwrap()],
-        &scratch(&format!("{name}.ready")),
-    );
-    action();
-    std::thread::sleep(Duration::from_millis(500));
-    let out = tracer.interrupt();
-    assert!(
-        out.status.success(),
-        "xfrm-trace failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: Value =
-        serde_json::from_slice(&std::fs::read(&json).expect("report")).expect("json");
-    let _ = std::fs::remove_file(&json);
+    let report = traced_report(name, &[], action);
     assert!(
         report["esp_sizes_hooks"]["missing"]
             .as_array()
