@@ -650,9 +650,14 @@ fn masquerade_kprobe_fallback_counts_every_leak() {
     let ready = scratch("masq-kprobe.ready");
     let _ = std::fs::remove_file(&ready);
     let child = std::process::Command::new(tests::binary())
-        .args(["--json", json.to_str().unwrap(), "--ready-file"])
+        .args([
+            "--hooks",
+            "kprobe",
+            "--json",
+            json.to_str().unwrap(),
+            "--ready-file",
+        ])
         .arg(&ready)
-        .env("XFRM_TRACE_MASQ_KPROBE", "1")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()

@@ -11,14 +11,14 @@ use std::{
 use aya::{
     Btf, Ebpf,
     maps::{HashMap as BpfHashMap, PerCpuArray, PerCpuHashMap},
-    programs::{FEntry, FExit, KProbe},
 };
 use serde::Serialize;
 use tracer_common::masquerade::{LeakCount, LeakKey, PolicyKey, Selector, error};
 
 use crate::{
+    attribution::HookChoice,
     btf::KernelBtf,
-    ebpf::{describe, program},
+    ebpf::{attach_fentry, attach_fexit, attach_kprobe, describe},
     kallsyms::{Kallsyms, Presence},
     report::Finding,
 };
@@ -82,36 +82,23 @@ fn skb_is_third(btf: &KernelBtf, function: &str) -> Result<(), String> {
     }
 }
 
-fn fentry(ebpf: &mut Ebpf, name: &str, function: &str, btf: &Btf) -> Result<(), String> {
-    let prog: &mut FEntry = program(ebpf, name)?;
-    prog.load(function, btf).map_err(|e| describe(&e))?;
-    prog.attach().map(drop).map_err(|e| describe(&e))
-}
-
-fn fexit(ebpf: &mut Ebpf, name: &str, function: &str, btf: &Btf) -> Result<(), String> {
-    let prog: &mut FExit = program(ebpf, name)?;
-    prog.load(function, btf).map_err(|e| describe(&e))?;
-    prog.attach().map(drop).map_err(|e| describe(&e))
-}
-
-fn kprobe(ebpf: &mut Ebpf, name: &str, function: &str) -> Result<(), String> {
-    let prog: &mut KProbe = program(ebpf, name)?;
-    if prog.fd().is_err() {
-        prog.load().map_err(|e| describe(&e))?;
-    }
-    prog.attach(function, 0).map(drop).map_err(|e| describe(&e))
-}
-
-/// Set to force the kprobe fallback (to test it where fentry works).
-pub const FORCE_KPROBE_ENV: &str = "XFRM_TRACE_MASQ_KPROBE";
-
 /// Attaches what this kernel allows: fentry (+ fexit for the outcome) on
 /// each function, else a kprobe on its exact symbol.
-pub fn attach(ebpf: &mut Ebpf, kernel_btf: &KernelBtf, kallsyms: &Kallsyms) -> MasqCoverage {
+pub fn attach(
+    ebpf: &mut Ebpf,
+    kernel_btf: &KernelBtf,
+    kallsyms: &Kallsyms,
+    choice: HookChoice,
+) -> MasqCoverage {
     let mut coverage = MasqCoverage::default();
-    let force_kprobe = std::env::var_os(FORCE_KPROBE_ENV).is_some();
-    let btf = if force_kprobe {
-        Err("fentry not tried (XFRM_TRACE_MASQ_KPROBE set)".to_string())
+    if choice == HookChoice::Tracepoint {
+        coverage
+            .missing
+            .push(("MASQUERADE detection".into(), "--hooks tracepoint".into()));
+        return coverage;
+    }
+    let btf = if choice == HookChoice::Kprobe {
+        Err("fentry not tried (--hooks kprobe)".to_string())
     } else {
         Btf::from_sys_fs().map_err(|e| describe(&e))
     };
@@ -128,7 +115,7 @@ pub fn attach(ebpf: &mut Ebpf, kernel_btf: &KernelBtf, kallsyms: &Kallsyms) -> M
             }
             let via_fentry = match &btf {
                 Ok(btf) if kernel_btf.has_function(function) => {
-                    fentry(ebpf, fentry_prog, function, btf)
+                    attach_fentry(ebpf, fentry_prog, function, btf)
                 }
                 Ok(_) => Err("not in BTF".into()),
                 Err(e) => Err(e.clone()),
@@ -150,7 +137,7 @@ pub fn attach(ebpf: &mut Ebpf, kernel_btf: &KernelBtf, kallsyms: &Kallsyms) -> M
                 ));
                 return None;
             }
-            match kprobe(ebpf, kprobe_prog, function) {
+            match attach_kprobe(ebpf, kprobe_prog, function).map(drop) {
                 Ok(()) => {
                     coverage.attached.push(format!("{function} (kprobe)"));
                     Some("kprobe")
@@ -176,7 +163,7 @@ pub fn attach(ebpf: &mut Ebpf, kernel_btf: &KernelBtf, kallsyms: &Kallsyms) -> M
         if okfn == "fentry"
             && let Ok(btf) = &btf
         {
-            match fexit(ebpf, family.okfn_fexit, family.okfn, btf) {
+            match attach_fexit(ebpf, family.okfn_fexit, family.okfn, btf) {
                 Ok(()) => {
                     coverage.attached.push(format!("{} (fexit)", family.okfn));
                     coverage.outcome.push(family.name.into());

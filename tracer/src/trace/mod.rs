@@ -90,7 +90,7 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
     for (function, why) in coverage.missing.iter().chain(&mtu_missing) {
         log::info!("not hooked: {function}: {why}");
     }
-    let masq_coverage = masquerade::attach(&mut object, &btf, &kallsyms);
+    let masq_coverage = masquerade::attach(&mut object, &btf, &kallsyms, options.hooks);
     for (function, why) in &masq_coverage.missing {
         log::info!("MASQUERADE detection: not hooked: {function}: {why}");
     }
