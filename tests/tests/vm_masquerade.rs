@@ -145,21 +145,7 @@ fn masquerade_leak_is_reported_per_packet_and_the_return_fix_silences_it() {
     let lab = lab("ip");
     let west = lab.ns(Host::West);
     let index = out_policy_index(&lab);
-    lab.exec(
-        Host::West,
-        "iptables",
-        &[
-            "-t",
-            "nat",
-            "-A",
-            "POSTROUTING",
-            "-o",
-            "wan0",
-            "-j",
-            "MASQUERADE",
-        ],
-    )
-    .unwrap();
+    lab.masquerade_everything(Host::West).unwrap();
     let sink = lab.udp_sink(Host::Ehost, PORT).unwrap();
     let mut wire = Vec::new();
     let report = traced("masq-leak", || {
@@ -629,21 +615,7 @@ fn lab_masquerade_command_shows_the_leak_the_finding_and_the_fix() {
 #[test]
 fn masquerade_kprobe_fallback_counts_every_leak() {
     let lab = lab("kp");
-    lab.exec(
-        Host::West,
-        "iptables",
-        &[
-            "-t",
-            "nat",
-            "-A",
-            "POSTROUTING",
-            "-o",
-            "wan0",
-            "-j",
-            "MASQUERADE",
-        ],
-    )
-    .unwrap();
+    lab.masquerade_everything(Host::West).unwrap();
     // As on a kernel where fentry does not work: kprobes on the same four
     // functions, without the outcome.
     let json = scratch("masq-kprobe.json");

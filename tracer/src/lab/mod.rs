@@ -201,6 +201,24 @@ impl Lab {
         run("ip", &full)
     }
 
+    /// The classic gateway mistake: MASQUERADE everything leaving `gw`'s
+    /// WAN, tunnel traffic included.
+    pub const MASQUERADE_RULE: [&'static str; 8] = [
+        "-t",
+        "nat",
+        "-A",
+        "POSTROUTING",
+        "-o",
+        "wan0",
+        "-j",
+        "MASQUERADE",
+    ];
+
+    /// Adds `MASQUERADE_RULE` on `gw` with iptables.
+    pub fn masquerade_everything(&self, gw: Host) -> Result<()> {
+        self.exec(gw, "iptables", &Self::MASQUERADE_RULE).map(drop)
+    }
+
     pub fn sysctl(&self, host: Host, key: &str, value: &str) -> Result<()> {
         self.exec(host, "sysctl", &["-qw", &format!("{key}={value}")])
             .map(drop)

@@ -169,17 +169,8 @@ pub fn run() -> anyhow::Result<()> {
         );
     }
 
-    let rule = [
-        "-t",
-        "nat",
-        "-A",
-        "POSTROUTING",
-        "-o",
-        "wan0",
-        "-j",
-        "MASQUERADE",
-    ];
-    lab.exec(Host::West, "iptables", &rule)
+    let rule = Lab::MASQUERADE_RULE;
+    lab.masquerade_everything(Host::West)
         .map_err(|e| anyhow!("this kernel cannot host the lab: iptables NAT: {e}"))?;
     say(&format!(
         "\n2. the mistake, on the west gateway: ip netns exec {west} iptables {}",
