@@ -17,24 +17,34 @@ use crate::util::{output, run};
 pub struct KernelSpec {
     pub name: &'static str,
     pub suites: &'static [&'static str],
+    /// Tests (libtest `--skip` patterns) run on another kernel only: the
+    /// forced-kprobe variants on 6.1, the `xfrm-trace lab` scenarios on
+    /// 6.12 (the demo's kernel), the wire-size check of eight SA setups on
+    /// 6.1+. Under TCG a tracer start costs up to 75 s on 5.10 (its
+    /// verifier), and the whole matrix must fit CI's 90 minutes.
+    pub skip: &'static [&'static str],
 }
 
 pub const MATRIX: &[KernelSpec] = &[
     KernelSpec {
         name: "5.10",
         suites: &["bullseye-security", "bullseye"],
+        skip: &["kprobe", "lab_m", "computed_esp_overhead"],
     },
     KernelSpec {
         name: "6.1",
         suites: &["bookworm-security", "bookworm"],
+        skip: &["lab_m"],
     },
     KernelSpec {
         name: "6.12",
         suites: &["trixie-security", "trixie"],
+        skip: &["kprobe"],
     },
     KernelSpec {
         name: "sid",
         suites: &["sid"],
+        skip: &["kprobe", "lab_m"],
     },
 ];
 

@@ -24,7 +24,7 @@ pub struct Options {
     #[arg(long)]
     pub test: Option<String>,
     /// Time limit for one VM (boot, tests, power-off).
-    #[arg(long, default_value_t = 2400)]
+    #[arg(long, default_value_t = 2700)]
     pub vm_timeout_secs: u64,
 }
 
@@ -66,7 +66,7 @@ fn test_binaries() -> anyhow::Result<Vec<PathBuf>> {
     Ok(binaries)
 }
 
-fn guest_script(binary: &Path, tests: &[PathBuf], filter: Option<&str>) -> String {
+fn guest_script(binary: &Path, tests: &[PathBuf], filter: Option<&str>, skip: &[&str]) -> String {
     let mut script =
         String::from("export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n");
     let _ = writeln!(
@@ -81,9 +81,12 @@ fn guest_script(binary: &Path, tests: &[PathBuf], filter: Option<&str>) -> Strin
     for test in tests {
         let _ = writeln!(
             script,
-            "{} --test-threads=1 {} || rc=1",
+            "{} --test-threads=1 {}{} || rc=1",
             test.display(),
-            filter.unwrap_or_default()
+            filter.unwrap_or_default(),
+            skip.iter()
+                .map(|pattern| format!(" --skip {pattern}"))
+                .collect::<String>()
         );
     }
     script.push_str("exit $rc\n");
@@ -123,7 +126,7 @@ pub fn run(options: &Options, binary: &Path) -> anyhow::Result<Vec<KernelResult>
         let script = out_dir.join("run.sh");
         std::fs::write(
             &script,
-            guest_script(binary, &tests, options.test.as_deref()),
+            guest_script(binary, &tests, options.test.as_deref(), spec.skip),
         )
         .with_context(|| format!("writing {}", script.display()))?;
         eprintln!("vm: booting {} ({}) under TCG", spec.name, kernel.release);
