@@ -124,6 +124,25 @@ pub unsafe fn skb_net(skb: u64) -> (u64, u32) {
     (net, 0)
 }
 
+/// The netns inode and interface of an skb (as `skb_net` finds them).
+#[inline(always)]
+pub unsafe fn skb_netns_and_ifindex(skb: u64) -> (u32, u32) {
+    let (net, ifindex) = unsafe { skb_net(skb) };
+    let netns: u32 = if net != 0 {
+        unsafe { read_at(net, KERNEL_OFFSETS.load().net_ns_inum) }.unwrap_or(0)
+    } else {
+        0
+    };
+    (netns, ifindex)
+}
+
+/// The skb's route (`_skb_refdst` without the NOREF bit; 0 if none).
+#[inline(always)]
+pub unsafe fn skb_dst(skb: u64) -> u64 {
+    let refdst: u64 = unsafe { read_at(skb, KERNEL_OFFSETS.load().sk_buff_refdst) }.unwrap_or(0);
+    refdst & !1
+}
+
 /// Addresses, protocol, ports (or the ESP SPI and sequence number) from
 /// the skb's IP header.
 #[inline(always)]
@@ -190,8 +209,7 @@ unsafe fn flow_from_skb(skb: u64, flow: &mut Flow, seq: &mut u32) {
 #[inline(always)]
 unsafe fn sa_of_route(skb: u64, flow: &mut Flow) {
     let offsets = KERNEL_OFFSETS.load();
-    let refdst: u64 = unsafe { read_at(skb, offsets.sk_buff_refdst) }.unwrap_or(0);
-    let dst = refdst & !1;
+    let dst = unsafe { skb_dst(skb) };
     if dst == 0 {
         return;
     }

@@ -60,7 +60,7 @@ unsafe fn drop_key(ctx: &TracePointContext, record: &KfreeSkbRecord) -> Result<D
     } else {
         unsafe { ctx.read_at(record.reason as usize)? }
     };
-    let (netns, ifindex) = unsafe { skb_netns_and_ifindex(skb) };
+    let (netns, ifindex) = unsafe { attribution::skb_netns_and_ifindex(skb) };
     Ok(DropKey {
         location,
         netns,
@@ -69,19 +69,6 @@ unsafe fn drop_key(ctx: &TracePointContext, record: &KfreeSkbRecord) -> Result<D
         protocol,
         _pad: 0,
     })
-}
-
-/// The packet's netns inode and interface (the netns through its device,
-/// else its socket, as the brackets find it).
-#[inline(always)]
-unsafe fn skb_netns_and_ifindex(skb: u64) -> (u32, u32) {
-    let (net, ifindex) = unsafe { attribution::skb_net(skb) };
-    let netns: u32 = if net != 0 {
-        unsafe { read_at(net, KERNEL_OFFSETS.load().net_ns_inum) }.unwrap_or(0)
-    } else {
-        0
-    };
-    (netns, ifindex)
 }
 
 /// Reads a `T` at `base + offset` in kernel memory; fails for an offset the

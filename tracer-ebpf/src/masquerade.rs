@@ -11,7 +11,7 @@ use tracer_common::masquerade::{
     LEAK_TABLE_ENTRIES, LeakCount, LeakKey, PolicyKey, Seen, Selector, error,
 };
 
-use crate::{KERNEL_OFFSETS, read_at};
+use crate::{KERNEL_OFFSETS, attribution::skb_dst, read_at};
 
 /// Skbs that entered POSTROUTING with a bundle, by skb address.
 #[map]
@@ -75,13 +75,6 @@ unsafe fn read_field<const N: usize>(dst: &mut [u8; N], base: u64, offset: u32) 
         return;
     }
     unsafe { read_bytes(dst, base + u64::from(offset)) };
-}
-
-/// The skb's route (`_skb_refdst` without the NOREF bit).
-#[inline(always)]
-unsafe fn skb_dst(skb: u64) -> u64 {
-    let refdst: u64 = unsafe { read_at(skb, KERNEL_OFFSETS.load().sk_buff_refdst) }.unwrap_or(0);
-    refdst & !1
 }
 
 /// Family, protocol and addresses of the skb's (inner, not yet

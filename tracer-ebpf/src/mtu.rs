@@ -9,7 +9,11 @@ use aya_ebpf::{
 };
 use tracer_common::mtu::{MtuKey, MtuStats, kind};
 
-use crate::{Args, KERNEL_OFFSETS, attribution::skb_net, read_at};
+use crate::{
+    Args, KERNEL_OFFSETS,
+    attribution::{skb_dst, skb_netns_and_ifindex},
+    read_at,
+};
 
 #[map]
 static MTU_EVENTS: PerCpuHashMap<MtuKey, MtuStats> = PerCpuHashMap::with_max_entries(4096, 0);
@@ -82,13 +86,6 @@ unsafe fn ipv4(skb: u64) -> Option<Ipv4> {
     })
 }
 
-/// The dst entry of an skb (0 if none).
-#[inline(always)]
-unsafe fn skb_dst(skb: u64) -> u64 {
-    let refdst: u64 = unsafe { read_at(skb, KERNEL_OFFSETS.load().sk_buff_refdst) }.unwrap_or(0);
-    refdst & !1
-}
-
 /// The SA of an IPsec bundle dst (0 if the dst is a plain route).
 #[inline(always)]
 unsafe fn dst_sa(dst: u64) -> u64 {
@@ -156,7 +153,7 @@ fn on_fragment(a: &impl Args) {
     if ip.esp_spi == 0 {
         return;
     }
-    let (netns, _) = unsafe { skb_netns(skb) };
+    let (netns, _) = unsafe { skb_netns_and_ifindex(skb) };
     let (ifindex, mtu) = unsafe { dst_device(skb_dst(skb)) };
     let mut key = MtuKey {
         spi: ip.esp_spi,
@@ -186,7 +183,7 @@ fn on_icmp_send(a: &impl Args) {
     };
     let dst = unsafe { skb_dst(skb) };
     let x = unsafe { dst_sa(dst) };
-    let (netns, _) = unsafe { skb_netns(skb) };
+    let (netns, _) = unsafe { skb_netns_and_ifindex(skb) };
     let mut key = MtuKey {
         netns,
         mtu,
@@ -215,7 +212,7 @@ fn on_local_error(a: &impl Args) {
     if x == 0 {
         return;
     }
-    let (netns, _) = unsafe { skb_netns(skb) };
+    let (netns, _) = unsafe { skb_netns_and_ifindex(skb) };
     let mut key = MtuKey {
         netns,
         mtu: a.arg_u64(1) as u32,
@@ -241,7 +238,7 @@ fn on_output(a: &impl Args) {
     if x == 0 {
         return;
     }
-    let (netns, _) = unsafe { skb_netns(skb) };
+    let (netns, _) = unsafe { skb_netns_and_ifindex(skb) };
     let mut key = MtuKey {
         netns,
         kind: kind::INNER,
@@ -292,16 +289,4 @@ unsafe fn inner_size(skb: u64, ip: &Ipv4) -> (u32, u32) {
         }
     }
     (len, mss)
-}
-
-/// Netns inode of an skb's device or socket.
-#[inline(always)]
-unsafe fn skb_netns(skb: u64) -> (u32, u32) {
-    let (net, ifindex) = unsafe { skb_net(skb) };
-    let inum = if net == 0 {
-        0
-    } else {
-        unsafe { read_at(net, KERNEL_OFFSETS.load().net_ns_inum) }.unwrap_or(0)
-    };
-    (inum, ifindex)
 }
