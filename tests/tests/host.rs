@@ -348,3 +348,184 @@ fn doctor_matches_what_loads() {
         }
     );
 }
+
+/// The IKE path watch, with exact counts: IKE answered by the peer, NAT-T
+/// IKE on 4500 told from ESP-in-UDP by the non-ESP marker, a peer address
+/// with nothing listening (ICMP port unreachable back), our own firewall
+/// dropping IKE on the way out, and the peer's dropping it on the way in.
+#[test]
+fn ike_watch_counts_each_peer_exactly() {
+    require_root();
+    let _serial = serial();
+    let ns = Namespaces::create("xi", &["a", "b"]);
+    let (a, b) = (ns.name("a").to_string(), ns.name("b").to_string());
+    sh(&[
+        "ip", "link", "add", "ia", "netns", &a, "type", "veth", "peer", "name", "ib", "netns", &b,
+    ]);
+    ns.ip("a", &["addr", "add", "198.51.100.2/24", "dev", "ia"]);
+    ns.ip("a", &["link", "set", "ia", "up"]);
+    for peer in ["198.51.100.3/24", "198.51.100.4/24", "198.51.100.6/24"] {
+        ns.ip("b", &["addr", "add", peer, "dev", "ib"]);
+    }
+    ns.ip("b", &["link", "set", "ib", "up"]);
+    // .5 answers ARP nowhere: a static neighbour lets the firewall, not
+    // ARP, stop the packets.
+    ns.ip(
+        "a",
+        &[
+            "neigh",
+            "add",
+            "198.51.100.5",
+            "lladdr",
+            "02:00:00:00:00:05",
+            "dev",
+            "ia",
+        ],
+    );
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &a,
+        "iptables",
+        "-A",
+        "OUTPUT",
+        "-p",
+        "udp",
+        "-d",
+        "198.51.100.5",
+        "--dport",
+        "500",
+        "-j",
+        "DROP",
+    ]);
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &b,
+        "iptables",
+        "-A",
+        "INPUT",
+        "-p",
+        "udp",
+        "-d",
+        "198.51.100.6",
+        "--dport",
+        "500",
+        "-j",
+        "DROP",
+    ]);
+    let bind = |role: &str, address: &'static str| {
+        ns.run_in(role, move || {
+            let socket = UdpSocket::bind(address).expect("bind");
+            socket
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .expect("timeout");
+            socket
+        })
+    };
+    let (a500, a4500) = (
+        bind("a", "198.51.100.2:500"),
+        bind("a", "198.51.100.2:4500"),
+    );
+    let (b500, b4500) = (
+        bind("b", "198.51.100.3:500"),
+        bind("b", "198.51.100.3:4500"),
+    );
+    // Warm ARP outside the traced window.
+    for peer in ["198.51.100.3:9", "198.51.100.4:9", "198.51.100.6:9"] {
+        a500.send_to(b"", peer).expect("warm-up");
+    }
+    std::thread::sleep(Duration::from_millis(500));
+
+    let echo = |from: &UdpSocket, to: &UdpSocket, payload: &[u8], count: usize| {
+        let mut buf = [0u8; 64];
+        for _ in 0..count {
+            from.send_to(payload, to.local_addr().unwrap())
+                .expect("send");
+            let (n, back) = to.recv_from(&mut buf).expect("peer receives");
+            to.send_to(&buf[..n], back).expect("peer answers");
+            from.recv_from(&mut buf).expect("answer arrives");
+        }
+    };
+    let report = tests::traced_report("ike-watch", &[], || {
+        // IKE_SA_INIT-like on 500; NAT-T IKE (zero marker) and ESP-in-UDP
+        // (an SPI where the marker would be) on 4500.
+        echo(&a500, &b500, b"ike-sa-init", 5);
+        echo(&a4500, &b4500, b"\0\0\0\0ike-on-4500", 3);
+        echo(&a4500, &b4500, b"\x00\x00\x10\x01esp", 2);
+        for _ in 0..4 {
+            a500.send_to(b"ike", "198.51.100.4:500").expect("send");
+        }
+        for _ in 0..3 {
+            let _ = a500.send_to(b"ike", "198.51.100.5:500");
+        }
+        for _ in 0..2 {
+            a500.send_to(b"ike", "198.51.100.6:500").expect("send");
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    });
+    let path = |role: &str, local: &str, peer: &str| -> Value {
+        report["ike"]
+            .as_array()
+            .expect("ike rows")
+            .iter()
+            .find(|p| p["netns"] == ns.inode(role) && p["local"] == local && p["peer"] == peer)
+            .cloned()
+            .unwrap_or_else(|| panic!("no IKE row {role} {local} -> {peer}: {:#}", report["ike"]))
+    };
+    let counts = |p: &Value| {
+        let dropped: Vec<(u64, String, bool)> = p["dropped"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| {
+                (
+                    d["count"].as_u64().unwrap(),
+                    d["direction"].as_str().unwrap().to_string(),
+                    d["firewall"].as_bool().unwrap(),
+                )
+            })
+            .collect();
+        (
+            p["sent"].as_u64().unwrap(),
+            p["received"].as_u64().unwrap(),
+            p["port_unreachable"].as_u64().unwrap(),
+            dropped,
+        )
+    };
+    // The answered peer: 5 on 500 + 3 on 4500 each way; ESP-in-UDP not IKE.
+    assert_eq!(
+        counts(&path("a", "198.51.100.2", "198.51.100.3")),
+        (8, 8, 0, vec![])
+    );
+    assert_eq!(
+        counts(&path("b", "198.51.100.3", "198.51.100.2")),
+        (8, 8, 0, vec![])
+    );
+    // Nothing listens at .4: every request comes back as port unreachable,
+    // and the peer drops each for want of a socket.
+    assert_eq!(
+        counts(&path("a", "198.51.100.2", "198.51.100.4")),
+        (4, 0, 4, vec![])
+    );
+    assert_eq!(
+        counts(&path("b", "198.51.100.4", "198.51.100.2")),
+        (0, 4, 0, vec![(4, "in".into(), false)])
+    );
+    // Our firewall: never sent.
+    assert_eq!(
+        counts(&path("a", "198.51.100.2", "198.51.100.5")),
+        (0, 0, 0, vec![(3, "out".into(), true)])
+    );
+    // The peer's firewall: sent, received there, dropped there.
+    assert_eq!(
+        counts(&path("a", "198.51.100.2", "198.51.100.6")),
+        (2, 0, 0, vec![])
+    );
+    assert_eq!(
+        counts(&path("b", "198.51.100.6", "198.51.100.2")),
+        (0, 2, 0, vec![(2, "in".into(), true)])
+    );
+}

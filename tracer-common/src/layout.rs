@@ -69,7 +69,8 @@ pub struct KernelOffsets {
     pub xfrm_policy_sel_prefixlen_s: u32,
     pub xfrm_policy_sel_prefixlen_d: u32,
     pub xfrm_policy_sel_proto: u32,
-    pub _pad2: u32,
+    /// `sk_buff.data`: where a received packet's IP header starts.
+    pub sk_buff_data: u32,
 }
 
 impl KfreeSkbRecord {
@@ -127,7 +128,7 @@ impl KernelOffsets {
         xfrm_policy_sel_prefixlen_s: ABSENT,
         xfrm_policy_sel_prefixlen_d: ABSENT,
         xfrm_policy_sel_proto: ABSENT,
-        _pad2: 0,
+        sk_buff_data: ABSENT,
     };
 }
 

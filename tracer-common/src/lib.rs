@@ -6,6 +6,7 @@
 
 pub mod attribution;
 pub mod drops;
+pub mod ike;
 pub mod layout;
 pub mod masquerade;
 pub mod mtu;

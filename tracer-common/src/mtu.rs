@@ -13,6 +13,9 @@ pub mod kind {
     pub const LOCAL_EMSGSIZE: u8 = 3;
     /// Every packet entering `xfrm_output`: largest inner packet and MSS.
     pub const INNER: u8 = 4;
+    /// ICMP "fragmentation needed" / ICMPv6 "packet too big" received from
+    /// the path for an ESP packet we sent (`net:netif_receive_skb`).
+    pub const FRAG_NEEDED_RECEIVED: u8 = 5;
 }
 
 /// Per (event, SA, netns, MTU): counted exactly in per-CPU maps.
@@ -31,7 +34,9 @@ pub struct MtuKey {
     pub kind: u8,
     /// 1: `mtu` is the inner (IPsec bundle) MTU; 0: the outer path MTU.
     pub inner_mtu: u8,
-    pub _pad: u16,
+    /// 10 for an IPv6 `sa_dst`; 0 or 2 for IPv4.
+    pub family: u8,
+    pub _pad: u8,
 }
 
 #[repr(C)]

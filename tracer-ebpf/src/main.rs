@@ -7,6 +7,7 @@
 #![no_main]
 
 mod attribution;
+mod ike;
 mod masquerade;
 mod mtu;
 
@@ -25,6 +26,7 @@ use aya_log_ebpf::warn;
 use tracer_common::{
     attribution::{dir, hook},
     drops::{DROP_TABLE_ENTRIES, DropKey},
+    ike::NetRecords,
     layout::{ABSENT, KernelOffsets, KfreeSkbRecord},
 };
 
@@ -48,6 +50,30 @@ pub fn kfree_skb(ctx: TracePointContext) -> u32 {
     let record = KFREE_SKB_RECORD.load();
     let key = unsafe { drop_key(&ctx, &record) }.unwrap_or_default();
     count_drop(&ctx, &key);
+    if let Ok(skb) = unsafe { ctx.read_at::<u64>(record.skbaddr as usize) } {
+        unsafe { ike::on_drop(skb, key.location, key.reason, key.netns, key.ifindex) };
+    }
+    0
+}
+
+#[unsafe(no_mangle)]
+static NET_RECORDS: Global<NetRecords> = Global::new(NetRecords::UNSET);
+
+#[tracepoint]
+pub fn net_dev_queue(ctx: TracePointContext) -> u32 {
+    let offset = NET_RECORDS.load().dev_queue_skbaddr as usize;
+    if let Ok(skb) = unsafe { ctx.read_at::<u64>(offset) } {
+        unsafe { ike::on_transmit(skb) };
+    }
+    0
+}
+
+#[tracepoint]
+pub fn netif_receive_skb(ctx: TracePointContext) -> u32 {
+    let offset = NET_RECORDS.load().receive_skbaddr as usize;
+    if let Ok(skb) = unsafe { ctx.read_at::<u64>(offset) } {
+        unsafe { ike::on_receive(skb) };
+    }
     0
 }
 

@@ -121,7 +121,7 @@ unsafe fn dst_device(dst: u64) -> (u32, u32) {
 }
 
 #[inline(always)]
-fn record(key: &MtuKey, len: u32, mss: u32) {
+pub(crate) fn record(key: &MtuKey, len: u32, mss: u32) {
     if let Some(stats) = MTU_EVENTS.get_ptr_mut(key) {
         // Per-CPU value: no other CPU writes it.
         let stats = unsafe { &mut *stats };

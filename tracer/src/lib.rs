@@ -10,6 +10,7 @@ pub mod doctor;
 pub mod drops;
 pub mod ebpf;
 pub mod hooks;
+pub mod ike;
 pub mod kallsyms;
 pub mod lab;
 pub mod masquerade;

@@ -84,18 +84,8 @@ pub fn summarize(
 ) -> Vec<DropRow> {
     let mut grouped: BTreeMap<(u32, String, String, u32, u16), u64> = BTreeMap::new();
     for (key, count) in rows {
-        let function = match kallsyms.symbolize(key.location) {
-            Some((sym, _)) => match &sym.module {
-                Some(module) => format!("{module}:{}", sym.name),
-                None => sym.name.clone(),
-            },
-            None => format!("{:#x}", key.location),
-        };
-        let reason = match reasons.get(&key.reason) {
-            Some(name) => name.clone(),
-            None if reasons.is_empty() => "-".into(),
-            None => key.reason.to_string(),
-        };
+        let function = function_at(kallsyms, key.location);
+        let reason = reason_name(reasons, key.reason);
         *grouped
             .entry((key.netns, reason, function, key.ifindex, key.protocol))
             .or_default() += count;
@@ -122,6 +112,27 @@ pub fn summarize(
             .then_with(|| a.function.cmp(&b.function))
     });
     out
+}
+
+/// The kernel function containing `location` (`module:function` for
+/// modules), or the address when unknown.
+pub fn function_at(kallsyms: &Kallsyms, location: u64) -> String {
+    match kallsyms.symbolize(location) {
+        Some((sym, _)) => match &sym.module {
+            Some(module) => format!("{module}:{}", sym.name),
+            None => sym.name.clone(),
+        },
+        None => format!("{location:#x}"),
+    }
+}
+
+/// `enum skb_drop_reason` name; `-` on kernels without drop reasons.
+pub fn reason_name(reasons: &HashMap<u32, String>, reason: u32) -> String {
+    match reasons.get(&reason) {
+        Some(name) => name.clone(),
+        None if reasons.is_empty() => "-".into(),
+        None => reason.to_string(),
+    }
 }
 
 /// XFRM-related: an XFRM drop reason, or freed inside an IPsec function.

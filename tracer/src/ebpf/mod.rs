@@ -4,7 +4,10 @@ use aya::{
     Btf, Ebpf, EbpfLoader,
     programs::{FEntry, FExit, KProbe, kprobe::KProbeLinkId},
 };
-use tracer_common::layout::{ABSENT, KernelOffsets, KfreeSkbRecord};
+use tracer_common::{
+    ike::NetRecords,
+    layout::{ABSENT, KernelOffsets, KfreeSkbRecord},
+};
 
 use crate::{
     btf::{BtfError, KernelBtf},
@@ -35,6 +38,8 @@ pub enum LoadError {
 pub struct KernelLayout {
     pub offsets: KernelOffsets,
     pub kfree_skb: KfreeSkbRecord,
+    /// ABSENT where tracefs lacks the net tracepoints (the IKE watch is off).
+    pub net: NetRecords,
 }
 
 impl KernelLayout {
@@ -88,7 +93,7 @@ impl KernelLayout {
             xfrm_policy_sel_prefixlen_s: optional("xfrm_policy", "selector.prefixlen_s"),
             xfrm_policy_sel_prefixlen_d: optional("xfrm_policy", "selector.prefixlen_d"),
             xfrm_policy_sel_proto: optional("xfrm_policy", "selector.proto"),
-            _pad2: 0,
+            sk_buff_data: optional("sk_buff", "data"),
         };
         let format = tracefs::format("skb", "kfree_skb")?;
         let field = |name: &str| {
@@ -102,10 +107,23 @@ impl KernelLayout {
             location: field("location")?,
             protocol: field("protocol")?,
             // Drop reasons arrived in 5.17.
-            reason: tracefs::field_offset(&format, "reason")
-                .unwrap_or(tracer_common::layout::ABSENT),
+            reason: tracefs::field_offset(&format, "reason").unwrap_or(ABSENT),
         };
-        Ok(Self { offsets, kfree_skb })
+        let skbaddr = |name: &str| {
+            tracefs::format("net", name)
+                .ok()
+                .and_then(|format| tracefs::field_offset(&format, "skbaddr"))
+                .unwrap_or(ABSENT)
+        };
+        let net = NetRecords {
+            dev_queue_skbaddr: skbaddr("net_dev_queue"),
+            receive_skbaddr: skbaddr("netif_receive_skb"),
+        };
+        Ok(Self {
+            offsets,
+            kfree_skb,
+            net,
+        })
     }
 }
 
@@ -119,7 +137,8 @@ pub fn load(layout: Option<&KernelLayout>) -> Result<Ebpf, LoadError> {
     if let Some(layout) = layout {
         loader
             .override_global("KERNEL_OFFSETS", &layout.offsets, true)
-            .override_global("KFREE_SKB_RECORD", &layout.kfree_skb, true);
+            .override_global("KFREE_SKB_RECORD", &layout.kfree_skb, true)
+            .override_global("NET_RECORDS", &layout.net, true);
     }
     Ok(loader.load(OBJECT)?)
 }

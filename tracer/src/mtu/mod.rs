@@ -100,7 +100,7 @@ pub fn read(ebpf: &Ebpf) -> Result<Vec<(MtuKey, MtuStats)>, aya::maps::MapError>
 /// One kind of event of one SA, as the report has it.
 #[derive(Clone, Debug, Serialize)]
 pub struct SizeEvent {
-    /// `fragmented`, `frag_needed` or `local_emsgsize`.
+    /// `fragmented`, `frag_needed`, `frag_needed_received` or `local_emsgsize`.
     pub kind: &'static str,
     pub count: u64,
     pub netns: u64,
@@ -146,9 +146,12 @@ pub struct NetnsView<'a> {
     pub state: Option<&'a XfrmState>,
 }
 
-fn address(raw: &[u8; 16]) -> IpAddr {
-    // The hooks record IPv4 SAs only (IPv6 is not hooked yet).
-    IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]))
+fn address(raw: &[u8; 16], family: u8) -> IpAddr {
+    if family == 10 {
+        IpAddr::from(*raw)
+    } else {
+        IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]))
+    }
 }
 
 fn algorithms(sa: &Sa) -> String {
@@ -179,7 +182,7 @@ pub fn summarize(rows: &[(MtuKey, MtuStats)], namespaces: &[NetnsView]) -> Vec<S
             continue;
         }
         let spi = u32::from_be(key.spi);
-        let sa_dst = address(&key.sa_dst);
+        let sa_dst = address(&key.sa_dst, key.family);
         let entry = by_sa.entry((spi, key.sa_dst)).or_insert_with(|| {
             // The SA lives where it is installed, which may be another netns
             // than the one that saw the packet (a router on the path).
@@ -214,6 +217,7 @@ pub fn summarize(rows: &[(MtuKey, MtuStats)], namespaces: &[NetnsView]) -> Vec<S
             kind: match key.kind {
                 kind::FRAGMENTED => "fragmented",
                 kind::FRAG_NEEDED => "frag_needed",
+                kind::FRAG_NEEDED_RECEIVED => "frag_needed_received",
                 _ => "local_emsgsize",
             },
             count: stats.count,
@@ -265,6 +269,9 @@ pub fn findings(sizes: &[SaSizes]) -> Vec<Finding> {
                     let action = match e.kind {
                         "fragmented" => "fragmented after encryption",
                         "frag_needed" => "refused with ICMP fragmentation needed",
+                        "frag_needed_received" => {
+                            "reported too big by a router on the path (ICMP fragmentation needed received)"
+                        }
                         _ => "refused to a local sender with EMSGSIZE",
                     };
                     let mtu = if e.mtu_is_inner {

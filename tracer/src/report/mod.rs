@@ -30,6 +30,9 @@ pub struct Report {
     pub esp_sizes: Vec<crate::mtu::SaSizes>,
     pub esp_sizes_hooks: HookList,
     pub findings: Vec<Finding>,
+    /// IKE packets per local address and peer: sent, received, dropped here.
+    pub ike: Vec<crate::ike::IkePath>,
+    pub ike_hooks: HookList,
     /// Packets SNATed before the IPsec policy lookup, per flow.
     pub masquerade: crate::masquerade::MasqueradeReport,
 }
@@ -222,6 +225,36 @@ pub fn render(report: &Report) -> String {
             .map(|(f, why)| format!("{f}: {why}"))
             .collect();
         let _ = writeln!(out, "oversize ESP not watched at: {}", missing.join("; "));
+    }
+    if !report.ike.is_empty() {
+        let _ = writeln!(out, "\nIKE (UDP 500/4500) per peer:");
+        for p in &report.ike {
+            let dropped = if p.dropped.is_empty() {
+                String::new()
+            } else {
+                let sites: Vec<String> = p
+                    .dropped
+                    .iter()
+                    .map(|d| {
+                        format!(
+                            "{} {} at {} ({})",
+                            d.count, d.direction, d.function, d.reason
+                        )
+                    })
+                    .collect();
+                format!(", dropped here: {}", sites.join(", "))
+            };
+            let unreachable = if p.port_unreachable > 0 {
+                format!(", ICMP port unreachable {}", p.port_unreachable)
+            } else {
+                String::new()
+            };
+            let _ = writeln!(
+                out,
+                "  {:<16} {} -> {}: sent {}, received {}{unreachable}{dropped}",
+                p.netns_label, p.local, p.peer, p.sent, p.received
+            );
+        }
     }
     let _ = writeln!(out, "\nDiagnosis:");
     if report.findings.is_empty() {

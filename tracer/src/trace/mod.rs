@@ -17,7 +17,7 @@ use crate::{
     attribution::{self, Coverage},
     btf::{self, KernelBtf},
     counters::Counters,
-    drops, ebpf,
+    drops, ebpf, ike,
     kallsyms::Kallsyms,
     masquerade, mtu,
     netns::{self, Netns},
@@ -77,6 +77,10 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
         }
     };
     drops::attach(&mut object)?;
+    let ike_hooks = ike::attach(&mut object);
+    for (hook, why) in &ike_hooks.missing {
+        log::info!("IKE watch: not hooked: {hook}: {why}");
+    }
     let mut samples_ring = attribution::take_samples(&mut object);
     let mut samples = Vec::new();
     let coverage = attribution::attach(
@@ -130,6 +134,7 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
     drop(samples_ring);
     let sample_reports = attribution::sample_reports(&object, &samples, &kallsyms);
     let masq_counted = masquerade::read(&object)?;
+    let ike_rows = ike::read(&object)?;
     if let Some(logger) = logger.as_mut() {
         logger.flush();
     }
@@ -140,11 +145,13 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
 
     let reasons = btf::drop_reason_names(&btf);
     let mut drops = drops::summarize(&drop_rows, &kallsyms, &reasons);
+    let mut ike_paths = ike::summarize(&ike_rows, &kallsyms, &reasons);
     let mut counters = counter_report(&before, &after, &sources, &counter_names, &coverage);
     let mut leaks = masquerade::leaks(&masq_counted, &masq_coverage);
     let mut seen: Vec<u64> = drops.iter().map(|d| u64::from(d.netns)).collect();
     seen.extend(mtu_rows.iter().map(|(k, _)| u64::from(k.netns)));
     seen.extend(leaks.iter().map(|l| l.netns));
+    seen.extend(ike_paths.iter().map(|p| p.netns));
     seen.extend(
         counters
             .iter()
@@ -207,6 +214,9 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
         leak.netns_label = label_of(leak.netns);
         leak.ifname = ifname_of(leak.netns, leak.ifindex);
     }
+    for path in &mut ike_paths {
+        path.netns_label = label_of(path.netns);
+    }
     let mut findings = masquerade::findings(&leaks);
     findings.extend(mtu::findings(&esp_sizes));
     let mode = coverage.mode();
@@ -226,6 +236,8 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
             missing: mtu_missing,
         },
         findings,
+        ike: ike_paths,
+        ike_hooks,
         masquerade: masquerade::MasqueradeReport {
             coverage: masq_coverage,
             leaks,
