@@ -27,6 +27,9 @@ pub struct PlutoConfig {
     /// `None`: `leftupdown="%disabled"`: under TCG the 1000-line updown
     /// script delays the Child SA enough to cause IKE retransmissions.
     pub updown: Option<String>,
+    /// Negotiate with IKEv1 instead of IKEv2 (libreswan 4 refuses IKEv1
+    /// unless `ikev1-policy=accept`).
+    pub ikev1: bool,
     /// Extra `key=value` lines for the conn section.
     pub extra: Vec<String>,
 }
@@ -45,6 +48,7 @@ impl PlutoConfig {
             peer_subnet: peer_subnet.into(),
             retransmit_timeout: "60s".into(),
             updown: None,
+            ikev1: false,
             extra: Vec::new(),
         }
     }
@@ -103,9 +107,14 @@ fn config_text(gw: Host, dir: &std::path::Path, config: &PlutoConfig) -> String 
     };
     let dir = dir.display();
     let updown = config.updown.as_deref().unwrap_or("%disabled");
+    let (ikev1_policy, ikev2) = if config.ikev1 {
+        ("\tikev1-policy=accept\n", "no")
+    } else {
+        ("", "yes")
+    };
     let mut text = format!(
-        "config setup\n\tlogfile={dir}/pluto.log\n\tlogappend=yes\n\tplutodebug=none\n\tdumpdir={dir}/run\n\n\
-         conn {CONNECTION}\n\tauthby=secret\n\tikev2=yes\n\tleft={me}\n\tleftid={my_id}\n\tleftsubnet={}\n\t\
+        "config setup\n\tlogfile={dir}/pluto.log\n\tlogappend=yes\n\tplutodebug=none\n\tdumpdir={dir}/run\n{ikev1_policy}\n\
+         conn {CONNECTION}\n\tauthby=secret\n\tikev2={ikev2}\n\tleft={me}\n\tleftid={my_id}\n\tleftsubnet={}\n\t\
          right={peer}\n\trightid={peer_id}\n\trightsubnet={}\n\tike={}\n\tesp={}\n\tretransmit-timeout={}\n\t\
          leftupdown=\"{updown}\"\n\tauto=ignore\n",
         config.my_subnet, config.peer_subnet, config.ike, config.esp, config.retransmit_timeout

@@ -498,6 +498,9 @@ pub fn findings(leaks: &[Leak]) -> Vec<Finding> {
                 summary,
                 fix: fix(first),
                 evidence,
+                netns_label: first.netns_label.clone(),
+                spi: first.spi.clone(),
+                ..Finding::default()
             }
         })
         .collect()

@@ -329,6 +329,9 @@ pub fn findings(sizes: &[SaSizes]) -> Vec<Finding> {
                 summary,
                 fix,
                 evidence,
+                netns_label: sa.sa_netns.clone(),
+                spi: sa.spi.clone(),
+                ..Finding::default()
             }
         })
         .collect()

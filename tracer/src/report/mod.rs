@@ -83,12 +83,18 @@ pub struct NetnsInfo {
     pub interfaces: BTreeMap<u32, String>,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Default, Serialize)]
 pub struct Finding {
     pub kind: String,
     pub summary: String,
     pub fix: String,
     pub evidence: Vec<String>,
+    /// The libreswan connection it concerns (empty if none is known).
+    pub connection: String,
+    /// Where: the `ip netns` name (or `host`, `pid N`) of the gateway.
+    pub netns_label: String,
+    /// The SA it concerns, hex as `ip xfrm` shows it (empty if none).
+    pub spi: String,
 }
 
 /// The end-of-run summary for a terminal.

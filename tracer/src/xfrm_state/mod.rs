@@ -4,6 +4,7 @@
 //!
 //! The message layouts are the stable UAPI of `<linux/xfrm.h>`.
 
+mod book;
 mod netlink;
 mod overhead;
 
@@ -14,6 +15,7 @@ use std::{
 
 use serde::Serialize;
 
+pub use book::XfrmBook;
 pub use overhead::EspGeometry;
 
 /// What a selector matches (addresses with prefix lengths, protocol, ports).

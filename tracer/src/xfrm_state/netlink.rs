@@ -49,6 +49,68 @@ impl Socket {
         Ok(Self(unsafe { OwnedFd::from_raw_fd(fd) }))
     }
 
+    /// A non-blocking socket that receives the kernel's SA, policy and
+    /// expire notifications (the multicast groups `ip xfrm monitor` joins).
+    pub fn subscribe() -> std::io::Result<Self> {
+        // XFRMNLGRP_EXPIRE = 2, XFRMNLGRP_SA = 3, XFRMNLGRP_POLICY = 4.
+        let groups: u32 = (1 << 1) | (1 << 2) | (1 << 3);
+        let socket = Self::open()?;
+        // SAFETY: a zeroed sockaddr_nl is valid; we fill family and groups.
+        let mut address: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        address.nl_family = libc::AF_NETLINK as u16;
+        address.nl_groups = groups;
+        // SAFETY: the address is valid for its size.
+        let ret = unsafe {
+            libc::bind(
+                socket.0.as_raw_fd(),
+                (&raw const address).cast(),
+                std::mem::size_of::<libc::sockaddr_nl>() as u32,
+            )
+        };
+        if ret < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: fcntl on our own descriptor.
+        let flags = unsafe { libc::fcntl(socket.0.as_raw_fd(), libc::F_GETFL) };
+        // SAFETY: as above.
+        if flags < 0
+            || unsafe { libc::fcntl(socket.0.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) }
+                < 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(socket)
+    }
+
+    /// Reads every pending notification of a subscribed socket; true if
+    /// there was any (or the kernel dropped some: ENOBUFS), so the state
+    /// changed and must be dumped again. Their content is not kept.
+    pub fn changed(&self) -> bool {
+        let mut changed = false;
+        let mut buffer = vec![0u8; 64 * 1024];
+        loop {
+            // SAFETY: the buffer is valid for writes of its length.
+            let received = unsafe {
+                libc::recv(
+                    self.0.as_raw_fd(),
+                    buffer.as_mut_ptr().cast(),
+                    buffer.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if received > 0 {
+                changed = true;
+                continue;
+            }
+            if received < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOBUFS)
+            {
+                changed = true;
+                continue;
+            }
+            return changed;
+        }
+    }
+
     /// Sends a dump request of `msg_type` (with a zeroed fixed header of
     /// `body_len` bytes) and returns the payload of every answer.
     pub fn dump(&self, msg_type: u16, body_len: usize) -> Result<Vec<Vec<u8>>, Error> {

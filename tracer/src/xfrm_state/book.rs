@@ -1,0 +1,126 @@
+//! The SAs and policies of every netns over the whole run: dumped at the
+//! start, dumped again whenever the kernel announces a change (rekey, new
+//! or deleted SA or policy, expiry), and never forgotten, so a drop counted
+//! before a rekey still names the SA it hit.
+
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use super::{Policy, Sa, XfrmState, netlink};
+
+/// One netns: its SAs and policies as last seen, and those gone since.
+struct Namespace {
+    path: PathBuf,
+    notifications: Option<netlink::Socket>,
+    sas: Vec<Sa>,
+    policies: Vec<Policy>,
+    gone_sas: Vec<Sa>,
+    gone_policies: Vec<Policy>,
+}
+
+#[derive(Default)]
+pub struct XfrmBook {
+    namespaces: BTreeMap<u64, Namespace>,
+    /// Dumps done after the first one (for the report and tests).
+    pub refreshes: u64,
+}
+
+impl XfrmBook {
+    /// Starts watching the netns (`inode` at `path`): dumps it and joins
+    /// its notification groups. A netns without any SA or policy is still
+    /// watched: a tunnel may come up during the run.
+    pub fn watch(&mut self, inode: u64, path: &Path) {
+        if self.namespaces.contains_key(&inode) {
+            return;
+        }
+        let notifications = crate::netns::run_in(path, netlink::Socket::subscribe)
+            .map_err(|e| log::debug!("XFRM notifications in {}: {e}", path.display()))
+            .ok();
+        let mut ns = Namespace {
+            path: path.to_path_buf(),
+            notifications,
+            sas: Vec::new(),
+            policies: Vec::new(),
+            gone_sas: Vec::new(),
+            gone_policies: Vec::new(),
+        };
+        ns.refresh();
+        self.namespaces.insert(inode, ns);
+    }
+
+    /// Dumps again each netns the kernel announced a change in.
+    pub fn poll(&mut self) {
+        for ns in self.namespaces.values_mut() {
+            if ns.notifications.as_ref().is_some_and(netlink::Socket::changed) {
+                ns.refresh();
+                self.refreshes += 1;
+            }
+        }
+    }
+
+    /// The SA with this SPI (host order) and destination in the netns,
+    /// current or gone; `None` destination matches any.
+    pub fn sa(&self, netns: u64, spi: u32, dst: Option<IpAddr>) -> Option<&Sa> {
+        let ns = self.namespaces.get(&netns)?;
+        ns.sas
+            .iter()
+            .chain(&ns.gone_sas)
+            .find(|sa| sa.spi == spi && dst.is_none_or(|d| sa.dst == d))
+    }
+
+    /// The SA with this SPI and destination in any netns (ESP seen on a
+    /// router belongs to the gateways at either end).
+    pub fn sa_anywhere(&self, spi: u32, dst: IpAddr) -> Option<(u64, &Sa)> {
+        self.namespaces
+            .keys()
+            .find_map(|inode| Some((*inode, self.sa(*inode, spi, Some(dst))?)))
+    }
+
+    /// The policy with this index in the netns, current or gone.
+    pub fn policy(&self, netns: u64, index: u32) -> Option<&Policy> {
+        let ns = self.namespaces.get(&netns)?;
+        ns.policies
+            .iter()
+            .chain(&ns.gone_policies)
+            .find(|p| p.index == index)
+    }
+
+    /// The current SAs and policies of the netns.
+    pub fn current(&self, netns: u64) -> Option<XfrmState> {
+        let ns = self.namespaces.get(&netns)?;
+        Some(XfrmState {
+            sas: ns.sas.clone(),
+            policies: ns.policies.clone(),
+        })
+    }
+}
+
+impl Namespace {
+    fn refresh(&mut self) {
+        let state = match XfrmState::read_in(&self.path) {
+            Ok(state) => state,
+            Err(e) => {
+                log::debug!("XFRM state of {}: {e}", self.path.display());
+                return;
+            }
+        };
+        let same_sa = |a: &Sa, b: &Sa| a.spi == b.spi && a.dst == b.dst && a.proto == b.proto;
+        for old in std::mem::take(&mut self.sas) {
+            if !state.sas.iter().any(|sa| same_sa(sa, &old)) {
+                self.gone_sas.retain(|g| !same_sa(g, &old));
+                self.gone_sas.push(old);
+            }
+        }
+        for old in std::mem::take(&mut self.policies) {
+            if !state.policies.iter().any(|p| p.index == old.index) {
+                self.gone_policies.retain(|g| g.index != old.index);
+                self.gone_policies.push(old);
+            }
+        }
+        self.sas = state.sas;
+        self.policies = state.policies;
+    }
+}
