@@ -668,4 +668,25 @@ mod tests {
             "pluto control socket /nonexistent/pluto.ctl not found (is pluto running? see --pluto-socket)"
         );
     }
+
+    #[test]
+    fn whack_that_hangs_is_killed_and_a_stale_socket_fails_plainly() {
+        if Command::new("ipsec").arg("--version").output().is_err() {
+            return; // no libreswan tools on this machine
+        }
+        let dir = crate::pluto::tests::temp_dir("whack");
+        // A listener that never answers: whack waits for its reply.
+        let silent = dir.join("silent.ctl");
+        let _listener = std::os::unix::net::UnixListener::bind(&silent).unwrap();
+        let started = Instant::now();
+        let err = query(&silent).unwrap_err();
+        assert!(matches!(err, Error::WhackTimeout(_)), "{err}");
+        assert!(started.elapsed() < WHACK_TIMEOUT + Duration::from_secs(2));
+        // A socket file nobody listens on (pluto died).
+        let stale = dir.join("stale.ctl");
+        drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+        let err = query(&stale).unwrap_err();
+        assert!(matches!(err, Error::WhackFailed { .. }), "{err}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 }
