@@ -6,6 +6,7 @@
 //! `--secretsfile` argument is ignored), and of `ipsec.conf` only the
 //! `logfile=` value is kept. whack status and pluto logs carry no keys.
 
+pub mod log;
 pub mod status;
 
 use std::{
