@@ -16,6 +16,7 @@ pub mod lab;
 pub mod masquerade;
 pub mod mtu;
 pub mod netns;
+pub mod pluto;
 pub mod privilege;
 pub mod report;
 pub mod scenarios;
