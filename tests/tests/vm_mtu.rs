@@ -128,9 +128,26 @@ fn oversize_is_reported_once_per_packet_with_the_fix(name: &str, config: StaticI
         .unwrap();
     });
     let sa = west_to_east(&report);
-    let events = sa["events"].as_array().unwrap();
-    let total: u64 = events.iter().map(|e| e["count"].as_u64().unwrap()).sum();
-    assert_eq!(total, COUNT as u64, "{sa:#}");
+    let (received, events): (Vec<&Value>, Vec<&Value>) = sa["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .partition(|e| e["kind"] == "frag_needed_received");
+    let count =
+        |events: &[&Value]| -> u64 { events.iter().map(|e| e["count"].as_u64().unwrap()).sum() };
+    assert_eq!(count(&events), COUNT as u64, "{sa:#}");
+    // Each refusal at the router comes back to west as ICMP, and is seen
+    // there too, with the router's MTU.
+    let at_router: Vec<&Value> = events
+        .iter()
+        .copied()
+        .filter(|e| e["mtu_is_inner"] == false)
+        .collect();
+    assert_eq!(count(&received), count(&at_router), "{sa:#}");
+    for e in &received {
+        assert_eq!(e["mtu"], PATH_MTU, "{e}");
+        assert!(e["netns_label"].as_str().unwrap().ends_with("-west"), "{e}");
+    }
     for e in events {
         assert_ne!(e["kind"], "fragmented", "{e}");
         let expected_mtu = if e["mtu_is_inner"] == true {

@@ -6,6 +6,7 @@ pub mod btf;
 pub mod capabilities;
 pub mod cli;
 pub mod counters;
+pub mod diagnosis;
 pub mod doctor;
 pub mod drops;
 pub mod ebpf;

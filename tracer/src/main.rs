@@ -50,6 +50,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 // JSON on stdout and the live view would mix.
                 live: cli.json.as_deref().is_none_or(|p| p.as_os_str() != "-"),
                 hooks: cli.hooks,
+                pluto_sockets: cli.pluto_socket,
                 stop: None,
             };
             let report = trace::run(&options)?;

@@ -420,6 +420,10 @@ pub struct Source {
     pub policy_dir: &'static str,
     pub ifindex: u32,
     pub ifname: String,
+    /// The libreswan connection owning the SA (filled in by the report).
+    pub connection: String,
+    /// pluto's Child SA state number (`#N`), 0 if unknown.
+    pub pluto_state: u32,
 }
 
 fn function_name(hook_id: u32) -> &'static str {
@@ -498,6 +502,8 @@ pub fn source(key: &SourceKey, count: u64) -> Source {
         },
         ifindex: flow.ifindex,
         ifname: String::new(),
+        connection: String::new(),
+        pluto_state: 0,
     }
 }
 

@@ -33,6 +33,10 @@ pub struct Cli {
     /// kprobes per function; the others force one method.
     #[arg(long, value_enum, default_value_t)]
     pub hooks: crate::attribution::HookChoice,
+    /// Ask the pluto (libreswan) behind this control socket; repeatable.
+    /// Default: every running pluto, found through /proc, with its log.
+    #[arg(long, value_name = "PATH")]
+    pub pluto_socket: Vec<PathBuf>,
     /// More detail on stderr (repeat for more).
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,

@@ -133,8 +133,16 @@ pub struct SaSizes {
 }
 
 impl SaSizes {
+    /// Packets that did not fit. An ICMP error received for an ESP packet
+    /// is a second sight of a packet a router refused, so the two views
+    /// are not added up: the router may be watched too (in a lab) or not.
     fn oversize(&self) -> u64 {
-        self.events.iter().map(|e| e.count).sum()
+        let (received, here): (Vec<&SizeEvent>, Vec<&SizeEvent>) = self
+            .events
+            .iter()
+            .partition(|e| e.kind == "frag_needed_received");
+        let sum = |events: Vec<&SizeEvent>| events.iter().map(|e| e.count).sum::<u64>();
+        sum(here).max(sum(received))
     }
 }
 
@@ -207,6 +215,10 @@ pub fn summarize(rows: &[(MtuKey, MtuStats)], namespaces: &[NetnsView]) -> Vec<S
             }
         });
         if key.kind == kind::INNER {
+            // The SA is installed at both ends; it is the sender's.
+            if let Some(ns) = namespaces.iter().find(|n| n.inode == u64::from(key.netns)) {
+                entry.sa_netns = ns.label.to_string();
+            }
             entry.packets_out += stats.count;
             entry.max_inner_len = entry.max_inner_len.max(stats.max_len);
             entry.max_tcp_mss = entry.max_tcp_mss.max(stats.max_mss);

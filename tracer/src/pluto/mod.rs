@@ -7,6 +7,7 @@
 //! `logfile=` value is kept. whack status and pluto logs carry no keys.
 
 pub mod log;
+pub mod session;
 pub mod status;
 
 use std::{

@@ -33,8 +33,17 @@ pub struct Report {
     /// IKE packets per local address and peer: sent, received, dropped here.
     pub ike: Vec<crate::ike::IkePath>,
     pub ike_hooks: HookList,
+    /// Each pluto found: its connections, states and log events.
+    pub pluto: PlutoReport,
     /// Packets SNATed before the IPsec policy lookup, per flow.
     pub masquerade: crate::masquerade::MasqueradeReport,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct PlutoReport {
+    pub instances: Vec<crate::pluto::session::Observed>,
+    /// Why plutos could not be found (none running is not a problem).
+    pub problems: Vec<String>,
 }
 
 /// Hooks attached for one capability, and those missing with the reason.
@@ -260,6 +269,36 @@ pub fn render(report: &Report) -> String {
                 "  {:<16} {} -> {}: sent {}, received {}{unreachable}{dropped}",
                 p.netns_label, p.local, p.peer, p.sent, p.received
             );
+        }
+    }
+    if !report.pluto.instances.is_empty() || !report.pluto.problems.is_empty() {
+        let _ = writeln!(out, "\npluto (libreswan):");
+    }
+    for problem in &report.pluto.problems {
+        let _ = writeln!(out, "  {problem}");
+    }
+    for p in &report.pluto.instances {
+        let _ = writeln!(
+            out,
+            "  pid {} in {} ({}; log {}): {} log events",
+            p.pid,
+            p.netns_label,
+            p.ctl_socket.display(),
+            p.log,
+            p.events.len()
+        );
+        for c in &p.connections {
+            let _ = writeln!(
+                out,
+                "    \"{}\" {}: {} <-> {}",
+                c.name,
+                if p.is_up(&c.name) { "up" } else { "down" },
+                c.local_subnets.join(","),
+                c.remote_subnets.join(",")
+            );
+        }
+        for problem in &p.problems {
+            let _ = writeln!(out, "    {problem}");
         }
     }
     let _ = writeln!(out, "\nDiagnosis:");

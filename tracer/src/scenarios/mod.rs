@@ -42,6 +42,7 @@ fn trace_during(hooks: HookChoice, action: impl FnOnce()) -> anyhow::Result<Repo
         ready_file: Some(ready.clone()),
         live: false,
         hooks,
+        pluto_sockets: Vec::new(),
         stop: Some(stop.clone()),
     };
     std::thread::scope(|scope| {

@@ -17,15 +17,19 @@ use crate::{
     attribution::{self, Coverage},
     btf::{self, KernelBtf},
     counters::Counters,
-    drops, ebpf, ike,
+    diagnosis, drops, ike,
     kallsyms::Kallsyms,
     masquerade, mtu,
     netns::{self, Netns},
-    privilege,
+    pluto, privilege,
     report::{self, Counter, Kernel, NetnsDelta, NetnsInfo, Report},
     xfrm_stat::XfrmStat,
-    xfrm_state::XfrmState,
+    xfrm_state::{XfrmBook, XfrmState},
 };
+
+mod probes;
+
+use probes::Probes;
 
 pub struct Options {
     /// Stop after this long; `None` runs until Ctrl-C or SIGTERM.
@@ -35,6 +39,8 @@ pub struct Options {
     /// Redraw the counters every second while running (on a terminal).
     pub live: bool,
     pub hooks: attribution::HookChoice,
+    /// pluto control sockets to ask (default: every running pluto).
+    pub pluto_sockets: Vec<PathBuf>,
     /// Stops the run (checked every second) when set by another thread.
     pub stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
@@ -66,37 +72,12 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
         .map(|u| u.release().to_string_lossy().into_owned())
         .context("uname")?;
     let counter_names = Counters::from_btf(&btf).unwrap_or_default();
-
-    let layout = ebpf::KernelLayout::resolve(&btf, &kallsyms)?;
-    let mut object = ebpf::load(Some(&layout))?;
-    let mut logger = match aya_log::EbpfLogger::init(&mut object) {
-        Ok(logger) => Some(logger),
-        Err(e) => {
-            log::debug!("eBPF logging unavailable: {e}");
-            None
-        }
-    };
-    drops::attach(&mut object)?;
-    let ike_hooks = ike::attach(&mut object);
-    for (hook, why) in &ike_hooks.missing {
-        log::info!("IKE watch: not hooked: {hook}: {why}");
-    }
-    let mut samples_ring = attribution::take_samples(&mut object);
-    let mut samples = Vec::new();
-    let coverage = attribution::attach(
-        &mut object,
-        &btf,
-        &kallsyms,
-        layout.offsets.per_cpu_offset != 0,
-        options.hooks,
-    );
-    let (mtu_attached, mtu_missing) = mtu::attach(&mut object, &kallsyms, options.hooks);
-    for (function, why) in coverage.missing.iter().chain(&mtu_missing) {
-        log::info!("not hooked: {function}: {why}");
-    }
-    let masq_coverage = masquerade::attach(&mut object, &btf, &kallsyms, options.hooks);
-    for (function, why) in &masq_coverage.missing {
-        log::info!("MASQUERADE detection: not hooked: {function}: {why}");
+    let mut probes = Probes::attach(&btf, &kallsyms, options.hooks)?;
+    let mut book = XfrmBook::default();
+    watch_new_namespaces(&mut book);
+    let (mut plutos, pluto_problems) = pluto::session::Watch::start(&options.pluto_sockets);
+    for problem in &pluto_problems {
+        log::info!("pluto: {problem}");
     }
     // Counters are read once everything is attached, so every increment
     // in the window can be attributed.
@@ -105,19 +86,23 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
 
     let live = options.live && std::io::IsTerminal::is_terminal(&std::io::stdout());
     let stop = options.stop.clone();
+    let mut ticks = 0u64;
     wait(options.duration, options.ready_file.as_deref(), || {
-        if let Some(logger) = logger.as_mut() {
-            logger.flush();
-        }
-        if let Some(ring) = samples_ring.as_mut() {
-            attribution::drain_samples(ring, &mut samples);
+        ticks += 1;
+        probes.tick();
+        book.poll();
+        plutos.tick();
+        if ticks.is_multiple_of(5) {
+            watch_new_namespaces(&mut book);
         }
         if live {
-            let sources = attribution::read(&object)
-                .map(|(rows, _)| rows)
-                .unwrap_or_default();
-            let counters =
-                counter_report(&before, &snapshot(), &sources, &counter_names, &coverage);
+            let counters = counter_report(
+                &before,
+                &snapshot(),
+                &probes.sources(),
+                &counter_names,
+                &probes.coverage,
+            );
             print!("{}", report::render_live(started.elapsed(), &counters));
         }
         stop.as_ref()
@@ -125,31 +110,29 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
     })?;
 
     let after = snapshot();
-    let (drop_rows, untracked) = drops::read(&object)?;
-    let (sources, attribution_errors) = attribution::read(&object)?;
-    let mtu_rows = mtu::read(&object)?;
-    if let Some(ring) = samples_ring.as_mut() {
-        attribution::drain_samples(ring, &mut samples);
-    }
-    drop(samples_ring);
-    let sample_reports = attribution::sample_reports(&object, &samples, &kallsyms);
-    let masq_counted = masquerade::read(&object)?;
-    let ike_rows = ike::read(&object)?;
-    if let Some(logger) = logger.as_mut() {
-        logger.flush();
-    }
-    // Detach before the (slower) reporting.
-    drop(logger);
-    drop(object);
+    let coverage = probes.coverage.clone();
+    let ike_hooks = std::mem::take(&mut probes.ike_hooks);
+    let mtu_hooks = std::mem::take(&mut probes.mtu_hooks);
+    let masq_coverage = probes.masquerade.clone();
+    // Detaches every program before the (slower) reporting.
+    let readings = probes.finish(&kallsyms)?;
     let elapsed = started.elapsed();
+    book.poll();
+    let plutos = plutos.finish();
 
     let reasons = btf::drop_reason_names(&btf);
-    let mut drops = drops::summarize(&drop_rows, &kallsyms, &reasons);
-    let mut ike_paths = ike::summarize(&ike_rows, &kallsyms, &reasons);
-    let mut counters = counter_report(&before, &after, &sources, &counter_names, &coverage);
-    let mut leaks = masquerade::leaks(&masq_counted, &masq_coverage);
+    let mut drops = drops::summarize(&readings.drops, &kallsyms, &reasons);
+    let mut counters = counter_report(
+        &before,
+        &after,
+        &readings.sources,
+        &counter_names,
+        &coverage,
+    );
+    let mut leaks = masquerade::leaks(&readings.masquerade, &masq_coverage);
+    let mut ike_paths = ike::summarize(&readings.ike, &kallsyms, &reasons);
     let mut seen: Vec<u64> = drops.iter().map(|d| u64::from(d.netns)).collect();
-    seen.extend(mtu_rows.iter().map(|(k, _)| u64::from(k.netns)));
+    seen.extend(readings.mtu.iter().map(|(k, _)| u64::from(k.netns)));
     seen.extend(leaks.iter().map(|l| l.netns));
     seen.extend(ike_paths.iter().map(|p| p.netns));
     seen.extend(
@@ -191,24 +174,32 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
         None if ifindex == 0 => "-".into(),
         None => format!("if{ifindex}"),
     };
-    let esp_sizes = esp_sizes(&mtu_rows, &after, &netns);
+    let mut plutos = plutos;
+    for pluto in &mut plutos {
+        pluto.netns_label = label_of(pluto.netns);
+    }
+    let esp_sizes = esp_sizes(&readings.mtu, &book, &netns);
     for drop in &mut drops {
         drop.netns_label = label_of(u64::from(drop.netns));
         drop.ifname = ifname_of(u64::from(drop.netns), drop.ifindex);
     }
-    for (index, mut sample) in sample_reports {
+    let name_source = |source: &mut attribution::Source| {
+        source.ifname = ifname_of(source.netns, source.ifindex);
+        source.netns_label = label_of(source.netns);
+        if let Some((connection, state)) = pluto::session::owner_of_spi_text(&plutos, &source.spi) {
+            source.connection = connection.to_string();
+            source.pluto_state = state;
+        }
+    };
+    for (index, mut sample) in readings.samples {
         let name = counter_names.name(index);
         if let Some(counter) = counters.iter_mut().find(|c| c.name == name) {
-            sample.source.ifname = ifname_of(sample.source.netns, sample.source.ifindex);
-            sample.source.netns_label = label_of(sample.source.netns);
+            name_source(&mut sample.source);
             counter.samples.push(sample);
         }
     }
     for counter in &mut counters {
-        for source in &mut counter.sources {
-            source.ifname = ifname_of(source.netns, source.ifindex);
-            source.netns_label = label_of(source.netns);
-        }
+        counter.sources.iter_mut().for_each(name_source);
     }
     for leak in &mut leaks {
         leak.netns_label = label_of(leak.netns);
@@ -219,47 +210,64 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
     }
     let mut findings = masquerade::findings(&leaks);
     findings.extend(mtu::findings(&esp_sizes));
+    let findings = diagnosis::diagnose(
+        &diagnosis::Evidence {
+            counters: &counters,
+            ike: &ike_paths,
+            plutos: &plutos,
+            book: &book,
+            ike_watched: ike_hooks.missing.is_empty(),
+        },
+        findings,
+    );
     let mode = coverage.mode();
     Ok(Report {
         schema: report::SCHEMA,
         kernel: Kernel { release, mode },
         duration_secs: elapsed.as_secs_f64(),
         coverage,
-        attribution_errors,
+        attribution_errors: readings.attribution_errors,
         counters,
         drops,
-        drops_untracked: untracked,
+        drops_untracked: readings.drops_untracked,
         netns,
         esp_sizes,
-        esp_sizes_hooks: report::HookList {
-            attached: mtu_attached,
-            missing: mtu_missing,
-        },
+        esp_sizes_hooks: mtu_hooks,
         findings,
         ike: ike_paths,
         ike_hooks,
+        pluto: report::PlutoReport {
+            instances: plutos,
+            problems: pluto_problems,
+        },
         masquerade: masquerade::MasqueradeReport {
             coverage: masq_coverage,
             leaks,
-            table_full: masq_counted.table_full,
-            unseen: masq_counted.unseen,
+            table_full: readings.masquerade.table_full,
+            unseen: readings.masquerade.unseen,
         },
     })
 }
 
-/// Oversize ESP per SA, with the SAs of every netns (read only when some
-/// ESP packet did not fit or went out, as that costs a netlink dump each).
+/// Starts watching the XFRM state of namespaces that appeared.
+fn watch_new_namespaces(book: &mut XfrmBook) {
+    for ns in netns::all().into_values() {
+        book.watch(ns.inode, &ns.path);
+    }
+}
+
+/// Oversize ESP per SA, joined with the SAs the book has seen.
 fn esp_sizes(
     rows: &[(tracer_common::mtu::MtuKey, tracer_common::mtu::MtuStats)],
-    snapshot: &Snapshot,
+    book: &XfrmBook,
     netns: &[NetnsInfo],
 ) -> Vec<mtu::SaSizes> {
     if rows.is_empty() {
         return Vec::new();
     }
-    let states: BTreeMap<u64, XfrmState> = snapshot
+    let states: BTreeMap<u64, XfrmState> = netns
         .iter()
-        .filter_map(|(inode, (ns, _))| Some((*inode, XfrmState::read_in(&ns.path).ok()?)))
+        .filter_map(|n| Some((n.inode, book.current(n.inode)?)))
         .collect();
     let views: Vec<mtu::NetnsView> = netns
         .iter()

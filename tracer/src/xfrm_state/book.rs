@@ -54,7 +54,11 @@ impl XfrmBook {
     /// Dumps again each netns the kernel announced a change in.
     pub fn poll(&mut self) {
         for ns in self.namespaces.values_mut() {
-            if ns.notifications.as_ref().is_some_and(netlink::Socket::changed) {
+            if ns
+                .notifications
+                .as_ref()
+                .is_some_and(netlink::Socket::changed)
+            {
                 ns.refresh();
                 self.refreshes += 1;
             }

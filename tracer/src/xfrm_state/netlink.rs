@@ -74,8 +74,13 @@ impl Socket {
         let flags = unsafe { libc::fcntl(socket.0.as_raw_fd(), libc::F_GETFL) };
         // SAFETY: as above.
         if flags < 0
-            || unsafe { libc::fcntl(socket.0.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) }
-                < 0
+            || unsafe {
+                libc::fcntl(
+                    socket.0.as_raw_fd(),
+                    libc::F_SETFL,
+                    flags | libc::O_NONBLOCK,
+                )
+            } < 0
         {
             return Err(std::io::Error::last_os_error());
         }

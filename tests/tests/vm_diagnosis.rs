@@ -1,0 +1,352 @@
+//! The diagnosis against real plutos: each lab reproduces one failure
+//! category between two libreswan instances (one per gateway netns), and
+//! one tracer run watches all labs of a test at once: every pluto must get
+//! exactly the finding of its failure, naming connection "lab", and no
+//! other; a healthy tunnel gets none. VM-only (ESP, and the time pluto
+//! takes under TCG).
+
+use std::{collections::BTreeSet, net::SocketAddr, time::Duration};
+
+use serde_json::Value;
+use tests::traced_report;
+use xfrm_trace::lab::{Df, EHOST, Host, Lab, PlutoConfig, StaticIpsec, WHOST};
+
+/// One lab: its name, how its gateways are set up, and the findings
+/// (kind, gateway) it must produce.
+struct Scenario {
+    name: &'static str,
+    setup: fn(&mut Lab),
+    expected: &'static [(&'static str, Host)],
+}
+
+fn start(lab: &mut Lab, gw: Host, adjust: impl FnOnce(&mut PlutoConfig)) {
+    let mut config = PlutoConfig::for_gateway(gw);
+    // Failures must show within the traced window.
+    config.retransmit_timeout = "6s".into();
+    config.extra.push("keyingtries=1".into());
+    adjust(&mut config);
+    lab.start_pluto(gw, &config)
+        .unwrap_or_else(|e| panic!("pluto in {gw:?}: {e}"));
+}
+
+fn both(lab: &mut Lab, west: impl FnOnce(&mut PlutoConfig), east: impl FnOnce(&mut PlutoConfig)) {
+    start(lab, Host::West, west);
+    start(lab, Host::East, east);
+}
+
+fn ikev1(config: &mut PlutoConfig) {
+    config.ikev1 = true;
+    config.ike = "aes256-sha2_256;modp2048".into();
+    config.esp = "aes128-sha2_256".into();
+}
+
+/// Builds the labs in parallel (pluto start-up is slow under TCG).
+fn build(scenarios: &[Scenario]) -> Vec<Lab> {
+    let first = Lab::create(&format!("xd{}w", std::process::id() % 1000)).expect("lab");
+    first.warm_crypto().expect("crypto warm-up");
+    drop(first);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = scenarios
+            .iter()
+            .map(|s| {
+                scope.spawn(move || {
+                    let mut lab =
+                        Lab::create(&format!("xd{}{}", std::process::id() % 1000, s.name))
+                            .expect("lab topology");
+                    (s.setup)(&mut lab);
+                    lab
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("lab setup"))
+            .collect()
+    })
+}
+
+/// Starts every negotiation, waits for the failures to show, and returns
+/// the report.
+fn trace(name: &str, labs: &[Lab], window: Duration) -> Value {
+    traced_report(name, &[], || {
+        for lab in labs {
+            if lab.pluto(Host::West).is_some() {
+                let out = lab
+                    .whack(
+                        Host::West,
+                        &["--initiate", "--name", "lab", "--asynchronous"],
+                    )
+                    .expect("whack");
+                assert!(out.status.success(), "{out:?}");
+            }
+        }
+        std::thread::sleep(window);
+    })
+}
+
+fn check(report: &Value, scenarios: &[Scenario], labs: &[Lab]) {
+    let findings = report["findings"].as_array().expect("findings");
+    let mut problems = Vec::new();
+    for (scenario, lab) in scenarios.iter().zip(labs) {
+        let gateways = [Host::West, Host::East].map(|gw| (gw, lab.ns(gw)));
+        let found: BTreeSet<(String, String)> = findings
+            .iter()
+            .filter(|f| {
+                gateways
+                    .iter()
+                    .any(|(_, ns)| f["netns_label"] == ns.as_str())
+            })
+            .map(|f| {
+                (
+                    f["kind"].as_str().unwrap().to_string(),
+                    f["netns_label"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        let expected: BTreeSet<(String, String)> = scenario
+            .expected
+            .iter()
+            .map(|(kind, gw)| (kind.to_string(), lab.ns(*gw)))
+            .collect();
+        if found != expected {
+            problems.push(format!(
+                "{}: expected {expected:?}, found {found:?}",
+                scenario.name
+            ));
+        }
+        for f in findings.iter().filter(|f| {
+            gateways
+                .iter()
+                .any(|(_, ns)| f["netns_label"] == ns.as_str())
+        }) {
+            if f["connection"] != "lab" {
+                problems.push(format!(
+                    "{}: finding without its connection: {f:#}",
+                    scenario.name
+                ));
+            }
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "{}\nfindings: {:#}\npluto: {:#}",
+        problems.join("\n"),
+        report["findings"],
+        report["pluto"]
+    );
+}
+
+fn healthy(lab: &mut Lab) {
+    both(lab, |_| {}, |_| {});
+}
+
+#[test]
+fn diagnosis_of_ikev2_failures_names_cause_and_connection() {
+    let scenarios = [
+        Scenario {
+            name: "ok",
+            setup: healthy,
+            expected: &[],
+        },
+        Scenario {
+            name: "psk",
+            setup: |lab| {
+                both(
+                    lab,
+                    |_| {},
+                    |c| c.psk = "another-psk-fedcba9876543210".into(),
+                )
+            },
+            expected: &[("auth_failed", Host::West), ("auth_failed", Host::East)],
+        },
+        Scenario {
+            name: "ike",
+            setup: |lab| both(lab, |_| {}, |c| c.ike = "aes256-sha2_512;dh20".into()),
+            expected: &[
+                ("ike_proposal_mismatch", Host::West),
+                ("ike_proposal_mismatch", Host::East),
+            ],
+        },
+        Scenario {
+            name: "esp",
+            setup: |lab| both(lab, |_| {}, |c| c.esp = "aes256-sha2_256".into()),
+            expected: &[
+                ("esp_proposal_mismatch", Host::West),
+                ("esp_proposal_mismatch", Host::East),
+            ],
+        },
+        Scenario {
+            name: "ts",
+            setup: |lab| both(lab, |_| {}, |c| c.peer_subnet = "10.0.3.0/24".into()),
+            expected: &[("ts_mismatch", Host::West), ("ts_mismatch", Host::East)],
+        },
+    ];
+    let labs = build(&scenarios);
+    let report = trace("diagnosis-v2", &labs, Duration::from_secs(12));
+    check(&report, &scenarios, &labs);
+    // The healthy tunnel carries traffic: no finding is not no tunnel.
+    let status = labs[0].whack(Host::West, &["--trafficstatus"]).unwrap();
+    assert!(
+        String::from_utf8_lossy(&status.stdout).contains("type=ESP"),
+        "{status:?}"
+    );
+}
+
+#[test]
+fn diagnosis_of_network_and_ikev1_failures_names_cause_and_connection() {
+    let scenarios = [
+        Scenario {
+            name: "rfw",
+            setup: |lab| {
+                healthy(lab);
+                lab.exec(
+                    Host::Router,
+                    "iptables",
+                    &[
+                        "-A",
+                        "FORWARD",
+                        "-p",
+                        "udp",
+                        "-m",
+                        "multiport",
+                        "--dports",
+                        "500,4500",
+                        "-j",
+                        "DROP",
+                    ],
+                )
+                .unwrap();
+            },
+            expected: &[("ike_unanswered", Host::West)],
+        },
+        Scenario {
+            name: "lfw",
+            setup: |lab| {
+                healthy(lab);
+                lab.exec(
+                    Host::West,
+                    "iptables",
+                    &[
+                        "-A",
+                        "OUTPUT",
+                        "-p",
+                        "udp",
+                        "-m",
+                        "multiport",
+                        "--dports",
+                        "500,4500",
+                        "-j",
+                        "DROP",
+                    ],
+                )
+                .unwrap();
+            },
+            expected: &[("ike_blocked_locally", Host::West)],
+        },
+        Scenario {
+            name: "nop",
+            setup: |lab| start(lab, Host::West, |_| {}),
+            expected: &[("peer_not_running_ike", Host::West)],
+        },
+        Scenario {
+            name: "psk1",
+            setup: |lab| {
+                both(lab, ikev1, |c| {
+                    ikev1(c);
+                    c.psk = "another-psk-fedcba9876543210".into();
+                })
+            },
+            expected: &[("auth_failed", Host::West), ("auth_failed", Host::East)],
+        },
+        Scenario {
+            name: "ts1",
+            setup: |lab| {
+                both(lab, ikev1, |c| {
+                    ikev1(c);
+                    c.peer_subnet = "10.0.3.0/24".into();
+                })
+            },
+            expected: &[("ts_mismatch", Host::West), ("ts_mismatch", Host::East)],
+        },
+    ];
+    let labs = build(&scenarios);
+    let report = trace("diagnosis-net", &labs, Duration::from_secs(14));
+    check(&report, &scenarios, &labs);
+}
+
+/// MASQUERADE and MTU findings name the pluto connection of their SA; a
+/// policy left without SA and without a key manager is a tunnel down.
+#[test]
+fn diagnosis_names_the_connection_of_nat_and_mtu_findings_and_down_tunnels() {
+    let scenarios = [
+        Scenario {
+            name: "nat",
+            setup: healthy,
+            expected: &[("masquerade_before_policy", Host::West)],
+        },
+        Scenario {
+            name: "mtu",
+            setup: healthy,
+            expected: &[("esp_oversize", Host::West)],
+        },
+    ];
+    let labs = build(&scenarios);
+    for lab in &labs {
+        let out = lab
+            .whack(Host::West, &["--initiate", "--name", "lab"])
+            .expect("whack");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("established Child SA"),
+            "{out:?}"
+        );
+    }
+    labs[0].masquerade_everything(Host::West).unwrap();
+    labs[1]
+        .ip(Host::Router, &["link", "set", "r-east", "mtu", "1400"])
+        .unwrap();
+    // A gateway whose key manager is gone: a static policy, no SA.
+    let mut down = Lab::create(&format!("xd{}dn", std::process::id() % 1000)).expect("lab");
+    down.static_ipsec(&StaticIpsec::default()).unwrap();
+    down.ip(
+        Host::West,
+        &[
+            "xfrm",
+            "state",
+            "delete",
+            "src",
+            "192.0.2.1",
+            "dst",
+            "203.0.113.1",
+            "proto",
+            "esp",
+            "spi",
+            "0x00001001",
+        ],
+    )
+    .unwrap();
+    let to: SocketAddr = format!("{EHOST}:7000").parse().unwrap();
+    let report = traced_report("diagnosis-names", &[], || {
+        labs[0].send_udp(Host::Whost, to, 4, 100).unwrap();
+        labs[1]
+            .send_udp_df(Host::Whost, WHOST, to, 4, 1400, Df::SetIgnoringPmtu)
+            .unwrap();
+        down.send_udp(Host::Whost, to, 3, 100).unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+    });
+    check(&report, &scenarios, &labs);
+    let findings = report["findings"].as_array().unwrap();
+    let tunnel_down: Vec<&Value> = findings
+        .iter()
+        .filter(|f| f["netns_label"] == down.ns(Host::West).as_str())
+        .collect();
+    assert_eq!(tunnel_down.len(), 1, "{findings:#?}");
+    assert_eq!(tunnel_down[0]["kind"], "tunnel_down");
+    assert!(
+        tunnel_down[0]["summary"]
+            .as_str()
+            .unwrap()
+            .contains("3 packets dropped"),
+        "{:#}",
+        tunnel_down[0]
+    );
+}

@@ -1,0 +1,129 @@
+//! Every eBPF program of a run: loaded and attached once, read at the end,
+//! detached when dropped (also on error and Ctrl-C: the `Ebpf` owns the
+//! links).
+
+use anyhow::Context as _;
+use aya::maps::{MapData, RingBuf};
+use tracer_common::{
+    attribution::SourceKey,
+    drops::DropKey,
+    ike::IkeKey,
+    mtu::{MtuKey, MtuStats},
+};
+
+use crate::{
+    attribution::{self, AttributionErrors, Coverage, HookChoice},
+    btf::KernelBtf,
+    drops, ebpf, ike,
+    kallsyms::Kallsyms,
+    masquerade, mtu,
+    report::HookList,
+};
+
+pub struct Probes {
+    object: aya::Ebpf,
+    logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    samples_ring: Option<RingBuf<MapData>>,
+    samples: Vec<tracer_common::attribution::Sample>,
+    pub coverage: Coverage,
+    pub mtu_hooks: HookList,
+    pub ike_hooks: HookList,
+    pub masquerade: masquerade::MasqCoverage,
+}
+
+/// What the programs counted, read once after the run.
+pub struct Readings {
+    pub drops: Vec<(DropKey, u64)>,
+    pub drops_untracked: u64,
+    pub sources: Vec<(SourceKey, u64)>,
+    pub attribution_errors: AttributionErrors,
+    /// Sampled increments with stacks, by counter index.
+    pub samples: Vec<(u32, attribution::SampleReport)>,
+    pub mtu: Vec<(MtuKey, MtuStats)>,
+    pub masquerade: masquerade::Counted,
+    pub ike: Vec<(IkeKey, u64)>,
+}
+
+impl Probes {
+    /// Loads the object with the running kernel's layout and attaches each
+    /// capability with the best hook the kernel offers; what cannot be
+    /// hooked is logged and listed in the report.
+    pub fn attach(btf: &KernelBtf, kallsyms: &Kallsyms, hooks: HookChoice) -> anyhow::Result<Self> {
+        let layout = ebpf::KernelLayout::resolve(btf, kallsyms)?;
+        let mut object = ebpf::load(Some(&layout))?;
+        let logger = match aya_log::EbpfLogger::init(&mut object) {
+            Ok(logger) => Some(logger),
+            Err(e) => {
+                log::debug!("eBPF logging unavailable: {e}");
+                None
+            }
+        };
+        drops::attach(&mut object)?;
+        let ike_hooks = ike::attach(&mut object);
+        let samples_ring = attribution::take_samples(&mut object);
+        let coverage = attribution::attach(
+            &mut object,
+            btf,
+            kallsyms,
+            layout.offsets.per_cpu_offset != 0,
+            hooks,
+        );
+        let (attached, missing) = mtu::attach(&mut object, kallsyms, hooks);
+        let masquerade = masquerade::attach(&mut object, btf, kallsyms, hooks);
+        for (what, missing) in [
+            ("", &coverage.missing),
+            ("oversize ESP: ", &missing),
+            ("MASQUERADE detection: ", &masquerade.missing),
+            ("IKE watch: ", &ike_hooks.missing),
+        ] {
+            for (function, why) in missing {
+                log::info!("{what}not hooked: {function}: {why}");
+            }
+        }
+        Ok(Self {
+            object,
+            logger,
+            samples_ring,
+            samples: Vec::new(),
+            coverage,
+            mtu_hooks: HookList { attached, missing },
+            ike_hooks,
+            masquerade,
+        })
+    }
+
+    /// Once a second: the programs' log lines and samples.
+    pub fn tick(&mut self) {
+        if let Some(logger) = self.logger.as_mut() {
+            logger.flush();
+        }
+        if let Some(ring) = self.samples_ring.as_mut() {
+            attribution::drain_samples(ring, &mut self.samples);
+        }
+    }
+
+    /// The attributed sources so far (for the live view).
+    pub fn sources(&self) -> Vec<(SourceKey, u64)> {
+        attribution::read(&self.object)
+            .map(|(rows, _)| rows)
+            .unwrap_or_default()
+    }
+
+    /// Reads every table, then detaches everything.
+    pub fn finish(mut self, kallsyms: &Kallsyms) -> anyhow::Result<Readings> {
+        self.tick();
+        drop(self.samples_ring.take());
+        let (drops, drops_untracked) = drops::read(&self.object)?;
+        let (sources, attribution_errors) = attribution::read(&self.object)?;
+        Ok(Readings {
+            drops,
+            drops_untracked,
+            sources,
+            attribution_errors,
+            samples: attribution::sample_reports(&self.object, &self.samples, kallsyms),
+            mtu: mtu::read(&self.object)?,
+            masquerade: masquerade::read(&self.object)?,
+            ike: ike::read(&self.object).context("reading the IKE table")?,
+        })
+    }
+}
