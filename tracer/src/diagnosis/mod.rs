@@ -421,3 +421,109 @@ fn kernel_errors(evidence: &Evidence) -> Vec<Finding> {
         ..Finding::default()
     }]
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pluto::{log::parse_line, status::Connection};
+
+    fn west(lines: &[&str]) -> Observed {
+        Observed {
+            pid: 7,
+            netns: 11,
+            netns_label: "west".into(),
+            ctl_socket: "/run/pluto/pluto.ctl".into(),
+            log: "/var/log/pluto.log".into(),
+            connections: vec![Connection {
+                name: "lab".into(),
+                local_addr: Some("192.0.2.1".parse().unwrap()),
+                remote_addr: Some("203.0.113.1".parse().unwrap()),
+                local_subnets: vec!["10.0.2.0/24".into()],
+                remote_subnets: vec!["192.168.0.0/16".into()],
+                ..Connection::default()
+            }],
+            up_at_start: Vec::new(),
+            states: Vec::new(),
+            events: lines.iter().filter_map(|l| parse_line(l)).collect(),
+            problems: Vec::new(),
+        }
+    }
+
+    fn path(sent: u64, received: u64) -> IkePath {
+        IkePath {
+            netns: 11,
+            local: "192.0.2.1".into(),
+            peer: "203.0.113.1".into(),
+            sent,
+            received,
+            ..IkePath::default()
+        }
+    }
+
+    fn kinds(plutos: &[Observed], ike: &[IkePath]) -> Vec<String> {
+        let book = XfrmBook::default();
+        let evidence = Evidence {
+            counters: &[],
+            ike,
+            plutos,
+            book: &book,
+            ike_watched: true,
+        };
+        diagnose(&evidence, Vec::new())
+            .into_iter()
+            .map(|f| {
+                assert_eq!(
+                    (f.connection.as_str(), f.netns_label.as_str()),
+                    ("lab", "west")
+                );
+                f.kind
+            })
+            .collect()
+    }
+
+    // Lines as pluto 4.10 wrote them in the lab (IKEv1 initiator).
+    const V1_MAIN_MODE_REFUSED: &str = "Nov 29 07:49:11.239657: \"lab\" #1: ignoring informational payload NO_PROPOSAL_CHOSEN, msgid=00000000, length=12";
+    const V1_IKE_UP: &str = "Nov 29 07:48:40.603479: \"lab\" #1: IKE SA established {auth=PRESHARED_KEY cipher=AES_CBC_256 integ=HMAC_SHA2_256 group=MODP2048}";
+
+    #[test]
+    fn a_v1_no_proposal_notice_is_ike_before_the_ike_sa_and_esp_after() {
+        let ike = [path(3, 3)];
+        assert_eq!(
+            kinds(&[west(&[V1_MAIN_MODE_REFUSED])], &ike),
+            ["ike_proposal_mismatch"]
+        );
+        assert_eq!(
+            kinds(&[west(&[V1_IKE_UP, V1_MAIN_MODE_REFUSED])], &ike),
+            ["esp_proposal_mismatch"]
+        );
+    }
+
+    #[test]
+    fn silence_is_unanswered_only_when_requests_left_and_nothing_came_back() {
+        let retransmit = "Nov 29 07:52:01.400957: \"lab\" #1: STATE_V2_PARENT_I1: retransmission; will wait 0.5 seconds for response";
+        assert_eq!(
+            kinds(&[west(&[retransmit])], &[path(4, 0)]),
+            ["ike_unanswered"]
+        );
+        // Answers arrive (a slow peer): not a firewall.
+        assert!(kinds(&[west(&[retransmit])], &[path(4, 2)]).is_empty());
+        // A port unreachable names the cause instead.
+        let mut refused = path(4, 0);
+        refused.port_unreachable = 4;
+        assert_eq!(
+            kinds(&[west(&[retransmit])], &[refused]),
+            ["peer_not_running_ike"]
+        );
+    }
+
+    #[test]
+    fn a_connection_that_tried_and_is_down_without_known_cause_is_down() {
+        let initiating = "Nov 29 07:45:01.307048: \"lab\" #1: initiating IKEv2 connection";
+        assert_eq!(
+            kinds(&[west(&[initiating])], &[path(2, 2)]),
+            ["tunnel_down"]
+        );
+        // Idle and never up: nothing to say.
+        assert!(kinds(&[west(&[])], &[]).is_empty());
+    }
+}
