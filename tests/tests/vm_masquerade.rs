@@ -11,7 +11,7 @@ use serde_json::Value;
 use tests::{Tracer, scratch, traced_report};
 use xfrm_trace::lab::{
     Df, EAST_SUBNET, EAST_WAN, EHOST, Host, Lab, Packet, ROUTER_WEST, StaticIpsec, WEST_LAN,
-    WEST_SUBNET, WEST_WAN, WHOST,
+    WEST_SUBNET, WEST_WAN, WHOST, ipv6,
 };
 
 const COUNT: usize = 6;
@@ -327,115 +327,9 @@ fn nftables_masquerade_is_detected_the_same_way() {
     assert_eq!(sink.receive(COUNT, Duration::from_secs(5)), COUNT);
 }
 
-/// IPv6 on the same five namespaces: documentation and ULA prefixes.
-mod v6 {
-    pub const WHOST: &str = "fd00:2::10";
-    pub const WEST_LAN: &str = "fd00:2::1";
-    pub const WEST_WAN: &str = "2001:db8:1::1";
-    pub const ROUTER_WEST: &str = "2001:db8:1::fe";
-    pub const ROUTER_EAST: &str = "2001:db8:2::fe";
-    pub const EAST_WAN: &str = "2001:db8:2::1";
-    pub const EAST_LAN: &str = "fd00:168::1";
-    pub const EHOST: &str = "fd00:168::10";
-    pub const WEST_SUBNET: &str = "fd00:2::/64";
-    pub const EAST_SUBNET: &str = "fd00:168::/64";
-}
-
-fn random_key() -> String {
-    use std::io::Read as _;
-    let mut bytes = [0u8; 20];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut bytes))
-        .unwrap();
-    format!(
-        "0x{}",
-        bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
-    )
-}
-
-/// IPv6 addresses, routes, forwarding, and an ESP tunnel (reqid 2) between
-/// the gateways' IPv6 WAN addresses for the IPv6 LANs.
+/// The lab's IPv6 tunnel, and counters of what reaches the router.
 fn ipv6_tunnel(lab: &Lab) {
-    for (host, address, dev) in [
-        (Host::Whost, "fd00:2::10/64", "eth0"),
-        (Host::West, "fd00:2::1/64", "lan0"),
-        (Host::West, "2001:db8:1::1/64", "wan0"),
-        (Host::Router, "2001:db8:1::fe/64", "r-west"),
-        (Host::Router, "2001:db8:2::fe/64", "r-east"),
-        (Host::East, "2001:db8:2::1/64", "wan0"),
-        (Host::East, "fd00:168::1/64", "lan0"),
-        (Host::Ehost, "fd00:168::10/64", "eth0"),
-    ] {
-        lab.ip(host, &["-6", "addr", "add", address, "dev", dev, "nodad"])
-            .unwrap();
-    }
-    for (host, via) in [
-        (Host::Whost, v6::WEST_LAN),
-        (Host::West, v6::ROUTER_WEST),
-        (Host::East, v6::ROUTER_EAST),
-        (Host::Ehost, v6::EAST_LAN),
-    ] {
-        lab.ip(host, &["-6", "route", "add", "default", "via", via])
-            .unwrap();
-    }
-    for host in [Host::West, Host::Router, Host::East] {
-        lab.sysctl(host, "net.ipv6.conf.all.forwarding", "1")
-            .unwrap();
-    }
-    let keys = [random_key(), random_key()];
-    for gw in [Host::West, Host::East] {
-        for ((src, dst, spi), key) in [
-            (v6::WEST_WAN, v6::EAST_WAN, "0x00003003"),
-            (v6::EAST_WAN, v6::WEST_WAN, "0x00004004"),
-        ]
-        .into_iter()
-        .zip(&keys)
-        {
-            lab.ip(
-                gw,
-                &[
-                    "xfrm",
-                    "state",
-                    "add",
-                    "src",
-                    src,
-                    "dst",
-                    dst,
-                    "proto",
-                    "esp",
-                    "spi",
-                    spi,
-                    "reqid",
-                    "2",
-                    "mode",
-                    "tunnel",
-                    "aead",
-                    "rfc4106(gcm(aes))",
-                    key,
-                    "128",
-                ],
-            )
-            .unwrap();
-        }
-        let (local, remote, local_net, remote_net) = match gw {
-            Host::West => (v6::WEST_WAN, v6::EAST_WAN, v6::WEST_SUBNET, v6::EAST_SUBNET),
-            _ => (v6::EAST_WAN, v6::WEST_WAN, v6::EAST_SUBNET, v6::WEST_SUBNET),
-        };
-        for (dir, src, dst, tsrc, tdst) in [
-            ("out", local_net, remote_net, local, remote),
-            ("in", remote_net, local_net, remote, local),
-            ("fwd", remote_net, local_net, remote, local),
-        ] {
-            lab.ip(
-                gw,
-                &[
-                    "xfrm", "policy", "add", "src", src, "dst", dst, "dir", dir, "tmpl", "src",
-                    tsrc, "dst", tdst, "proto", "esp", "reqid", "2", "mode", "tunnel",
-                ],
-            )
-            .unwrap();
-        }
-    }
+    lab.ipv6_static_tunnel().unwrap();
     // What reaches the router from west, counted before routing (the
     // router has no route to the LANs and drops plaintext right after).
     for proto in ["udp", "esp"] {
@@ -450,7 +344,7 @@ fn ipv6_tunnel(lab: &Lab) {
                 "-i",
                 "r-west",
                 "-s",
-                v6::WEST_WAN,
+                ipv6::WEST_WAN,
                 "-p",
                 proto,
             ],
@@ -479,7 +373,7 @@ fn router_v6_count(lab: &Lab, proto: &str) -> u64 {
 }
 
 fn send_v6(lab: &Lab, count: usize) -> usize {
-    let to: SocketAddr = format!("[{}]:{PORT}", v6::EHOST).parse().unwrap();
+    let to: SocketAddr = format!("[{}]:{PORT}", ipv6::EHOST).parse().unwrap();
     xfrm_trace::netns::run_in(&lab.ns_path(Host::Whost), move || {
         let socket = std::net::UdpSocket::bind("[::]:0")?;
         Ok((0..count)
@@ -549,22 +443,22 @@ fn ipv6_masquerade_leak_is_reported_and_fixed() {
     assert_eq!(row["family"], "ipv6");
     assert_eq!(row["packets"], COUNT, "{row:#}");
     assert_eq!(row["sent"], COUNT, "{row:#}");
-    assert_eq!(row["pre_src"], v6::WHOST);
-    assert_eq!(row["post_src"], v6::WEST_WAN);
+    assert_eq!(row["pre_src"], ipv6::WHOST);
+    assert_eq!(row["post_src"], ipv6::WEST_WAN);
     assert_eq!(row["spi"], "0x00003003");
     assert_eq!(row["reqid"], 2);
-    assert_eq!(row["sa_dst"], v6::EAST_WAN);
-    assert_eq!(row["policy_src"], v6::WEST_SUBNET);
-    assert_eq!(row["policy_dst"], v6::EAST_SUBNET);
+    assert_eq!(row["sa_dst"], ipv6::EAST_WAN);
+    assert_eq!(row["policy_src"], ipv6::WEST_SUBNET);
+    assert_eq!(row["policy_dst"], ipv6::EAST_SUBNET);
     let found = findings(&report);
     assert_eq!(found.len(), 1, "{found:#?}");
     assert_eq!(
         found[0]["summary"],
         format!(
             "{COUNT} packets from {} to {} were SNATed to {} before IPsec and sent in clear on wan0 (netns {west})",
-            v6::WEST_SUBNET,
-            v6::EAST_SUBNET,
-            v6::WEST_WAN
+            ipv6::WEST_SUBNET,
+            ipv6::EAST_SUBNET,
+            ipv6::WEST_WAN
         )
     );
     let fix = found[0]["fix"].as_str().unwrap().lines().next().unwrap();
@@ -572,8 +466,8 @@ fn ipv6_masquerade_leak_is_reported_and_fixed() {
         fix,
         format!(
             "ip netns exec {west} ip6tables -t nat -I POSTROUTING -s {} -d {} -j RETURN",
-            v6::WEST_SUBNET,
-            v6::EAST_SUBNET
+            ipv6::WEST_SUBNET,
+            ipv6::EAST_SUBNET
         )
     );
     run(&fix.split_whitespace().collect::<Vec<_>>());

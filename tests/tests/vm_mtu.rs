@@ -8,7 +8,9 @@ use std::{net::SocketAddr, time::Duration};
 
 use serde_json::Value;
 use tests::traced_report;
-use xfrm_trace::lab::{Cipher, Df, EAST_WAN, EHOST, Host, Lab, Mode, StaticIpsec, WEST_WAN, WHOST};
+use xfrm_trace::lab::{
+    Cipher, Df, EAST_WAN, EHOST, Host, Lab, Mode, StaticIpsec, WEST_WAN, WHOST, ipv6,
+};
 
 const COUNT: usize = 5;
 /// MTU of the router's link towards east.
@@ -190,6 +192,122 @@ fn transport_cbc_nat_t_oversize_is_reported_once_per_packet_with_the_fix() {
             ..StaticIpsec::default()
         },
     );
+}
+
+/// IPv6 inside and outside (ESP between the gateways' IPv6 addresses): an
+/// oversize packet is refused once with ICMPv6 "packet too big", at the
+/// router (path MTU; west then sees it come back) or at west (IPsec MTU).
+#[test]
+fn ipv6_oversize_is_reported_once_per_packet_with_the_fix() {
+    let lab = Lab::create(&format!("xm{}v6", std::process::id() % 10000)).expect("lab topology");
+    lab.ipv6_static_tunnel().unwrap();
+    lab.ip(
+        Host::Router,
+        &["link", "set", "r-east", "mtu", &PATH_MTU.to_string()],
+    )
+    .unwrap();
+    let to: SocketAddr = format!("[{}]:7000", ipv6::EHOST).parse().unwrap();
+    // Neighbours resolved before the traced window.
+    lab.send_udp(Host::Whost, to, 1, 64).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    // GCM-128 in IPv6 tunnel mode: 40 + 8 + 8 header, 16 ICV, 4-byte blocks.
+    let max_inner = ((PATH_MTU - 56 - 16) & !3) - 2;
+    let report = traced("v6-df", || {
+        lab.send_udp_df(
+            Host::Whost,
+            ipv6::WHOST,
+            to,
+            COUNT,
+            (max_inner - 48 + 1) as usize,
+            Df::SetIgnoringPmtu,
+        )
+        .unwrap();
+    });
+    let sa = report["esp_sizes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["spi"] == ipv6::SPI_WEST_TO_EAST)
+        .cloned()
+        .unwrap_or_else(|| panic!("IPv6 SA missing: {:#}", report["esp_sizes"]));
+    assert_eq!(sa["sa_dst"], ipv6::EAST_WAN, "{sa:#}");
+    let (received, events): (Vec<&Value>, Vec<&Value>) = sa["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .partition(|e| e["kind"] == "frag_needed_received");
+    let count =
+        |events: &[&Value]| -> u64 { events.iter().map(|e| e["count"].as_u64().unwrap()).sum() };
+    assert_eq!(count(&events), COUNT as u64, "{sa:#}");
+    let at_router = events.iter().filter(|e| e["mtu_is_inner"] == false).count();
+    assert!(at_router > 0, "the first packet meets the router: {sa:#}");
+    for e in &events {
+        assert_eq!(e["kind"], "frag_needed", "{e}");
+        let expected = if e["mtu_is_inner"] == true {
+            max_inner
+        } else {
+            PATH_MTU
+        };
+        assert_eq!(e["mtu"], expected, "{e}");
+    }
+    let router_refusals: u64 = events
+        .iter()
+        .filter(|e| e["mtu_is_inner"] == false)
+        .map(|e| e["count"].as_u64().unwrap())
+        .sum();
+    assert_eq!(count(&received), router_refusals, "{sa:#}");
+    assert_eq!(sa["max_inner_fitting"], max_inner, "{sa:#}");
+    let findings = oversize_findings(&report);
+    assert_eq!(findings.len(), 1, "{findings:#?}");
+    let fix = findings[0]["fix"].as_str().unwrap();
+    assert!(fix.contains(&format!("mtu={max_inner}")), "{fix}");
+}
+
+/// TCP from whost: its GSO packets cross west's veth whole and meet IPsec
+/// as super-packets. They are judged by their segments: the largest inner
+/// packet that went into the tunnel fits its MTU, the segments too big for
+/// it (whost's MSS assumes 1500) are reported at 1500 bytes, not at the
+/// size of the super-packet, and the transfer completes once whost learns
+/// the MTU.
+#[test]
+fn gso_packets_are_judged_by_their_segments() {
+    let config = StaticIpsec::default();
+    let mut lab =
+        Lab::create(&format!("xm{}gs", std::process::id() % 10000)).expect("lab topology");
+    lab.static_ipsec(&config).expect("static SAs");
+    let sink = lab.udp_sink(Host::Ehost, 7000).unwrap();
+    lab.send_udp(Host::Whost, format!("{EHOST}:7000").parse().unwrap(), 1, 64)
+        .unwrap();
+    assert_eq!(sink.receive(1, Duration::from_secs(10)), 1);
+    const BYTES: usize = 512 * 1024;
+    let mut arrived = 0;
+    let report = traced("gso", || {
+        arrived = lab
+            .tcp_transfer(
+                Host::Whost,
+                Host::Ehost,
+                format!("{EHOST}:7100").parse().unwrap(),
+                BYTES,
+                Duration::from_secs(30),
+            )
+            .unwrap();
+    });
+    assert_eq!(arrived, BYTES);
+    let sa = west_to_east(&report);
+    // The bundle MTU of a 1500-byte path for GCM-128 in tunnel mode.
+    let bundle_mtu = ((1500 - 36 - 16) & !3) - 2;
+    assert!(
+        sa["gso_packets_out"].as_u64().unwrap() > 0,
+        "no GSO: {sa:#}"
+    );
+    let max_inner = sa["max_inner_len"].as_u64().unwrap();
+    assert!(max_inner > 1000 && max_inner <= bundle_mtu, "{sa:#}");
+    for e in sa["events"].as_array().unwrap() {
+        assert_eq!(
+            e["max_len"], 1500,
+            "a refused GSO packet is its segments: {e}"
+        );
+    }
 }
 
 #[test]

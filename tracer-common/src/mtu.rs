@@ -47,6 +47,8 @@ pub struct MtuStats {
     pub max_len: u32,
     /// Largest TCP MSS option seen in a SYN (`INNER` only).
     pub max_mss: u32,
+    /// GSO packets among them (`INNER` only): judged by their segments.
+    pub gso_packets: u64,
 }
 
 #[cfg(feature = "user")]

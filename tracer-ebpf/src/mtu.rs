@@ -15,6 +15,9 @@ use crate::{
     read_at,
 };
 
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+
 #[map]
 static MTU_EVENTS: PerCpuHashMap<MtuKey, MtuStats> = PerCpuHashMap::with_max_entries(4096, 0);
 
@@ -35,32 +38,47 @@ macro_rules! entry_hook {
     };
 }
 
-/// What the IPv4 header of an skb says: total length, protocol, and the
+/// What the IP header of an skb says: total length, protocol, and the
 /// ESP SPI (plain or in UDP 4500) with the destination, if it is ESP.
-struct Ipv4 {
+struct Ip {
+    family: u8,
     len: u32,
     proto: u8,
     /// Offset of the transport header from the IP header.
     header_len: u64,
     ip: u64,
     esp_spi: u32,
-    dst: [u8; 4],
+    dst: [u8; 16],
 }
 
+/// The skb's IPv4 or IPv6 header (IPv6 extension headers are not
+/// followed: ESP and the inner TCP/UDP come right after the fixed header
+/// in the packets this looks at).
 #[inline(always)]
-unsafe fn ipv4(skb: u64) -> Option<Ipv4> {
+unsafe fn ip(skb: u64) -> Option<Ip> {
     let o = KERNEL_OFFSETS.load();
     let head: u64 = unsafe { read_at(skb, o.sk_buff_head) }.ok()?;
     let network: u16 = unsafe { read_at(skb, o.sk_buff_network_header) }.ok()?;
     let ip = head + u64::from(network);
     let first: u8 = unsafe { bpf_probe_read_kernel(ip as *const u8) }.ok()?;
-    if first >> 4 != 4 {
-        return None;
-    }
-    let header_len = u64::from(first & 0x0f) * 4;
-    let len = u16::from_be(unsafe { bpf_probe_read_kernel((ip + 2) as *const u16) }.ok()?);
-    let proto: u8 = unsafe { bpf_probe_read_kernel((ip + 9) as *const u8) }.ok()?;
-    let dst: [u8; 4] = unsafe { bpf_probe_read_kernel((ip + 16) as *const [u8; 4]) }.ok()?;
+    let mut dst = [0u8; 16];
+    let (family, header_len, len, proto) = match first >> 4 {
+        4 => {
+            let v4: [u8; 4] = unsafe { bpf_probe_read_kernel((ip + 16) as *const [u8; 4]) }.ok()?;
+            dst[..4].copy_from_slice(&v4);
+            let len = u16::from_be(unsafe { bpf_probe_read_kernel((ip + 2) as *const u16) }.ok()?);
+            let proto: u8 = unsafe { bpf_probe_read_kernel((ip + 9) as *const u8) }.ok()?;
+            (AF_INET, u64::from(first & 0x0f) * 4, u32::from(len), proto)
+        }
+        6 => {
+            dst = unsafe { bpf_probe_read_kernel((ip + 24) as *const [u8; 16]) }.ok()?;
+            let payload =
+                u16::from_be(unsafe { bpf_probe_read_kernel((ip + 4) as *const u16) }.ok()?);
+            let proto: u8 = unsafe { bpf_probe_read_kernel((ip + 6) as *const u8) }.ok()?;
+            (AF_INET6, 40, 40 + u32::from(payload), proto)
+        }
+        _ => return None,
+    };
     let transport = ip + header_len;
     let esp_spi = match proto {
         50 => unsafe { bpf_probe_read_kernel(transport as *const u32) }.unwrap_or(0),
@@ -76,8 +94,9 @@ unsafe fn ipv4(skb: u64) -> Option<Ipv4> {
         }
         _ => 0,
     };
-    Some(Ipv4 {
-        len: u32::from(len),
+    Some(Ip {
+        family,
+        len,
         proto,
         header_len,
         ip,
@@ -101,6 +120,7 @@ unsafe fn key_from_sa(x: u64, key: &mut MtuKey) {
     let o = KERNEL_OFFSETS.load();
     key.spi = unsafe { read_at(x, o.xfrm_state_spi) }.unwrap_or(0);
     key.sa_dst = unsafe { read_at(x, o.xfrm_state_daddr) }.unwrap_or([0; 16]);
+    key.family = unsafe { read_at::<u16>(x, o.xfrm_state_family) }.unwrap_or(0) as u8;
 }
 
 /// Egress device of a dst: (ifindex, mtu).
@@ -122,10 +142,16 @@ unsafe fn dst_device(dst: u64) -> (u32, u32) {
 
 #[inline(always)]
 pub(crate) fn record(key: &MtuKey, len: u32, mss: u32) {
+    record_packet(key, len, mss, 0);
+}
+
+#[inline(always)]
+fn record_packet(key: &MtuKey, len: u32, mss: u32, gso: u64) {
     if let Some(stats) = MTU_EVENTS.get_ptr_mut(key) {
         // Per-CPU value: no other CPU writes it.
         let stats = unsafe { &mut *stats };
         stats.count += 1;
+        stats.gso_packets += gso;
         if len > stats.max_len {
             stats.max_len = len;
         }
@@ -137,6 +163,7 @@ pub(crate) fn record(key: &MtuKey, len: u32, mss: u32) {
             count: 1,
             max_len: len,
             max_mss: mss,
+            gso_packets: gso,
         };
         let _ = MTU_EVENTS.insert(key, &stats, 0);
     }
@@ -147,7 +174,7 @@ pub(crate) fn record(key: &MtuKey, len: u32, mss: u32) {
 #[inline(always)]
 fn on_fragment(a: &impl Args) {
     let skb = a.arg_u64(2);
-    let Some(ip) = (unsafe { ipv4(skb) }) else {
+    let Some(ip) = (unsafe { ip(skb) }) else {
         return;
     };
     if ip.esp_spi == 0 {
@@ -161,12 +188,15 @@ fn on_fragment(a: &impl Args) {
         ifindex,
         mtu,
         kind: kind::FRAGMENTED,
+        family: ip.family,
+        sa_dst: ip.dst,
         ..MtuKey::default()
     };
-    key.sa_dst[..4].copy_from_slice(&ip.dst);
     record(&key, ip.len, 0);
 }
 entry_hook!("ip_do_fragment", on_fragment => mtu_fragment_fentry, mtu_fragment_kprobe);
+// ip6_fragment(net, sk, skb, output): the same arguments.
+entry_hook!("ip6_fragment", on_fragment => mtu_fragment6_fentry, mtu_fragment6_kprobe);
 
 /// `__icmp_send(skb_in, type, code, info, opt)`: "fragmentation needed"
 /// for a packet routed into IPsec (inner MTU) or for an ESP packet (outer).
@@ -177,8 +207,29 @@ fn on_icmp_send(a: &impl Args) {
     if icmp_type != 3 || code != 4 {
         return;
     }
-    let mtu = u32::from_be(a.arg_u64(3) as u32);
-    let Some(ip) = (unsafe { ipv4(skb) }) else {
+    // `info` is the MTU in network order here.
+    too_big(skb, u32::from_be(a.arg_u64(3) as u32));
+}
+entry_hook!("__icmp_send", on_icmp_send => mtu_icmp_fentry, mtu_icmp_kprobe);
+
+/// `icmp6_send(skb, type, code, info, force_saddr, parm)`: "packet too
+/// big" (type 2), IPv6's "fragmentation needed".
+#[inline(always)]
+fn on_icmp6_send(a: &impl Args) {
+    let (skb, icmp_type) = (a.arg_u64(0), a.arg_u64(1) as u8);
+    if icmp_type != 2 {
+        return;
+    }
+    // `info` is the MTU in host order here.
+    too_big(skb, a.arg_u64(3) as u32);
+}
+entry_hook!("icmp6_send", on_icmp6_send => mtu_icmp6_fentry, mtu_icmp6_kprobe);
+
+/// A packet refused as too big for `mtu`: before encryption (its route
+/// is an IPsec bundle: the IPsec MTU) or as an ESP packet (path MTU).
+#[inline(always)]
+fn too_big(skb: u64, mtu: u32) {
+    let Some(ip) = (unsafe { ip(skb) }) else {
         return;
     };
     let dst = unsafe { skb_dst(skb) };
@@ -195,14 +246,16 @@ fn on_icmp_send(a: &impl Args) {
         key.inner_mtu = 1;
     } else if ip.esp_spi != 0 {
         key.spi = ip.esp_spi;
-        key.sa_dst[..4].copy_from_slice(&ip.dst);
+        key.sa_dst = ip.dst;
+        key.family = ip.family;
     } else {
         return;
     }
     key.ifindex = unsafe { dst_device(dst) }.0;
-    record(&key, ip.len, 0);
+    // A GSO packet is refused for its segments: that is their size.
+    let (len, _, _) = unsafe { inner_size(skb, &ip) };
+    record(&key, len, 0);
 }
-entry_hook!("__icmp_send", on_icmp_send => mtu_icmp_fentry, mtu_icmp_kprobe);
 
 /// `xfrm_local_error(skb, mtu)`: a local socket is told EMSGSIZE.
 #[inline(always)]
@@ -221,7 +274,7 @@ fn on_local_error(a: &impl Args) {
         ..MtuKey::default()
     };
     unsafe { key_from_sa(x, &mut key) };
-    let len = unsafe { ipv4(skb) }.map_or(0, |ip| ip.len);
+    let len = unsafe { ip(skb) }.map_or(0, |ip| ip.len);
     record(&key, len, 0);
 }
 entry_hook!("xfrm_local_error", on_local_error => mtu_local_error_fentry, mtu_local_error_kprobe);
@@ -232,7 +285,7 @@ entry_hook!("xfrm_local_error", on_local_error => mtu_local_error_fentry, mtu_lo
 fn on_output(a: &impl Args) {
     let skb = a.arg_u64(1);
     let x = unsafe { dst_sa(skb_dst(skb)) };
-    let Some(ip) = (unsafe { ipv4(skb) }) else {
+    let Some(ip) = (unsafe { ip(skb) }) else {
         return;
     };
     if x == 0 {
@@ -245,15 +298,15 @@ fn on_output(a: &impl Args) {
         ..MtuKey::default()
     };
     unsafe { key_from_sa(x, &mut key) };
-    let (len, mss) = unsafe { inner_size(skb, &ip) };
-    record(&key, len, mss);
+    let (len, mss, gso) = unsafe { inner_size(skb, &ip) };
+    record_packet(&key, len, mss, u64::from(gso));
 }
 entry_hook!("xfrm_output", on_output => mtu_output_fentry, mtu_output_kprobe);
 
-/// Size of the packet (of one segment for GSO) and the MSS of a SYN (its
-/// first option, where Linux and most stacks put it).
+/// Size of the packet (of one segment for GSO), the MSS of a SYN (its
+/// first option, where Linux and most stacks put it), and whether it is GSO.
 #[inline(always)]
-unsafe fn inner_size(skb: u64, ip: &Ipv4) -> (u32, u32) {
+unsafe fn inner_size(skb: u64, ip: &Ip) -> (u32, u32, bool) {
     let o = KERNEL_OFFSETS.load();
     let head: u64 = unsafe { read_at(skb, o.sk_buff_head) }.unwrap_or(0);
     let end: u32 = unsafe { read_at(skb, o.sk_buff_end) }.unwrap_or(0);
@@ -268,7 +321,7 @@ unsafe fn inner_size(skb: u64, ip: &Ipv4) -> (u32, u32) {
         } else {
             ip.len
         };
-        return (len, 0);
+        return (len, 0, gso_size > 0);
     }
     let tcp = ip.ip + ip.header_len;
     let flags_word: [u8; 2] =
@@ -288,5 +341,5 @@ unsafe fn inner_size(skb: u64, ip: &Ipv4) -> (u32, u32) {
             mss = u32::from(u16::from_be_bytes([option[2], option[3]]));
         }
     }
-    (len, mss)
+    (len, mss, gso_size > 0)
 }

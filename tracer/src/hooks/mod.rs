@@ -39,6 +39,7 @@ const fn only_some(function: &'static str, role: Role) -> Hook {
     }
 }
 
+/// Every function a run hooks (tracepoints aside), as the doctor checks them.
 pub const PLANNED: &[Hook] = &[
     hook("xfrm_input", Role::Bracket),
     hook("__xfrm_policy_check", Role::Bracket),
@@ -48,25 +49,16 @@ pub const PLANNED: &[Hook] = &[
     hook("xfrm_output_resume", Role::Bracket),
     hook("xfrm_state_lookup", Role::Enrichment),
     only_some("xfrm_input_state_lookup", Role::Enrichment),
-    hook("xfrm_audit_state_notfound", Role::Enrichment),
-    hook("xfrm_audit_state_icvfail", Role::Enrichment),
-    hook("xfrm_replay_check", Role::Enrichment),
-    hook("xfrm_state_check_expire", Role::Enrichment),
     hook("xfrm_policy_lookup_bytype", Role::Enrichment),
-    hook("xfrm_resolve_and_create_bundle", Role::Enrichment),
-    hook("xfrm_replay_overflow", Role::Enrichment),
-    hook("esp_input", Role::Enrichment),
-    hook("esp_output_done", Role::Enrichment),
-    hook("nf_xfrm_me_harder", Role::Nat),
     hook("xfrm4_output", Role::Nat),
     hook("xfrm6_output", Role::Nat),
     hook("__xfrm4_output", Role::Nat),
     hook("__xfrm6_output", Role::Nat),
-    only_some("xfrm4_tunnel_check_size", Role::Mtu),
-    hook("xfrm6_tunnel_check_size", Role::Mtu),
     hook("xfrm_local_error", Role::Mtu),
     hook("ip_do_fragment", Role::Mtu),
+    hook("ip6_fragment", Role::Mtu),
     hook("__icmp_send", Role::Mtu),
+    hook("icmp6_send", Role::Mtu),
 ];
 
 /// Functions a probe program may be attached to while testing whether a

@@ -52,7 +52,7 @@ impl Default for StaticIpsec {
 }
 
 /// `len` random bytes as `0x...`: every lab gets fresh keys, never shown.
-fn random_key(len: usize) -> Result<String> {
+pub(super) fn random_key(len: usize) -> Result<String> {
     use std::io::Read as _;
     let mut bytes = vec![0u8; len];
     std::fs::File::open("/dev/urandom")

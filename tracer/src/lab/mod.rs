@@ -16,6 +16,7 @@
 
 mod capture;
 mod ipsec_static;
+pub mod ipv6;
 mod pluto;
 mod traffic;
 

@@ -11,8 +11,9 @@ use super::{Host, Lab, LabError, Result};
 /// The don't-fragment behaviour of a sender.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Df {
-    /// IP_PMTUDISC_PROBE: DF set and the learned path MTU ignored, so an
-    /// oversize packet reaches every size check on the way.
+    /// IP(V6)_PMTUDISC_PROBE: DF set (IPv6 never fragments on the path) and
+    /// the learned path MTU ignored, so an oversize packet reaches every
+    /// size check on the way.
     SetIgnoringPmtu,
     /// IP_PMTUDISC_DONT: DF clear, so routers fragment.
     Clear,
@@ -53,16 +54,34 @@ impl Lab {
             .map_err(|_| LabError::Other(format!("bad source address {source}")))?;
         crate::netns::run_in(&self.ns_path(host), move || {
             let socket = UdpSocket::bind((source, 0))?;
-            let mode: libc::c_int = match df {
-                Df::SetIgnoringPmtu => libc::IP_PMTUDISC_PROBE,
-                Df::Clear => libc::IP_PMTUDISC_DONT,
+            let (level, option, mode) = match (source.is_ipv6(), df) {
+                (false, Df::SetIgnoringPmtu) => (
+                    libc::IPPROTO_IP,
+                    libc::IP_MTU_DISCOVER,
+                    libc::IP_PMTUDISC_PROBE,
+                ),
+                (false, Df::Clear) => (
+                    libc::IPPROTO_IP,
+                    libc::IP_MTU_DISCOVER,
+                    libc::IP_PMTUDISC_DONT,
+                ),
+                (true, Df::SetIgnoringPmtu) => (
+                    libc::IPPROTO_IPV6,
+                    libc::IPV6_MTU_DISCOVER,
+                    libc::IPV6_PMTUDISC_PROBE,
+                ),
+                (true, Df::Clear) => (
+                    libc::IPPROTO_IPV6,
+                    libc::IPV6_MTU_DISCOVER,
+                    libc::IPV6_PMTUDISC_DONT,
+                ),
             };
             // SAFETY: the socket is open; the option value is a c_int we own.
             let ret = unsafe {
                 libc::setsockopt(
                     std::os::fd::AsRawFd::as_raw_fd(&socket),
-                    libc::IPPROTO_IP,
-                    libc::IP_MTU_DISCOVER,
+                    level,
+                    option,
                     std::ptr::from_ref(&mode).cast(),
                     std::mem::size_of::<libc::c_int>() as libc::socklen_t,
                 )

@@ -22,7 +22,9 @@ use crate::{
 /// (function, program prefix): `<prefix>_fentry` / `<prefix>_kprobe`.
 const HOOKS: &[(&str, &str)] = &[
     ("ip_do_fragment", "mtu_fragment"),
+    ("ip6_fragment", "mtu_fragment6"),
     ("__icmp_send", "mtu_icmp"),
+    ("icmp6_send", "mtu_icmp6"),
     ("xfrm_local_error", "mtu_local_error"),
     ("xfrm_output", "mtu_output"),
 ];
@@ -91,6 +93,7 @@ pub fn read(ebpf: &Ebpf) -> Result<Vec<(MtuKey, MtuStats)>, aya::maps::MapError>
             total.count += stats.count;
             total.max_len = total.max_len.max(stats.max_len);
             total.max_mss = total.max_mss.max(stats.max_mss);
+            total.gso_packets += stats.gso_packets;
         }
         rows.push((key, total));
     }
@@ -125,6 +128,8 @@ pub struct SaSizes {
     pub algorithms: String,
     pub geometry: Option<EspGeometry>,
     pub packets_out: u64,
+    /// GSO packets among `packets_out` (sizes are of their segments).
+    pub gso_packets_out: u64,
     pub max_inner_len: u32,
     pub max_tcp_mss: u32,
     pub events: Vec<SizeEvent>,
@@ -208,6 +213,7 @@ pub fn summarize(rows: &[(MtuKey, MtuStats)], namespaces: &[NetnsView]) -> Vec<S
                 algorithms: found.map_or_else(String::new, |(_, sa)| algorithms(sa)),
                 geometry: found.and_then(|(_, sa)| sa.esp_geometry()),
                 packets_out: 0,
+                gso_packets_out: 0,
                 max_inner_len: 0,
                 max_tcp_mss: 0,
                 events: Vec::new(),
@@ -222,6 +228,7 @@ pub fn summarize(rows: &[(MtuKey, MtuStats)], namespaces: &[NetnsView]) -> Vec<S
             entry.packets_out += stats.count;
             entry.max_inner_len = entry.max_inner_len.max(stats.max_len);
             entry.max_tcp_mss = entry.max_tcp_mss.max(stats.max_mss);
+            entry.gso_packets_out += stats.gso_packets;
             continue;
         }
         let ns = namespaces.iter().find(|n| n.inode == u64::from(key.netns));
@@ -372,6 +379,7 @@ mod tests {
             count,
             max_len,
             max_mss: 0,
+            gso_packets: 0,
         }
     }
 
