@@ -449,7 +449,9 @@ fn ike_watch_counts_each_peer_exactly() {
             from.recv_from(&mut buf).expect("answer arrives");
         }
     };
-    let report = tests::traced_report("ike-watch", &[], || {
+    // A pluto that is not there is said plainly; everything else works.
+    let no_pluto = "/run/xfrm-trace-test-no-such-pluto.ctl";
+    let report = tests::traced_report("ike-watch", &["--pluto-socket", no_pluto], || {
         // IKE_SA_INIT-like on 500; NAT-T IKE (zero marker) and ESP-in-UDP
         // (an SPI where the marker would be) on 4500.
         echo(&a500, &b500, b"ike-sa-init", 5);
@@ -466,6 +468,15 @@ fn ike_watch_counts_each_peer_exactly() {
         }
         std::thread::sleep(Duration::from_millis(500));
     });
+    let problems = report["pluto"]["problems"]
+        .as_array()
+        .expect("pluto problems");
+    assert!(
+        problems.len() == 1 && problems[0].as_str().unwrap().contains(no_pluto),
+        "{:#}",
+        report["pluto"]
+    );
+    assert_eq!(report["pluto"]["instances"], serde_json::json!([]));
     let path = |role: &str, local: &str, peer: &str| -> Value {
         report["ike"]
             .as_array()

@@ -735,4 +735,18 @@ fn in_state_proto_error_names_the_sa_of_corrupted_esp() {
         assert_eq!(s["function"], "xfrm_input", "{s}");
         assert_eq!(s["ifname"], "wan0", "{s}");
     }
+    // Integrity failures point at the SA or the kernel: the diagnosis
+    // says so, with the SA and what to attach to a bug report.
+    let findings: Vec<&Value> = report["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["kind"] == "kernel_xfrm_errors")
+        .collect();
+    assert_eq!(findings.len(), 1, "{:#}", report["findings"]);
+    let evidence = findings[0]["evidence"].to_string();
+    assert!(
+        evidence.contains("XfrmInStateProtoError +6") && evidence.contains("0x00001001"),
+        "{evidence}"
+    );
 }

@@ -350,3 +350,99 @@ fn diagnosis_names_the_connection_of_nat_and_mtu_findings_and_down_tunnels() {
         tunnel_down[0]
     );
 }
+
+/// ESP of a Child SA that a rekey replaced, arriving after the rekey: the
+/// kernel no longer has the SA (XfrmInNoStates), pluto no longer lists the
+/// state, and the drop still names connection "lab" and the old state.
+#[test]
+fn diagnosis_drops_after_a_rekey_still_name_their_connection_and_state() {
+    let scenarios = [Scenario {
+        name: "rk",
+        setup: healthy,
+        expected: &[],
+    }];
+    let labs = build(&scenarios);
+    let lab = &labs[0];
+    let out = lab
+        .whack(Host::West, &["--initiate", "--name", "lab"])
+        .expect("whack");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    // `{ESP/ESN=>0x9ef58f1c <0xe02e73ef ...`: west's outbound SPI, east's inbound.
+    let old_spi = text
+        .split("=>0x")
+        .nth(1)
+        .and_then(|rest| rest.get(..8))
+        .unwrap_or_else(|| panic!("no SPI in {text}"))
+        .to_string();
+    // East's Child SA state: `006 #2: "lab", type=ESP, ...`.
+    let status = lab.whack(Host::East, &["--trafficstatus"]).expect("whack");
+    let status = String::from_utf8_lossy(&status.stdout).into_owned();
+    let old_state: u32 = status
+        .split('#')
+        .nth(1)
+        .and_then(|rest| rest.split(':').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no state in {status}"));
+    let to: SocketAddr = format!("{EHOST}:7000").parse().unwrap();
+    let sink = lab.udp_sink(Host::Ehost, 7000).unwrap();
+    let capture = lab.capture(Host::Router, "r-east").unwrap();
+    lab.send_udp(Host::Whost, to, 3, 100).unwrap();
+    assert_eq!(sink.receive(3, Duration::from_secs(10)), 3);
+    let frames: Vec<Vec<u8>> = capture
+        .stop()
+        .into_iter()
+        .filter(|p| p.protocol == 50 && p.dst.to_string() == xfrm_trace::lab::EAST_WAN)
+        .map(|p| p.frame)
+        .collect();
+    assert_eq!(frames.len(), 3, "captured ESP frames");
+    let report = traced_report("diagnosis-rekey", &[], || {
+        let out = lab
+            .whack(Host::West, &["--rekey-ipsec", "--name", "lab"])
+            .expect("whack");
+        assert!(out.status.success(), "{out:?}");
+        // Until east has deleted the replaced inbound SA.
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while lab
+            .ip(
+                Host::East,
+                &["xfrm", "state", "list", "spi", &format!("0x{old_spi}")],
+            )
+            .unwrap()
+            .contains("proto esp")
+        {
+            assert!(std::time::Instant::now() < deadline, "old SA never deleted");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        assert_eq!(lab.inject(Host::Router, "r-east", frames).unwrap(), 3);
+        std::thread::sleep(Duration::from_millis(500));
+    });
+    let no_states = report["counters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "XfrmInNoStates")
+        .unwrap_or_else(|| panic!("no XfrmInNoStates: {:#}", report["counters"]));
+    let sources: Vec<&Value> = no_states["sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["netns_label"] == lab.ns(Host::East).as_str())
+        .collect();
+    let counted: u64 = sources.iter().map(|s| s["count"].as_u64().unwrap()).sum();
+    assert_eq!(counted, 3, "{sources:#?}");
+    for s in &sources {
+        assert_eq!(s["spi"], format!("0x{old_spi}"), "{s}");
+        assert_eq!(s["connection"], "lab", "{s}");
+        assert_eq!(s["pluto_state"], old_state, "{s}");
+    }
+    // The state was replaced: pluto's last status no longer has it.
+    let east = report["pluto"]["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["netns_label"] == lab.ns(Host::East).as_str())
+        .expect("east's pluto");
+    assert!(
+        east["connections"][0]["newest_child"].as_u64() != Some(u64::from(old_state)),
+        "{east:#}"
+    );
+}

@@ -53,7 +53,7 @@ pub struct Evidence<'a> {
 /// connection, then one per cause found here.
 pub fn diagnose(evidence: &Evidence, mut findings: Vec<Finding>) -> Vec<Finding> {
     for finding in &mut findings {
-        if let Some((connection, _)) = owner_of_spi_text(evidence.plutos, &finding.spi) {
+        if let Some((connection, _)) = owner_of_spi_text(evidence.plutos, 0, &finding.spi) {
             finding.connection = connection.to_string();
             finding.summary = format!("connection \"{connection}\": {}", finding.summary);
         }
@@ -398,7 +398,7 @@ fn kernel_errors(evidence: &Evidence) -> Vec<Finding> {
             counter.name, counter.kernel_delta, counter.attributed
         ));
         for s in counter.sources.iter().take(3) {
-            let owner = owner_of_spi_text(evidence.plutos, &s.spi)
+            let owner = owner_of_spi_text(evidence.plutos, s.netns, &s.spi)
                 .map_or_else(String::new, |(c, _)| format!(" connection \"{c}\""));
             lines.push(format!(
                 "  {} at {} in {} on {}: SA {}{owner}, {} -> {}",

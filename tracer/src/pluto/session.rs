@@ -204,9 +204,18 @@ impl Watch {
     }
 }
 
-/// The connection and state owning an SPI written as `0x0000abcd`: first
-/// by the plutos' states, in whichever netns they run.
-pub fn owner_of_spi_text<'a>(plutos: &'a [Observed], spi: &str) -> Option<(&'a str, u32)> {
+/// The connection and state owning an SPI written as `0x0000abcd`: the
+/// pluto of `netns` first (both ends list an SA), then any other (ESP seen
+/// on a router belongs to the gateways).
+pub fn owner_of_spi_text<'a>(
+    plutos: &'a [Observed],
+    netns: u64,
+    spi: &str,
+) -> Option<(&'a str, u32)> {
     let spi = u32::from_str_radix(spi.strip_prefix("0x")?, 16).ok()?;
-    plutos.iter().find_map(|p| p.owner_of_spi(spi))
+    let (here, elsewhere): (Vec<&Observed>, Vec<&Observed>) =
+        plutos.iter().partition(|p| p.netns == netns);
+    here.into_iter()
+        .chain(elsewhere)
+        .find_map(|p| p.owner_of_spi(spi))
 }

@@ -186,7 +186,9 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
     let name_source = |source: &mut attribution::Source| {
         source.ifname = ifname_of(source.netns, source.ifindex);
         source.netns_label = label_of(source.netns);
-        if let Some((connection, state)) = pluto::session::owner_of_spi_text(&plutos, &source.spi) {
+        if let Some((connection, state)) =
+            pluto::session::owner_of_spi_text(&plutos, source.netns, &source.spi)
+        {
             source.connection = connection.to_string();
             source.pluto_state = state;
         }
