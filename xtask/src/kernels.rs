@@ -20,8 +20,9 @@ pub struct KernelSpec {
     /// Tests (libtest `--skip` patterns) run on another kernel only: the
     /// forced-kprobe variants on 6.1, the `xfrm-trace lab` scenarios and the
     /// pluto diagnosis labs on 6.12 (the demo's kernel), the wire-size
-    /// check of eight SA setups on 6.1+. Under TCG a tracer start costs up to 75 s on 5.10 (its
-    /// verifier), and the whole matrix must fit CI's 90 minutes.
+    /// check of eight SA setups on 6.1+. Under TCG a tracer start costs 14 s on 5.10
+    /// (its verifier; more on a busy machine), and the whole matrix must fit
+    /// CI's 90 minutes.
     pub skip: &'static [&'static str],
 }
 

@@ -20,9 +20,9 @@ pub struct Options {
     /// Only these kernels of the matrix (5.10, 6.1, 6.12, sid); repeatable.
     #[arg(long = "kernel")]
     pub kernels: Vec<String>,
-    /// Only tests whose name contains this.
-    #[arg(long)]
-    pub test: Option<String>,
+    /// Only tests whose name contains this; repeatable (any of them).
+    #[arg(long = "test")]
+    pub tests: Vec<String>,
     /// Time limit for one VM (boot, tests, power-off).
     #[arg(long, default_value_t = 2700)]
     pub vm_timeout_secs: u64,
@@ -66,7 +66,7 @@ fn test_binaries() -> anyhow::Result<Vec<PathBuf>> {
     Ok(binaries)
 }
 
-fn guest_script(binary: &Path, tests: &[PathBuf], filter: Option<&str>, skip: &[&str]) -> String {
+fn guest_script(binary: &Path, tests: &[PathBuf], filters: &[String], skip: &[&str]) -> String {
     let mut script =
         String::from("export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n");
     let _ = writeln!(
@@ -83,7 +83,7 @@ fn guest_script(binary: &Path, tests: &[PathBuf], filter: Option<&str>, skip: &[
             script,
             "{} --test-threads=1 {}{} || rc=1",
             test.display(),
-            filter.unwrap_or_default(),
+            filters.join(" "),
             skip.iter()
                 .map(|pattern| format!(" --skip {pattern}"))
                 .collect::<String>()
@@ -126,7 +126,7 @@ pub fn run(options: &Options, binary: &Path) -> anyhow::Result<Vec<KernelResult>
         let script = out_dir.join("run.sh");
         std::fs::write(
             &script,
-            guest_script(binary, &tests, options.test.as_deref(), spec.skip),
+            guest_script(binary, &tests, &options.tests, spec.skip),
         )
         .with_context(|| format!("writing {}", script.display()))?;
         eprintln!("vm: booting {} ({}) under TCG", spec.name, kernel.release);
