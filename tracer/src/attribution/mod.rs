@@ -420,6 +420,9 @@ pub struct Source {
     pub policy_dir: &'static str,
     pub ifindex: u32,
     pub ifname: String,
+    /// The policy's selector, `src -> dst` (from the kernel's policies as
+    /// seen during the run; empty if unknown).
+    pub policy_selector: String,
     /// The libreswan connection owning the SA (filled in by the report).
     pub connection: String,
     /// pluto's Child SA state number (`#N`), 0 if unknown.
@@ -502,6 +505,7 @@ pub fn source(key: &SourceKey, count: u64) -> Source {
         },
         ifindex: flow.ifindex,
         ifname: String::new(),
+        policy_selector: String::new(),
         connection: String::new(),
         pluto_state: 0,
     }

@@ -172,14 +172,19 @@ pub fn render(report: &Report) -> String {
             } else {
                 format!(" spi {}", s.spi)
             };
-            let policy = if s.policy_index == 0 {
+            let policy = match (s.policy_index, s.policy_selector.as_str()) {
+                (0, _) => String::new(),
+                (index, "") => format!(" policy {index} ({})", s.policy_dir),
+                (index, selector) => format!(" policy {index} ({}, {selector})", s.policy_dir),
+            };
+            let connection = if s.connection.is_empty() {
                 String::new()
             } else {
-                format!(" policy {} ({})", s.policy_index, s.policy_dir)
+                format!(" connection \"{}\" #{}", s.connection, s.pluto_state)
             };
             let _ = writeln!(
                 out,
-                "      {:>6}  {} {} -> {} {}{spi}{policy} dir {} in {} on {} at {}",
+                "      {:>6}  {} {} -> {} {}{spi}{policy}{connection} dir {} in {} on {} at {}",
                 s.count,
                 s.family,
                 s.src,

@@ -186,6 +186,9 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
     let name_source = |source: &mut attribution::Source| {
         source.ifname = ifname_of(source.netns, source.ifindex);
         source.netns_label = label_of(source.netns);
+        if let Some(policy) = book.policy(source.netns, source.policy_index) {
+            source.policy_selector = format!("{} -> {}", policy.selector.src, policy.selector.dst);
+        }
         if let Some((connection, state)) =
             pluto::session::owner_of_spi_text(&plutos, source.netns, &source.spi)
         {
