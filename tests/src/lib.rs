@@ -167,8 +167,22 @@ impl Tracer {
     /// Starts the tracer with `args` and waits until it says its programs
     /// are attached.
     pub fn start(args: &[&str], ready_file: &Path) -> Self {
+        Self::start_in(None, args, ready_file)
+    }
+
+    /// Like `start`, inside the named netns (`ip netns exec`) when given:
+    /// for a tracer that listens, so no test talks to the host's own stack.
+    pub fn start_in(netns: Option<&str>, args: &[&str], ready_file: &Path) -> Self {
         let _ = std::fs::remove_file(ready_file);
-        let child = Command::new(binary())
+        let mut command = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(binary());
+                c
+            }
+            None => Command::new(binary()),
+        };
+        let child = command
             .args(args)
             .arg("--ready-file")
             .arg(ready_file)

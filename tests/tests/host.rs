@@ -540,3 +540,293 @@ fn ike_watch_counts_each_peer_exactly() {
         (0, 2, 0, vec![(2, "in".into(), true)])
     );
 }
+
+/// Reads `http://127.0.0.1:<port>/metrics` from inside the netns.
+fn scrape(ns: &Namespaces, role: &str, port: u16) -> (String, String) {
+    ns.run_in(role, move || {
+        use std::io::{Read as _, Write as _};
+        let mut stream =
+            std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to the metrics");
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        let (head, body) = response.split_once("\r\n\r\n").expect("HTTP response");
+        (head.to_string(), body.to_string())
+    })
+}
+
+fn metric(body: &str, series: &str) -> Option<u64> {
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+}
+
+/// The OpenMetrics endpoint serves the same figures as the JSON report,
+/// refreshed while running. The tracer listens inside a netns of the test.
+#[test]
+fn prometheus_metrics_equal_the_report() {
+    require_root();
+    let _serial = serial();
+    const FORWARDED: u64 = 7;
+    const LOCAL: u64 = 4;
+    let ns = blocked_topology();
+    let metrics_ns = Namespaces::create("xp", &["m"]);
+    metrics_ns.ip("m", &["link", "set", "lo", "up"]);
+    send_udp(&ns, "a", "203.0.113.2:9", 1);
+    std::thread::sleep(Duration::from_millis(300));
+    let router_before = ns.xfrm_stat("r");
+    let json = scratch("prometheus.json");
+    let mut tracer = Tracer::start_in(
+        Some(metrics_ns.name("m")),
+        &[
+            "--prometheus",
+            "127.0.0.1:9469",
+            "--interval",
+            "1s",
+            "--json",
+            json.to_str().unwrap(),
+        ],
+        &scratch("prometheus.ready"),
+    );
+    assert_eq!(send_udp(&ns, "a", "203.0.113.2:9", FORWARDED as usize), 0);
+    assert_eq!(
+        send_udp(&ns, "a", "198.51.100.1:9", LOCAL as usize),
+        LOCAL as usize
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ns.xfrm_stat("r")["XfrmInPolBlock"] < router_before["XfrmInPolBlock"] + FORWARDED {
+        assert!(
+            Instant::now() < deadline,
+            "router never counted the blocked packets"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (router, sender) = (ns.name("r").to_string(), ns.name("a").to_string());
+    let in_series = format!(
+        "xfrm_trace_xfrm_stat_increase_total{{counter=\"XfrmInPolBlock\",netns=\"{router}\"}}"
+    );
+    let out_series = format!(
+        "xfrm_trace_xfrm_stat_increase_total{{counter=\"XfrmOutPolBlock\",netns=\"{sender}\"}}"
+    );
+    // Refreshed every second: wait for the refresh that saw the packets.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let (head, body) = loop {
+        let (head, body) = scrape(&metrics_ns, "m", 9469);
+        if metric(&body, &in_series) == Some(FORWARDED) && metric(&body, &out_series) == Some(LOCAL)
+        {
+            break (head, body);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "metrics never showed the drops:\n{body}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("application/openmetrics-text"), "{head}");
+    assert!(body.ends_with("# EOF\n"), "{body}");
+    assert!(
+        body.contains("# TYPE xfrm_trace_xfrm_stat_increase counter"),
+        "{body}"
+    );
+    let out = tracer.interrupt();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let _ = std::fs::remove_file(&json);
+    assert_eq!(
+        netns_delta(counter(&report, "XfrmInPolBlock"), ns.inode("r")),
+        FORWARDED
+    );
+    assert_eq!(
+        netns_delta(counter(&report, "XfrmOutPolBlock"), ns.inode("a")),
+        LOCAL
+    );
+    if kfree_skb_has_reason() {
+        let drops_series = format!(
+            "xfrm_trace_xfrm_drops_total{{reason=\"XFRM_POLICY\",function=\"ip_forward\",netns=\"{router}\"}}"
+        );
+        let in_json: u64 = report["drops"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|d| d["netns_label"] == router.as_str() && d["reason"] == "XFRM_POLICY")
+            .map(|d| d["count"].as_u64().unwrap())
+            .sum();
+        assert_eq!(metric(&body, &drops_series), Some(in_json), "{body}");
+        assert_eq!(in_json, FORWARDED);
+    }
+}
+
+/// `--netns` and `--filter` narrow the report to what was asked.
+#[test]
+fn netns_and_filter_narrow_the_report() {
+    require_root();
+    let _serial = serial();
+    let ns = Namespaces::create("xf", &["a", "b"]);
+    let (a, b) = (ns.name("a").to_string(), ns.name("b").to_string());
+    sh(&[
+        "ip", "link", "add", "fa", "netns", &a, "type", "veth", "peer", "name", "fb", "netns", &b,
+    ]);
+    ns.ip("a", &["addr", "add", "198.51.100.2/24", "dev", "fa"]);
+    ns.ip("a", &["link", "set", "fa", "up"]);
+    for peer in ["198.51.100.3/24", "198.51.100.4/24"] {
+        ns.ip("b", &["addr", "add", peer, "dev", "fb"]);
+    }
+    ns.ip("b", &["link", "set", "fb", "up"]);
+    let sender = ns.run_in("a", || UdpSocket::bind("198.51.100.2:500").expect("bind"));
+    for peer in ["198.51.100.3:9", "198.51.100.4:9"] {
+        sender.send_to(b"", peer).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let report = tests::traced_report(
+        "filtered",
+        &["--netns", &a, "--filter", "198.51.100.4/32"],
+        || {
+            for peer in ["198.51.100.3:500", "198.51.100.4:500"] {
+                for _ in 0..3 {
+                    sender.send_to(b"ike", peer).unwrap();
+                }
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        },
+    );
+    assert_eq!(
+        report["filter"],
+        serde_json::json!([format!("netns {a}"), "198.51.100.4/32"])
+    );
+    let ike = report["ike"].as_array().unwrap();
+    assert_eq!(ike.len(), 1, "{ike:#?}");
+    assert_eq!(
+        (ike[0]["local"].as_str(), ike[0]["peer"].as_str()),
+        (Some("198.51.100.2"), Some("198.51.100.4"))
+    );
+    assert_eq!(ike[0]["sent"], 3);
+    let labels: Vec<&str> = report["netns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["label"].as_str().unwrap())
+        .collect();
+    assert_eq!(labels, [a.as_str()]);
+    for d in report["drops"].as_array().unwrap() {
+        assert_eq!(d["netns_label"], a.as_str(), "{d}");
+    }
+}
+
+/// `report -o` writes one tar.gz with the files its README lists, whole or
+/// not at all; a directory that does not exist is one error line.
+#[test]
+fn report_bundle_has_every_file_and_is_written_whole() {
+    require_root();
+    let _serial = serial();
+    let dir = scratch("bundle");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let bundle = dir.join("evidence.tar.gz");
+    let out = Command::new(binary())
+        .args([
+            "report",
+            "-o",
+            bundle.to_str().unwrap(),
+            "--duration",
+            "1s",
+            "--quiet",
+        ])
+        .output()
+        .expect("xfrm-trace report");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let leftovers: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(leftovers, ["evidence.tar.gz"]);
+    sh(&[
+        "tar",
+        "-xzf",
+        bundle.to_str().unwrap(),
+        "-C",
+        dir.to_str().unwrap(),
+    ]);
+    let root = dir.join("xfrm-trace-evidence");
+    let readme = std::fs::read_to_string(root.join("README.txt")).unwrap();
+    for file in [
+        "report.txt",
+        "report.json",
+        "kernel.txt",
+        "coverage.json",
+        "xfrm_stat.json",
+        "xfrm_state.json",
+        "pluto.json",
+        "drop_sites.txt",
+        "command.txt",
+    ] {
+        assert!(root.join(file).exists(), "{file} missing");
+        assert!(readme.contains(file), "README does not explain {file}");
+    }
+    let report: Value =
+        serde_json::from_slice(&std::fs::read(root.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["schema"], "xfrm-trace/1");
+    let stat: Value =
+        serde_json::from_slice(&std::fs::read(root.join("xfrm_stat.json")).unwrap()).unwrap();
+    assert!(
+        stat["host"]["before"]["XfrmInNoStates"].is_u64(),
+        "{stat:#}"
+    );
+    let kernel = std::fs::read_to_string(root.join("kernel.txt")).unwrap();
+    let release = String::from_utf8_lossy(&sh(&["uname", "-r"]).stdout)
+        .trim()
+        .to_string();
+    assert!(kernel.contains(&release), "{kernel}");
+
+    let missing = dir.join("no-such-dir/evidence.tar.gz");
+    let out = Command::new(binary())
+        .args([
+            "report",
+            "-o",
+            missing.to_str().unwrap(),
+            "--duration",
+            "1s",
+            "--quiet",
+        ])
+        .output()
+        .expect("xfrm-trace report");
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("no-such-dir"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn completions_and_man_page_come_from_the_cli_definition() {
+    let run = |args: &[&str]| {
+        let out = Command::new(binary()).args(args).output().expect("run");
+        assert!(out.status.success(), "{args:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let bash = run(&["completions", "bash"]);
+    assert!(
+        bash.contains("--pluto-socket") && bash.contains("doctor"),
+        "{bash}"
+    );
+    let man = run(&["man"]);
+    assert!(
+        man.starts_with(".ie") || man.contains(".TH xfrm-trace"),
+        "{man}"
+    );
+    assert!(man.contains("pluto\\-socket"), "{man}");
+    let help = run(&["--help"]);
+    assert!(
+        help.contains("Exit codes:") && help.contains("--fail-on-findings"),
+        "{help}"
+    );
+}

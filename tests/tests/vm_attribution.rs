@@ -264,7 +264,10 @@ fn out_pol_block_names_the_blocking_policy() {
     for s in &sources {
         assert_eq!(s["policy_index"], index, "{s}");
         assert_eq!(s["policy_dir"], "out");
-        assert_eq!(s["policy_selector"], "192.0.2.1/32 -> 203.0.113.1/32", "{s}");
+        assert_eq!(
+            s["policy_selector"], "192.0.2.1/32 -> 203.0.113.1/32",
+            "{s}"
+        );
         assert_eq!(
             (s["src"].as_str(), s["dst"].as_str(), s["proto"].as_str()),
             (Some(WEST_WAN), Some(EAST_WAN), Some("udp")),

@@ -3,6 +3,7 @@
 
 pub mod attribution;
 pub mod btf;
+pub mod bundle;
 pub mod capabilities;
 pub mod cli;
 pub mod counters;
@@ -10,6 +11,8 @@ pub mod diagnosis;
 pub mod doctor;
 pub mod drops;
 pub mod ebpf;
+pub mod filter;
+pub mod fsutil;
 pub mod hooks;
 pub mod ike;
 pub mod kallsyms;
@@ -19,6 +22,7 @@ pub mod mtu;
 pub mod netns;
 pub mod pluto;
 pub mod privilege;
+pub mod prometheus;
 pub mod report;
 pub mod scenarios;
 pub mod trace;

@@ -2,71 +2,138 @@
 
 use std::io::Write as _;
 
-use clap::Parser as _;
+use anyhow::Context as _;
+use clap::{CommandFactory as _, Parser as _};
 use xfrm_trace::{
-    cli::{Cli, Command, LabScenario},
-    doctor, privilege, report, scenarios, trace,
+    bundle,
+    cli::{Cli, Command, LabScenario, TraceArgs},
+    doctor,
+    filter::Filter,
+    privilege, report, scenarios, trace,
 };
+
+/// Exit code when `--fail-on-findings` and the diagnosis found something.
+const EXIT_FINDINGS: i32 = 3;
 
 fn main() {
     let cli = Cli::parse();
-    let level = match cli.verbose {
-        0 => log::LevelFilter::Warn,
-        1 => log::LevelFilter::Info,
+    let level = match (cli.verbose, cli.trace.quiet) {
+        (0, true) => log::LevelFilter::Error,
+        (0, false) => log::LevelFilter::Warn,
+        (1, _) => log::LevelFilter::Info,
         _ => log::LevelFilter::Debug,
     };
     env_logger::Builder::new()
         .filter_level(level)
         .format_timestamp(None)
         .init();
-    if let Err(error) = run(cli) {
-        eprintln!("xfrm-trace: error: {error:#}");
-        std::process::exit(1);
+    match run(cli) {
+        Ok(code) => std::process::exit(code),
+        Err(error) => {
+            eprintln!("xfrm-trace: error: {error:#}");
+            std::process::exit(1);
+        }
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
+fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Some(Command::Lab { scenario }) => {
             privilege::require_root()?;
             match scenario {
-                LabScenario::Masquerade => scenarios::masquerade::run(),
-                LabScenario::Mtu => scenarios::mtu::run(cli.hooks),
+                LabScenario::Masquerade => scenarios::masquerade::run()?,
+                LabScenario::Mtu => scenarios::mtu::run(cli.trace.hooks)?,
             }
+            Ok(0)
         }
         Some(Command::Doctor { json }) => {
             privilege::require_root()?;
             let report = doctor::run();
             if json {
-                print(&format!("{}\n", serde_json::to_string_pretty(&report)?))
+                print(&format!("{}\n", serde_json::to_string_pretty(&report)?))?;
             } else {
-                print(&doctor::render(&report))
+                print(&doctor::render(&report))?;
             }
+            Ok(0)
+        }
+        Some(Command::Completions { shell }) => {
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "xfrm-trace", &mut out);
+            print(&String::from_utf8_lossy(&out))?;
+            Ok(0)
+        }
+        Some(Command::Man) => {
+            let mut out = Vec::new();
+            clap_mangen::Man::new(Cli::command()).render(&mut out)?;
+            print(&String::from_utf8_lossy(&out))?;
+            Ok(0)
+        }
+        Some(Command::Report { output }) => {
+            let mut args = cli.trace;
+            args.duration = Some(args.duration.unwrap_or(std::time::Duration::from_secs(10)));
+            let outcome = trace::run(&options(&args, false))?;
+            bundle::write(&output, &outcome)
+                .with_context(|| format!("writing the bundle {}", output.display()))?;
+            finish(&args, &outcome.report)?;
+            eprintln!(
+                "xfrm-trace: evidence bundle written to {}",
+                output.display()
+            );
+            Ok(exit_code(&args, &outcome.report))
         }
         None => {
-            let options = trace::Options {
-                duration: cli.duration,
-                ready_file: cli.ready_file,
-                // JSON on stdout and the live view would mix.
-                live: cli.json.as_deref().is_none_or(|p| p.as_os_str() != "-"),
-                hooks: cli.hooks,
-                pluto_sockets: cli.pluto_socket,
-                stop: None,
-            };
-            let report = trace::run(&options)?;
-            let text = report::render(&report);
-            match cli.json.as_deref() {
-                Some(path) if path.as_os_str() == "-" => {
-                    eprint!("{text}");
-                    print(&format!("{}\n", serde_json::to_string_pretty(&report)?))
-                }
-                Some(path) => {
-                    write_atomically(path, &serde_json::to_vec_pretty(&report)?)?;
-                    print(&text)
-                }
-                None => print(&text),
-            }
+            let args = cli.trace;
+            // JSON on stdout and the live view would mix.
+            let live = !args.quiet && args.json.as_deref().is_none_or(|p| p.as_os_str() != "-");
+            let outcome = trace::run(&options(&args, live))?;
+            finish(&args, &outcome.report)?;
+            Ok(exit_code(&args, &outcome.report))
         }
+    }
+}
+
+fn options(args: &TraceArgs, live: bool) -> trace::Options {
+    trace::Options {
+        duration: args.duration,
+        ready_file: args.ready_file.clone(),
+        live,
+        hooks: args.hooks,
+        pluto_sockets: args.pluto_socket.clone(),
+        filter: Filter {
+            netns: args.netns.clone(),
+            terms: args.filter.clone(),
+        },
+        interval: args.interval,
+        prometheus: args.prometheus,
+        stop: None,
+    }
+}
+
+/// Prints the report (and writes its JSON) as the options ask.
+fn finish(args: &TraceArgs, report: &report::Report) -> anyhow::Result<()> {
+    let style = report::Style {
+        color: args.color.enabled(),
+        findings_only: args.quiet,
+    };
+    let text = report::render_with(report, style);
+    match args.json.as_deref() {
+        Some(path) if path.as_os_str() == "-" => {
+            eprint!("{text}");
+            print(&format!("{}\n", serde_json::to_string_pretty(report)?))
+        }
+        Some(path) => {
+            xfrm_trace::fsutil::write_atomically(path, &serde_json::to_vec_pretty(report)?)?;
+            print(&text)
+        }
+        None => print(&text),
+    }
+}
+
+fn exit_code(args: &TraceArgs, report: &report::Report) -> i32 {
+    if args.fail_on_findings && !report.findings.is_empty() {
+        EXIT_FINDINGS
+    } else {
+        0
     }
 }
 
@@ -75,15 +142,5 @@ fn print(text: &str) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     out.write_all(text.as_bytes())?;
     out.flush()?;
-    Ok(())
-}
-
-/// Writes `path` through a temporary file and a rename, so a reader never
-/// sees half a report (and a full disk leaves the old file intact).
-fn write_atomically(path: &std::path::Path, data: &[u8]) -> anyhow::Result<()> {
-    use anyhow::Context as _;
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, data).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
     Ok(())
 }

@@ -6,40 +6,110 @@ use clap::{Parser, Subcommand};
 
 /// Why does this Linux IPsec VPN drop, leak or break packets?
 ///
-/// Without a subcommand, attaches to the kernel's packet drop path, watches
-/// until Ctrl-C or --duration, then reports the XFRM-related drops and every
-/// /proc/net/xfrm_stat counter that moved, per network namespace.
-///
-/// Exit codes: 0 success, 1 error (one line on stderr), 2 bad usage.
+/// Without a subcommand, attaches eBPF programs to the kernel's XFRM,
+/// NAT and drop paths, watches until Ctrl-C or --duration, and reports:
+/// every /proc/net/xfrm_stat counter that moved with the packets behind
+/// it, the XFRM-related drops, IKE per peer, MASQUERADE leaks, oversize
+/// ESP, what each running pluto said, and a diagnosis with the fix.
 #[derive(Debug, Parser)]
 #[command(
     name = "xfrm-trace",
     version,
-    after_help = "Examples:\n  sudo xfrm-trace --duration 10s\n  sudo xfrm-trace --json report.json\n  sudo xfrm-trace doctor\n  sudo xfrm-trace lab masquerade\n  sudo xfrm-trace lab mtu"
+    after_help = "Examples:
+  sudo xfrm-trace                                 watch until Ctrl-C, then diagnose
+  sudo xfrm-trace --duration 30s --json run.json  30 s, also as JSON
+  sudo xfrm-trace --netns west --filter conn=vpn  one netns, one connection
+  sudo xfrm-trace --filter 10.0.2.0/24 --filter spi=0x1001
+  sudo xfrm-trace --prometheus 127.0.0.1:9469     serve OpenMetrics until stopped
+  sudo xfrm-trace report -o evidence.tar.gz       evidence bundle for a bug report
+  sudo xfrm-trace doctor                          what this kernel lets us hook
+  sudo xfrm-trace lab mtu                         reproduce, diagnose, fix a PMTU black hole
+  xfrm-trace completions bash > /etc/bash_completion.d/xfrm-trace
+  xfrm-trace man > xfrm-trace.1
+
+Exit codes:
+  0  success (with --fail-on-findings: and no finding)
+  1  error: one line on stderr (not root, no BTF, a file that cannot be written, ...)
+  2  bad usage
+  3  --fail-on-findings and the diagnosis found something"
 )]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
-    /// Stop after this long (e.g. 30s, 500ms, 2m); default: until Ctrl-C.
-    #[arg(long, value_parser = parse_duration)]
+    #[command(flatten)]
+    pub trace: TraceArgs,
+    /// More detail on stderr (repeat for more).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+}
+
+/// What a run watches and how it reports; also for `report`.
+#[derive(Debug, clap::Args)]
+pub struct TraceArgs {
+    /// Stop after this long (e.g. 30s, 500ms, 2m); default: until Ctrl-C
+    /// (`report`: 10s).
+    #[arg(long, value_parser = parse_duration, global = true)]
     pub duration: Option<Duration>,
     /// Also write the report as JSON (schema xfrm-trace/1) to FILE, or - for stdout.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
-    /// Create FILE once every program is attached.
-    #[arg(long, value_name = "FILE")]
+    /// Create FILE once every program is attached (for scripts).
+    #[arg(long, value_name = "FILE", global = true)]
     pub ready_file: Option<PathBuf>,
     /// Which kernel hooks to use: auto picks fentry/fexit and falls back to
     /// kprobes per function; the others force one method.
-    #[arg(long, value_enum, default_value_t)]
+    #[arg(long, value_enum, default_value_t, global = true)]
     pub hooks: crate::attribution::HookChoice,
     /// Ask the pluto (libreswan) behind this control socket; repeatable.
     /// Default: every running pluto, found through /proc, with its log.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", global = true)]
     pub pluto_socket: Vec<PathBuf>,
-    /// More detail on stderr (repeat for more).
-    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
-    pub verbose: u8,
+    /// Report only these network namespaces (`ip netns` name, `host`, or
+    /// inode number); repeatable.
+    #[arg(long, value_name = "NAME", global = true)]
+    pub netns: Vec<String>,
+    /// Report only what matches: an address (`192.0.2.1`), a subnet
+    /// (`10.0.2.0/24`), an SPI (`spi=0x1001`) or a connection
+    /// (`conn=NAME`); repeatable: anything matching one of them.
+    #[arg(long, value_name = "EXPR", value_parser = crate::filter::Term::parse, global = true)]
+    pub filter: Vec<crate::filter::Term>,
+    /// How often the live view and the metrics are refreshed.
+    #[arg(long, value_parser = parse_duration, default_value = "1s", global = true)]
+    pub interval: Duration,
+    /// Serve OpenMetrics (Prometheus) at http://ADDR/metrics while running.
+    #[arg(long, value_name = "ADDR", global = true)]
+    pub prometheus: Option<std::net::SocketAddr>,
+    /// Colour the terminal report: auto (on a terminal, unless NO_COLOR).
+    #[arg(long, value_enum, default_value_t, global = true)]
+    pub color: ColorChoice,
+    /// Print only the diagnosis (findings), no live view.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+    /// Exit with 3 when the diagnosis has any finding.
+    #[arg(long, global = true)]
+    pub fail_on_findings: bool,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum ColorChoice {
+    #[default]
+    Auto,
+    Always,
+    Never,
+}
+
+impl ColorChoice {
+    /// Whether to colour output going to stdout.
+    pub fn enabled(self) -> bool {
+        match self {
+            Self::Always => true,
+            Self::Never => false,
+            Self::Auto => {
+                std::io::IsTerminal::is_terminal(&std::io::stdout())
+                    && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+            }
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -56,6 +126,21 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Watch (10 s by default) and write an evidence bundle for a kernel or
+    /// libreswan bug report: report, kernel facts, counters, SAs and
+    /// policies without keys, pluto status, stacks. Written atomically.
+    Report {
+        /// The bundle to write (.tar.gz).
+        #[arg(short, long, value_name = "FILE")]
+        output: PathBuf,
+    },
+    /// Print a shell completion script.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff).
+    Man,
 }
 
 /// `30s`, `500ms`, `2m`, `1h`, or plain seconds.
@@ -101,6 +186,27 @@ mod tests {
     fn cli_definition_is_consistent() {
         use clap::CommandFactory as _;
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn every_command_line_of_the_help_parses() {
+        // Parsing alone does not check that fields and flags agree: turning
+        // the matches into the structs does (a flag of the same name on a
+        // subcommand and globally would panic here).
+        for line in [
+            "xfrm-trace --duration 30s --json run.json",
+            "xfrm-trace --netns west --filter conn=vpn --filter 10.0.2.0/24",
+            "xfrm-trace --prometheus 127.0.0.1:9469 --interval 5s --color never -q",
+            "xfrm-trace report -o evidence.tar.gz --duration 20s --hooks kprobe",
+            "xfrm-trace doctor --json",
+            "xfrm-trace lab mtu",
+            "xfrm-trace completions zsh",
+            "xfrm-trace man",
+        ] {
+            let cli = Cli::try_parse_from(line.split_whitespace());
+            assert!(cli.is_ok(), "{line}: {cli:?}");
+        }
+        assert!(Cli::try_parse_from(["xfrm-trace", "--filter", "west"]).is_err());
     }
 }
 

@@ -141,7 +141,7 @@ impl SaSizes {
     /// Packets that did not fit. An ICMP error received for an ESP packet
     /// is a second sight of a packet a router refused, so the two views
     /// are not added up: the router may be watched too (in a lab) or not.
-    fn oversize(&self) -> u64 {
+    pub fn oversize(&self) -> u64 {
         let (received, here): (Vec<&SizeEvent>, Vec<&SizeEvent>) = self
             .events
             .iter()

@@ -196,6 +196,11 @@ impl Watch {
         }
     }
 
+    /// What each pluto said so far.
+    pub fn observed(&self) -> Vec<Observed> {
+        self.observed.clone()
+    }
+
     /// The last status and log lines; what each pluto said.
     pub fn finish(mut self) -> Vec<Observed> {
         self.ask_status();

@@ -17,6 +17,8 @@ pub const SCHEMA: &str = "xfrm-trace/1";
 pub struct Report {
     pub schema: &'static str,
     pub kernel: Kernel,
+    /// What `--netns`/`--filter` narrowed the report to (empty: all).
+    pub filter: Vec<String>,
     pub duration_secs: f64,
     /// Which XFRM functions are hooked (and which could not be).
     pub coverage: Coverage,
@@ -47,7 +49,7 @@ pub struct PlutoReport {
 }
 
 /// Hooks attached for one capability, and those missing with the reason.
-#[derive(Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize)]
 pub struct HookList {
     pub attached: Vec<String>,
     pub missing: Vec<(String, String)>,
@@ -106,14 +108,59 @@ pub struct Finding {
     pub spi: String,
 }
 
-/// The end-of-run summary for a terminal.
+/// How to print a report on a terminal.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Style {
+    /// ANSI colours for finding kinds and gaps.
+    pub color: bool,
+    /// Only the diagnosis (`--quiet`).
+    pub findings_only: bool,
+}
+
+/// The end-of-run summary for a terminal, plain.
 pub fn render(report: &Report) -> String {
+    render_with(report, Style::default())
+}
+
+/// The diagnosis: every finding with its fix and evidence.
+fn render_findings(report: &Report, style: Style, out: &mut String) {
+    let (red, bold, reset) = if style.color {
+        ("\x1b[31m", "\x1b[1m", "\x1b[0m")
+    } else {
+        ("", "", "")
+    };
+    let _ = writeln!(out, "\n{bold}Diagnosis:{reset}");
+    if report.findings.is_empty() {
+        let _ = writeln!(out, "  no finding");
+    }
+    for f in &report.findings {
+        let _ = writeln!(out, "  {red}[{}]{reset} {}", f.kind, f.summary);
+        let _ = writeln!(out, "      {bold}fix:{reset} {}", f.fix);
+        for e in &f.evidence {
+            let _ = writeln!(out, "      - {e}");
+        }
+    }
+}
+
+/// The end-of-run summary for a terminal.
+pub fn render_with(report: &Report, style: Style) -> String {
     let mut out = String::new();
+    if style.findings_only {
+        render_findings(report, style, &mut out);
+        return out;
+    }
     let _ = writeln!(
         out,
         "xfrm-trace: {:.1} s on {} in {} mode",
         report.duration_secs, report.kernel.release, report.kernel.mode
     );
+    if !report.filter.is_empty() {
+        let _ = writeln!(
+            out,
+            "filtered to: {} (counters' kernel totals are per netns; attributed counts only what matches)",
+            report.filter.join(", ")
+        );
+    }
     let xfrm: Vec<&DropRow> = report.drops.iter().filter(|d| d.xfrm_related).collect();
     let _ = writeln!(
         out,
@@ -306,17 +353,7 @@ pub fn render(report: &Report) -> String {
             let _ = writeln!(out, "    {problem}");
         }
     }
-    let _ = writeln!(out, "\nDiagnosis:");
-    if report.findings.is_empty() {
-        let _ = writeln!(out, "  no finding");
-    }
-    for f in &report.findings {
-        let _ = writeln!(out, "  [{}] {}", f.kind, f.summary);
-        let _ = writeln!(out, "      fix: {}", f.fix);
-        for e in &f.evidence {
-            let _ = writeln!(out, "      - {e}");
-        }
-    }
+    render_findings(report, style, &mut out);
     let e = &report.attribution_errors;
     if e.samples_lost > 0 {
         let _ = writeln!(

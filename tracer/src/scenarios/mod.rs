@@ -43,10 +43,13 @@ fn trace_during(hooks: HookChoice, action: impl FnOnce()) -> anyhow::Result<Repo
         live: false,
         hooks,
         pluto_sockets: Vec::new(),
+        filter: Default::default(),
+        interval: Duration::from_secs(1),
+        prometheus: None,
         stop: Some(stop.clone()),
     };
     std::thread::scope(|scope| {
-        let tracer = scope.spawn(|| trace::run(&options));
+        let tracer = scope.spawn(|| trace::run(&options).map(|outcome| outcome.report));
         let started = Instant::now();
         while !ready.exists() {
             if tracer.is_finished() || started.elapsed() > Duration::from_secs(120) {

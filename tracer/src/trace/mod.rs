@@ -11,22 +11,21 @@ use std::{
 
 use anyhow::Context as _;
 use tokio::signal::unix::{SignalKind, signal};
-use tracer_common::attribution::SourceKey;
 
 use crate::{
-    attribution::{self, Coverage},
+    attribution,
     btf::{self, KernelBtf},
     counters::Counters,
-    diagnosis, drops, ike,
+    filter::Filter,
     kallsyms::Kallsyms,
-    masquerade, mtu,
     netns::{self, Netns},
-    pluto, privilege,
-    report::{self, Counter, Kernel, NetnsDelta, NetnsInfo, Report},
+    pluto, privilege, prometheus,
+    report::{self, Report},
     xfrm_stat::XfrmStat,
-    xfrm_state::{XfrmBook, XfrmState},
+    xfrm_state::XfrmBook,
 };
 
+mod assemble;
 mod probes;
 
 use probes::Probes;
@@ -36,11 +35,17 @@ pub struct Options {
     pub duration: Option<Duration>,
     /// Created once every program is attached (for scripts and tests).
     pub ready_file: Option<PathBuf>,
-    /// Redraw the counters every second while running (on a terminal).
+    /// Redraw the counters every `interval` while running (on a terminal).
     pub live: bool,
     pub hooks: attribution::HookChoice,
     /// pluto control sockets to ask (default: every running pluto).
     pub pluto_sockets: Vec<PathBuf>,
+    /// What the report is narrowed to.
+    pub filter: Filter,
+    /// How often the live view and the metrics are refreshed.
+    pub interval: Duration,
+    /// Serve OpenMetrics here while running.
+    pub prometheus: Option<std::net::SocketAddr>,
     /// Stops the run (checked every second) when set by another thread.
     pub stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
@@ -59,7 +64,19 @@ fn snapshot() -> Snapshot {
         .collect()
 }
 
-pub fn run(options: &Options) -> anyhow::Result<Report> {
+/// `/proc/net/xfrm_stat` values by counter name.
+pub type CounterValues = BTreeMap<String, u64>;
+
+/// A run's report and the raw evidence behind it (for the bundle).
+pub struct Outcome {
+    pub report: Report,
+    /// `/proc/net/xfrm_stat` of each netns (by label) before and after.
+    pub xfrm_stat: BTreeMap<String, (CounterValues, CounterValues)>,
+    /// SAs and policies (never keys) of each netns that has any, at the end.
+    pub xfrm_state: BTreeMap<String, crate::xfrm_state::XfrmState>,
+}
+
+pub fn run(options: &Options) -> anyhow::Result<Outcome> {
     privilege::require_root()?;
     let btf = KernelBtf::running()?;
     let kallsyms = Kallsyms::read().context("reading /proc/kallsyms")?;
@@ -79,178 +96,122 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
     for problem in &pluto_problems {
         log::info!("pluto: {problem}");
     }
+    let context = assemble::Context {
+        release,
+        reasons: btf::drop_reason_names(&btf),
+        kallsyms,
+        counter_names,
+        coverage: probes.coverage.clone(),
+        mtu_hooks: probes.mtu_hooks.clone(),
+        ike_hooks: probes.ike_hooks.clone(),
+        masquerade: probes.masquerade.clone(),
+        pluto_problems,
+    };
     // Counters are read once everything is attached, so every increment
     // in the window can be attributed.
     let before = snapshot();
     let started = Instant::now();
+    let metrics = options.prometheus.map(|address| {
+        (
+            address,
+            std::sync::Arc::new(std::sync::Mutex::new(String::new())),
+        )
+    });
 
     let live = options.live && std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let refresh_every = options.interval.as_secs_f64().round().max(1.0) as u64;
     let stop = options.stop.clone();
     let mut ticks = 0u64;
-    wait(options.duration, options.ready_file.as_deref(), || {
-        ticks += 1;
-        probes.tick();
-        book.poll();
-        plutos.tick();
-        if ticks.is_multiple_of(5) {
-            watch_new_namespaces(&mut book);
-        }
-        if live {
-            let counters = counter_report(
-                &before,
-                &snapshot(),
-                &probes.sources(),
-                &counter_names,
-                &probes.coverage,
-            );
-            print!("{}", report::render_live(started.elapsed(), &counters));
-        }
-        stop.as_ref()
-            .is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed))
-    })?;
+    let refresh = |probes: &Probes, book: &XfrmBook, plutos: &pluto::session::Watch| {
+        let after = snapshot();
+        let readings = probes.read(&context.kallsyms)?;
+        let mut report = assemble::report(
+            &context,
+            assemble::Moment {
+                readings,
+                before: &before,
+                after: &after,
+                book,
+                plutos: plutos.observed(),
+                elapsed: started.elapsed(),
+            },
+        );
+        options.filter.apply(&mut report);
+        anyhow::Ok(report)
+    };
+    wait(
+        options.duration,
+        options.ready_file.as_deref(),
+        metrics.clone(),
+        || {
+            ticks += 1;
+            probes.tick();
+            book.poll();
+            plutos.tick();
+            if ticks.is_multiple_of(5) {
+                watch_new_namespaces(&mut book);
+            }
+            if (live || metrics.is_some()) && ticks.is_multiple_of(refresh_every) {
+                match refresh(&probes, &book, &plutos) {
+                    Ok(report) => {
+                        if let Some((_, text)) = &metrics {
+                            *text.lock().unwrap_or_else(|e| e.into_inner()) =
+                                prometheus::render(&report);
+                        }
+                        if live {
+                            print!(
+                                "{}",
+                                report::render_live(started.elapsed(), &report.counters)
+                            );
+                        }
+                    }
+                    Err(e) => log::warn!("refreshing the live report: {e:#}"),
+                }
+            }
+            stop.as_ref()
+                .is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed))
+        },
+    )?;
 
     let after = snapshot();
-    let coverage = probes.coverage.clone();
-    let ike_hooks = std::mem::take(&mut probes.ike_hooks);
-    let mtu_hooks = std::mem::take(&mut probes.mtu_hooks);
-    let masq_coverage = probes.masquerade.clone();
-    // Detaches every program before the (slower) reporting.
-    let readings = probes.finish(&kallsyms)?;
     let elapsed = started.elapsed();
+    // Detaches every program before the (slower) reporting.
+    let readings = probes.finish(&context.kallsyms)?;
     book.poll();
-    let plutos = plutos.finish();
-
-    let reasons = btf::drop_reason_names(&btf);
-    let mut drops = drops::summarize(&readings.drops, &kallsyms, &reasons);
-    let mut counters = counter_report(
-        &before,
-        &after,
-        &readings.sources,
-        &counter_names,
-        &coverage,
+    let mut report = assemble::report(
+        &context,
+        assemble::Moment {
+            readings,
+            before: &before,
+            after: &after,
+            book: &book,
+            plutos: plutos.finish(),
+            elapsed,
+        },
     );
-    let mut leaks = masquerade::leaks(&readings.masquerade, &masq_coverage);
-    let mut ike_paths = ike::summarize(&readings.ike, &kallsyms, &reasons);
-    let mut seen: Vec<u64> = drops.iter().map(|d| u64::from(d.netns)).collect();
-    seen.extend(readings.mtu.iter().map(|(k, _)| u64::from(k.netns)));
-    seen.extend(leaks.iter().map(|l| l.netns));
-    seen.extend(ike_paths.iter().map(|p| p.netns));
-    seen.extend(
-        counters
-            .iter()
-            .flat_map(|c| c.by_netns.iter().map(|n| n.netns)),
-    );
-    let netns: Vec<NetnsInfo> = after
+    options.filter.apply(&mut report);
+    let kept = |label: &str| report.netns.iter().any(|n| n.label == label);
+    let xfrm_stat = after
         .values()
-        .chain(before.values())
-        .map(|(ns, _)| ns)
-        .fold(BTreeMap::new(), |mut all: BTreeMap<u64, &Netns>, ns| {
-            all.entry(ns.inode).or_insert(ns);
-            all
-        })
-        .into_values()
-        .map(|ns| NetnsInfo {
-            inode: ns.inode,
-            label: ns.label.clone(),
-            interfaces: if seen.contains(&ns.inode) {
-                netns::interface_names(&ns.path).unwrap_or_default()
-            } else {
-                BTreeMap::new()
-            },
+        .filter(|(ns, _)| kept(&ns.label))
+        .map(|(ns, now)| {
+            let then = before
+                .get(&ns.inode)
+                .map(|(_, s)| s.0.clone())
+                .unwrap_or_default();
+            (ns.label.clone(), (then, now.0.clone()))
         })
         .collect();
-    let label_of = |inode: u64| {
-        netns
-            .iter()
-            .find(|n| n.inode == inode)
-            .map_or_else(|| format!("netns:{inode}"), |n| n.label.clone())
-    };
-    let ifname_of = |inode: u64, ifindex: u32| match netns
+    let xfrm_state = report
+        .netns
         .iter()
-        .find(|n| n.inode == inode)
-        .and_then(|n| n.interfaces.get(&ifindex))
-    {
-        Some(name) => name.clone(),
-        None if ifindex == 0 => "-".into(),
-        None => format!("if{ifindex}"),
-    };
-    let mut plutos = plutos;
-    for pluto in &mut plutos {
-        pluto.netns_label = label_of(pluto.netns);
-    }
-    let esp_sizes = esp_sizes(&readings.mtu, &book, &netns);
-    for drop in &mut drops {
-        drop.netns_label = label_of(u64::from(drop.netns));
-        drop.ifname = ifname_of(u64::from(drop.netns), drop.ifindex);
-    }
-    let name_source = |source: &mut attribution::Source| {
-        source.ifname = ifname_of(source.netns, source.ifindex);
-        source.netns_label = label_of(source.netns);
-        if let Some(policy) = book.policy(source.netns, source.policy_index) {
-            source.policy_selector = format!("{} -> {}", policy.selector.src, policy.selector.dst);
-        }
-        if let Some((connection, state)) =
-            pluto::session::owner_of_spi_text(&plutos, source.netns, &source.spi)
-        {
-            source.connection = connection.to_string();
-            source.pluto_state = state;
-        }
-    };
-    for (index, mut sample) in readings.samples {
-        let name = counter_names.name(index);
-        if let Some(counter) = counters.iter_mut().find(|c| c.name == name) {
-            name_source(&mut sample.source);
-            counter.samples.push(sample);
-        }
-    }
-    for counter in &mut counters {
-        counter.sources.iter_mut().for_each(name_source);
-    }
-    for leak in &mut leaks {
-        leak.netns_label = label_of(leak.netns);
-        leak.ifname = ifname_of(leak.netns, leak.ifindex);
-    }
-    for path in &mut ike_paths {
-        path.netns_label = label_of(path.netns);
-    }
-    let mut findings = masquerade::findings(&leaks);
-    findings.extend(mtu::findings(&esp_sizes));
-    let findings = diagnosis::diagnose(
-        &diagnosis::Evidence {
-            counters: &counters,
-            ike: &ike_paths,
-            plutos: &plutos,
-            book: &book,
-            ike_watched: ike_hooks.missing.is_empty(),
-        },
-        findings,
-    );
-    let mode = coverage.mode();
-    Ok(Report {
-        schema: report::SCHEMA,
-        kernel: Kernel { release, mode },
-        duration_secs: elapsed.as_secs_f64(),
-        coverage,
-        attribution_errors: readings.attribution_errors,
-        counters,
-        drops,
-        drops_untracked: readings.drops_untracked,
-        netns,
-        esp_sizes,
-        esp_sizes_hooks: mtu_hooks,
-        findings,
-        ike: ike_paths,
-        ike_hooks,
-        pluto: report::PlutoReport {
-            instances: plutos,
-            problems: pluto_problems,
-        },
-        masquerade: masquerade::MasqueradeReport {
-            coverage: masq_coverage,
-            leaks,
-            table_full: readings.masquerade.table_full,
-            unseen: readings.masquerade.unseen,
-        },
+        .filter_map(|n| Some((n.label.clone(), book.current(n.inode)?)))
+        .filter(|(_, state)| !state.sas.is_empty() || !state.policies.is_empty())
+        .collect();
+    Ok(Outcome {
+        report,
+        xfrm_stat,
+        xfrm_state,
     })
 }
 
@@ -261,31 +222,6 @@ fn watch_new_namespaces(book: &mut XfrmBook) {
     }
 }
 
-/// Oversize ESP per SA, joined with the SAs the book has seen.
-fn esp_sizes(
-    rows: &[(tracer_common::mtu::MtuKey, tracer_common::mtu::MtuStats)],
-    book: &XfrmBook,
-    netns: &[NetnsInfo],
-) -> Vec<mtu::SaSizes> {
-    if rows.is_empty() {
-        return Vec::new();
-    }
-    let states: BTreeMap<u64, XfrmState> = netns
-        .iter()
-        .filter_map(|n| Some((n.inode, book.current(n.inode)?)))
-        .collect();
-    let views: Vec<mtu::NetnsView> = netns
-        .iter()
-        .map(|n| mtu::NetnsView {
-            inode: n.inode,
-            label: &n.label,
-            interfaces: &n.interfaces,
-            state: states.get(&n.inode),
-        })
-        .collect();
-    mtu::summarize(rows, &views)
-}
-
 /// Blocks until the duration passes, SIGINT/SIGTERM arrives or `tick`
 /// (called every second) returns true. The ready file is written once the
 /// signal handlers are installed, so a SIGINT sent as soon as it appears
@@ -293,6 +229,7 @@ fn esp_sizes(
 fn wait(
     duration: Option<Duration>,
     ready_file: Option<&std::path::Path>,
+    metrics: Option<(std::net::SocketAddr, prometheus::Shared)>,
     mut tick: impl FnMut() -> bool,
 ) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -303,6 +240,12 @@ fn wait(
         let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
         let mut terminate =
             signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+        if let Some((address, text)) = metrics {
+            let listener = tokio::net::TcpListener::bind(address)
+                .await
+                .with_context(|| format!("listening for Prometheus on {address}"))?;
+            tokio::spawn(prometheus::serve(listener, text));
+        }
         if let Some(path) = ready_file {
             std::fs::write(path, b"attached\n")
                 .with_context(|| format!("writing ready file {}", path.display()))?;
@@ -327,75 +270,4 @@ fn wait(
         }
         Ok(())
     })
-}
-
-/// Per counter: the kernel's increase in each netns (namespaces that
-/// appeared during the run count from zero), what was attributed, and the
-/// packets behind it.
-fn counter_report(
-    before: &Snapshot,
-    after: &Snapshot,
-    sources: &[(SourceKey, u64)],
-    names: &Counters,
-    coverage: &Coverage,
-) -> Vec<Counter> {
-    let mut by_counter: BTreeMap<String, Counter> = BTreeMap::new();
-    let kind = if coverage.complete {
-        "attributed"
-    } else {
-        "counted"
-    };
-    for (inode, (ns, now)) in after {
-        let then = before
-            .get(inode)
-            .map(|(_, s)| s.clone())
-            .unwrap_or_default();
-        for (name, delta) in now.delta_since(&then) {
-            let counter = counter_entry(&mut by_counter, &name, kind);
-            counter.kernel_delta += delta;
-            counter.by_netns.push(NetnsDelta {
-                netns: *inode,
-                label: ns.label.clone(),
-                delta,
-                attributed: 0,
-            });
-        }
-    }
-    for (key, count) in sources {
-        let name = names.name(key.counter);
-        let counter = counter_entry(&mut by_counter, &name, kind);
-        counter.attributed += count;
-        let netns = u64::from(key.flow.netns);
-        if let Some(n) = counter.by_netns.iter_mut().find(|n| n.netns == netns) {
-            n.attributed += count;
-        }
-        counter.sources.push(attribution::source(key, *count));
-    }
-    by_counter
-        .into_values()
-        .map(|mut c| {
-            c.gap = i128::from(c.kernel_delta) - i128::from(c.attributed);
-            c.sources.sort_by_key(|s| std::cmp::Reverse(s.count));
-            c
-        })
-        .collect()
-}
-
-fn counter_entry<'a>(
-    by_counter: &'a mut BTreeMap<String, Counter>,
-    name: &str,
-    coverage: &'static str,
-) -> &'a mut Counter {
-    by_counter
-        .entry(name.to_string())
-        .or_insert_with(|| Counter {
-            name: name.to_string(),
-            kernel_delta: 0,
-            attributed: 0,
-            gap: 0,
-            coverage,
-            by_netns: Vec::new(),
-            sources: Vec::new(),
-            samples: Vec::new(),
-        })
 }

@@ -102,17 +102,8 @@ impl Probes {
         }
     }
 
-    /// The attributed sources so far (for the live view).
-    pub fn sources(&self) -> Vec<(SourceKey, u64)> {
-        attribution::read(&self.object)
-            .map(|(rows, _)| rows)
-            .unwrap_or_default()
-    }
-
-    /// Reads every table, then detaches everything.
-    pub fn finish(mut self, kallsyms: &Kallsyms) -> anyhow::Result<Readings> {
-        self.tick();
-        drop(self.samples_ring.take());
+    /// Reads every table (the programs keep running).
+    pub fn read(&self, kallsyms: &Kallsyms) -> anyhow::Result<Readings> {
         let (drops, drops_untracked) = drops::read(&self.object)?;
         let (sources, attribution_errors) = attribution::read(&self.object)?;
         Ok(Readings {
@@ -125,5 +116,12 @@ impl Probes {
             masquerade: masquerade::read(&self.object)?,
             ike: ike::read(&self.object).context("reading the IKE table")?,
         })
+    }
+
+    /// Reads every table a last time, then detaches everything.
+    pub fn finish(mut self, kallsyms: &Kallsyms) -> anyhow::Result<Readings> {
+        self.tick();
+        drop(self.samples_ring.take());
+        self.read(kallsyms)
     }
 }
