@@ -159,3 +159,100 @@ fn pluto_negotiates_a_tunnel_that_carries_traffic() {
         "pluto saw no outbound bytes: {status}"
     );
 }
+
+/// `report -o`: the bundle of a gateway with live SAs carries their SPIs
+/// and algorithms but none of their keys; with `--fail-on-findings` a
+/// finding (here a tunnel down: west's SA deleted, its policy kept) makes
+/// the exit code 3, and the bundle is still written.
+#[test]
+fn report_bundle_holds_the_sas_but_no_key_and_exit_code_tells_findings() {
+    let mut lab = lab("b");
+    lab.static_ipsec(&StaticIpsec::default())
+        .expect("static SAs");
+    // The keys, as `ip xfrm state` shows them (0x + hex), on both gateways.
+    let mut keys = Vec::new();
+    for gw in [Host::West, Host::East] {
+        let state = lab.ip(gw, &["xfrm", "state"]).unwrap();
+        keys.extend(
+            state
+                .split_whitespace()
+                .filter_map(|t| t.strip_prefix("0x"))
+                .filter(|hex| hex.len() >= 32)
+                .map(str::to_lowercase),
+        );
+    }
+    assert!(keys.len() >= 4, "keys not found in `ip xfrm state`");
+    lab.ip(
+        Host::West,
+        &[
+            "xfrm",
+            "state",
+            "delete",
+            "src",
+            WEST_WAN,
+            "dst",
+            EAST_WAN,
+            "proto",
+            "esp",
+            "spi",
+            "0x00001001",
+        ],
+    )
+    .unwrap();
+    let dir = tests::scratch("vm-bundle");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let bundle = dir.join("evidence.tar.gz");
+    let ready = dir.join("ready");
+    let mut tracer = tests::Tracer::start(
+        &[
+            "report",
+            "-o",
+            bundle.to_str().unwrap(),
+            "--duration",
+            "4s",
+            "--fail-on-findings",
+            "--quiet",
+        ],
+        &ready,
+    );
+    let to: SocketAddr = format!("{EHOST}:7000").parse().unwrap();
+    lab.send_udp(Host::Whost, to, 3, 100).unwrap();
+    let out = tracer.take_output();
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(printed.contains("[tunnel_down]"), "{printed}");
+    let status = std::process::Command::new("tar")
+        .args([
+            "-xzf",
+            bundle.to_str().unwrap(),
+            "-C",
+            dir.to_str().unwrap(),
+        ])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let root = dir.join("xfrm-trace-evidence");
+    let states = std::fs::read_to_string(root.join("xfrm_state.json")).unwrap();
+    assert!(
+        states.contains("\"spi\": 8194") && states.contains("rfc4106(gcm(aes))"),
+        "{states}"
+    );
+    for entry in std::fs::read_dir(&root).unwrap() {
+        let path = entry.unwrap().path();
+        let text = String::from_utf8_lossy(&std::fs::read(&path).unwrap()).to_lowercase();
+        for key in &keys {
+            assert!(
+                !text.contains(key.as_str()),
+                "a key is in {}",
+                path.display()
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
