@@ -349,6 +349,23 @@ fn doctor_matches_what_loads() {
     );
 }
 
+/// Two namespaces on one link: `a` is 198.51.100.2 on `ia`, `b` has
+/// `b_addresses` on `ib`.
+fn two_hosts(prefix: &str, b_addresses: &[&str]) -> Namespaces {
+    let ns = Namespaces::create(prefix, &["a", "b"]);
+    let (a, b) = (ns.name("a").to_string(), ns.name("b").to_string());
+    sh(&[
+        "ip", "link", "add", "ia", "netns", &a, "type", "veth", "peer", "name", "ib", "netns", &b,
+    ]);
+    ns.ip("a", &["addr", "add", "198.51.100.2/24", "dev", "ia"]);
+    ns.ip("a", &["link", "set", "ia", "up"]);
+    for address in b_addresses {
+        ns.ip("b", &["addr", "add", address, "dev", "ib"]);
+    }
+    ns.ip("b", &["link", "set", "ib", "up"]);
+    ns
+}
+
 /// The IKE path watch, with exact counts: IKE answered by the peer, NAT-T
 /// IKE on 4500 told from ESP-in-UDP by the non-ESP marker, a peer address
 /// with nothing listening (ICMP port unreachable back), our own firewall
@@ -357,17 +374,11 @@ fn doctor_matches_what_loads() {
 fn ike_watch_counts_each_peer_exactly() {
     require_root();
     let _serial = serial();
-    let ns = Namespaces::create("xi", &["a", "b"]);
+    let ns = two_hosts(
+        "xi",
+        &["198.51.100.3/24", "198.51.100.4/24", "198.51.100.6/24"],
+    );
     let (a, b) = (ns.name("a").to_string(), ns.name("b").to_string());
-    sh(&[
-        "ip", "link", "add", "ia", "netns", &a, "type", "veth", "peer", "name", "ib", "netns", &b,
-    ]);
-    ns.ip("a", &["addr", "add", "198.51.100.2/24", "dev", "ia"]);
-    ns.ip("a", &["link", "set", "ia", "up"]);
-    for peer in ["198.51.100.3/24", "198.51.100.4/24", "198.51.100.6/24"] {
-        ns.ip("b", &["addr", "add", peer, "dev", "ib"]);
-    }
-    ns.ip("b", &["link", "set", "ib", "up"]);
     // .5 answers ARP nowhere: a static neighbour lets the firewall, not
     // ARP, stop the packets.
     ns.ip(
@@ -667,17 +678,8 @@ fn prometheus_metrics_equal_the_report() {
 fn netns_and_filter_narrow_the_report() {
     require_root();
     let _serial = serial();
-    let ns = Namespaces::create("xf", &["a", "b"]);
-    let (a, b) = (ns.name("a").to_string(), ns.name("b").to_string());
-    sh(&[
-        "ip", "link", "add", "fa", "netns", &a, "type", "veth", "peer", "name", "fb", "netns", &b,
-    ]);
-    ns.ip("a", &["addr", "add", "198.51.100.2/24", "dev", "fa"]);
-    ns.ip("a", &["link", "set", "fa", "up"]);
-    for peer in ["198.51.100.3/24", "198.51.100.4/24"] {
-        ns.ip("b", &["addr", "add", peer, "dev", "fb"]);
-    }
-    ns.ip("b", &["link", "set", "fb", "up"]);
+    let ns = two_hosts("xf", &["198.51.100.3/24", "198.51.100.4/24"]);
+    let a = ns.name("a").to_string();
     let sender = ns.run_in("a", || UdpSocket::bind("198.51.100.2:500").expect("bind"));
     for peer in ["198.51.100.3:9", "198.51.100.4:9"] {
         sender.send_to(b"", peer).unwrap();

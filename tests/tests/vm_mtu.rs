@@ -88,6 +88,20 @@ fn expected_max_inner(config: &StaticIpsec) -> u32 {
     ((PATH_MTU - header - icv - transport_ip) & !(block - 1)) + transport_ip - 2
 }
 
+/// An SA's size events: the ICMP errors received for its packets, and
+/// the refusals and fragmentations seen where they happened.
+fn received_and_here(sa: &Value) -> (Vec<&Value>, Vec<&Value>) {
+    sa["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .partition(|e| e["kind"] == "frag_needed_received")
+}
+
+fn count(events: &[&Value]) -> u64 {
+    events.iter().map(|e| e["count"].as_u64().unwrap()).sum()
+}
+
 fn oversize_is_reported_once_per_packet_with_the_fix(name: &str, config: StaticIpsec) {
     let lab = lab(name, &config);
     let (from, source, to) = endpoints(&config);
@@ -130,13 +144,7 @@ fn oversize_is_reported_once_per_packet_with_the_fix(name: &str, config: StaticI
         .unwrap();
     });
     let sa = west_to_east(&report);
-    let (received, events): (Vec<&Value>, Vec<&Value>) = sa["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .partition(|e| e["kind"] == "frag_needed_received");
-    let count =
-        |events: &[&Value]| -> u64 { events.iter().map(|e| e["count"].as_u64().unwrap()).sum() };
+    let (received, events) = received_and_here(&sa);
     assert_eq!(count(&events), COUNT as u64, "{sa:#}");
     // Each refusal at the router comes back to west as ICMP, and is seen
     // there too, with the router's MTU.
@@ -231,13 +239,7 @@ fn ipv6_oversize_is_reported_once_per_packet_with_the_fix() {
         .cloned()
         .unwrap_or_else(|| panic!("IPv6 SA missing: {:#}", report["esp_sizes"]));
     assert_eq!(sa["sa_dst"], ipv6::EAST_WAN, "{sa:#}");
-    let (received, events): (Vec<&Value>, Vec<&Value>) = sa["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .partition(|e| e["kind"] == "frag_needed_received");
-    let count =
-        |events: &[&Value]| -> u64 { events.iter().map(|e| e["count"].as_u64().unwrap()).sum() };
+    let (received, events) = received_and_here(&sa);
     assert_eq!(count(&events), COUNT as u64, "{sa:#}");
     let at_router = events.iter().filter(|e| e["mtu_is_inner"] == false).count();
     assert!(at_router > 0, "the first packet meets the router: {sa:#}");

@@ -122,22 +122,31 @@ pub fn run(options: &Options) -> anyhow::Result<Outcome> {
     let refresh_every = options.interval.as_secs_f64().round().max(1.0) as u64;
     let stop = options.stop.clone();
     let mut ticks = 0u64;
-    let refresh = |probes: &Probes, book: &XfrmBook, plutos: &pluto::session::Watch| {
-        let after = snapshot();
-        let readings = probes.read(&context.kallsyms)?;
+    // The report as of now, narrowed as asked.
+    let assemble = |readings, after: &Snapshot, book: &XfrmBook, plutos, elapsed| {
         let mut report = assemble::report(
             &context,
             assemble::Moment {
                 readings,
                 before: &before,
-                after: &after,
+                after,
                 book,
-                plutos: plutos.observed(),
-                elapsed: started.elapsed(),
+                plutos,
+                elapsed,
             },
         );
         options.filter.apply(&mut report);
-        anyhow::Ok(report)
+        report
+    };
+    let refresh = |probes: &Probes, book: &XfrmBook, plutos: &pluto::session::Watch| {
+        let readings = probes.read(&context.kallsyms)?;
+        anyhow::Ok(assemble(
+            readings,
+            &snapshot(),
+            book,
+            plutos.observed(),
+            started.elapsed(),
+        ))
     };
     wait(
         options.duration,
@@ -178,18 +187,7 @@ pub fn run(options: &Options) -> anyhow::Result<Outcome> {
     // Detaches every program before the (slower) reporting.
     let readings = probes.finish(&context.kallsyms)?;
     book.poll();
-    let mut report = assemble::report(
-        &context,
-        assemble::Moment {
-            readings,
-            before: &before,
-            after: &after,
-            book: &book,
-            plutos: plutos.finish(),
-            elapsed,
-        },
-    );
-    options.filter.apply(&mut report);
+    let report = assemble(readings, &after, &book, plutos.finish(), elapsed);
     let kept = |label: &str| report.netns.iter().any(|n| n.label == label);
     let xfrm_stat = after
         .values()
