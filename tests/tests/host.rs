@@ -620,11 +620,19 @@ fn prometheus_metrics_equal_the_report() {
     let out_series = format!(
         "xfrm_trace_xfrm_stat_increase_total{{counter=\"XfrmOutPolBlock\",netns=\"{sender}\"}}"
     );
-    // Refreshed every second: wait for the refresh that saw the packets.
+    let drops_series = format!(
+        "xfrm_trace_xfrm_drops_total{{reason=\"XFRM_POLICY\",function=\"ip_forward\",netns=\"{router}\"}}"
+    );
+    // Before 5.17 a drop has no reason: only the counters are compared.
+    let with_reasons = kfree_skb_has_reason();
+    // Refreshed every second: wait for the refresh that saw every packet
+    // (counters and drop table are read one after the other).
     let deadline = Instant::now() + Duration::from_secs(15);
     let (head, body) = loop {
         let (head, body) = scrape(&metrics_ns, "m", 9469);
-        if metric(&body, &in_series) == Some(FORWARDED) && metric(&body, &out_series) == Some(LOCAL)
+        if metric(&body, &in_series) == Some(FORWARDED)
+            && metric(&body, &out_series) == Some(LOCAL)
+            && (!with_reasons || metric(&body, &drops_series) == Some(FORWARDED))
         {
             break (head, body);
         }
@@ -657,10 +665,7 @@ fn prometheus_metrics_equal_the_report() {
         netns_delta(counter(&report, "XfrmOutPolBlock"), ns.inode("a")),
         LOCAL
     );
-    if kfree_skb_has_reason() {
-        let drops_series = format!(
-            "xfrm_trace_xfrm_drops_total{{reason=\"XFRM_POLICY\",function=\"ip_forward\",netns=\"{router}\"}}"
-        );
+    if with_reasons {
         let in_json: u64 = report["drops"]
             .as_array()
             .unwrap()
