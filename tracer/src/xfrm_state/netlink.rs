@@ -49,6 +49,19 @@ impl Socket {
         Ok(Self(unsafe { OwnedFd::from_raw_fd(fd) }))
     }
 
+    /// recv(2) into `buffer`: the length received, or negative on error.
+    fn receive(&self, buffer: &mut [u8], flags: libc::c_int) -> isize {
+        // SAFETY: the buffer is valid for writes of its length.
+        unsafe {
+            libc::recv(
+                self.0.as_raw_fd(),
+                buffer.as_mut_ptr().cast(),
+                buffer.len(),
+                flags,
+            )
+        }
+    }
+
     /// A non-blocking socket that receives the kernel's SA, policy and
     /// expire notifications (the multicast groups `ip xfrm monitor` joins).
     pub fn subscribe() -> std::io::Result<Self> {
@@ -94,15 +107,7 @@ impl Socket {
         let mut changed = false;
         let mut buffer = vec![0u8; 64 * 1024];
         loop {
-            // SAFETY: the buffer is valid for writes of its length.
-            let received = unsafe {
-                libc::recv(
-                    self.0.as_raw_fd(),
-                    buffer.as_mut_ptr().cast(),
-                    buffer.len(),
-                    libc::MSG_DONTWAIT,
-                )
-            };
+            let received = self.receive(&mut buffer, libc::MSG_DONTWAIT);
             if received > 0 {
                 changed = true;
                 continue;
@@ -142,15 +147,7 @@ impl Socket {
         let mut answers = Vec::new();
         let mut buffer = vec![0u8; 64 * 1024];
         loop {
-            // SAFETY: the buffer is valid for writes of its length.
-            let received = unsafe {
-                libc::recv(
-                    self.0.as_raw_fd(),
-                    buffer.as_mut_ptr().cast(),
-                    buffer.len(),
-                    0,
-                )
-            };
+            let received = self.receive(&mut buffer, 0);
             if received < 0 {
                 return Err(std::io::Error::last_os_error().into());
             }
