@@ -66,7 +66,7 @@ fn test_binaries() -> anyhow::Result<Vec<PathBuf>> {
     Ok(binaries)
 }
 
-fn guest_script(binary: &Path, tests: &[PathBuf], filters: &[String], skip: &[&str]) -> String {
+fn guest_script(binary: &Path, tests: &[PathBuf], filters: &[String], skip: &[&[&str]]) -> String {
     let mut script =
         String::from("export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n");
     let _ = writeln!(
@@ -85,6 +85,7 @@ fn guest_script(binary: &Path, tests: &[PathBuf], filters: &[String], skip: &[&s
             test.display(),
             filters.join(" "),
             skip.iter()
+                .flat_map(|group| group.iter())
                 .map(|pattern| format!(" --skip {pattern}"))
                 .collect::<String>()
         );
