@@ -149,10 +149,16 @@ fn xfrm_policy_drops_and_counters_are_reported_exactly() {
     let sender_before = ns.xfrm_stat("a");
 
     let json = scratch("report.json");
+    let pcap = scratch("drops.pcapng");
     let ready = scratch("ready");
     let before_attach = loaded_programs("kfree_skb");
     let mut tracer = Tracer::start(
-        &["--json".as_ref(), json.as_os_str()].map(|s| s.to_str().unwrap()),
+        &[
+            "--json",
+            json.to_str().unwrap(),
+            "--pcap",
+            pcap.to_str().unwrap(),
+        ],
         &ready,
     );
     assert_eq!(
@@ -229,6 +235,102 @@ fn xfrm_policy_drops_and_counters_are_reported_exactly() {
     );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("XfrmOutPolBlock"), "text summary: {text}");
+
+    // The pcapng, as tshark reads it: every blocked packet once, named.
+    let packets = pcap_packets(&pcap);
+    let _ = std::fs::remove_file(&pcap);
+    let forwarded = |p: &&PcapPacket| {
+        (p.src.as_str(), p.dst.as_str(), p.dport.as_str()) == ("198.51.100.2", "203.0.113.2", "9")
+    };
+    if report["kernel"]["mode"] == "tracepoint-only" {
+        // No bracket: the drops of XFRM reasons are sampled at kfree_skb.
+        let expected = if kfree_skb_has_reason() { FORWARDED } else { 0 };
+        assert_eq!(packets.len() as u64, expected, "{packets:#?}");
+        for p in &packets {
+            assert!(forwarded(&p), "{p:?}");
+            assert!(
+                p.comment
+                    .starts_with("dropped: XFRM_POLICY in ip_forward, netns ")
+                    && p.comment.contains(" dev ra;"),
+                "{p:?}"
+            );
+        }
+    } else {
+        // Brackets: each increment's packet, named by its counter; the
+        // local sends were refused at the route lookup, before any skb.
+        let named = |counter: &'static str| {
+            packets
+                .iter()
+                .filter(move |p| p.comment.starts_with(counter))
+        };
+        assert_eq!(
+            named("XfrmInPolBlock +1 in ").count() as u64,
+            FORWARDED,
+            "{packets:#?}"
+        );
+        assert!(
+            named("XfrmInPolBlock").all(|p| forwarded(&p)),
+            "{packets:#?}"
+        );
+        assert_eq!(
+            named("XfrmOutPolBlock +1 in xfrm_lookup_with_ifid (out)").count() as u64,
+            LOCAL,
+            "{packets:#?}"
+        );
+        for p in named("XfrmOutPolBlock") {
+            assert_eq!(
+                (p.src.as_str(), p.dst.as_str(), p.dport.as_str()),
+                ("198.51.100.2", "198.51.100.1", "9")
+            );
+            assert!(
+                p.comment.contains("headers rebuilt from the route lookup"),
+                "{p:?}"
+            );
+        }
+        assert_eq!(packets.len() as u64, FORWARDED + LOCAL, "{packets:#?}");
+    }
+}
+
+#[derive(Debug)]
+struct PcapPacket {
+    comment: String,
+    src: String,
+    dst: String,
+    dport: String,
+}
+
+/// The packets of a pcapng file as tshark decodes them.
+fn pcap_packets(path: &Path) -> Vec<PcapPacket> {
+    let out = sh(&[
+        "tshark",
+        "-r",
+        path.to_str().unwrap(),
+        "-T",
+        "fields",
+        "-E",
+        "separator=|",
+        "-e",
+        "frame.comment",
+        "-e",
+        "ip.src",
+        "-e",
+        "ip.dst",
+        "-e",
+        "udp.dstport",
+    ]);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|line| {
+            let f: Vec<&str> = line.split('|').collect();
+            assert_eq!(f.len(), 4, "tshark line: {line}");
+            PcapPacket {
+                comment: f[0].to_string(),
+                src: f[1].to_string(),
+                dst: f[2].to_string(),
+                dport: f[3].to_string(),
+            }
+        })
+        .collect()
 }
 
 #[test]

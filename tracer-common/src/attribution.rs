@@ -7,6 +7,8 @@
 //! between (minus what nested brackets already claimed) belongs to this
 //! packet and this function.
 
+use crate::capture::Headers;
+
 /// Upper bound of `__LINUX_MIB_XFRMMAX` (29 in 6.1, 33 in 6.18).
 pub const MAX_COUNTERS: usize = 40;
 /// Nesting of brackets on one CPU (output inside lookup inside softirq...).
@@ -63,6 +65,7 @@ pub struct Frame {
     /// Address of this CPU's counter array of the packet's netns (0 = none).
     pub mib: u64,
     pub flow: Flow,
+    pub headers: Headers,
     pub before: [u64; MAX_COUNTERS],
     /// Increments already claimed by brackets nested in this one.
     pub nested: [u64; MAX_COUNTERS],
@@ -96,9 +99,6 @@ pub struct SaSeen {
     pub reqid: u32,
 }
 
-/// Samples per second and CPU at most; the rest are counted as lost.
-pub const SAMPLES_PER_SECOND: u64 = 64;
-
 /// One attributed increment, sent to userspace through a ring buffer
 /// (rate-limited: the counts in `SourceKey` stay exact regardless).
 #[repr(C)]
@@ -115,14 +115,9 @@ pub struct Sample {
     /// ESP sequence number (network order; 0 if none).
     pub seq: u32,
     pub _pad: u32,
-}
-
-/// Per-CPU rate limiter state.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct SampleBudget {
-    pub window_start_ns: u64,
-    pub used: u64,
+    /// The packet's first bytes, copied when the bracket opened (none for
+    /// a route lookup: no packet exists yet).
+    pub headers: Headers,
 }
 
 /// Indexes into the `ATTRIBUTION_ERRORS` per-CPU array.

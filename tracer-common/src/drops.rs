@@ -22,5 +22,16 @@ pub struct DropKey {
     pub _pad: u16,
 }
 
+/// A sampled drop with the packet's first bytes (see `capture::DropSampling`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DropSample {
+    pub time_ns: u64,
+    pub key: DropKey,
+    pub headers: crate::capture::Headers,
+}
+
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for DropKey {}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for DropSample {}

@@ -71,6 +71,10 @@ pub struct KernelOffsets {
     pub xfrm_policy_sel_proto: u32,
     /// `sk_buff.data`: where a received packet's IP header starts.
     pub sk_buff_data: u32,
+    /// `sk_buff.tail` (an offset from `head` on 64-bit kernels): where the
+    /// linear data ends, so header copies stop at the packet's end.
+    pub sk_buff_tail: u32,
+    pub _pad2: u32,
 }
 
 impl KfreeSkbRecord {
@@ -129,6 +133,8 @@ impl KernelOffsets {
         xfrm_policy_sel_prefixlen_d: ABSENT,
         xfrm_policy_sel_proto: ABSENT,
         sk_buff_data: ABSENT,
+        sk_buff_tail: ABSENT,
+        _pad2: 0,
     };
 }
 

@@ -5,6 +5,7 @@
 #![no_std]
 
 pub mod attribution;
+pub mod capture;
 pub mod drops;
 pub mod ike;
 pub mod layout;

@@ -101,6 +101,15 @@ pub struct Selector {
     pub _pad: [u8; 3],
 }
 
+/// A sampled leak: the packet as it leaves in clear (after NAT).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LeakSample {
+    pub time_ns: u64,
+    pub key: LeakKey,
+    pub headers: crate::capture::Headers,
+}
+
 /// Indexes into the `MASQ_ERRORS` per-CPU array.
 pub mod error {
     /// The leak table was full.
@@ -108,7 +117,9 @@ pub mod error {
     /// A re-routed skb was not seen entering POSTROUTING (counted anyway,
     /// without its pre-NAT flow, SA and policy).
     pub const UNSEEN: u32 = 1;
-    pub const COUNT: u32 = 2;
+    /// Leak samples not sent (rate limit or full ring buffer).
+    pub const SAMPLES_LOST: u32 = 2;
+    pub const COUNT: u32 = 3;
 }
 
 #[cfg(feature = "user")]
@@ -118,4 +129,5 @@ mod pod {
     unsafe impl aya::Pod for super::LeakCount {}
     unsafe impl aya::Pod for super::PolicyKey {}
     unsafe impl aya::Pod for super::Selector {}
+    unsafe impl aya::Pod for super::LeakSample {}
 }

@@ -11,11 +11,11 @@ use aya_ebpf::{
     programs::tracing::StackIdContext,
 };
 use tracer_common::attribution::{
-    Flow, Frame, FrameStack, MAX_COUNTERS, MAX_DEPTH, SAMPLES_PER_SECOND, SaSeen, Sample,
-    SampleBudget, SourceKey, dir, error, hook,
+    Flow, Frame, FrameStack, MAX_COUNTERS, MAX_DEPTH, SaSeen, Sample, SourceKey, dir, error, hook,
 };
+use tracer_common::capture::{Headers, SampleBudget};
 
-use crate::{KERNEL_OFFSETS, read_at};
+use crate::{KERNEL_OFFSETS, capture, read_at};
 
 #[map]
 static FRAMES: PerCpuArray<FrameStack> = PerCpuArray::with_max_entries(1, 0);
@@ -274,6 +274,7 @@ pub fn enter(hook_id: u32, token: u64, packet: Packet) {
     frame.token = token;
     frame.flow = Flow::default();
     frame.seq = 0;
+    frame.headers.len = 0;
     zero(&mut frame.nested);
     let net = match packet {
         Packet::Skb { skb, dir } => {
@@ -281,6 +282,7 @@ pub fn enter(hook_id: u32, token: u64, packet: Packet) {
             let (net, ifindex) = unsafe { skb_net(skb) };
             frame.flow.ifindex = ifindex;
             unsafe { flow_from_skb(skb, &mut frame.flow, &mut frame.seq) };
+            unsafe { capture::copy_headers(skb, &mut frame.headers) };
             if hook_id == hook::POLICY_CHECK {
                 if let Some(sa) = unsafe { SKB_SA.get(&skb) } {
                     frame.flow.spi = sa.spi;
@@ -378,35 +380,34 @@ pub fn exit<C: StackIdContext>(ctx: &C, hook_id: u32, token: Option<u64>) {
 /// Sends a sample if this CPU's budget for the current second allows.
 #[inline(always)]
 fn sample<C: StackIdContext>(ctx: &C, counter: u32, hook_id: u32, frame: &Frame, count: u64) {
-    let Some(budget) = SAMPLE_BUDGET.get_ptr_mut(0) else {
-        return;
-    };
-    let budget = unsafe { &mut *budget };
-    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
-    if now.wrapping_sub(budget.window_start_ns) > 1_000_000_000 {
-        budget.window_start_ns = now;
-        budget.used = 0;
-    }
-    if budget.used >= SAMPLES_PER_SECOND {
+    if !capture::within_budget(&SAMPLE_BUDGET) {
         count_error(error::SAMPLES_LOST);
         return;
     }
-    budget.used += 1;
     let Some(mut entry) = SAMPLES.reserve::<Sample>(0) else {
         count_error(error::SAMPLES_LOST);
         return;
     };
     let stack_id = ctx.get_stackid(&STACKS, 0).map_or(-1, i64::from);
-    entry.write(Sample {
-        time_ns: now,
-        counter,
-        hook: hook_id,
-        stack_id,
-        count,
-        flow: frame.flow,
-        seq: frame.seq,
-        _pad: 0,
-    });
+    let sample = entry.as_mut_ptr();
+    // Field by field, the headers with one helper call: a struct copy of
+    // this size would be a long run of instructions in every unrolled
+    // iteration of the caller's counter loop.
+    unsafe {
+        (*sample).time_ns = aya_ebpf::helpers::bpf_ktime_get_ns();
+        (*sample).counter = counter;
+        (*sample).hook = hook_id;
+        (*sample).stack_id = stack_id;
+        (*sample).count = count;
+        (*sample).flow = frame.flow;
+        (*sample).seq = frame.seq;
+        (*sample)._pad = 0;
+        probe_read_raw(
+            core::ptr::addr_of_mut!((*sample).headers).cast(),
+            core::mem::size_of::<Headers>() as u32,
+            core::ptr::addr_of!(frame.headers).cast(),
+        );
+    }
     entry.submit(0);
 }
 

@@ -7,6 +7,7 @@
 #![no_main]
 
 mod attribution;
+mod capture;
 mod ike;
 mod masquerade;
 mod mtu;
@@ -16,7 +17,7 @@ use aya_ebpf::{
     Global,
     helpers::bpf_probe_read_kernel,
     macros::{btf_tracepoint, fentry, fexit, kprobe, kretprobe, map, raw_tracepoint, tracepoint},
-    maps::{PerCpuArray, PerCpuHashMap},
+    maps::{Array, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{
         BtfTracePointContext, FEntryContext, FExitContext, ProbeContext, RawTracePointContext,
         RetProbeContext, TracePointContext,
@@ -25,7 +26,8 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use tracer_common::{
     attribution::{dir, hook},
-    drops::{DROP_TABLE_ENTRIES, DropKey},
+    capture::{DropSampling, SampleBudget},
+    drops::{DROP_TABLE_ENTRIES, DropKey, DropSample},
     ike::NetRecords,
     layout::{ABSENT, KernelOffsets, KfreeSkbRecord},
 };
@@ -45,6 +47,21 @@ static DROPS: PerCpuHashMap<DropKey, u64> = PerCpuHashMap::with_max_entries(DROP
 #[map]
 static DROPS_UNTRACKED: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
+/// Which drops are sampled with their headers: written by userspace
+/// after attaching, once it knows whether the brackets attached (index 0).
+#[map]
+static DROP_SAMPLING: Array<DropSampling> = Array::with_max_entries(1, 0);
+
+#[map]
+static DROP_SAMPLES: RingBuf = RingBuf::with_byte_size(64 * 1024, 0);
+
+#[map]
+static DROP_BUDGET: PerCpuArray<SampleBudget> = PerCpuArray::with_max_entries(1, 0);
+
+/// Drop samples not sent (rate limit or full ring buffer), index 0.
+#[map]
+static DROP_SAMPLES_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
 #[tracepoint]
 pub fn kfree_skb(ctx: TracePointContext) -> u32 {
     let record = KFREE_SKB_RECORD.load();
@@ -52,8 +69,44 @@ pub fn kfree_skb(ctx: TracePointContext) -> u32 {
     count_drop(&ctx, &key);
     if let Ok(skb) = unsafe { ctx.read_at::<u64>(record.skbaddr as usize) } {
         unsafe { ike::on_drop(skb, key.location, key.reason, key.netns, key.ifindex) };
+        sample_drop(skb, &key);
     }
     0
+}
+
+/// Sends a drop of a sampled reason with the packet's headers.
+#[inline(always)]
+fn sample_drop(skb: u64, key: &DropKey) {
+    let Some(sampling) = DROP_SAMPLING.get(0) else {
+        return;
+    };
+    let mut wanted = false;
+    for i in 0..tracer_common::capture::DROP_REASONS_SAMPLED {
+        if (i as u32) < sampling.count && sampling.reasons[i] == key.reason {
+            wanted = true;
+        }
+    }
+    if !wanted {
+        return;
+    }
+    let reserved = if capture::within_budget(&DROP_BUDGET) {
+        DROP_SAMPLES.reserve::<DropSample>(0)
+    } else {
+        None
+    };
+    let Some(mut entry) = reserved else {
+        if let Some(lost) = DROP_SAMPLES_LOST.get_ptr_mut(0) {
+            unsafe { *lost += 1 };
+        }
+        return;
+    };
+    let sample = entry.as_mut_ptr();
+    unsafe {
+        (*sample).time_ns = aya_ebpf::helpers::bpf_ktime_get_ns();
+        (*sample).key = *key;
+        capture::copy_headers(skb, core::ptr::addr_of_mut!((*sample).headers));
+    }
+    entry.submit(0);
 }
 
 #[unsafe(no_mangle)]

@@ -5,13 +5,16 @@
 use aya_ebpf::{
     helpers::{bpf_probe_read_kernel, generated::bpf_probe_read_kernel as probe_read_raw},
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
+    maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
-use tracer_common::masquerade::{
-    LEAK_TABLE_ENTRIES, LeakCount, LeakKey, PolicyKey, Seen, Selector, error,
+use tracer_common::{
+    capture::SampleBudget,
+    masquerade::{
+        LEAK_TABLE_ENTRIES, LeakCount, LeakKey, LeakSample, PolicyKey, Seen, Selector, error,
+    },
 };
 
-use crate::{KERNEL_OFFSETS, attribution::skb_dst, read_at};
+use crate::{KERNEL_OFFSETS, attribution::skb_dst, capture, read_at};
 
 /// Skbs that entered POSTROUTING with a bundle, by skb address.
 #[map]
@@ -30,6 +33,13 @@ static MASQ_LEAKS: PerCpuHashMap<LeakKey, LeakCount> =
 /// Selectors of the policies behind leaks, read from the kernel.
 #[map]
 static MASQ_POLICIES: HashMap<PolicyKey, Selector> = HashMap::with_max_entries(1024, 0);
+
+/// Leaked packets with their headers, rate-limited (the table stays exact).
+#[map]
+static LEAK_SAMPLES: RingBuf = RingBuf::with_byte_size(64 * 1024, 0);
+
+#[map]
+static LEAK_BUDGET: PerCpuArray<SampleBudget> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 static MASQ_ERRORS: PerCpuArray<u64> = PerCpuArray::with_max_entries(error::COUNT, 0);
@@ -213,6 +223,7 @@ pub fn leaving_postrouting(skb: u64, track_outcome: bool) {
             return;
         }
     }
+    sample_leak(skb, key);
     if policy != 0 && key.policy_index != 0 {
         let pkey = PolicyKey {
             netns: key.netns,
@@ -237,6 +248,31 @@ pub fn leaving_postrouting(skb: u64, track_outcome: bool) {
     if track_outcome {
         let _ = MASQ_PENDING.insert(&skb, key, 0);
     }
+}
+
+/// Sends the leaked packet's headers, as it leaves, if the budget allows.
+#[inline(always)]
+fn sample_leak(skb: u64, key: &LeakKey) {
+    if !capture::within_budget(&LEAK_BUDGET) {
+        count_error(error::SAMPLES_LOST);
+        return;
+    }
+    let Some(mut entry) = LEAK_SAMPLES.reserve::<LeakSample>(0) else {
+        count_error(error::SAMPLES_LOST);
+        return;
+    };
+    let sample = entry.as_mut_ptr();
+    // The key by helper: a struct copy of this size would be a memcpy call.
+    unsafe {
+        (*sample).time_ns = aya_ebpf::helpers::bpf_ktime_get_ns();
+        probe_read_raw(
+            core::ptr::addr_of_mut!((*sample).key).cast(),
+            core::mem::size_of::<LeakKey>() as u32,
+            (key as *const LeakKey).cast(),
+        );
+        capture::copy_headers(skb, core::ptr::addr_of_mut!((*sample).headers));
+    }
+    entry.submit(0);
 }
 
 /// fexit of the okfn: `dst_output` of the plain route returned `ret`.

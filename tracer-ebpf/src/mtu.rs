@@ -182,7 +182,7 @@ fn on_fragment(a: &impl Args) {
     }
     let (netns, _) = unsafe { skb_netns_and_ifindex(skb) };
     let (ifindex, mtu) = unsafe { dst_device(skb_dst(skb)) };
-    let mut key = MtuKey {
+    let key = MtuKey {
         spi: ip.esp_spi,
         netns,
         ifindex,

@@ -20,6 +20,7 @@ pub mod lab;
 pub mod masquerade;
 pub mod mtu;
 pub mod netns;
+pub mod pcap;
 pub mod pluto;
 pub mod privilege;
 pub mod prometheus;

@@ -109,8 +109,16 @@ fn options(args: &TraceArgs, live: bool) -> trace::Options {
     }
 }
 
-/// Prints the report (and writes its JSON) as the options ask.
+/// Prints the report (and writes its JSON and pcapng) as the options ask.
 fn finish(args: &TraceArgs, report: &report::Report) -> anyhow::Result<()> {
+    if let Some(path) = &args.pcap {
+        let written = xfrm_trace::pcap::write(path, report)
+            .with_context(|| format!("writing the pcapng {}", path.display()))?;
+        eprintln!(
+            "xfrm-trace: {written} sampled packets written to {}",
+            path.display()
+        );
+    }
     let style = report::Style {
         color: args.color.enabled(),
         findings_only: args.quiet,

@@ -28,6 +28,8 @@ const PACKAGES: &[&str] = &[
     "iptables",
     "nftables",
     "iperf3",
+    // Reads the pcapng of sampled packets in the tests.
+    "tshark",
 ];
 
 pub fn all() -> anyhow::Result<()> {

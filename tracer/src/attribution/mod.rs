@@ -309,24 +309,6 @@ pub fn take_samples(ebpf: &mut Ebpf) -> Option<RingBuf<MapData>> {
     RingBuf::try_from(ebpf.take_map("SAMPLES")?).ok()
 }
 
-/// Moves what the ring buffer holds into `kept` (up to `SAMPLES_KEPT`);
-/// returns how many were dropped for lack of room.
-pub fn drain_samples(ring: &mut RingBuf<MapData>, kept: &mut Vec<Sample>) -> u64 {
-    let mut dropped = 0;
-    while let Some(item) = ring.next() {
-        if item.len() < std::mem::size_of::<Sample>() {
-            continue;
-        }
-        if kept.len() >= SAMPLES_KEPT {
-            dropped += 1;
-            continue;
-        }
-        // SAFETY: Sample is plain repr(C) data and the item is at least that long.
-        kept.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<Sample>()) });
-    }
-    dropped
-}
-
 /// The kernel stack of a sample, innermost first, as `function+0xoff`.
 pub fn stack(ebpf: &Ebpf, stack_id: i64, kallsyms: &crate::kallsyms::Kallsyms) -> Vec<String> {
     let (Ok(id), Some(map)) = (u32::try_from(stack_id), ebpf.map("STACKS")) else {
@@ -353,6 +335,12 @@ pub fn stack(ebpf: &Ebpf, stack_id: i64, kallsyms: &crate::kallsyms::Kallsyms) -
 pub struct SampleReport {
     /// Milliseconds since the first sample of the run.
     pub time_ms: u64,
+    /// `CLOCK_MONOTONIC` nanoseconds (for the pcapng).
+    #[serde(skip)]
+    pub time_ns: u64,
+    /// The packet's first bytes (none for a route lookup).
+    #[serde(skip)]
+    pub captured: Option<crate::pcap::Captured>,
     #[serde(flatten)]
     pub source: Source,
     /// ESP sequence number of the packet (inbound ESP only).
@@ -388,6 +376,8 @@ pub fn sample_reports(
             };
             let report = SampleReport {
                 time_ms: (s.time_ns - first) / 1_000_000,
+                time_ns: s.time_ns,
+                captured: crate::pcap::Captured::from_headers(s.time_ns, &s.headers),
                 source: source(&key, s.count),
                 seq: (s.seq != 0).then(|| u32::from_be(s.seq)),
                 stack: stack(ebpf, s.stack_id, kallsyms),

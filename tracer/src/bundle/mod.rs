@@ -39,6 +39,10 @@ pluto.json        every pluto found: connections, IKE and Child SA states,
                   what its log said during the run
 drop_sites.txt    attributed drop sites: counter, kernel function, SA, and
                   the stack of the first sample of each counter
+packets.pcapng    the sampled dropped and leaked packets (first 128 bytes from
+                  the IP header; raw IP), each with a comment naming the
+                  counter or finding, the SA and the kernel function: open
+                  with Wireshark, or `tshark -r packets.pcapng -V`
 command.txt       the command line of this run
 ";
 
@@ -67,6 +71,13 @@ pub fn write(path: &Path, outcome: &Outcome) -> anyhow::Result<()> {
         ("xfrm_state.json", json(&outcome.xfrm_state)?),
         ("pluto.json", json(&outcome.report.pluto)?),
         ("drop_sites.txt", drop_sites(&outcome.report).into_bytes()),
+        (
+            "packets.pcapng",
+            crate::pcap::encode(
+                &crate::pcap::packets(&outcome.report),
+                crate::pcap::wall_clock_offset_ns(),
+            ),
+        ),
     ];
     let command: Vec<String> = std::env::args().collect();
     files.push((

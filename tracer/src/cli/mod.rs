@@ -18,6 +18,7 @@ use clap::{Parser, Subcommand};
     after_help = "Examples:
   sudo xfrm-trace                                 watch until Ctrl-C, then diagnose
   sudo xfrm-trace --duration 30s --json run.json  30 s, also as JSON
+  sudo xfrm-trace --pcap drops.pcapng             the sampled dropped/leaked packets, for tshark
   sudo xfrm-trace --netns west --filter conn=vpn  one netns, one connection
   sudo xfrm-trace --filter 10.0.2.0/24 --filter spi=0x1001
   sudo xfrm-trace --prometheus 127.0.0.1:9469     serve OpenMetrics until stopped
@@ -53,6 +54,11 @@ pub struct TraceArgs {
     /// Also write the report as JSON (schema xfrm-trace/1) to FILE, or - for stdout.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
+    /// Also write the sampled dropped and leaked packets as pcapng to FILE
+    /// (first 128 bytes from the IP header, each with a comment naming the
+    /// counter or finding, the SA and the kernel function).
+    #[arg(long, value_name = "FILE", global = true)]
+    pub pcap: Option<PathBuf>,
     /// Create FILE once every program is attached (for scripts).
     #[arg(long, value_name = "FILE", global = true)]
     pub ready_file: Option<PathBuf>,

@@ -5,11 +5,14 @@ use std::collections::{BTreeMap, HashMap};
 
 use aya::{
     Ebpf,
-    maps::{PerCpuArray, PerCpuHashMap},
+    maps::{Array, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::TracePoint,
 };
 use serde::Serialize;
-use tracer_common::drops::DropKey;
+use tracer_common::{
+    capture::DropSampling,
+    drops::{DropKey, DropSample},
+};
 
 use crate::kallsyms::Kallsyms;
 
@@ -74,6 +77,9 @@ pub struct DropRow {
     pub protocol: String,
     /// Dropped for an XFRM/IPsec reason or by an XFRM/ESP function.
     pub xfrm_related: bool,
+    /// Sampled packets of this row (for the pcapng; tracepoint-only mode).
+    #[serde(skip)]
+    pub captured: Vec<crate::pcap::Captured>,
 }
 
 /// Names and groups raw rows; the most frequent first.
@@ -95,6 +101,7 @@ pub fn summarize(
         .map(
             |((netns, reason, function, ifindex, protocol), count)| DropRow {
                 xfrm_related: is_xfrm_related(&reason, &function),
+                captured: Vec::new(),
                 count,
                 reason,
                 function,
@@ -112,6 +119,61 @@ pub fn summarize(
             .then_with(|| a.function.cmp(&b.function))
     });
     out
+}
+
+/// Samples drops of the XFRM reasons with their headers: for kernels where
+/// no bracket attached (elsewhere the attribution samples carry them).
+pub fn sample_xfrm_drops(
+    ebpf: &mut Ebpf,
+    reasons: &HashMap<u32, String>,
+) -> Result<(), DropsError> {
+    let mut sampling = DropSampling::default();
+    for (value, _) in reasons.iter().filter(|(_, name)| name.starts_with("XFRM")) {
+        if let Some(slot) = sampling.reasons.get_mut(sampling.count as usize) {
+            *slot = *value;
+            sampling.count += 1;
+        }
+    }
+    let map = ebpf
+        .map_mut("DROP_SAMPLING")
+        .ok_or(aya::maps::MapError::InvalidName {
+            name: "DROP_SAMPLING".into(),
+        })?;
+    Array::try_from(map)?.set(0, &sampling, 0)?;
+    Ok(())
+}
+
+/// The drop samples' ring buffer, taken out to be drained while running.
+pub fn take_samples(ebpf: &mut Ebpf) -> Option<RingBuf<MapData>> {
+    RingBuf::try_from(ebpf.take_map("DROP_SAMPLES")?).ok()
+}
+
+/// Puts each sample's headers on the row it belongs to.
+pub fn attach_samples(
+    rows: &mut [DropRow],
+    samples: &[DropSample],
+    kallsyms: &Kallsyms,
+    reasons: &HashMap<u32, String>,
+) {
+    for sample in samples {
+        let key = &sample.key;
+        let function = function_at(kallsyms, key.location);
+        let reason = reason_name(reasons, key.reason);
+        let protocol = protocol_name(key.protocol);
+        let row = rows.iter_mut().find(|r| {
+            r.netns == key.netns
+                && r.ifindex == key.ifindex
+                && r.function == function
+                && r.reason == reason
+                && r.protocol == protocol
+        });
+        if let (Some(row), Some(captured)) = (
+            row,
+            crate::pcap::Captured::from_headers(sample.time_ns, &sample.headers),
+        ) {
+            row.captured.push(captured);
+        }
+    }
 }
 
 /// The kernel function containing `location` (`module:function` for

@@ -94,6 +94,8 @@ impl KernelLayout {
             xfrm_policy_sel_prefixlen_d: optional("xfrm_policy", "selector.prefixlen_d"),
             xfrm_policy_sel_proto: optional("xfrm_policy", "selector.proto"),
             sk_buff_data: optional("sk_buff", "data"),
+            sk_buff_tail: optional("sk_buff", "tail"),
+            _pad2: 0,
         };
         let format = tracefs::format("skb", "kfree_skb")?;
         let field = |name: &str| {
@@ -157,6 +159,28 @@ fn raise_memlock_limit() {
             std::io::Error::last_os_error()
         );
     }
+}
+
+/// Moves what a ring buffer of `T` records holds into `kept`, up to
+/// `limit` records; returns how many were dropped for lack of room.
+pub fn drain_ring<T: aya::Pod>(
+    ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
+    kept: &mut Vec<T>,
+    limit: usize,
+) -> u64 {
+    let mut dropped = 0;
+    while let Some(item) = ring.next() {
+        if item.len() < std::mem::size_of::<T>() {
+            continue;
+        }
+        if kept.len() >= limit {
+            dropped += 1;
+            continue;
+        }
+        // SAFETY: T is plain repr(C) data and the item is at least that long.
+        kept.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<T>()) });
+    }
+    dropped
 }
 
 /// A program of the object, as its type (`FEntry`, `TracePoint`, ...).

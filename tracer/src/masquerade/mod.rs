@@ -13,7 +13,7 @@ use aya::{
     maps::{HashMap as BpfHashMap, PerCpuArray, PerCpuHashMap},
 };
 use serde::Serialize;
-use tracer_common::masquerade::{LeakCount, LeakKey, PolicyKey, Selector, error};
+use tracer_common::masquerade::{LeakCount, LeakKey, LeakSample, PolicyKey, Selector, error};
 
 use crate::{
     attribution::HookChoice,
@@ -200,6 +200,14 @@ pub struct Counted {
     pub policies: HashMap<PolicyKey, Selector>,
     pub table_full: u64,
     pub unseen: u64,
+    /// Sampled leaks with their headers (drained while running).
+    pub samples: Vec<LeakSample>,
+    pub samples_lost: u64,
+}
+
+/// The leak samples' ring buffer, taken out to be drained while running.
+pub fn take_samples(ebpf: &mut Ebpf) -> Option<aya::maps::RingBuf<aya::maps::MapData>> {
+    aya::maps::RingBuf::try_from(ebpf.take_map("LEAK_SAMPLES")?).ok()
 }
 
 /// Reads the leak table (summed over CPUs), the selectors and the errors.
@@ -229,6 +237,7 @@ pub fn read(ebpf: &Ebpf) -> Result<Counted, aya::maps::MapError> {
     let errors: PerCpuArray<_, u64> = PerCpuArray::try_from(map("MASQ_ERRORS")?)?;
     counted.table_full = errors.get(&error::TABLE_FULL, 0)?.iter().sum();
     counted.unseen = errors.get(&error::UNSEEN, 0)?.iter().sum();
+    counted.samples_lost = errors.get(&error::SAMPLES_LOST, 0)?.iter().sum();
     Ok(counted)
 }
 
@@ -277,6 +286,9 @@ pub struct Leak {
     pub netns_label: String,
     pub ifindex: u32,
     pub ifname: String,
+    /// Sampled packets of this row as they left (for the pcapng).
+    #[serde(skip)]
+    pub captured: Vec<crate::pcap::Captured>,
 }
 
 fn address(family: u16, bytes: &[u8; 16]) -> Option<IpAddr> {
@@ -356,6 +368,12 @@ pub fn leaks(counted: &Counted, coverage: &MasqCoverage) -> Vec<Leak> {
                 netns_label: String::new(),
                 ifindex: k.ifindex,
                 ifname: String::new(),
+                captured: counted
+                    .samples
+                    .iter()
+                    .filter(|s| s.key == *k)
+                    .filter_map(|s| crate::pcap::Captured::from_headers(s.time_ns, &s.headers))
+                    .collect(),
             }
         })
         .collect();
@@ -534,6 +552,7 @@ mod tests {
             netns_label: "west".into(),
             ifindex: 3,
             ifname: "wan0".into(),
+            captured: Vec::new(),
         }
     }
 

@@ -359,7 +359,7 @@ pub fn render_with(report: &Report, style: Style) -> String {
         let _ = writeln!(
             out,
             "samples not sent (rate limit {} per second and CPU; counts are exact): {}",
-            tracer_common::attribution::SAMPLES_PER_SECOND,
+            tracer_common::capture::SAMPLES_PER_SECOND,
             e.samples_lost
         );
     }

@@ -52,6 +52,12 @@ pub fn report(context: &Context, moment: Moment) -> Report {
         elapsed,
     } = moment;
     let mut drops = drops::summarize(&readings.drops, &context.kallsyms, &context.reasons);
+    drops::attach_samples(
+        &mut drops,
+        &readings.drop_samples,
+        &context.kallsyms,
+        &context.reasons,
+    );
     let mut counters = counter_report(
         before,
         after,

@@ -6,8 +6,9 @@ use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
 use tracer_common::{
     attribution::SourceKey,
-    drops::DropKey,
+    drops::{DropKey, DropSample},
     ike::IkeKey,
+    masquerade::LeakSample,
     mtu::{MtuKey, MtuStats},
 };
 
@@ -20,11 +21,18 @@ use crate::{
     report::HookList,
 };
 
+/// Leak and drop samples kept for the pcapng (the counts stay exact).
+const PACKETS_KEPT: usize = 256;
+
 pub struct Probes {
     object: aya::Ebpf,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     samples_ring: Option<RingBuf<MapData>>,
     samples: Vec<tracer_common::attribution::Sample>,
+    leak_ring: Option<RingBuf<MapData>>,
+    leak_samples: Vec<LeakSample>,
+    drop_ring: Option<RingBuf<MapData>>,
+    drop_samples: Vec<DropSample>,
     pub coverage: Coverage,
     pub mtu_hooks: HookList,
     pub ike_hooks: HookList,
@@ -35,6 +43,8 @@ pub struct Probes {
 pub struct Readings {
     pub drops: Vec<(DropKey, u64)>,
     pub drops_untracked: u64,
+    /// Sampled XFRM drops with headers (tracepoint-only mode).
+    pub drop_samples: Vec<DropSample>,
     pub sources: Vec<(SourceKey, u64)>,
     pub attribution_errors: AttributionErrors,
     /// Sampled increments with stacks, by counter index.
@@ -61,6 +71,8 @@ impl Probes {
         drops::attach(&mut object)?;
         let ike_hooks = ike::attach(&mut object);
         let samples_ring = attribution::take_samples(&mut object);
+        let leak_ring = masquerade::take_samples(&mut object);
+        let drop_ring = drops::take_samples(&mut object);
         let coverage = attribution::attach(
             &mut object,
             btf,
@@ -70,6 +82,9 @@ impl Probes {
         );
         let (attached, missing) = mtu::attach(&mut object, kallsyms, hooks);
         let masquerade = masquerade::attach(&mut object, btf, kallsyms, hooks);
+        if coverage.fentry_brackets + coverage.kprobe_brackets == 0 {
+            drops::sample_xfrm_drops(&mut object, &crate::btf::drop_reason_names(btf))?;
+        }
         for (what, missing) in [
             ("", &coverage.missing),
             ("oversize ESP: ", &missing),
@@ -85,6 +100,10 @@ impl Probes {
             logger,
             samples_ring,
             samples: Vec::new(),
+            leak_ring,
+            leak_samples: Vec::new(),
+            drop_ring,
+            drop_samples: Vec::new(),
             coverage,
             mtu_hooks: HookList { attached, missing },
             ike_hooks,
@@ -98,7 +117,13 @@ impl Probes {
             logger.flush();
         }
         if let Some(ring) = self.samples_ring.as_mut() {
-            attribution::drain_samples(ring, &mut self.samples);
+            ebpf::drain_ring(ring, &mut self.samples, attribution::SAMPLES_KEPT);
+        }
+        if let Some(ring) = self.leak_ring.as_mut() {
+            ebpf::drain_ring(ring, &mut self.leak_samples, PACKETS_KEPT);
+        }
+        if let Some(ring) = self.drop_ring.as_mut() {
+            ebpf::drain_ring(ring, &mut self.drop_samples, PACKETS_KEPT);
         }
     }
 
@@ -109,11 +134,15 @@ impl Probes {
         Ok(Readings {
             drops,
             drops_untracked,
+            drop_samples: self.drop_samples.clone(),
             sources,
             attribution_errors,
             samples: attribution::sample_reports(&self.object, &self.samples, kallsyms),
             mtu: mtu::read(&self.object)?,
-            masquerade: masquerade::read(&self.object)?,
+            masquerade: masquerade::Counted {
+                samples: self.leak_samples.clone(),
+                ..masquerade::read(&self.object)?
+            },
             ike: ike::read(&self.object).context("reading the IKE table")?,
         })
     }
@@ -122,6 +151,8 @@ impl Probes {
     pub fn finish(mut self, kallsyms: &Kallsyms) -> anyhow::Result<Readings> {
         self.tick();
         drop(self.samples_ring.take());
+        drop(self.leak_ring.take());
+        drop(self.drop_ring.take());
         self.read(kallsyms)
     }
 }
