@@ -232,3 +232,47 @@ impl Drop for Tracer {
         let _ = self.child.wait();
     }
 }
+
+/// One packet of a pcapng as tshark decodes it.
+#[derive(Debug)]
+pub struct PcapPacket {
+    pub comment: String,
+    pub src: String,
+    pub dst: String,
+    /// UDP destination port (empty for other protocols).
+    pub dport: String,
+}
+
+/// The packets of a pcapng file as tshark decodes them.
+pub fn pcap_packets(path: &Path) -> Vec<PcapPacket> {
+    let out = sh(&[
+        "tshark",
+        "-r",
+        path.to_str().unwrap(),
+        "-T",
+        "fields",
+        "-E",
+        "separator=|",
+        "-e",
+        "frame.comment",
+        "-e",
+        "ip.src",
+        "-e",
+        "ip.dst",
+        "-e",
+        "udp.dstport",
+    ]);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|line| {
+            let f: Vec<&str> = line.split('|').collect();
+            assert_eq!(f.len(), 4, "tshark line: {line}");
+            PcapPacket {
+                comment: f[0].to_string(),
+                src: f[1].to_string(),
+                dst: f[2].to_string(),
+                dport: f[3].to_string(),
+            }
+        })
+        .collect()
+}

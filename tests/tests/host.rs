@@ -10,7 +10,7 @@ use std::{
 };
 
 use serde_json::Value;
-use tests::{Namespaces, Tracer, binary, require_root, scratch, sh};
+use tests::{Namespaces, PcapPacket, Tracer, binary, pcap_packets, require_root, scratch, sh};
 
 /// The tests below look at programs loaded kernel-wide: one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -289,48 +289,6 @@ fn xfrm_policy_drops_and_counters_are_reported_exactly() {
         }
         assert_eq!(packets.len() as u64, FORWARDED + LOCAL, "{packets:#?}");
     }
-}
-
-#[derive(Debug)]
-struct PcapPacket {
-    comment: String,
-    src: String,
-    dst: String,
-    dport: String,
-}
-
-/// The packets of a pcapng file as tshark decodes them.
-fn pcap_packets(path: &Path) -> Vec<PcapPacket> {
-    let out = sh(&[
-        "tshark",
-        "-r",
-        path.to_str().unwrap(),
-        "-T",
-        "fields",
-        "-E",
-        "separator=|",
-        "-e",
-        "frame.comment",
-        "-e",
-        "ip.src",
-        "-e",
-        "ip.dst",
-        "-e",
-        "udp.dstport",
-    ]);
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|line| {
-            let f: Vec<&str> = line.split('|').collect();
-            assert_eq!(f.len(), 4, "tshark line: {line}");
-            PcapPacket {
-                comment: f[0].to_string(),
-                src: f[1].to_string(),
-                dst: f[2].to_string(),
-                dport: f[3].to_string(),
-            }
-        })
-        .collect()
 }
 
 #[test]

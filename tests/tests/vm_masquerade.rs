@@ -8,7 +8,7 @@
 use std::{net::SocketAddr, time::Duration};
 
 use serde_json::Value;
-use tests::{Tracer, scratch, traced_report};
+use tests::{Tracer, pcap_packets, scratch, traced_report};
 use xfrm_trace::lab::{
     Df, EAST_SUBNET, EAST_WAN, EHOST, Host, Lab, Packet, ROUTER_WEST, StaticIpsec, WEST_LAN,
     WEST_SUBNET, WEST_WAN, WHOST, ipv6,
@@ -37,9 +37,11 @@ fn to(host: &str) -> SocketAddr {
     format!("{host}:{PORT}").parse().unwrap()
 }
 
-/// Runs `action` while the tracer watches; returns its JSON report.
+/// Runs `action` while the tracer watches; returns its JSON report (the
+/// sampled packets are in `scratch("<name>.pcapng")`).
 fn traced(name: &str, action: impl FnOnce()) -> Value {
-    let report = traced_report(name, &[], action);
+    let pcap = scratch(&format!("{name}.pcapng"));
+    let report = traced_report(name, &["--pcap", pcap.to_str().unwrap()], action);
     let coverage = &report["masquerade"]["coverage"];
     for key in ["detected", "explained", "outcome"] {
         assert!(
@@ -188,6 +190,34 @@ fn masquerade_leak_is_reported_per_packet_and_the_return_fix_silences_it() {
         assert_eq!(row["ifname"], "wan0");
     }
     assert_eq!(report["masquerade"]["unseen"], 0);
+    // The pcapng: each leaked datagram as it left, named by the finding.
+    let packets = pcap_packets(&scratch("masq-leak.pcapng"));
+    assert_eq!(packets.len(), 2 * COUNT, "{packets:#?}");
+    for p in &packets {
+        assert_eq!(
+            (p.src.as_str(), p.dst.as_str(), p.dport.as_str()),
+            (WEST_WAN, EHOST, PORT.to_string().as_str()),
+            "{p:?}"
+        );
+        assert!(
+            p.comment
+                .starts_with("masquerade_before_policy: left in clear")
+                && p.comment.contains(&format!(", netns {west} dev wan0"))
+                && p.comment
+                    .contains(&format!("SA spi 0x00001001 reqid 1 to {EAST_WAN}")),
+            "{p:?}"
+        );
+    }
+    for pre_src in [WHOST, WEST_LAN] {
+        let matched = format!("policy matched {pre_src} -> {EHOST}, left as {WEST_WAN} -> {EHOST}");
+        assert_eq!(
+            packets
+                .iter()
+                .filter(|p| p.comment.contains(&matched))
+                .count(),
+            COUNT
+        );
+    }
     let found = findings(&report);
     assert_eq!(found.len(), 1, "{found:#?}");
     assert_eq!(
