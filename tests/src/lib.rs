@@ -276,3 +276,42 @@ pub fn pcap_packets(path: &Path) -> Vec<PcapPacket> {
         })
         .collect()
 }
+
+/// Where a drop storm goes: east's WAN address, which `block_storm_path`
+/// makes the router refuse to forward for west's LAN.
+pub const STORM_TARGET: &str = "203.0.113.1:9";
+
+/// An XFRM `fwd` block policy on the router for west's LAN to east's WAN:
+/// each datagram whost sends to `STORM_TARGET` is one XfrmInPolBlock on
+/// the router (and one XFRM_POLICY drop at ip_forward).
+pub fn block_storm_path(lab: &xfrm_trace::lab::Lab) {
+    use xfrm_trace::lab::{Host, WEST_SUBNET};
+    let target = STORM_TARGET.split(':').next().unwrap_or_default();
+    lab.ip(
+        Host::Router,
+        &[
+            "xfrm",
+            "policy",
+            "add",
+            "src",
+            WEST_SUBNET,
+            "dst",
+            &format!("{target}/32"),
+            "dir",
+            "fwd",
+            "action",
+            "block",
+        ],
+    )
+    .expect("router block policy");
+}
+
+/// A `/proc/<pid>/status` value in KiB (`VmRSS`, `VmHWM`); 0 if unknown.
+pub fn status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}

@@ -24,9 +24,15 @@ pub struct KernelSpec {
     pub skip: &'static [&'static [&'static str]],
 }
 
-/// Forced-kprobe variants, and the MASQUERADE rule variants (nftables,
-/// ordinary NAT: the kernel path is the one the iptables test covers).
-const ON_6_1: &[&str] = &["kprobe", "nftables_masquerade", "ordinary_masquerade"];
+/// Forced-kprobe variants, the MASQUERADE rule variants (nftables,
+/// ordinary NAT: the kernel path is the one the iptables test covers), and
+/// the 30-second drop storm (the kernel the targets name).
+const ON_6_1: &[&str] = &[
+    "kprobe",
+    "nftables_masquerade",
+    "ordinary_masquerade",
+    "drop_storm",
+];
 /// `xfrm-trace lab` scenarios, the pluto diagnosis labs, pluto itself, and
 /// the CLI, metrics, filter and bundle tests (userspace; they also run on
 /// the host): on the demo's kernel.

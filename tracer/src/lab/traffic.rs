@@ -161,6 +161,35 @@ impl Lab {
         Ok(received)
     }
 
+    /// A drop storm's source: sends 64-byte UDP datagrams from `host` to
+    /// `to` as fast as one thread can until `stop` is set; the thread
+    /// returns how many the kernel accepted.
+    pub fn flood_udp(
+        &self,
+        host: Host,
+        to: SocketAddr,
+        stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) -> std::thread::JoinHandle<Result<u64>> {
+        let path = self.ns_path(host);
+        let ns = self.ns(host);
+        std::thread::spawn(move || {
+            crate::netns::run_in(&path, move || {
+                let socket = UdpSocket::bind("0.0.0.0:0")?;
+                let payload = [0x5a; 64];
+                let mut sent = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    for _ in 0..256 {
+                        if socket.send_to(&payload, to).is_ok() {
+                            sent += 1;
+                        }
+                    }
+                }
+                Ok(sent)
+            })
+            .map_err(|e| LabError::Other(format!("flooding from {ns}: {e}")))
+        })
+    }
+
     /// Binds a UDP socket on `port` inside `host`.
     pub fn udp_sink(&self, host: Host, port: u16) -> Result<UdpSink> {
         let socket = crate::netns::run_in(&self.ns_path(host), move || {

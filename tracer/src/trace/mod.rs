@@ -107,6 +107,11 @@ pub fn run(options: &Options) -> anyhow::Result<Outcome> {
         masquerade: probes.masquerade.clone(),
         pluto_problems,
     };
+    // The parsed BTF is by far the largest thing in memory and is not
+    // needed once attached: free it and give the pages back, so a long
+    // run (a drop storm) holds only what it reports from.
+    drop(btf);
+    release_free_memory();
     // Counters are read once everything is attached, so every increment
     // in the window can be attributed.
     let before = snapshot();
@@ -268,4 +273,13 @@ fn wait(
         }
         Ok(())
     })
+}
+
+/// Returns the heap's free pages to the kernel (glibc keeps them otherwise).
+fn release_free_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }

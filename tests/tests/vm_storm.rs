@@ -1,0 +1,149 @@
+//! A drop storm: XFRM drops at the highest rate one sender in the VM can
+//! produce, for 30 s, while the tracer watches (needs the lab: VMs only).
+
+use std::{
+    sync::{Arc, atomic::AtomicBool, atomic::Ordering},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use tests::{STORM_TARGET, Tracer, block_storm_path, scratch, status_kib};
+use xfrm_trace::lab::{Host, Lab};
+
+const STORM: Duration = Duration::from_secs(30);
+/// The memory bound for the tracer during a storm (resident).
+const MAX_RSS_KIB: u64 = 64 * 1024;
+
+fn in_pol_block(lab: &Lab, host: Host) -> u64 {
+    lab.xfrm_stat(host).unwrap().0["XfrmInPolBlock"]
+}
+
+/// Waits until the router's counter stops moving (the last datagrams in
+/// flight counted); returns its value.
+fn settled(lab: &Lab) -> u64 {
+    let mut last = in_pol_block(lab, Host::Router);
+    loop {
+        std::thread::sleep(Duration::from_millis(500));
+        let now = in_pol_block(lab, Host::Router);
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+}
+
+#[test]
+fn drop_storm_is_attributed_exactly_in_bounded_memory_and_ctrl_c_works() {
+    let lab = Lab::create("storm").unwrap();
+    block_storm_path(&lab);
+    let target = STORM_TARGET.parse().unwrap();
+    let router = lab.ns(Host::Router);
+    let before = in_pol_block(&lab, Host::Router);
+
+    // 30 s of storm, the tracer's memory read every second.
+    let json = scratch("storm.json");
+    let mut tracer = Tracer::start(&["--json", json.to_str().unwrap()], &scratch("storm.ready"));
+    let pid = tracer.child.id();
+    let stop = Arc::new(AtomicBool::new(false));
+    let flood = lab.flood_udp(Host::Whost, target, stop.clone());
+    let started = Instant::now();
+    let mut peak_rss = 0;
+    while started.elapsed() < STORM {
+        std::thread::sleep(Duration::from_secs(1));
+        peak_rss = peak_rss.max(status_kib(pid, "VmRSS"));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let sent = flood.join().unwrap().unwrap();
+    let after = settled(&lab);
+    let high_water = status_kib(pid, "VmHWM");
+    let out = tracer.interrupt();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let kernel = after - before;
+    eprintln!(
+        "storm: {sent} sent, {kernel} XfrmInPolBlock in {:?} ({} per second); tracer RSS peak {peak_rss} KiB, high water {high_water} KiB",
+        STORM,
+        kernel / STORM.as_secs()
+    );
+    assert!(
+        kernel >= 100 * STORM.as_secs(),
+        "not a storm: {kernel} drops"
+    );
+    assert!(
+        high_water > 0 && high_water < MAX_RSS_KIB,
+        "VmHWM {high_water} KiB"
+    );
+
+    // Every increment attributed, exactly, at any rate.
+    let report: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let counter = report["counters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "XfrmInPolBlock")
+        .unwrap_or_else(|| panic!("no XfrmInPolBlock: {report:#}"));
+    let on_router = counter["by_netns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["label"] == router.as_str())
+        .unwrap();
+    assert_eq!(on_router["delta"], kernel, "{counter:#}");
+    assert_eq!(on_router["attributed"], kernel, "{counter:#}");
+    assert_eq!(counter["gap"], 0, "{counter:#}");
+    let dropped_at_forward: u64 = report["drops"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["netns_label"] == router.as_str() && d["function"] == "ip_forward")
+        .map(|d| d["count"].as_u64().unwrap())
+        .sum();
+    assert_eq!(dropped_at_forward, kernel);
+    assert_eq!(report["drops_untracked"], 0);
+    // Samples are rate-limited: what was not sent is counted and shown.
+    let lost = report["attribution_errors"]["samples_lost"]
+        .as_u64()
+        .unwrap();
+    assert!(lost > 0, "{:#}", report["attribution_errors"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!(
+            "samples not sent (rate limit 64 per second and CPU; counts are exact): {lost}"
+        )),
+        "{text}"
+    );
+
+    // Ctrl-C in the middle of a storm: a prompt, clean exit with a report.
+    let json = scratch("storm-2.json");
+    let mut tracer = Tracer::start(
+        &["--json", json.to_str().unwrap()],
+        &scratch("storm-2.ready"),
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let flood = lab.flood_udp(Host::Whost, target, stop.clone());
+    std::thread::sleep(Duration::from_secs(3));
+    let interrupted = Instant::now();
+    let out = tracer.interrupt();
+    let exit_time = interrupted.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    flood.join().unwrap().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("storm: exit {exit_time:?} after Ctrl-C");
+    assert!(exit_time < Duration::from_secs(5), "{exit_time:?}");
+    let report: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert!(
+        report["counters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["name"] == "XfrmInPolBlock" && c["attributed"].as_u64() > Some(0)),
+        "{report:#}"
+    );
+}
