@@ -1,5 +1,6 @@
 //! Developer tasks: toolchain setup, build, tests (host and VMs), demo.
 
+mod bench;
 mod kernels;
 mod setup;
 mod util;
@@ -26,6 +27,9 @@ enum Command {
     Test(vm_test::Options),
     /// Run the integration tests inside VMs only (kernel matrix).
     VmTest(vm_test::Options),
+    /// Measure the tracer's cost in VMs (throughput, per-program time,
+    /// attach time, CPU and memory in a drop storm) against the targets.
+    Bench(bench::Options),
 }
 
 fn main() {
@@ -35,6 +39,7 @@ fn main() {
         Command::Demo => demo(),
         Command::Test(options) => test(&options),
         Command::VmTest(options) => vm_only(&options),
+        Command::Bench(options) => bench::run(&options),
     };
     if let Err(error) = result {
         eprintln!("xtask: error: {error:#}");
