@@ -81,24 +81,31 @@ fn iperf(lab: &Lab, udp: bool, seconds: u64) -> anyhow::Result<f64> {
         .with_context(|| format!("no sum_received in iperf3 output: {out}"))
 }
 
-/// run_cnt and run_time_ns of each program the process `pid` holds.
+/// run_cnt and run_time_ns of each program the process `pid` holds, by
+/// name: from the fdinfo of its BPF program descriptors (the kernel's own
+/// stats, `kernel.bpf_stats_enabled`), named by bpftool.
 fn program_stats(pid: u32) -> anyhow::Result<BTreeMap<String, (u64, u64)>> {
-    let out = Command::new("bpftool")
-        .args(["--json", "prog", "show"])
-        .output()
-        .context("bpftool")?;
-    let programs: Value = serde_json::from_slice(&out.stdout).context("bpftool JSON")?;
     let mut stats = BTreeMap::new();
-    for p in programs.as_array().into_iter().flatten() {
-        let ours = p["pids"]
-            .as_array()
-            .is_some_and(|pids| pids.iter().any(|o| o["pid"] == pid));
-        if ours {
-            let name = p["name"].as_str().unwrap_or("?").to_string();
-            let entry = stats.entry(name).or_insert((0, 0));
-            entry.0 += p["run_cnt"].as_u64().unwrap_or(0);
-            entry.1 += p["run_time_ns"].as_u64().unwrap_or(0);
-        }
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))? {
+        let info = std::fs::read_to_string(fd?.path()).unwrap_or_default();
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name)?.trim().parse::<u64>().ok())
+        };
+        let (Some(id), Some(count), Some(time)) =
+            (field("prog_id:"), field("run_cnt:"), field("run_time_ns:"))
+        else {
+            continue;
+        };
+        let out = Command::new("bpftool")
+            .args(["--json", "prog", "show", "id", &id.to_string()])
+            .output()
+            .context("bpftool")?;
+        let program: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let name = program["name"].as_str().unwrap_or("?").to_string();
+        let entry = stats.entry(name).or_insert((0, 0));
+        entry.0 += count;
+        entry.1 += time;
     }
     Ok(stats)
 }
