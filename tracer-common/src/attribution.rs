@@ -62,6 +62,13 @@ pub struct Frame {
     /// The first argument (skb or net): checked at exit to catch frames
     /// that do not belong together (a skipped entry, a migrated task).
     pub token: u64,
+    /// A route lookup's `dst_orig` (its family names the flow's).
+    pub dst_orig: u64,
+    /// 1 while the flow and headers are still to be read from the packet
+    /// (done at exit, only when a counter moved: the packet is unchanged
+    /// by these brackets and still alive at their exit).
+    pub flow_pending: u32,
+    pub _pad: u32,
     /// Address of this CPU's counter array of the packet's netns (0 = none).
     pub mib: u64,
     pub flow: Flow,

@@ -251,8 +251,8 @@ unsafe fn flow_from_flowi(fl: u64, family: u16, flow: &mut Flow) {
 pub enum Packet {
     /// An skb, with the direction of its path.
     Skb { skb: u64, dir: u8 },
-    /// A route lookup: no skb yet.
-    Lookup { net: u64, fl: u64, dst_orig: u64 },
+    /// A route lookup (the token is its flowi): no skb yet.
+    Lookup { net: u64, dst_orig: u64 },
 }
 
 /// Opens a bracket: remembers the packet and snapshots the counters.
@@ -272,6 +272,8 @@ pub fn enter(hook_id: u32, token: u64, packet: Packet) {
     };
     frame.hook = hook_id;
     frame.token = token;
+    frame.dst_orig = 0;
+    frame.flow_pending = 0;
     frame.flow = Flow::default();
     frame.seq = 0;
     frame.headers.len = 0;
@@ -281,29 +283,24 @@ pub fn enter(hook_id: u32, token: u64, packet: Packet) {
             frame.flow.dir = dir;
             let (net, ifindex) = unsafe { skb_net(skb) };
             frame.flow.ifindex = ifindex;
-            unsafe { flow_from_skb(skb, &mut frame.flow, &mut frame.seq) };
-            unsafe { capture::copy_headers(skb, &mut frame.headers) };
-            if hook_id == hook::POLICY_CHECK {
-                if let Some(sa) = unsafe { SKB_SA.get(&skb) } {
-                    frame.flow.spi = sa.spi;
-                    frame.flow.reqid = sa.reqid;
-                }
+            if hook_id == hook::POLICY_CHECK || hook_id == hook::ROUTE_FORWARD {
+                // Most packets move no counter here: read them at exit.
+                frame.flow_pending = 1;
+            } else {
+                // xfrm_input and xfrm_output transform the packet: read it
+                // as it enters.
+                unsafe { flow_from_skb(skb, &mut frame.flow, &mut frame.seq) };
+                unsafe { capture::copy_headers(skb, &mut frame.headers) };
             }
             if hook_id == hook::OUTPUT || hook_id == hook::OUTPUT_RESUME {
                 unsafe { sa_of_route(skb, &mut frame.flow) };
             }
             net
         }
-        Packet::Lookup { net, fl, dst_orig } => {
+        Packet::Lookup { net, dst_orig } => {
             frame.flow.dir = dir::OUT;
-            let o = KERNEL_OFFSETS.load();
-            let ops: u64 = unsafe { read_at(dst_orig, o.dst_entry_ops) }.unwrap_or(0);
-            let family: u16 = if ops != 0 {
-                unsafe { read_at(ops, o.dst_ops_family) }.unwrap_or(0)
-            } else {
-                0
-            };
-            unsafe { flow_from_flowi(fl, family, &mut frame.flow) };
+            frame.dst_orig = dst_orig;
+            frame.flow_pending = 1;
             net
         }
     };
@@ -338,7 +335,7 @@ pub fn exit<C: StackIdContext>(ctx: &C, hook_id: u32, token: Option<u64>) {
     }
     // Pass 1: what moved in this bracket, claimed minus nested claims;
     // `after` keeps the total moved for the parent.
-    let Some(frame) = stack.frames.get(depth) else {
+    let Some(frame) = stack.frames.get_mut(depth) else {
         return;
     };
     if frame.hook != hook_id || token.is_some_and(|t| t != frame.token) {
@@ -346,6 +343,15 @@ pub fn exit<C: StackIdContext>(ctx: &C, hook_id: u32, token: Option<u64>) {
         return;
     }
     unsafe { read_counters(frame.mib, after) };
+    if frame.flow_pending != 0 {
+        let mut moved = 0;
+        for counter in 0..MAX_COUNTERS {
+            moved |= after[counter] ^ frame.before[counter];
+        }
+        if moved != 0 {
+            unsafe { read_pending_flow(frame) };
+        }
+    }
     let mib = frame.mib;
     for counter in 0..MAX_COUNTERS {
         let moved = after[counter].wrapping_sub(frame.before[counter]);
@@ -375,6 +381,34 @@ pub fn exit<C: StackIdContext>(ctx: &C, hook_id: u32, token: Option<u64>) {
     for counter in 0..MAX_COUNTERS {
         parent.nested[counter] += after[counter];
     }
+}
+
+/// Reads the flow (and headers) a lazy bracket left for its exit: the
+/// packet of a policy check or forward route is unchanged and alive, a
+/// route lookup's flow is in its caller's frame.
+#[inline(always)]
+unsafe fn read_pending_flow(frame: &mut Frame) {
+    frame.flow_pending = 0;
+    if frame.hook == hook::LOOKUP {
+        let o = KERNEL_OFFSETS.load();
+        let ops: u64 = unsafe { read_at(frame.dst_orig, o.dst_entry_ops) }.unwrap_or(0);
+        let family: u16 = if ops != 0 {
+            unsafe { read_at(ops, o.dst_ops_family) }.unwrap_or(0)
+        } else {
+            0
+        };
+        unsafe { flow_from_flowi(frame.token, family, &mut frame.flow) };
+        return;
+    }
+    let skb = frame.token;
+    if frame.hook == hook::POLICY_CHECK {
+        if let Some(sa) = unsafe { SKB_SA.get(&skb) } {
+            frame.flow.spi = sa.spi;
+            frame.flow.reqid = sa.reqid;
+        }
+    }
+    unsafe { flow_from_skb(skb, &mut frame.flow, &mut frame.seq) };
+    unsafe { capture::copy_headers(skb, &mut frame.headers) };
 }
 
 /// Sends a sample if this CPU's budget for the current second allows.

@@ -272,7 +272,6 @@ fn enter_lookup(a: &impl Args) {
         fl,
         Packet::Lookup {
             net: a.arg_u64(0),
-            fl,
             dst_orig: a.arg_u64(1),
         },
     );
