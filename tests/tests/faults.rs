@@ -1,0 +1,408 @@
+//! Faults: the real binary interrupted at any moment, run twice at once,
+//! losing a netns mid-run, fed a broken pluto, and missing kernel files.
+//! Each ends with its documented exit code and a report or one clear error
+//! line, never a panic, and leaves no BPF program, map or link behind.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::UdpSocket,
+    os::unix::process::ExitStatusExt as _,
+    path::Path,
+    process::{Child, Command, Output, Stdio},
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use nix::sys::signal::Signal;
+use serde_json::Value;
+use tests::{Namespaces, Tracer, binary, require_root, scratch, sh};
+
+/// Runs of the tracer, one at a time: they look at kernel-wide BPF objects.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A BPF program, map or link, by its kernel id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Bpf {
+    Prog(u64),
+    Map(u64),
+    Link(u64),
+}
+
+/// The BPF objects `pid` holds a descriptor of (its fdinfo says).
+fn held_by(pid: u32) -> BTreeSet<Bpf> {
+    let mut held = BTreeSet::new();
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return held;
+    };
+    for fd in fds.flatten() {
+        let Ok(info) = std::fs::read_to_string(fd.path()) else {
+            continue;
+        };
+        for line in info.lines() {
+            let Some((key, value)) = line.split_once(':') else {
+                continue;
+            };
+            let Ok(id) = value.trim().parse() else {
+                continue;
+            };
+            match key {
+                "prog_id" => held.insert(Bpf::Prog(id)),
+                "map_id" => held.insert(Bpf::Map(id)),
+                "link_id" => held.insert(Bpf::Link(id)),
+                _ => false,
+            };
+        }
+    }
+    held
+}
+
+/// The BPF objects any process holds.
+fn held_by_anyone() -> BTreeSet<Bpf> {
+    std::fs::read_dir("/proc")
+        .expect("/proc")
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .flat_map(held_by)
+        .collect()
+}
+
+/// Every program, map and link loaded in the kernel, with its name (links
+/// have none).
+fn loaded() -> BTreeMap<Bpf, String> {
+    let mut all = BTreeMap::new();
+    for kind in ["prog", "map", "link"] {
+        let out = sh(&["bpftool", "--json", kind, "show"]);
+        let list: Value = serde_json::from_slice(&out.stdout).expect("bpftool json");
+        for object in list.as_array().expect("bpftool list") {
+            let id = object["id"].as_u64().expect("id");
+            let bpf = match kind {
+                "prog" => Bpf::Prog(id),
+                "map" => Bpf::Map(id),
+                _ => Bpf::Link(id),
+            };
+            all.insert(bpf, object["name"].as_str().unwrap_or("").to_string());
+        }
+    }
+    all
+}
+
+/// Waits until the kernel has freed (it does so shortly after the last
+/// descriptor closes) every object in `held`, and no program or map named
+/// like ours appeared since `before` that no process holds (pinned, or
+/// kept by a child).
+fn assert_nothing_left(
+    held: &BTreeSet<Bpf>,
+    our_names: &BTreeSet<String>,
+    before: &BTreeMap<Bpf, String>,
+) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = loaded();
+        let new_of_ours: BTreeSet<Bpf> = now
+            .iter()
+            .filter(|(o, name)| !before.contains_key(o) && our_names.contains(*name))
+            .map(|(o, _)| *o)
+            .collect();
+        let unowned = if new_of_ours.is_empty() {
+            BTreeSet::new()
+        } else {
+            &new_of_ours - &held_by_anyone()
+        };
+        let left: Vec<(&Bpf, &String)> = now
+            .iter()
+            .filter(|(o, _)| held.contains(o) || unowned.contains(o))
+            .collect();
+        if left.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still loaded 30 s after xfrm-trace exited: {left:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Waits at most `limit` for the process to exit, and returns its output.
+fn output_within(child: Child, limit: Duration) -> Output {
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let (sender, receiver) = std::sync::mpsc::channel();
+    std::thread::spawn(move || sender.send(child.wait_with_output()));
+    match receiver.recv_timeout(limit) {
+        Ok(output) => output.expect("wait for xfrm-trace"),
+        Err(_) => {
+            let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
+            panic!("xfrm-trace still running {limit:?} after it was told to stop");
+        }
+    }
+}
+
+/// No panic message or backtrace on stderr.
+fn assert_no_panic(out: &Output) {
+    let stderr = String::from_utf8_lossy(&out.stderr).to_lowercase();
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("backtrace"),
+        "{stderr}"
+    );
+}
+
+/// The run's exit and its report (text on stdout, JSON in `json`).
+fn assert_reported(out: &Output, json: &Path) -> Value {
+    assert_no_panic(out);
+    assert!(
+        out.status.success(),
+        "{}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with("xfrm-trace: ") && text.contains("\nDiagnosis:"),
+        "no report printed: {text}"
+    );
+    let report: Value = serde_json::from_slice(&std::fs::read(json).expect("JSON report written"))
+        .expect("valid JSON");
+    let _ = std::fs::remove_file(json);
+    assert_eq!(report["schema"], "xfrm-trace/1");
+    report
+}
+
+/// When a signal reaches the tracer.
+#[derive(Clone, Copy, Debug)]
+enum Moment {
+    /// This long after spawn: reading BTF, loading and attaching programs.
+    AfterSpawn(Duration),
+    /// As soon as it holds a BPF object: loading and attaching.
+    Loading,
+    /// As soon as it says it is attached (the ready file).
+    Attached,
+    /// A second into the watch.
+    Watching,
+}
+
+/// SIGINT and SIGTERM during start-up end the process at once (killed by
+/// the signal, nothing printed); once attached they end the watch with the
+/// report and exit 0. Either way promptly, and no program, map or link of
+/// ours stays loaded.
+#[test]
+fn sigint_and_sigterm_at_any_moment_end_promptly_and_leave_nothing_loaded() {
+    require_root();
+    let _serial = serial();
+    let before = loaded();
+    let mut our_names = BTreeSet::new();
+    let (mut killed, mut reported) = (0, 0);
+    let ms = Duration::from_millis;
+    for signal in [Signal::SIGINT, Signal::SIGTERM] {
+        // Watching first: it learns our object names for the later checks.
+        for moment in [
+            Moment::Watching,
+            Moment::AfterSpawn(ms(0)),
+            Moment::AfterSpawn(ms(100)),
+            Moment::AfterSpawn(ms(300)),
+            Moment::Loading,
+            Moment::Attached,
+        ] {
+            let (json, ready) = (scratch("signal.json"), scratch("signal.ready"));
+            let _ = std::fs::remove_file(&json);
+            let _ = std::fs::remove_file(&ready);
+            let child = Command::new(binary())
+                .arg("--json")
+                .arg(&json)
+                .arg("--ready-file")
+                .arg(&ready)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("start xfrm-trace");
+            let pid = child.id();
+            let spawned = Instant::now();
+            let mut attached_at = None;
+            // Every object it ever held, sampled until the signal.
+            let mut held = BTreeSet::new();
+            loop {
+                held.extend(held_by(pid));
+                if attached_at.is_none() && ready.exists() {
+                    attached_at = Some(Instant::now());
+                }
+                let due = match moment {
+                    Moment::AfterSpawn(delay) => spawned.elapsed() >= delay,
+                    Moment::Loading => !held.is_empty(),
+                    Moment::Attached => attached_at.is_some(),
+                    Moment::Watching => attached_at.is_some_and(|t| t.elapsed() >= ms(1000)),
+                };
+                if due {
+                    break;
+                }
+                assert!(
+                    spawned.elapsed() < Duration::from_secs(180),
+                    "not attached after 180 s"
+                );
+                std::thread::sleep(ms(10));
+            }
+            if let Moment::Watching = moment {
+                let now = loaded();
+                our_names.extend(
+                    held.iter()
+                        .filter_map(|o| now.get(o))
+                        .filter(|name| !name.is_empty())
+                        .cloned(),
+                );
+                assert!(!our_names.is_empty(), "no BPF object held while watching");
+            }
+            let was_attached = ready.exists();
+            let signalled = Instant::now();
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal).expect("signal");
+            // On the host it takes 0.4 s; TCG VMs detach fentry programs slowly.
+            let out = output_within(child, Duration::from_secs(30));
+            eprintln!(
+                "{signal} at {moment:?} ({} BPF objects held): {} after {:.2} s",
+                held.len(),
+                out.status,
+                signalled.elapsed().as_secs_f64()
+            );
+            assert_no_panic(&out);
+            if out.status.signal() == Some(signal as i32) {
+                // Killed: only possible before the handlers are installed,
+                // which is before the ready file.
+                assert!(!was_attached, "killed by {signal} while watching");
+                assert!(
+                    out.stdout.is_empty() && out.stderr.is_empty(),
+                    "{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                killed += 1;
+            } else {
+                let report = assert_reported(&out, &json);
+                assert!(report["duration_secs"].as_f64().unwrap() > 0.0);
+                reported += 1;
+            }
+            assert_nothing_left(&held, &our_names, &before);
+        }
+    }
+    // Both outcomes were seen: a signal before the handlers, and after.
+    assert!(
+        killed >= 2 && reported >= 4,
+        "killed {killed}, reported {reported}"
+    );
+}
+
+/// `a` (198.51.100.2) -- `b` (198.51.100.3) on one link; `b`'s XFRM policy
+/// blocks the UDP `a` sends it (XfrmInPolBlock, a drop with reason
+/// XFRM_POLICY where kfree_skb has reasons).
+fn blocked_pair(prefix: &str) -> Namespaces {
+    let ns = Namespaces::create(prefix, &["a", "b"]);
+    let (a, b) = (ns.name("a").to_string(), ns.name("b").to_string());
+    sh(&[
+        "ip", "link", "add", "ia", "netns", &a, "type", "veth", "peer", "name", "ib", "netns", &b,
+    ]);
+    ns.ip("a", &["addr", "add", "198.51.100.2/24", "dev", "ia"]);
+    ns.ip("a", &["link", "set", "ia", "up"]);
+    ns.ip("b", &["addr", "add", "198.51.100.3/24", "dev", "ib"]);
+    ns.ip("b", &["link", "set", "ib", "up"]);
+    ns.ip(
+        "b",
+        &[
+            "xfrm",
+            "policy",
+            "add",
+            "src",
+            "198.51.100.2/32",
+            "dst",
+            "198.51.100.3/32",
+            "proto",
+            "udp",
+            "dir",
+            "in",
+            "action",
+            "block",
+        ],
+    );
+    // Resolve the neighbour now, so every datagram below reaches `b`.
+    send_udp(&ns, 1);
+    std::thread::sleep(Duration::from_millis(300));
+    ns
+}
+
+/// Sends `count` datagrams from `a` to `b`'s discard port.
+fn send_udp(ns: &Namespaces, count: usize) {
+    ns.run_in("a", move || {
+        let socket = UdpSocket::bind("0.0.0.0:0").expect("bind");
+        for _ in 0..count {
+            socket
+                .send_to(b"xfrm-trace fault test", "198.51.100.3:9")
+                .expect("send");
+        }
+    });
+}
+
+/// Waits until `b`'s kernel counted `count` blocked datagrams since `since`.
+fn wait_blocked(ns: &Namespaces, since: u64, count: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ns.xfrm_stat("b")["XfrmInPolBlock"] < since + count {
+        assert!(Instant::now() < deadline, "b never counted the datagrams");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Let the drop events land in the maps.
+    std::thread::sleep(Duration::from_millis(300));
+}
+
+/// The blocked datagrams a report saw in `b` (netns `inode`): its IPv4
+/// drops (nothing else is sent to `b`) and its XfrmInPolBlock delta.
+fn blocked_in_report(report: &Value, inode: u64) -> (u64, u64) {
+    let drops = report["drops"]
+        .as_array()
+        .expect("drops")
+        .iter()
+        .filter(|d| d["netns"] == inode && d["protocol"] == "ipv4")
+        .map(|d| d["count"].as_u64().unwrap())
+        .sum();
+    let counted = report["counters"]
+        .as_array()
+        .expect("counters")
+        .iter()
+        .filter(|c| c["name"] == "XfrmInPolBlock")
+        .flat_map(|c| c["by_netns"].as_array().unwrap())
+        .filter(|n| n["netns"] == inode)
+        .map(|n| n["delta"].as_u64().unwrap())
+        .sum();
+    (drops, counted)
+}
+
+/// A second instance while one runs: both work, each with its own
+/// programs and maps, and count the same drops exactly; the second's exit
+/// does not disturb the first.
+#[test]
+fn a_second_instance_works_alongside_the_first() {
+    require_root();
+    let _serial = serial();
+    const SENT: u64 = 6;
+    let ns = blocked_pair("xs");
+    let b = ns.inode("b");
+    let at_start = ns.xfrm_stat("b")["XfrmInPolBlock"];
+    let (json1, json2) = (scratch("first.json"), scratch("second.json"));
+    let mut first = Tracer::start(
+        &["--json", json1.to_str().unwrap()],
+        &scratch("first.ready"),
+    );
+    let mut second = Tracer::start(
+        &["--json", json2.to_str().unwrap()],
+        &scratch("second.ready"),
+    );
+    send_udp(&ns, SENT as usize);
+    wait_blocked(&ns, at_start, SENT);
+    let report2 = assert_reported(&second.interrupt(), &json2);
+    send_udp(&ns, SENT as usize);
+    wait_blocked(&ns, at_start, 2 * SENT);
+    let report1 = assert_reported(&first.interrupt(), &json1);
+    assert_eq!(blocked_in_report(&report2, b), (SENT, SENT), "second");
+    assert_eq!(
+        blocked_in_report(&report1, b),
+        (2 * SENT, 2 * SENT),
+        "first"
+    );
+}
