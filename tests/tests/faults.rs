@@ -406,3 +406,103 @@ fn a_second_instance_works_alongside_the_first() {
         "first"
     );
 }
+
+/// A netns deleted while the run watches it: the run does not keep it
+/// alive (its veth goes with it), ends normally, and reports what
+/// happened there under its name.
+#[test]
+fn a_netns_deleted_mid_run_is_let_go_and_still_reported() {
+    require_root();
+    let _serial = serial();
+    const SENT: u64 = 5;
+    let ns = blocked_pair("xd");
+    let (b, b_name) = (ns.inode("b"), ns.name("b").to_string());
+    // Some XFRM state to watch: a policy with a template, and an SA where
+    // the kernel has ESP (the VMs; the host has none).
+    ns.ip(
+        "b",
+        &[
+            "xfrm",
+            "policy",
+            "add",
+            "src",
+            "10.0.2.0/24",
+            "dst",
+            "10.0.1.0/24",
+            "dir",
+            "out",
+            "tmpl",
+            "src",
+            "198.51.100.3",
+            "dst",
+            "198.51.100.2",
+            "proto",
+            "esp",
+            "mode",
+            "tunnel",
+        ],
+    );
+    let _ = Command::new("ip")
+        .args([
+            "-n",
+            &b_name,
+            "xfrm",
+            "state",
+            "add",
+            "src",
+            "198.51.100.3",
+            "dst",
+            "198.51.100.2",
+            "proto",
+            "esp",
+            "spi",
+            "0x1001",
+            "mode",
+            "tunnel",
+            "aead",
+            "rfc4106(gcm(aes))",
+            "0x0102030405060708090a0b0c0d0e0f1011121314",
+            "128",
+        ])
+        .output();
+    let at_start = ns.xfrm_stat("b")["XfrmInPolBlock"];
+    let json = scratch("netns-gone.json");
+    let mut tracer = Tracer::start(
+        &["--json", json.to_str().unwrap()],
+        &scratch("netns-gone.ready"),
+    );
+    send_udp(&ns, SENT as usize);
+    wait_blocked(&ns, at_start, SENT);
+    sh(&["ip", "netns", "del", &b_name]);
+    // The run looks for vanished namespaces every 5 s.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Command::new("ip")
+        .args(["-n", ns.name("a"), "link", "show", "ia"])
+        .output()
+        .expect("ip")
+        .status
+        .success()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "deleted netns still alive 15 s later: xfrm-trace holds it"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let report = assert_reported(&tracer.interrupt(), &json);
+    assert_eq!(
+        blocked_in_report(&report, b).0,
+        SENT,
+        "{:#}",
+        report["drops"]
+    );
+    assert!(
+        report["netns"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["inode"] == b && n["label"] == b_name.as_str()),
+        "{:#}",
+        report["netns"]
+    );
+}

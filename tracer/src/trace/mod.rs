@@ -91,7 +91,7 @@ pub fn run(options: &Options) -> anyhow::Result<Outcome> {
     let counter_names = Counters::from_btf(&btf).unwrap_or_default();
     let mut probes = Probes::attach(&btf, &kallsyms, options.hooks)?;
     let mut book = XfrmBook::default();
-    watch_new_namespaces(&mut book);
+    watch_namespaces(&mut book);
     let (mut plutos, pluto_problems) = pluto::session::Watch::start(&options.pluto_sockets);
     for problem in &pluto_problems {
         log::info!("pluto: {problem}");
@@ -163,7 +163,7 @@ pub fn run(options: &Options) -> anyhow::Result<Outcome> {
             book.poll();
             plutos.tick();
             if ticks.is_multiple_of(5) {
-                watch_new_namespaces(&mut book);
+                watch_namespaces(&mut book);
             }
             if (live || metrics.is_some()) && ticks.is_multiple_of(refresh_every) {
                 match refresh(&probes, &book, &plutos) {
@@ -218,9 +218,13 @@ pub fn run(options: &Options) -> anyhow::Result<Outcome> {
     })
 }
 
-/// Starts watching the XFRM state of namespaces that appeared.
-fn watch_new_namespaces(book: &mut XfrmBook) {
-    for ns in netns::all().into_values() {
+/// Starts watching the XFRM state of namespaces that appeared, and lets go
+/// of those that can no longer be reached, so that a deleted netns is not
+/// kept alive by the run.
+fn watch_namespaces(book: &mut XfrmBook) {
+    let reachable = netns::all();
+    book.release_unreachable(&reachable.keys().copied().collect());
+    for ns in reachable.into_values() {
         book.watch(ns.inode, &ns.path);
     }
 }

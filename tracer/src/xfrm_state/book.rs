@@ -4,7 +4,7 @@
 //! before a rekey still names the SA it hit.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::IpAddr,
     path::{Path, PathBuf},
 };
@@ -33,22 +33,40 @@ impl XfrmBook {
     /// its notification groups. A netns without any SA or policy is still
     /// watched: a tunnel may come up during the run.
     pub fn watch(&mut self, inode: u64, path: &Path) {
-        if self.namespaces.contains_key(&inode) {
+        if self
+            .namespaces
+            .get(&inode)
+            .is_some_and(|ns| ns.notifications.is_some())
+        {
             return;
         }
         let notifications = crate::netns::run_in(path, netlink::Socket::subscribe)
             .map_err(|e| log::debug!("XFRM notifications in {}: {e}", path.display()))
             .ok();
-        let mut ns = Namespace {
+        // A netns let go of (below) and reachable again keeps what was seen.
+        let ns = self.namespaces.entry(inode).or_insert_with(|| Namespace {
             path: path.to_path_buf(),
-            notifications,
+            notifications: None,
             sas: Vec::new(),
             policies: Vec::new(),
             gone_sas: Vec::new(),
             gone_policies: Vec::new(),
-        };
+        });
+        ns.path = path.to_path_buf();
+        ns.notifications = notifications;
         ns.refresh();
-        self.namespaces.insert(inode, ns);
+    }
+
+    /// Closes the notification socket of each netns not in `reachable`
+    /// (deleted, or its last process gone): the socket holds a reference
+    /// that would keep the netns, its interfaces and SAs alive until the
+    /// run ends. What was seen there stays in the book.
+    pub fn release_unreachable(&mut self, reachable: &BTreeSet<u64>) {
+        for (inode, ns) in &mut self.namespaces {
+            if !reachable.contains(inode) {
+                ns.notifications = None;
+            }
+        }
     }
 
     /// Dumps again each netns the kernel announced a change in.
