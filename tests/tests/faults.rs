@@ -506,3 +506,103 @@ fn a_netns_deleted_mid_run_is_let_go_and_still_reported() {
         report["netns"]
     );
 }
+
+/// `ipsec` that prints a status cut short, garbage, or hangs: the run
+/// succeeds, and the pluto's problems say so in one line (its log is
+/// unknown: no running pluto owns the socket).
+#[test]
+fn broken_pluto_output_is_one_problem_line_and_the_run_succeeds() {
+    require_root();
+    let _serial = serial();
+    let dir = scratch("fake-ipsec");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("pluto.ctl");
+    drop(std::os::unix::net::UnixListener::bind(&socket).expect("socket"));
+    let calls = dir.join("calls");
+    let orphan = dir.join("orphan.pid");
+    let path = format!(
+        "{}:{}",
+        dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let cut_short =
+        "000 Connection list:\n000  \n000 \"lab\": 10.0.1.0/24===192.0.2.1[@west]...192.";
+    let cases = [
+        (
+            format!("printf '{cut_short}'"),
+            "unreadable pluto status: no `Bare Shunt list:` at the end (output cut short?)"
+                .to_string(),
+        ),
+        (
+            "printf '\\001\\377\\376garbage\\000\\n\\033[2J'".to_string(),
+            "unreadable pluto status: no `Connection list:` (not --status output?)".to_string(),
+        ),
+        (
+            "printf '000 Connection list:\\n000 \"lab\": \\377\\376\\n000 Bare Shunt list:\\n'"
+                .to_string(),
+            "unreadable pluto status: line 2: no routing after the topology of \"lab\"".to_string(),
+        ),
+        (
+            // Not `exec`: the script's own child must be killed too.
+            format!("sleep 600 & echo $! > {}; wait", orphan.display()),
+            format!(
+                "`ipsec whack --status` on {} did not answer within 5 s",
+                socket.display()
+            ),
+        ),
+    ];
+    for (body, expected) in cases {
+        let script = dir.join("ipsec");
+        std::fs::write(
+            &script,
+            format!("#!/bin/sh\necho \"$@\" >> {}\n{body}\n", calls.display()),
+        )
+        .unwrap();
+        sh(&["chmod", "+x", script.to_str().unwrap()]);
+        let _ = std::fs::remove_file(&calls);
+        let json = dir.join("report.json");
+        let out = Command::new(binary())
+            .env("PATH", &path)
+            .args(["--duration", "1s", "--pluto-socket"])
+            .arg(&socket)
+            .arg("--json")
+            .arg(&json)
+            .output()
+            .expect("run xfrm-trace");
+        let report = assert_reported(&out, &json);
+        let pluto = &report["pluto"];
+        assert_eq!(pluto["problems"], serde_json::json!([]), "{pluto:#}");
+        assert_eq!(
+            pluto["instances"][0]["problems"],
+            serde_json::json!([
+                expected,
+                "pluto's log destination is unknown (socket given without a running pluto)"
+            ]),
+            "{body}"
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(text.matches(&expected).count(), 1, "{text}");
+        let asked = std::fs::read_to_string(&calls).unwrap_or_default();
+        if expected.contains("did not answer") {
+            // Asked once: a pluto that hangs is not asked again.
+            assert_eq!(asked.lines().count(), 1, "{asked}");
+            let pid: i32 = std::fs::read_to_string(&orphan)
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap();
+            let alive = Path::new(&format!("/proc/{pid}")).exists()
+                && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .unwrap_or_default()
+                    .contains(") Z ");
+            assert!(!alive, "the hanging whack's child {pid} survived");
+        } else {
+            assert!(
+                asked.lines().count() >= 2,
+                "asked at start and end: {asked}"
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -95,6 +95,9 @@ impl Observed {
 pub struct Watch {
     observed: Vec<Observed>,
     followers: Vec<Option<LogFollower>>,
+    /// Per pluto: whack timed out once, so it is not asked again (each ask
+    /// would stall the run, and Ctrl-C, for the whole timeout).
+    hung: Vec<bool>,
     last_status: Instant,
 }
 
@@ -114,6 +117,7 @@ impl Watch {
         let mut watch = Self {
             observed: Vec::new(),
             followers: Vec::new(),
+            hung: Vec::new(),
             last_status: Instant::now(),
         };
         for instance in instances {
@@ -147,9 +151,13 @@ impl Watch {
             events: Vec::new(),
             problems: Vec::new(),
         };
+        let mut hung = false;
         match status::query(&instance.ctl_socket) {
             Ok(status) => observed.absorb(status),
-            Err(e) => observed.problems.push(e.to_string()),
+            Err(e) => {
+                hung = matches!(e, super::Error::WhackTimeout(_));
+                observed.problems.push(e.to_string());
+            }
         }
         let follower = match LogFollower::new(&instance.log, instance.pid) {
             Ok(follower) => Some(follower),
@@ -160,6 +168,7 @@ impl Watch {
         };
         self.observed.push(observed);
         self.followers.push(follower);
+        self.hung.push(hung);
     }
 
     /// Reads new log lines; asks for the status every few seconds.
@@ -183,10 +192,14 @@ impl Watch {
 
     fn ask_status(&mut self) {
         self.last_status = Instant::now();
-        for observed in &mut self.observed {
+        for (observed, hung) in self.observed.iter_mut().zip(&mut self.hung) {
+            if *hung {
+                continue;
+            }
             match status::query(&observed.ctl_socket) {
                 Ok(status) => observed.absorb(status),
                 Err(e) => {
+                    *hung = matches!(e, super::Error::WhackTimeout(_));
                     let line = e.to_string();
                     if !observed.problems.contains(&line) {
                         observed.problems.push(line);

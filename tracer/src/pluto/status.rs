@@ -94,6 +94,7 @@ pub fn query(socket: &Path) -> Result<Status, Error> {
 }
 
 fn run_whack(socket: &Path) -> Result<String, Error> {
+    use std::os::unix::process::CommandExt as _;
     let mut child = Command::new("ipsec")
         .arg("whack")
         .arg("--ctlsocket")
@@ -102,6 +103,10 @@ fn run_whack(socket: &Path) -> Result<String, Error> {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        // Its own process group: killed whole on timeout (`ipsec` may be a
+        // script whose children would outlive it), and a Ctrl-C on the
+        // terminal, meant for us, does not kill it mid-answer.
+        .process_group(0)
         .spawn()
         .map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => Error::WhackMissing,
@@ -129,7 +134,8 @@ fn run_whack(socket: &Path) -> Result<String, Error> {
                 std::thread::sleep(Duration::from_millis(20))
             }
             Ok(None) => {
-                let _ = child.kill();
+                let group = nix::unistd::Pid::from_raw(child.id() as i32);
+                let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
                 let _ = child.wait();
                 return Err(Error::WhackTimeout(socket.to_path_buf()));
             }
