@@ -150,6 +150,16 @@ fn assert_no_panic(out: &Output) {
     );
 }
 
+/// Exit code 1 with exactly one `xfrm-trace: error:` line naming `what`.
+fn assert_one_error_line(out: &Output, what: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.starts_with("xfrm-trace: error: "), "{stderr}");
+    assert!(stderr.contains(what), "expected {what:?} in: {stderr}");
+    assert_no_panic(out);
+}
+
 /// The run's exit and its report (text on stdout, JSON in `json`).
 fn assert_reported(out: &Output, json: &Path) -> Value {
     assert_no_panic(out);
@@ -605,4 +615,56 @@ fn broken_pluto_output_is_one_problem_line_and_the_run_succeeds() {
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Runs the binary in a private mount namespace after `setup` (shell, run
+/// by the process that then becomes the binary: `$$` is its pid), so what
+/// `setup` mounts is seen by that run only.
+fn with_private_mounts(setup: &str, args: &[&str]) -> Output {
+    Command::new("unshare")
+        .args(["--mount", "sh", "-c"])
+        .arg(format!(
+            "mount --make-rprivate / && {setup} && exec \"$0\" \"$@\""
+        ))
+        .arg(binary())
+        .args(args)
+        .output()
+        .expect("unshare")
+}
+
+/// No kernel BTF (hidden, empty or cut short): no offsets, so no run; one
+/// clear line, the cause said once, and exit 1.
+#[test]
+fn without_kernel_btf_the_run_fails_in_one_line() {
+    require_root();
+    let _serial = serial();
+    let truncated = scratch("btf-truncated");
+    let btf = std::fs::read("/sys/kernel/btf/vmlinux").expect("this kernel's BTF");
+    std::fs::write(&truncated, &btf[..btf.len().min(4096)]).unwrap();
+    for (setup, line) in [
+        (
+            "mount -t tmpfs none /sys/kernel/btf".to_string(),
+            "kernel BTF not available at /sys/kernel/btf/vmlinux (kernel built without CONFIG_DEBUG_INFO_BTF?): No such file or directory (os error 2)",
+        ),
+        (
+            "mount --bind /dev/null /sys/kernel/btf/vmlinux".to_string(),
+            "cannot parse BTF /sys/kernel/btf/vmlinux: the file is empty",
+        ),
+        (
+            format!(
+                "mount --bind {} /sys/kernel/btf/vmlinux",
+                truncated.display()
+            ),
+            "cannot parse BTF /sys/kernel/btf/vmlinux: read past the end of the BTF data",
+        ),
+    ] {
+        let out = with_private_mounts(&setup, &["--duration", "1s"]);
+        assert_one_error_line(&out, line);
+        assert_eq!(
+            String::from_utf8_lossy(&out.stderr).trim_end(),
+            format!("xfrm-trace: error: {line}")
+        );
+        assert!(out.stdout.is_empty());
+    }
+    let _ = std::fs::remove_file(&truncated);
 }

@@ -10,13 +10,11 @@ pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
 #[derive(Debug, thiserror::Error)]
 pub enum BtfError {
+    // `error` is not a `source`: printed once, the line stays one cause long.
     #[error(
-        "kernel BTF not available at {path} (kernel built without CONFIG_DEBUG_INFO_BTF?): {source}"
+        "kernel BTF not available at {path} (kernel built without CONFIG_DEBUG_INFO_BTF?): {error}"
     )]
-    Missing {
-        path: String,
-        source: std::io::Error,
-    },
+    Missing { path: String, error: std::io::Error },
     #[error("cannot parse BTF {path}: {message}")]
     Parse { path: String, message: String },
     #[error("BTF has no type {0}")]
@@ -61,9 +59,9 @@ impl KernelBtf {
     }
 
     pub fn from_file(path: &Path) -> Result<Self, BtfError> {
-        let data = std::fs::read(path).map_err(|source| BtfError::Missing {
+        let data = std::fs::read(path).map_err(|error| BtfError::Missing {
             path: path.display().to_string(),
-            source,
+            error,
         })?;
         Self::from_bytes(data).map_err(|message| BtfError::Parse {
             path: path.display().to_string(),
@@ -72,7 +70,11 @@ impl KernelBtf {
     }
 
     pub fn from_bytes(data: Vec<u8>) -> Result<Self, String> {
-        let types = TypeInformation::new(&Bytes(data)).map_err(|e| format!("{e:?}"))?;
+        if data.is_empty() {
+            return Err("the file is empty".into());
+        }
+        let types =
+            TypeInformation::new(&Bytes(data)).map_err(|e| e.message().trim().to_string())?;
         let functions = types
             .get()
             .values()
@@ -213,6 +215,22 @@ mod tests {
     // are checked against `bpftool btf dump` in the foundation issue notes.
     fn running() -> Option<KernelBtf> {
         KernelBtf::running().ok()
+    }
+
+    #[test]
+    fn empty_or_truncated_btf_is_one_plain_line() {
+        assert_eq!(
+            KernelBtf::from_bytes(Vec::new()).err().as_deref(),
+            Some("the file is empty")
+        );
+        let Ok(whole) = std::fs::read(VMLINUX_BTF) else {
+            return;
+        };
+        let message = KernelBtf::from_bytes(whole[..100].to_vec()).err().unwrap();
+        assert!(
+            !message.contains("Error {") && !message.contains('\n'),
+            "{message}"
+        );
     }
 
     #[test]
