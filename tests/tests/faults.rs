@@ -668,3 +668,53 @@ fn without_kernel_btf_the_run_fails_in_one_line() {
     }
     let _ = std::fs::remove_file(&truncated);
 }
+
+/// `/proc/net/xfrm_stat` missing (a kernel without CONFIG_XFRM_STATISTICS)
+/// or unreadable: the run goes on without counter deltas and says so once
+/// on stderr and in the report; every netns is still named.
+#[test]
+fn without_xfrm_stat_the_run_says_counters_are_unavailable() {
+    require_root();
+    let _serial = serial();
+    let ns = Namespaces::create("xc", &["a"]);
+    // A tmpfs over our /proc/<pid>/net hides the kernel's files from the
+    // main thread, which reads xfrm_stat (a mount on the file itself does
+    // not hold: /proc/net entries are looked up afresh every time).
+    for (setup, problem) in [
+        (
+            "true",
+            "/proc/net/xfrm_stat is missing (kernel without CONFIG_XFRM_STATISTICS)",
+        ),
+        (
+            "mkdir /proc/$$/net/xfrm_stat",
+            "/proc/net/xfrm_stat cannot be read: Is a directory (os error 21)",
+        ),
+    ] {
+        let json = scratch("no-xfrm-stat.json");
+        let out = with_private_mounts(
+            &format!("mount -t tmpfs none /proc/$$/net && {setup}"),
+            &["--duration", "1s", "--json", json.to_str().unwrap()],
+        );
+        let report = assert_reported(&out, &json);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let said = stderr.lines().filter(|l| l.contains("xfrm_stat"));
+        assert!(
+            said.eq([format!("[WARN  xfrm_trace::trace] {problem}: no counter deltas").as_str()]),
+            "{stderr}"
+        );
+        assert_eq!(report["counters_unavailable"], problem);
+        assert_eq!(report["counters"], serde_json::json!([]));
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains(&format!("not available: {problem}")),
+            "{text}"
+        );
+        let labels: Vec<&str> = report["netns"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|n| n["label"].as_str())
+            .collect();
+        assert!(labels.contains(&ns.name("a")), "{labels:?}");
+    }
+}

@@ -24,6 +24,9 @@ pub struct Report {
     pub coverage: Coverage,
     pub attribution_errors: AttributionErrors,
     pub counters: Vec<Counter>,
+    /// Why no counter delta is known (`/proc/net/xfrm_stat` missing or
+    /// unreadable); null when the counters were read.
+    pub counters_unavailable: Option<String>,
     pub drops: Vec<DropRow>,
     /// Drops the in-kernel table had no room for (counted, not named).
     pub drops_untracked: u64,
@@ -196,7 +199,9 @@ pub fn render_with(report: &Report, style: Style) -> String {
         );
     }
     let _ = writeln!(out, "\nXFRM counters (/proc/net/xfrm_stat):");
-    if report.counters.is_empty() {
+    if let Some(problem) = &report.counters_unavailable {
+        let _ = writeln!(out, "  not available: {problem}");
+    } else if report.counters.is_empty() {
         let _ = writeln!(out, "  none moved");
     }
     for c in &report.counters {

@@ -30,6 +30,8 @@ pub struct Context {
     pub ike_hooks: HookList,
     pub masquerade: masquerade::MasqCoverage,
     pub pluto_problems: Vec<String>,
+    /// Why `/proc/net/xfrm_stat` cannot be read, if it cannot.
+    pub counters_unavailable: Option<String>,
 }
 
 /// The state of the run at one moment.
@@ -169,6 +171,7 @@ pub fn report(context: &Context, moment: Moment) -> Report {
         coverage: context.coverage.clone(),
         attribution_errors: readings.attribution_errors,
         counters,
+        counters_unavailable: context.counters_unavailable.clone(),
         drops,
         drops_untracked: readings.drops_untracked,
         netns,

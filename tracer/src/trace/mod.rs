@@ -53,15 +53,39 @@ pub struct Options {
 /// Counters of every network namespace, by netns inode.
 type Snapshot = BTreeMap<u64, (Netns, XfrmStat)>;
 
-fn snapshot() -> Snapshot {
+/// Reads the counters of every netns when `counters`; without them every
+/// netns is still listed (with no counter): it names drops and IKE paths.
+fn snapshot(counters: bool) -> Snapshot {
     netns::all()
         .into_values()
         .filter_map(|ns| {
-            let text = netns::read_proc_net(&ns.path, "xfrm_stat").ok()?;
-            let stat = XfrmStat::parse(&text).ok()?;
+            let stat = if counters {
+                let text = netns::read_proc_net(&ns.path, "xfrm_stat").ok()?;
+                XfrmStat::parse(&text).ok()?
+            } else {
+                XfrmStat::default()
+            };
             Some((ns.inode, (ns, stat)))
         })
         .collect()
+}
+
+/// Why counter deltas cannot be reported, if they cannot: `path` (our own
+/// `/proc/net/xfrm_stat`, read on the main thread, which never leaves our
+/// netns) is missing, unreadable, empty or not in its format.
+fn xfrm_stat_problem(path: &std::path::Path) -> Option<String> {
+    let path = path.display();
+    match std::fs::read_to_string(path.to_string()) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(format!(
+            "{path} is missing (kernel without CONFIG_XFRM_STATISTICS)"
+        )),
+        Err(e) => Some(format!("{path} cannot be read: {e}")),
+        Ok(text) => match XfrmStat::parse(&text) {
+            Ok(stat) if stat.0.is_empty() => Some(format!("{path} is empty")),
+            Ok(_) => None,
+            Err(e) => Some(format!("{path} is not in its format: {e}")),
+        },
+    }
 }
 
 /// `/proc/net/xfrm_stat` values by counter name.
@@ -80,11 +104,13 @@ pub fn run(options: &Options) -> anyhow::Result<Outcome> {
     privilege::require_root()?;
     let btf = KernelBtf::running()?;
     let kallsyms = Kallsyms::read().context("reading /proc/kallsyms")?;
-    if !std::path::Path::new("/proc/net/xfrm_stat").exists() {
-        log::warn!(
-            "/proc/net/xfrm_stat is missing (kernel without CONFIG_XFRM_STATISTICS): no counter deltas"
-        );
+    // Without the counters the run still watches drops, IKE, MASQUERADE
+    // and MTU; the report says why no counter is shown.
+    let counters_unavailable = xfrm_stat_problem("/proc/net/xfrm_stat".as_ref());
+    if let Some(problem) = &counters_unavailable {
+        log::warn!("{problem}: no counter deltas");
     }
+    let counters = counters_unavailable.is_none();
     let release = nix::sys::utsname::uname()
         .map(|u| u.release().to_string_lossy().into_owned())
         .context("uname")?;
@@ -106,6 +132,7 @@ pub fn run(options: &Options) -> anyhow::Result<Outcome> {
         ike_hooks: probes.ike_hooks.clone(),
         masquerade: probes.masquerade.clone(),
         pluto_problems,
+        counters_unavailable,
     };
     // The parsed BTF is by far the largest thing in memory and is not
     // needed once attached: free it and give the pages back, so a long
@@ -114,7 +141,7 @@ pub fn run(options: &Options) -> anyhow::Result<Outcome> {
     release_free_memory();
     // Counters are read once everything is attached, so every increment
     // in the window can be attributed.
-    let before = snapshot();
+    let before = snapshot(counters);
     let started = Instant::now();
     let metrics = options.prometheus.map(|address| {
         (
@@ -147,7 +174,7 @@ pub fn run(options: &Options) -> anyhow::Result<Outcome> {
         let readings = probes.read(&context.kallsyms)?;
         anyhow::Ok(assemble(
             readings,
-            &snapshot(),
+            &snapshot(counters),
             book,
             plutos.observed(),
             started.elapsed(),
@@ -187,7 +214,7 @@ pub fn run(options: &Options) -> anyhow::Result<Outcome> {
         },
     )?;
 
-    let after = snapshot();
+    let after = snapshot(counters);
     let elapsed = started.elapsed();
     // Detaches every program before the (slower) reporting.
     let readings = probes.finish(&context.kallsyms)?;
@@ -285,5 +312,39 @@ fn release_free_memory() {
     // SAFETY: malloc_trim only walks the allocator's own free lists.
     unsafe {
         libc::malloc_trim(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_empty_or_broken_xfrm_stat_is_said_in_one_line() {
+        let dir = std::env::temp_dir().join(format!("xfrm-trace-stat-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = |name: &str, text: &str| {
+            let path = dir.join(name);
+            std::fs::write(&path, text).unwrap();
+            path
+        };
+        let problem = |path: &std::path::Path| {
+            xfrm_stat_problem(path).map(|p| p.replace(&dir.display().to_string(), "D"))
+        };
+        assert_eq!(
+            problem(&dir.join("none")).as_deref(),
+            Some("D/none is missing (kernel without CONFIG_XFRM_STATISTICS)")
+        );
+        assert_eq!(
+            problem(&file("empty", "")).as_deref(),
+            Some("D/empty is empty")
+        );
+        assert_eq!(
+            problem(&file("garbage", "garbage\n")).as_deref(),
+            Some("D/garbage is not in its format: line 1: expected `Name value`, got \"garbage\"")
+        );
+        assert!(problem(&dir).unwrap().starts_with("D cannot be read: "));
+        assert_eq!(problem(&file("good", "XfrmInError 0\n")), None);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
