@@ -25,13 +25,21 @@ pub struct KernelSpec {
 }
 
 /// Forced-kprobe variants, the MASQUERADE rule variants (nftables,
-/// ordinary NAT: the kernel path is the one the iptables test covers), and
-/// the 30-second drop storm (the kernel the targets name).
+/// ordinary NAT: the kernel path is the one the iptables test covers), the
+/// 30-second drop storm (the kernel the targets name), and the
+/// fault tests (signals during a real fentry attach, a second instance, a
+/// netns deleted with ESP state; the rest is userspace, also on the host).
 const ON_6_1: &[&str] = &[
     "kprobe",
     "nftables_masquerade",
     "ordinary_masquerade",
     "drop_storm",
+    "sigint_and_sigterm",
+    "second_instance",
+    "netns_deleted",
+    "broken_pluto_output",
+    "without_kernel_btf",
+    "without_xfrm_stat",
 ];
 /// `xfrm-trace lab` scenarios, the pluto diagnosis labs, pluto itself, and
 /// the CLI, metrics, filter and bundle tests (userspace; they also run on
