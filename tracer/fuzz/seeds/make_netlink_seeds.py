@@ -119,6 +119,8 @@ seeds = {
     + nlmsg(NLMSG_DONE, struct.pack("=i", 0)),
     "dump-policy-error.bin": nlmsg(XFRM_MSG_NEWPOLICY, pol_out)
     + nlmsg(NLMSG_ERROR, struct.pack("=i", -1) + nlmsg(0x15, b"", 0x301)[:16], 0),
+    # Once a panic: the errno of i32::MIN was negated with overflow.
+    "nlmsg-error-min.bin": nlmsg(NLMSG_ERROR, struct.pack("=i", -(2**31)), 0),
 }
 for name, data in seeds.items():
     with open(f"netlink/{name}", "wb") as f:

@@ -181,7 +181,12 @@ pub fn split_dump(datagram: &[u8], answers: &mut Vec<Vec<u8>>) -> Result<bool, E
                 if code == 0 {
                     return Ok(true);
                 }
-                return Err(std::io::Error::from_raw_os_error(-code).into());
+                // A negative errno; anything else (i32::MIN has no
+                // positive counterpart) is not from the kernel.
+                return match code.checked_neg().filter(|errno| *errno > 0) {
+                    Some(errno) => Err(std::io::Error::from_raw_os_error(errno).into()),
+                    None => Err(Error::Malformed("NLMSG_ERROR code")),
+                };
             }
             _ => answers.push(payload.to_vec()),
         }
@@ -443,6 +448,21 @@ mod tests {
             split_dump(&bad, &mut answers),
             Err(Error::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn nlmsg_error_codes_are_errors_not_panics() {
+        let split =
+            |code: i32| split_dump(&nlmsg(NLMSG_ERROR, &code.to_ne_bytes()), &mut Vec::new());
+        assert!(split(0).unwrap(), "an acknowledgement ends the dump");
+        let Err(Error::Io(eperm)) = split(-libc::EPERM) else {
+            panic!("a negative errno is the kernel's error");
+        };
+        assert_eq!(eperm.raw_os_error(), Some(libc::EPERM));
+        // Negating i32::MIN overflowed: a panic with overflow checks (the
+        // fuzz build; tracer/fuzz/seeds/netlink/nlmsg-error-min.bin).
+        assert!(matches!(split(i32::MIN), Err(Error::Malformed(_))));
+        assert!(matches!(split(1), Err(Error::Malformed(_))));
     }
 
     #[test]
