@@ -108,6 +108,43 @@ fn target_dir() -> PathBuf {
     }
 }
 
+/// Each checkout folder leaves its own tracer and targets (about 300 MB)
+/// in the shared folder: past this size it starts again from scratch.
+const CACHE_LIMIT_BYTES: u64 = 3 << 30;
+
+fn prune_cache() -> anyhow::Result<()> {
+    let dir = target_dir();
+    if std::env::var_os("CARGO_TARGET_DIR").is_some() || !dir.is_dir() {
+        return Ok(());
+    }
+    let size = disk_usage(&dir);
+    if size > CACHE_LIMIT_BYTES {
+        eprintln!(
+            "fuzz: {} holds {} MiB, over {} MiB: removing it",
+            dir.display(),
+            size >> 20,
+            CACHE_LIMIT_BYTES >> 20
+        );
+        std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// Bytes of the files under `dir` (symbolic links not followed).
+fn disk_usage(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|entry| match entry.file_type() {
+            Ok(t) if t.is_dir() => disk_usage(&entry.path()),
+            Ok(t) if t.is_file() => entry.metadata().map_or(0, |m| m.len()),
+            _ => 0,
+        })
+        .sum()
+}
+
 /// Every target of `tracer/fuzz`, or those asked for (which must exist).
 fn selected(wanted: &[String]) -> anyhow::Result<Vec<String>> {
     let out = util::output(&mut cargo_fuzz("list"))?;
@@ -137,6 +174,7 @@ fn selected(wanted: &[String]) -> anyhow::Result<Vec<String>> {
 }
 
 fn build() -> anyhow::Result<()> {
+    prune_cache()?;
     let started = Instant::now();
     util::run(&mut cargo_fuzz("build"))?;
     eprintln!(
@@ -261,5 +299,17 @@ mod tests {
             Some("/r/tracer/fuzz/artifacts/netlink/crash-da39".into())
         );
         assert_eq!(super::crash_input("Done 100 runs in 1 second(s)\n"), None);
+    }
+
+    #[test]
+    fn disk_usage_adds_up_files_below() {
+        let dir = std::env::temp_dir().join(format!("xtask-du-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("a/b")).unwrap();
+        std::fs::write(dir.join("x"), "123").unwrap();
+        std::fs::write(dir.join("a/b/y"), "12345").unwrap();
+        std::os::unix::fs::symlink("/usr", dir.join("a/usr")).unwrap();
+        assert_eq!(super::disk_usage(&dir), 8);
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(super::disk_usage(&dir), 0);
     }
 }
