@@ -1,6 +1,7 @@
 //! Developer tasks: toolchain setup, build, tests (host and VMs), demo.
 
 mod bench;
+mod fuzz;
 mod kernels;
 mod setup;
 mod util;
@@ -30,6 +31,9 @@ enum Command {
     /// Measure the tracer's cost in VMs (throughput, per-program time,
     /// attach time, CPU and memory in a drop storm) against the targets.
     Bench(bench::Options),
+    /// Build the fuzz targets of the parsers (tracer/fuzz) and run each
+    /// for a bounded time; fails on a crash, naming the input.
+    Fuzz(fuzz::Options),
 }
 
 fn main() {
@@ -40,6 +44,7 @@ fn main() {
         Command::Test(options) => test(&options),
         Command::VmTest(options) => vm_only(&options),
         Command::Bench(options) => bench::run(&options),
+        Command::Fuzz(options) => fuzz::main(&options),
     };
     if let Err(error) = result {
         eprintln!("xtask: error: {error:#}");
@@ -137,8 +142,40 @@ fn test(options: &vm_test::Options) -> anyhow::Result<()> {
     setup::vm_tools()?;
     let binary = util::build_release()?;
     let host = host_tests(&binary)?;
-    let vms = vm_test::run(options, &binary)?;
-    vm_test::summarize(&host, &vms)
+    let mut results = vec![fuzz_step()];
+    results.extend(vm_test::run(options, &binary)?);
+    vm_test::summarize(&host, &results)
+}
+
+/// Every fuzz target for `fuzz::TEST_SECONDS`, as one row of the summary:
+/// a target that ran clean passed, one that crashed failed.
+fn fuzz_step() -> vm_test::KernelResult {
+    let started = std::time::Instant::now();
+    let runs = fuzz::all(fuzz::TEST_SECONDS);
+    let mut result = vm_test::KernelResult {
+        name: "fuzz".into(),
+        release: String::new(),
+        tally: util::TestTally::default(),
+        elapsed: std::time::Duration::ZERO,
+        problem: None,
+    };
+    match runs {
+        Ok(runs) => {
+            result.release = format!("{} targets, {} s each", runs.len(), fuzz::TEST_SECONDS);
+            let failures: Vec<String> = runs
+                .iter()
+                .filter_map(|r| Some(format!("{}: {}", r.target, r.failure.as_ref()?)))
+                .collect();
+            result.tally.failed = failures.len() as u64;
+            result.tally.passed = runs.len() as u64 - result.tally.failed;
+            result.tally.success = failures.is_empty();
+            result.problem = (!failures.is_empty()).then(|| failures.join("; "));
+        }
+        Err(error) => result.problem = Some(format!("{error:#}")),
+    }
+    result.elapsed = started.elapsed();
+    eprintln!("fuzz: step done in {:.0} s", result.elapsed.as_secs_f64());
+    result
 }
 
 fn vm_only(options: &vm_test::Options) -> anyhow::Result<()> {

@@ -14,6 +14,8 @@ use crate::util::{output, run};
 /// The nightly that builds the eBPF programs (`tracer/build.rs` uses it).
 pub const EBPF_TOOLCHAIN: &str = "nightly-2026-10-29";
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// `cargo xtask fuzz` drives the fuzz targets with it.
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 /// Debian packages the tests and the lab need.
 const PACKAGES: &[&str] = &[
@@ -165,5 +167,26 @@ fn install_bpf_linker() -> anyhow::Result<()> {
             BPF_LINKER_VERSION,
         ])
         .env("LLVM_PREFIX", &prefix)
+        .current_dir(std::env::temp_dir()))
+}
+
+/// cargo-fuzz, for `cargo xtask fuzz` (from crates.io, built once).
+pub fn cargo_fuzz() -> anyhow::Result<()> {
+    let works = output(Command::new("cargo-fuzz").arg("--version")).is_ok_and(|o| {
+        o.status.success() && String::from_utf8_lossy(&o.stdout).contains(CARGO_FUZZ_VERSION)
+    });
+    if works {
+        return Ok(());
+    }
+    eprintln!("setup: building cargo-fuzz {CARGO_FUZZ_VERSION} (about a minute)");
+    run(Command::new("cargo")
+        .args([
+            "install",
+            "cargo-fuzz",
+            "--locked",
+            "--force",
+            "--version",
+            CARGO_FUZZ_VERSION,
+        ])
         .current_dir(std::env::temp_dir()))
 }

@@ -196,7 +196,7 @@ fn instance_of(pid: u32, proc_dir: &Path) -> Result<Instance, Error> {
 
 /// The few pluto options that say where its socket, log and config are.
 #[derive(Debug, Default, PartialEq, Eq)]
-struct PlutoArgs {
+pub struct PlutoArgs {
     rundir: Option<PathBuf>,
     ctl_socket: Option<PathBuf>,
     logfile: Option<PathBuf>,
@@ -206,7 +206,7 @@ struct PlutoArgs {
 impl PlutoArgs {
     /// Parses a NUL-separated `/proc/PID/cmdline`. pluto uses getopt_long,
     /// so both `--opt value` and `--opt=value` are accepted.
-    fn parse(cmdline: &[u8]) -> Self {
+    pub fn parse(cmdline: &[u8]) -> Self {
         let args: Vec<String> = cmdline
             .split(|&b| b == 0)
             .map(|a| String::from_utf8_lossy(a).into_owned())
@@ -247,7 +247,7 @@ impl PlutoArgs {
 /// `logfile=` of the `config setup` section of an ipsec.conf, if any.
 /// Sections start at column 0; their settings are indented. `include`
 /// directives are not followed.
-fn logfile_from_config(text: &str) -> Option<PathBuf> {
+pub fn logfile_from_config(text: &str) -> Option<PathBuf> {
     let mut in_setup = false;
     let mut logfile = None;
     for line in text.lines() {

@@ -5,7 +5,7 @@
 //! The message layouts are the stable UAPI of `<linux/xfrm.h>`.
 
 mod book;
-mod netlink;
+pub mod netlink;
 mod overhead;
 
 use std::{

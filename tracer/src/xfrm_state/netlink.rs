@@ -151,32 +151,48 @@ impl Socket {
             if received < 0 {
                 return Err(std::io::Error::last_os_error().into());
             }
-            let mut rest = &buffer[..received as usize];
-            while rest.len() >= NLMSG_HDRLEN {
-                let len = u32_at(rest, 0) as usize;
-                let kind = u16_at(rest, 4);
-                if len < NLMSG_HDRLEN || len > rest.len() {
-                    return Err(Error::Malformed("netlink message length"));
-                }
-                let payload = &rest[NLMSG_HDRLEN..len];
-                match kind {
-                    NLMSG_DONE => return Ok(answers),
-                    NLMSG_ERROR => {
-                        let code = payload.get(..4).map_or(0, |b| i32_at(b, 0));
-                        if code == 0 {
-                            return Ok(answers);
-                        }
-                        return Err(std::io::Error::from_raw_os_error(-code).into());
-                    }
-                    _ => answers.push(payload.to_vec()),
-                }
-                rest = &rest[align4(len).min(rest.len())..];
+            if split_dump(&buffer[..received as usize], &mut answers)? {
+                return Ok(answers);
             }
             if received == 0 {
                 return Err(Error::Malformed("dump ended without NLMSG_DONE"));
             }
         }
     }
+}
+
+/// Splits one datagram received during a dump into its netlink messages:
+/// the payload of each answer is added to `answers`. True once the dump is
+/// over (NLMSG_DONE, or an NLMSG_ERROR with code 0); the kernel's error
+/// (NLMSG_ERROR with a negative errno) is returned as `Error::Io`.
+pub fn split_dump(datagram: &[u8], answers: &mut Vec<Vec<u8>>) -> Result<bool, Error> {
+    let mut rest = datagram;
+    while rest.len() >= NLMSG_HDRLEN {
+        let len = u32_at(rest, 0) as usize;
+        let kind = u16_at(rest, 4);
+        if len < NLMSG_HDRLEN || len > rest.len() {
+            return Err(Error::Malformed("netlink message length"));
+        }
+        let payload = &rest[NLMSG_HDRLEN..len];
+        match kind {
+            NLMSG_DONE => return Ok(true),
+            NLMSG_ERROR => {
+                let code = payload.get(..4).map_or(0, |b| i32_at(b, 0));
+                if code == 0 {
+                    return Ok(true);
+                }
+                // A negative errno; anything else (i32::MIN has no
+                // positive counterpart) is not from the kernel.
+                return match code.checked_neg().filter(|errno| *errno > 0) {
+                    Some(errno) => Err(std::io::Error::from_raw_os_error(errno).into()),
+                    None => Err(Error::Malformed("NLMSG_ERROR code")),
+                };
+            }
+            _ => answers.push(payload.to_vec()),
+        }
+        rest = &rest[align4(len).min(rest.len())..];
+    }
+    Ok(false)
 }
 
 fn align4(len: usize) -> usize {
@@ -401,6 +417,52 @@ mod tests {
         let json = serde_json::to_string(&sa).unwrap();
         assert!(!json.to_lowercase().contains("a5a5"), "{json}");
         assert!(!format!("{sa:?}").contains("165, 165"));
+    }
+
+    /// One netlink message: header and payload, padded to 4 bytes.
+    fn nlmsg(kind: u16, payload: &[u8]) -> Vec<u8> {
+        let mut m = ((NLMSG_HDRLEN + payload.len()) as u32)
+            .to_ne_bytes()
+            .to_vec();
+        m.extend_from_slice(&kind.to_ne_bytes());
+        m.extend_from_slice(&[0; 10]);
+        m.extend_from_slice(payload);
+        m.resize(align4(m.len()), 0);
+        m
+    }
+
+    #[test]
+    fn dump_datagrams_split_into_answers() {
+        let sa = sa_message(&[1; 20]);
+        let mut datagram = nlmsg(16, &sa);
+        datagram.extend(nlmsg(16, &sa));
+        let mut answers = Vec::new();
+        assert!(!split_dump(&datagram, &mut answers).unwrap());
+        datagram.extend(nlmsg(NLMSG_DONE, &0i32.to_ne_bytes()));
+        assert!(split_dump(&datagram, &mut answers).unwrap());
+        assert_eq!(answers.len(), 4);
+        assert_eq!(parse_sa(&answers[3]).unwrap().spi, 0x1001);
+        let mut bad = nlmsg(16, &sa);
+        bad[0..4].copy_from_slice(&8u32.to_ne_bytes());
+        assert!(matches!(
+            split_dump(&bad, &mut answers),
+            Err(Error::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn nlmsg_error_codes_are_errors_not_panics() {
+        let split =
+            |code: i32| split_dump(&nlmsg(NLMSG_ERROR, &code.to_ne_bytes()), &mut Vec::new());
+        assert!(split(0).unwrap(), "an acknowledgement ends the dump");
+        let Err(Error::Io(eperm)) = split(-libc::EPERM) else {
+            panic!("a negative errno is the kernel's error");
+        };
+        assert_eq!(eperm.raw_os_error(), Some(libc::EPERM));
+        // Negating i32::MIN overflowed: a panic with overflow checks (the
+        // fuzz build; tracer/fuzz/seeds/netlink/nlmsg-error-min.bin).
+        assert!(matches!(split(i32::MIN), Err(Error::Malformed(_))));
+        assert!(matches!(split(1), Err(Error::Malformed(_))));
     }
 
     #[test]
