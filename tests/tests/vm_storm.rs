@@ -137,7 +137,10 @@ fn drop_storm_is_attributed_exactly_in_bounded_memory_and_ctrl_c_works() {
         String::from_utf8_lossy(&out.stderr)
     );
     eprintln!("storm: exit {exit_time:?} after Ctrl-C");
-    assert!(exit_time < Duration::from_secs(5), "{exit_time:?}");
+    // Under TCG with one vCPU flooding: the report, the JSON and the
+    // detach of every fentry trampoline (an RCU-tasks wait each) take
+    // about 6 s here; on the host the same exit takes under a second.
+    assert!(exit_time < Duration::from_secs(10), "{exit_time:?}");
     let report: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     assert!(
         report["counters"]
