@@ -122,8 +122,9 @@ pub struct Sample {
     /// ESP sequence number (network order; 0 if none).
     pub seq: u32,
     pub _pad: u32,
-    /// The packet's first bytes, copied when the bracket opened (none for
-    /// a route lookup: no packet exists yet).
+    /// The packet's first bytes: copied when the bracket opened for the
+    /// brackets that transform it, at exit for the others (none for a
+    /// route lookup: no packet exists yet).
     pub headers: Headers,
 }
 

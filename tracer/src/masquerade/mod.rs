@@ -202,7 +202,6 @@ pub struct Counted {
     pub unseen: u64,
     /// Sampled leaks with their headers (drained while running).
     pub samples: Vec<LeakSample>,
-    pub samples_lost: u64,
 }
 
 /// The leak samples' ring buffer, taken out to be drained while running.
@@ -237,7 +236,6 @@ pub fn read(ebpf: &Ebpf) -> Result<Counted, aya::maps::MapError> {
     let errors: PerCpuArray<_, u64> = PerCpuArray::try_from(map("MASQ_ERRORS")?)?;
     counted.table_full = errors.get(&error::TABLE_FULL, 0)?.iter().sum();
     counted.unseen = errors.get(&error::UNSEEN, 0)?.iter().sum();
-    counted.samples_lost = errors.get(&error::SAMPLES_LOST, 0)?.iter().sum();
     Ok(counted)
 }
 

@@ -74,8 +74,9 @@ fn snapshot(counters: bool) -> Snapshot {
 /// `/proc/net/xfrm_stat`, read on the main thread, which never leaves our
 /// netns) is missing, unreadable, empty or not in its format.
 fn xfrm_stat_problem(path: &std::path::Path) -> Option<String> {
+    let text = std::fs::read_to_string(path);
     let path = path.display();
-    match std::fs::read_to_string(path.to_string()) {
+    match text {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(format!(
             "{path} is missing (kernel without CONFIG_XFRM_STATISTICS)"
         )),
