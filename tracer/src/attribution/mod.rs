@@ -13,7 +13,7 @@ use tracer_common::attribution::{Sample, SourceKey, dir, error, hook};
 
 use crate::{
     btf::KernelBtf,
-    ebpf::{attach_fentry, attach_fexit, attach_kprobe, describe, program},
+    ebpf::{attach_fentry, attach_fexit, attach_kprobe, program},
     kallsyms::{Kallsyms, Presence},
 };
 
@@ -146,12 +146,36 @@ fn attach_bracket(
     Ok(())
 }
 
+/// The fentry/fexit programs `attach` will try, with their functions (to
+/// verify them beforehand, in parallel).
+pub fn fentry_programs(kernel_btf: &KernelBtf) -> Vec<(String, &'static str)> {
+    let mut programs = Vec::new();
+    for bracket in BRACKETS
+        .iter()
+        .chain(output_resume(kernel_btf).as_ref().ok())
+    {
+        for suffix in ["exit", "entry"] {
+            programs.push((format!("{}_{suffix}", bracket.prefix), bracket.function));
+        }
+    }
+    for (function, fexit, _) in ENRICHMENT {
+        if kernel_btf
+            .function_params(function)
+            .is_some_and(|params| params.len() == ENRICHMENT_ARGS)
+        {
+            programs.push((fexit.to_string(), *function));
+        }
+    }
+    programs
+}
+
 /// Attaches every bracket and enrichment program this kernel allows:
 /// fentry/fexit first, kprobes for what fentry cannot reach (unless
 /// `choice` says otherwise). The links live as long as `ebpf`.
 pub fn attach(
     ebpf: &mut Ebpf,
     kernel_btf: &KernelBtf,
+    btf: &Result<Btf, String>,
     kallsyms: &Kallsyms,
     has_per_cpu_offset: bool,
     choice: HookChoice,
@@ -170,8 +194,6 @@ pub fn attach(
         ));
         return coverage;
     }
-    // Without vmlinux BTF for aya, fentry is out but kprobes may still work.
-    let btf = Btf::from_sys_fs().map_err(|e| describe(&e));
     let mut all = true;
     let resume = output_resume(kernel_btf);
     if let Err(why) = &resume {

@@ -68,7 +68,7 @@ pub fn run() -> Report {
 
     let (programs, hooks, drop_reasons) = match &btf {
         Ok(btf) => {
-            let programs = match ebpf::load(None) {
+            let programs = match ebpf::load(None, None) {
                 Ok(mut object) => capabilities::probe_programs(&mut object, btf, &kallsyms),
                 Err(e) => all_failed(&e.to_string()),
             };

@@ -2,7 +2,7 @@
 
 use aya::{
     Btf, Ebpf, EbpfLoader,
-    programs::{FEntry, FExit, KProbe, kprobe::KProbeLinkId},
+    programs::{FEntry, FExit, KProbe, Program, kprobe::KProbeLinkId},
 };
 use tracer_common::{
     ike::NetRecords,
@@ -130,12 +130,15 @@ impl KernelLayout {
 }
 
 /// Loads the object (maps created, no program loaded or attached yet).
-pub fn load(layout: Option<&KernelLayout>) -> Result<Ebpf, LoadError> {
+pub fn load(layout: Option<&KernelLayout>, btf: Option<&aya::Btf>) -> Result<Ebpf, LoadError> {
     if OBJECT.is_empty() {
         return Err(LoadError::NoObject);
     }
     raise_memlock_limit();
     let mut loader = EbpfLoader::new();
+    if let Some(btf) = btf {
+        loader.btf(btf);
+    }
     if let Some(layout) = layout {
         loader
             .override_global("KERNEL_OFFSETS", &layout.offsets, true)
@@ -194,26 +197,86 @@ where
         .map_err(|e: aya::programs::ProgramError| describe(&e))
 }
 
+/// Verifies fentry/fexit programs, each `(program, kernel function)`, on
+/// several threads at once: the verifier runs in the loading thread, and
+/// under emulation verifying is most of a start. What fails here is left
+/// for the attach that follows, which loads what is not loaded yet and
+/// reports why.
+pub fn preload(ebpf: &mut Ebpf, programs: &[(String, &str)], btf: &Btf) {
+    let mut wanted: std::collections::HashMap<&str, &str> = programs
+        .iter()
+        .map(|(program, function)| (program.as_str(), *function))
+        .collect();
+    let jobs: Vec<(&str, &mut Program, &str)> = ebpf
+        .programs_mut()
+        .filter_map(|(name, program)| Some((name, program, wanted.remove(name)?)))
+        .collect();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+    let queue = std::sync::Mutex::new(jobs);
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| {
+                loop {
+                    let job = queue.lock().unwrap_or_else(|e| e.into_inner()).pop();
+                    let Some((name, program, function)) = job else {
+                        return;
+                    };
+                    let started = std::time::Instant::now();
+                    let result = match program {
+                        Program::FEntry(p) => p.load(function, btf),
+                        Program::FExit(p) => p.load(function, btf),
+                        _ => continue,
+                    };
+                    if result.is_ok() {
+                        log::debug!("{name}: loaded in {:?} (in parallel)", started.elapsed());
+                    }
+                }
+            });
+        }
+    });
+}
+
 pub fn attach_fentry(ebpf: &mut Ebpf, name: &str, function: &str, btf: &Btf) -> Result<(), String> {
     let prog: &mut FEntry = program(ebpf, name)?;
-    prog.load(function, btf).map_err(|e| describe(&e))?;
-    prog.attach().map(drop).map_err(|e| describe(&e))
+    let started = std::time::Instant::now();
+    if prog.fd().is_err() {
+        prog.load(function, btf).map_err(|e| describe(&e))?;
+    }
+    let loaded = started.elapsed();
+    prog.attach().map(drop).map_err(|e| describe(&e))?;
+    log_cost(name, loaded, started.elapsed() - loaded);
+    Ok(())
 }
 
 pub fn attach_fexit(ebpf: &mut Ebpf, name: &str, function: &str, btf: &Btf) -> Result<(), String> {
     let prog: &mut FExit = program(ebpf, name)?;
-    prog.load(function, btf).map_err(|e| describe(&e))?;
-    prog.attach().map(drop).map_err(|e| describe(&e))
+    let started = std::time::Instant::now();
+    if prog.fd().is_err() {
+        prog.load(function, btf).map_err(|e| describe(&e))?;
+    }
+    let loaded = started.elapsed();
+    prog.attach().map(drop).map_err(|e| describe(&e))?;
+    log_cost(name, loaded, started.elapsed() - loaded);
+    Ok(())
 }
 
 /// Attaches a kprobe or kretprobe program (loading it on first use: the
 /// same program may serve several functions).
 pub fn attach_kprobe(ebpf: &mut Ebpf, name: &str, function: &str) -> Result<KProbeLinkId, String> {
     let prog: &mut KProbe = program(ebpf, name)?;
+    let started = std::time::Instant::now();
     if prog.fd().is_err() {
         prog.load().map_err(|e| describe(&e))?;
     }
-    prog.attach(function, 0).map_err(|e| describe(&e))
+    let loaded = started.elapsed();
+    let link = prog.attach(function, 0).map_err(|e| describe(&e))?;
+    log_cost(name, loaded, started.elapsed() - loaded);
+    Ok(link)
+}
+
+/// What a program cost to start (`-vv`): verifying, then attaching.
+fn log_cost(name: &str, loaded: std::time::Duration, attached: std::time::Duration) {
+    log::debug!("{name}: loaded in {loaded:?}, attached in {attached:?}");
 }
 
 /// An error and its causes on one line (aya nests the errno and the

@@ -18,7 +18,7 @@ use tracer_common::masquerade::{LeakCount, LeakKey, LeakSample, PolicyKey, Selec
 use crate::{
     attribution::HookChoice,
     btf::KernelBtf,
-    ebpf::{attach_fentry, attach_fexit, attach_kprobe, describe},
+    ebpf::{attach_fentry, attach_fexit, attach_kprobe},
     kallsyms::{Kallsyms, Presence},
     report::Finding,
 };
@@ -82,11 +82,29 @@ fn skb_is_third(btf: &KernelBtf, function: &str) -> Result<(), String> {
     }
 }
 
+/// The fentry/fexit programs `attach` will try, with their functions.
+pub fn fentry_programs(kernel_btf: &KernelBtf) -> Vec<(String, &'static str)> {
+    let mut programs = Vec::new();
+    for family in FAMILIES {
+        for (program, function) in [
+            (family.okfn_fentry, family.okfn),
+            (family.okfn_fexit, family.okfn),
+            (family.output_fentry, family.output),
+        ] {
+            if kernel_btf.has_function(function) && skb_is_third(kernel_btf, function).is_ok() {
+                programs.push((program.to_string(), function));
+            }
+        }
+    }
+    programs
+}
+
 /// Attaches what this kernel allows: fentry (+ fexit for the outcome) on
 /// each function, else a kprobe on its exact symbol.
 pub fn attach(
     ebpf: &mut Ebpf,
     kernel_btf: &KernelBtf,
+    btf: &Result<Btf, String>,
     kallsyms: &Kallsyms,
     choice: HookChoice,
 ) -> MasqCoverage {
@@ -97,10 +115,11 @@ pub fn attach(
             .push(("MASQUERADE detection".into(), "--hooks tracepoint".into()));
         return coverage;
     }
+    let fentry_not_tried = Err("fentry not tried (--hooks kprobe)".to_string());
     let btf = if choice == HookChoice::Kprobe {
-        Err("fentry not tried (--hooks kprobe)".to_string())
+        &fentry_not_tried
     } else {
-        Btf::from_sys_fs().map_err(|e| describe(&e))
+        btf
     };
     for family in FAMILIES {
         let hooked = |ebpf: &mut Ebpf,
@@ -113,7 +132,7 @@ pub fn attach(
                 coverage.missing.push((function.into(), why));
                 return None;
             }
-            let via_fentry = match &btf {
+            let via_fentry = match btf {
                 Ok(btf) if kernel_btf.has_function(function) => {
                     attach_fentry(ebpf, fentry_prog, function, btf)
                 }
@@ -161,7 +180,7 @@ pub fn attach(
         let Some(okfn) = okfn else { continue };
         coverage.detected.push(family.name.into());
         if okfn == "fentry"
-            && let Ok(btf) = &btf
+            && let Ok(btf) = btf
         {
             match attach_fexit(ebpf, family.okfn_fexit, family.okfn, btf) {
                 Ok(()) => {

@@ -13,7 +13,7 @@ use tracer_common::mtu::{MtuKey, MtuStats, kind};
 
 use crate::{
     attribution::HookChoice,
-    ebpf::{attach_fentry, attach_kprobe, describe},
+    ebpf::{attach_fentry, attach_kprobe},
     kallsyms::{Kallsyms, Presence},
     report::Finding,
     xfrm_state::{EspGeometry, Sa, XfrmState},
@@ -29,9 +29,18 @@ const HOOKS: &[(&str, &str)] = &[
     ("xfrm_output", "mtu_output"),
 ];
 
+/// The fentry programs `attach` will try, with their functions.
+pub fn fentry_programs() -> Vec<(String, &'static str)> {
+    HOOKS
+        .iter()
+        .map(|(function, prefix)| (format!("{prefix}_fentry"), *function))
+        .collect()
+}
+
 /// Attaches the oversize-ESP hooks; returns what is attached and what not.
 pub fn attach(
     ebpf: &mut Ebpf,
+    btf: &Result<Btf, String>,
     kallsyms: &Kallsyms,
     choice: HookChoice,
 ) -> (Vec<String>, Vec<(String, String)>) {
@@ -41,7 +50,6 @@ pub fn attach(
         missing.push(("oversize ESP hooks".into(), "--hooks tracepoint".into()));
         return (attached, missing);
     }
-    let btf = Btf::from_sys_fs().map_err(|e| describe(&e));
     for (function, prefix) in HOOKS {
         let mut errors = Vec::new();
         if choice != HookChoice::Kprobe {

@@ -103,8 +103,11 @@ pub struct Outcome {
 
 pub fn run(options: &Options) -> anyhow::Result<Outcome> {
     privilege::require_root()?;
+    let started = Instant::now();
     let btf = KernelBtf::running()?;
+    log::debug!("start: kernel BTF read in {:?}", started.elapsed());
     let kallsyms = Kallsyms::read().context("reading /proc/kallsyms")?;
+    log::debug!("start: kallsyms read in {:?}", started.elapsed());
     // Without the counters the run still watches drops, IKE, MASQUERADE
     // and MTU; the report says why no counter is shown.
     let counters_unavailable = xfrm_stat_problem("/proc/net/xfrm_stat".as_ref());
@@ -143,6 +146,10 @@ pub fn run(options: &Options) -> anyhow::Result<Outcome> {
     // Counters are read once everything is attached, so every increment
     // in the window can be attributed.
     let before = snapshot(counters);
+    log::debug!(
+        "start: attached and counters read in {:?}",
+        started.elapsed()
+    );
     let started = Instant::now();
     let metrics = options.prometheus.map(|address| {
         (
@@ -218,9 +225,12 @@ pub fn run(options: &Options) -> anyhow::Result<Outcome> {
     let after = snapshot(counters);
     let elapsed = started.elapsed();
     // Detaches every program before the (slower) reporting.
+    let stopping = Instant::now();
     let readings = probes.finish(&context.kallsyms)?;
+    log::debug!("stop: read and detached in {:?}", stopping.elapsed());
     book.poll();
     let report = assemble(readings, &after, &book, plutos.finish(), elapsed);
+    log::debug!("stop: report assembled in {:?}", stopping.elapsed());
     let kept = |label: &str| report.netns.iter().any(|n| n.label == label);
     let xfrm_stat = after
         .values()

@@ -59,8 +59,14 @@ impl Probes {
     /// capability with the best hook the kernel offers; what cannot be
     /// hooked is logged and listed in the report.
     pub fn attach(btf: &KernelBtf, kallsyms: &Kallsyms, hooks: HookChoice) -> anyhow::Result<Self> {
+        let started = std::time::Instant::now();
         let layout = ebpf::KernelLayout::resolve(btf, kallsyms)?;
-        let mut object = ebpf::load(Some(&layout))?;
+        // Parsed once for the loader and every fentry: under emulation
+        // each parse of vmlinux BTF costs seconds.
+        let aya_btf = aya::Btf::from_sys_fs().map_err(|e| ebpf::describe(&e));
+        log::debug!("start: layout and BTF in {:?}", started.elapsed());
+        let mut object = ebpf::load(Some(&layout), aya_btf.as_ref().ok())?;
+        log::debug!("start: object loaded in {:?}", started.elapsed());
         let logger = match aya_log::EbpfLogger::init(&mut object) {
             Ok(logger) => Some(logger),
             Err(e) => {
@@ -68,20 +74,39 @@ impl Probes {
                 None
             }
         };
+        if let Ok(aya_btf) = &aya_btf
+            && matches!(hooks, HookChoice::Auto | HookChoice::Fentry)
+        {
+            let mut programs = mtu::fentry_programs();
+            programs.extend(masquerade::fentry_programs(btf));
+            if layout.offsets.per_cpu_offset != 0 {
+                programs.extend(attribution::fentry_programs(btf));
+            }
+            ebpf::preload(&mut object, &programs, aya_btf);
+            log::debug!("start: programs verified in {:?}", started.elapsed());
+        }
         drops::attach(&mut object)?;
         let ike_hooks = ike::attach(&mut object);
         let samples_ring = attribution::take_samples(&mut object);
         let leak_ring = masquerade::take_samples(&mut object);
         let drop_ring = drops::take_samples(&mut object);
+        log::debug!("start: drops and IKE attached in {:?}", started.elapsed());
         let coverage = attribution::attach(
             &mut object,
             btf,
+            &aya_btf,
             kallsyms,
             layout.offsets.per_cpu_offset != 0,
             hooks,
         );
-        let (attached, missing) = mtu::attach(&mut object, kallsyms, hooks);
-        let masquerade = masquerade::attach(&mut object, btf, kallsyms, hooks);
+        log::debug!("start: brackets attached in {:?}", started.elapsed());
+        let (attached, missing) = mtu::attach(&mut object, &aya_btf, kallsyms, hooks);
+        log::debug!("start: MTU hooks attached in {:?}", started.elapsed());
+        let masquerade = masquerade::attach(&mut object, btf, &aya_btf, kallsyms, hooks);
+        log::debug!(
+            "start: MASQUERADE hooks attached in {:?}",
+            started.elapsed()
+        );
         if coverage.fentry_brackets + coverage.kprobe_brackets == 0 {
             drops::sample_xfrm_drops(&mut object, &crate::btf::drop_reason_names(btf))?;
         }
