@@ -158,6 +158,35 @@ pub fn traced_report(name: &str, args: &[&str], action: impl FnOnce()) -> serde_
     report
 }
 
+/// How long a tracer may take to exit once its run is over (the slowest
+/// seen: 6 s under TCG while a drop storm goes on).
+pub const EXIT_LIMIT: Duration = Duration::from_secs(120);
+
+/// Where each thread of `pid` waits in the kernel, and its state: what a
+/// test prints about a process that does not end.
+pub fn kernel_stacks(pid: u32) -> String {
+    let mut text = String::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return format!("(no /proc/{pid}/task)");
+    };
+    for task in tasks.flatten() {
+        let path = task.path();
+        let read = |name: &str| std::fs::read_to_string(path.join(name)).unwrap_or_default();
+        let state = read("status")
+            .lines()
+            .find(|l| l.starts_with("State:"))
+            .unwrap_or_default()
+            .to_string();
+        text.push_str(&format!(
+            "thread {} {} {state}\n{}",
+            task.file_name().to_string_lossy(),
+            read("comm").trim(),
+            read("stack")
+        ));
+    }
+    text
+}
+
 /// A running `xfrm-trace`, killed on drop.
 pub struct Tracer {
     pub child: Child,
@@ -209,13 +238,39 @@ impl Tracer {
         tracer
     }
 
-    /// Waits for the run to end and returns its output.
+    /// Waits for the run to end and returns its output. A run still going
+    /// after `EXIT_LIMIT` fails the test with what each of its threads is
+    /// waiting for in the kernel, and is killed (on drop).
     pub fn take_output(&mut self) -> Output {
-        let child = std::mem::replace(
-            &mut self.child,
-            Command::new("true").spawn().expect("spawn true"),
-        );
-        child.wait_with_output().expect("wait for xfrm-trace")
+        let read = |pipe: Option<Box<dyn std::io::Read + Send>>| {
+            std::thread::spawn(move || {
+                let mut bytes = Vec::new();
+                if let Some(mut pipe) = pipe {
+                    let _ = pipe.read_to_end(&mut bytes);
+                }
+                bytes
+            })
+        };
+        let stdout = read(self.child.stdout.take().map(|p| Box::new(p) as _));
+        let stderr = read(self.child.stderr.take().map(|p| Box::new(p) as _));
+        let started = Instant::now();
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("wait for xfrm-trace") {
+                break status;
+            }
+            if started.elapsed() > EXIT_LIMIT {
+                panic!(
+                    "xfrm-trace still running {EXIT_LIMIT:?} after it was asked to stop:\n{}",
+                    kernel_stacks(self.child.id())
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        Output {
+            status,
+            stdout: stdout.join().unwrap_or_default(),
+            stderr: stderr.join().unwrap_or_default(),
+        }
     }
 
     /// Sends SIGINT (as Ctrl-C does) and waits for the report.

@@ -21,6 +21,7 @@ fn in_pol_block(lab: &Lab, host: Host) -> u64 {
 /// Waits until the router's counter stops moving (the last datagrams in
 /// flight counted); returns its value.
 fn settled(lab: &Lab) -> u64 {
+    let started = Instant::now();
     let mut last = in_pol_block(lab, Host::Router);
     loop {
         std::thread::sleep(Duration::from_millis(500));
@@ -28,6 +29,10 @@ fn settled(lab: &Lab) -> u64 {
         if now == last {
             return now;
         }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "XfrmInPolBlock still moving 30 s after the flood stopped"
+        );
         last = now;
     }
 }
@@ -145,8 +150,13 @@ fn drop_storm_is_attributed_exactly_in_bounded_memory_and_ctrl_c_works() {
         std::thread::sleep(Duration::from_millis(50));
     }
     stop.store(true, Ordering::Relaxed);
+    let Some(exit_time) = exit_time else {
+        panic!(
+            "xfrm-trace still running 60 s after Ctrl-C:\n{}",
+            tests::kernel_stacks(tracer.child.id())
+        );
+    };
     flood.join().unwrap().unwrap();
-    let exit_time = exit_time.expect("xfrm-trace still running 60 s after Ctrl-C");
     let out = tracer.take_output();
     assert!(
         out.status.success(),

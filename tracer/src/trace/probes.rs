@@ -178,6 +178,10 @@ impl Probes {
         drop(self.samples_ring.take());
         drop(self.leak_ring.take());
         drop(self.drop_ring.take());
-        self.read(kallsyms)
+        let readings = self.read(kallsyms);
+        let detaching = std::time::Instant::now();
+        drop(self);
+        log::debug!("stop: detached in {:?}", detaching.elapsed());
+        readings
     }
 }
