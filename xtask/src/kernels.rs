@@ -38,12 +38,16 @@ const ON_6_1: &[&str] = &[
     "second_instance",
     "netns_deleted",
 ];
-/// Userspace-only faults (a broken pluto answer, no BTF, no xfrm_stat):
-/// the host runs them; no VM kernel adds anything.
+/// Userspace only (a broken pluto answer, no BTF, no xfrm_stat, bad
+/// usage, no root) or about a kernel without ESP: the host runs them; no
+/// VM kernel adds anything.
 const HOST_ONLY: &[&str] = &[
     "broken_pluto_output",
     "without_kernel_btf",
     "without_xfrm_stat",
+    "bad_usage",
+    "without_root",
+    "lab_on_a_kernel_without_esp",
 ];
 /// `xfrm-trace lab` scenarios, the pluto diagnosis labs, pluto itself, and
 /// the CLI, metrics, filter and bundle tests (userspace; they also run on

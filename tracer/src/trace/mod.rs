@@ -122,7 +122,9 @@ pub fn run(options: &Options) -> anyhow::Result<Outcome> {
     let mut probes = Probes::attach(&btf, &kallsyms, options.hooks)?;
     let mut book = XfrmBook::default();
     watch_namespaces(&mut book);
+    log::debug!("start: namespaces watched in {:?}", started.elapsed());
     let (mut plutos, pluto_problems) = pluto::session::Watch::start(&options.pluto_sockets);
+    log::debug!("start: pluto watched in {:?}", started.elapsed());
     for problem in &pluto_problems {
         log::info!("pluto: {problem}");
     }
@@ -143,6 +145,7 @@ pub fn run(options: &Options) -> anyhow::Result<Outcome> {
     // run (a drop storm) holds only what it reports from.
     drop(btf);
     release_free_memory();
+    log::debug!("start: BTF freed in {:?}", started.elapsed());
     // Counters are read once everything is attached, so every increment
     // in the window can be attributed.
     let before = snapshot(counters);
