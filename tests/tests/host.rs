@@ -135,6 +135,69 @@ fn netns_delta(counter: &Value, inode: u64) -> u64 {
         .unwrap_or(0)
 }
 
+/// Tracepoint-only mode copies each dropped packet of an XFRM reason for
+/// the pcapng, at most 64 per second and CPU: a burst beyond that is
+/// partly copied, and what was copied plus what was not is every drop.
+#[test]
+fn dropped_packets_not_copied_for_the_pcapng_are_counted_exactly() {
+    require_root();
+    if !kfree_skb_has_reason() {
+        eprintln!("skipped: kfree_skb has no drop reason here (before 5.17)");
+        return;
+    }
+    let _serial = serial();
+    const BURST: u64 = 400;
+    let ns = blocked_topology();
+    send_udp(&ns, "a", "203.0.113.2:9", 1);
+    std::thread::sleep(Duration::from_millis(300));
+    let before = ns.xfrm_stat("r")["XfrmInPolBlock"];
+    let json = scratch("burst.json");
+    let pcap = scratch("burst.pcapng");
+    let mut tracer = Tracer::start(
+        &[
+            "--hooks",
+            "tracepoint",
+            "--json",
+            json.to_str().unwrap(),
+            "--pcap",
+            pcap.to_str().unwrap(),
+        ],
+        &scratch("burst.ready"),
+    );
+    assert_eq!(send_udp(&ns, "a", "203.0.113.2:9", BURST as usize), 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ns.xfrm_stat("r")["XfrmInPolBlock"] < before + BURST {
+        assert!(Instant::now() < deadline, "router never counted the burst");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = tracer.interrupt();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(ns.xfrm_stat("r")["XfrmInPolBlock"] - before, BURST);
+
+    let report: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let _ = std::fs::remove_file(&json);
+    let capture = &report["capture"];
+    let copied = capture["drops_captured"].as_u64().unwrap();
+    let not_copied = capture["drops_not_captured"].as_u64().unwrap();
+    eprintln!("burst of {BURST}: {copied} copied, {not_copied} not");
+    assert_eq!(copied + not_copied, BURST, "{capture}");
+    assert!(not_copied > 0 && copied > 0, "{capture}");
+    let packets = pcap_packets(&pcap);
+    let _ = std::fs::remove_file(&pcap);
+    assert_eq!(packets.len() as u64, copied, "{capture}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!(
+            "packets not copied for the pcapng (rate limit 64 per second and CPU; counts are exact): {not_copied} dropped (of {BURST}), 0 MASQUERADE leaks (of 0)"
+        )),
+        "{text}"
+    );
+}
+
 #[test]
 fn xfrm_policy_drops_and_counters_are_reported_exactly() {
     require_root();

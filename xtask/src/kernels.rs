@@ -39,8 +39,9 @@ const ON_6_1: &[&str] = &[
     "netns_deleted",
 ];
 /// Userspace only (a broken pluto answer, no BTF, no xfrm_stat, bad
-/// usage, no root) or about a kernel without ESP: the host runs them; no
-/// VM kernel adds anything.
+/// usage, no root), about a kernel without ESP, or about tracepoint-only
+/// mode (the drop capture's rate limit): the host runs them; no VM kernel
+/// adds anything.
 const HOST_ONLY: &[&str] = &[
     "broken_pluto_output",
     "without_kernel_btf",
@@ -48,6 +49,7 @@ const HOST_ONLY: &[&str] = &[
     "bad_usage",
     "without_root",
     "lab_on_a_kernel_without_esp",
+    "not_copied_for_the_pcapng",
 ];
 /// `xfrm-trace lab` scenarios, the pluto diagnosis labs, pluto itself, and
 /// the CLI, metrics, filter and bundle tests (userspace; they also run on

@@ -62,6 +62,16 @@ pub fn read(ebpf: &Ebpf) -> Result<(Vec<(DropKey, u64)>, u64), DropsError> {
     Ok((rows, untracked))
 }
 
+/// XFRM drops the rate limit or a full ring kept out of the pcapng.
+pub fn samples_lost(ebpf: &Ebpf) -> Result<u64, DropsError> {
+    let lost: PerCpuArray<_, u64> = PerCpuArray::try_from(ebpf.map("DROP_SAMPLES_LOST").ok_or(
+        aya::maps::MapError::InvalidName {
+            name: "DROP_SAMPLES_LOST".into(),
+        },
+    )?)?;
+    Ok(lost.get(&0, 0)?.iter().sum())
+}
+
 /// Drops with the same netns, reason, function and interface, added up.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct DropRow {

@@ -165,25 +165,25 @@ fn raise_memlock_limit() {
 }
 
 /// Moves what a ring buffer of `T` records holds into `kept`, up to
-/// `limit` records; returns how many were dropped for lack of room.
+/// `limit` records (the rest are let go); returns how many it held.
 pub fn drain_ring<T: aya::Pod>(
     ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
     kept: &mut Vec<T>,
     limit: usize,
 ) -> u64 {
-    let mut dropped = 0;
+    let mut received = 0;
     while let Some(item) = ring.next() {
         if item.len() < std::mem::size_of::<T>() {
             continue;
         }
+        received += 1;
         if kept.len() >= limit {
-            dropped += 1;
             continue;
         }
         // SAFETY: T is plain repr(C) data and the item is at least that long.
         kept.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<T>()) });
     }
-    dropped
+    received
 }
 
 /// A program of the object, as its type (`FEntry`, `TracePoint`, ...).

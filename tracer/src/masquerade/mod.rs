@@ -219,6 +219,8 @@ pub struct Counted {
     pub policies: HashMap<PolicyKey, Selector>,
     pub table_full: u64,
     pub unseen: u64,
+    /// Leaks the rate limit or a full ring kept out of the pcapng.
+    pub samples_lost: u64,
     /// Sampled leaks with their headers (drained while running).
     pub samples: Vec<LeakSample>,
 }
@@ -255,6 +257,7 @@ pub fn read(ebpf: &Ebpf) -> Result<Counted, aya::maps::MapError> {
     let errors: PerCpuArray<_, u64> = PerCpuArray::try_from(map("MASQ_ERRORS")?)?;
     counted.table_full = errors.get(&error::TABLE_FULL, 0)?.iter().sum();
     counted.unseen = errors.get(&error::UNSEEN, 0)?.iter().sum();
+    counted.samples_lost = errors.get(&error::SAMPLES_LOST, 0)?.iter().sum();
     Ok(counted)
 }
 

@@ -9,6 +9,8 @@
 
 use std::{net::IpAddr, path::Path};
 
+use serde::Serialize;
+
 use tracer_common::capture::Headers;
 
 use crate::{
@@ -17,6 +19,18 @@ use crate::{
     masquerade::Leak,
     report::Report,
 };
+
+/// Dropped and leaked packets the kernel copied for the pcapng, and those
+/// it let go (over the rate limit, or the ring full): exact counts, so the
+/// file's sample is known to be one. Increments attributed to counters
+/// have theirs in `attribution_errors.samples_lost`.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct CaptureCounts {
+    pub drops_captured: u64,
+    pub drops_not_captured: u64,
+    pub leaks_captured: u64,
+    pub leaks_not_captured: u64,
+}
 
 /// The first bytes of one packet, as an eBPF program copied them.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -30,6 +30,8 @@ pub struct Report {
     pub drops: Vec<DropRow>,
     /// Drops the in-kernel table had no room for (counted, not named).
     pub drops_untracked: u64,
+    /// Dropped and leaked packets copied for the pcapng, and those not.
+    pub capture: crate::pcap::CaptureCounts,
     pub netns: Vec<NetnsInfo>,
     /// Per SA: packets that did not fit the MTU, largest inner packet, MSS.
     pub esp_sizes: Vec<crate::mtu::SaSizes>,
@@ -366,6 +368,18 @@ pub fn render_with(report: &Report, style: Style) -> String {
             "samples not sent (rate limit {} per second and CPU; counts are exact): {}",
             tracer_common::capture::SAMPLES_PER_SECOND,
             e.samples_lost
+        );
+    }
+    let c = &report.capture;
+    if c.drops_not_captured + c.leaks_not_captured > 0 {
+        let _ = writeln!(
+            out,
+            "packets not copied for the pcapng (rate limit {} per second and CPU; counts are exact): {} dropped (of {}), {} MASQUERADE leaks (of {})",
+            tracer_common::capture::SAMPLES_PER_SECOND,
+            c.drops_not_captured,
+            c.drops_captured + c.drops_not_captured,
+            c.leaks_not_captured,
+            c.leaks_captured + c.leaks_not_captured,
         );
     }
     if e.unbalanced + e.too_deep + e.table_full > 0 {

@@ -174,6 +174,7 @@ pub fn report(context: &Context, moment: Moment) -> Report {
         counters_unavailable: context.counters_unavailable.clone(),
         drops,
         drops_untracked: readings.drops_untracked,
+        capture: readings.capture.clone(),
         netns,
         esp_sizes,
         esp_sizes_hooks: context.mtu_hooks.clone(),

@@ -33,6 +33,9 @@ pub struct Probes {
     leak_samples: Vec<LeakSample>,
     drop_ring: Option<RingBuf<MapData>>,
     drop_samples: Vec<DropSample>,
+    /// Leak and drop samples received, kept or not.
+    leaks_received: u64,
+    drops_received: u64,
     pub coverage: Coverage,
     pub mtu_hooks: HookList,
     pub ike_hooks: HookList,
@@ -45,6 +48,7 @@ pub struct Readings {
     pub drops_untracked: u64,
     /// Sampled XFRM drops with headers (tracepoint-only mode).
     pub drop_samples: Vec<DropSample>,
+    pub capture: crate::pcap::CaptureCounts,
     pub sources: Vec<(SourceKey, u64)>,
     pub attribution_errors: AttributionErrors,
     /// Sampled increments with stacks, by counter index.
@@ -129,6 +133,8 @@ impl Probes {
             leak_samples: Vec::new(),
             drop_ring,
             drop_samples: Vec::new(),
+            leaks_received: 0,
+            drops_received: 0,
             coverage,
             mtu_hooks: HookList { attached, missing },
             ike_hooks,
@@ -145,10 +151,10 @@ impl Probes {
             ebpf::drain_ring(ring, &mut self.samples, attribution::SAMPLES_KEPT);
         }
         if let Some(ring) = self.leak_ring.as_mut() {
-            ebpf::drain_ring(ring, &mut self.leak_samples, PACKETS_KEPT);
+            self.leaks_received += ebpf::drain_ring(ring, &mut self.leak_samples, PACKETS_KEPT);
         }
         if let Some(ring) = self.drop_ring.as_mut() {
-            ebpf::drain_ring(ring, &mut self.drop_samples, PACKETS_KEPT);
+            self.drops_received += ebpf::drain_ring(ring, &mut self.drop_samples, PACKETS_KEPT);
         }
     }
 
@@ -156,17 +162,24 @@ impl Probes {
     pub fn read(&self, kallsyms: &Kallsyms) -> anyhow::Result<Readings> {
         let (drops, drops_untracked) = drops::read(&self.object)?;
         let (sources, attribution_errors) = attribution::read(&self.object)?;
+        let masquerade = masquerade::read(&self.object)?;
         Ok(Readings {
             drops,
             drops_untracked,
             drop_samples: self.drop_samples.clone(),
+            capture: crate::pcap::CaptureCounts {
+                drops_captured: self.drops_received,
+                drops_not_captured: drops::samples_lost(&self.object)?,
+                leaks_captured: self.leaks_received,
+                leaks_not_captured: masquerade.samples_lost,
+            },
             sources,
             attribution_errors,
             samples: attribution::sample_reports(&self.object, &self.samples, kallsyms),
             mtu: mtu::read(&self.object)?,
             masquerade: masquerade::Counted {
                 samples: self.leak_samples.clone(),
-                ..masquerade::read(&self.object)?
+                ..masquerade
             },
             ike: ike::read(&self.object).context("reading the IKE table")?,
         })
