@@ -193,6 +193,8 @@ fn masquerade_leak_is_reported_per_packet_and_the_return_fix_silences_it() {
     // The pcapng: each leaked datagram as it left, named by the finding.
     let packets = pcap_packets(&scratch("masq-leak.pcapng"));
     assert_eq!(packets.len(), 2 * COUNT, "{packets:#?}");
+    assert_eq!(report["capture"]["leaks_captured"], 2 * COUNT);
+    assert_eq!(report["capture"]["leaks_not_captured"], 0);
     for p in &packets {
         assert_eq!(
             (p.src.as_str(), p.dst.as_str(), p.dport.as_str()),
