@@ -190,9 +190,9 @@ pub fn attach_samples(
 /// modules), or the address when unknown.
 pub fn function_at(kallsyms: &Kallsyms, location: u64) -> String {
     match kallsyms.symbolize(location) {
-        Some((sym, _)) => match &sym.module {
+        Some((sym, _)) => match sym.module {
             Some(module) => format!("{module}:{}", sym.name),
-            None => sym.name.clone(),
+            None => sym.name.to_string(),
         },
         None => format!("{location:#x}"),
     }

@@ -5,12 +5,12 @@
 use std::collections::HashMap;
 
 /// One text symbol.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Symbol {
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Symbol<'a> {
     pub address: u64,
-    pub name: String,
+    pub name: &'a str,
     /// `None` for vmlinux, else the module name.
-    pub module: Option<String>,
+    pub module: Option<&'a str>,
 }
 
 /// Where a function can be found.
@@ -26,13 +26,27 @@ pub enum Presence {
     Absent,
 }
 
+/// A text symbol as stored: its name is a slice of `Kallsyms::names`.
+#[derive(Clone, Copy, Debug)]
+struct Entry {
+    address: u64,
+    name_start: u32,
+    name_len: u16,
+    /// Index into `Kallsyms::modules`, `NO_MODULE` for vmlinux.
+    module: u16,
+}
+
+const NO_MODULE: u16 = u16::MAX;
+
+/// The kernel's text symbols, held compactly: some 120,000 of them, all
+/// names in one string (one allocation, not one per symbol), looked up by
+/// name only a few times per run.
 #[derive(Debug, Default)]
 pub struct Kallsyms {
-    /// Text symbols sorted by address.
-    text: Vec<Symbol>,
-    by_name: HashMap<String, usize>,
-    /// Base name -> first clone symbol seen (e.g. `ip_fragment.constprop.0`).
-    clones: HashMap<String, String>,
+    names: String,
+    /// Sorted by address.
+    text: Vec<Entry>,
+    modules: Vec<String>,
     /// The few data symbols we need (see `DATA_SYMBOLS`).
     data: HashMap<String, u64>,
 }
@@ -46,9 +60,7 @@ impl Kallsyms {
     }
 
     pub fn parse(text: &str) -> Self {
-        let mut text_symbols = Vec::new();
-        let mut clones = HashMap::new();
-        let mut data = HashMap::new();
+        let mut kallsyms = Self::default();
         for line in text.lines() {
             let mut fields = line.split_whitespace();
             let (Some(address), Some(kind), Some(name)) =
@@ -60,36 +72,61 @@ impl Kallsyms {
                 continue;
             };
             if DATA_SYMBOLS.contains(&name) {
-                data.insert(name.to_string(), address);
+                kallsyms.data.insert(name.to_string(), address);
             }
             if !matches!(kind, "t" | "T" | "w" | "W") {
                 continue;
             }
-            let module = fields
-                .next()
-                .map(|m| m.trim_start_matches('[').trim_end_matches(']').to_string());
-            if let Some((base, _)) = name.split_once('.') {
-                clones
-                    .entry(base.to_string())
-                    .or_insert_with(|| name.to_string());
-            }
-            text_symbols.push(Symbol {
+            let (Ok(name_start), Ok(name_len)) = (
+                u32::try_from(kallsyms.names.len()),
+                u16::try_from(name.len()),
+            ) else {
+                continue;
+            };
+            let module = match fields.next() {
+                Some(m) => kallsyms.module_index(m.trim_start_matches('[').trim_end_matches(']')),
+                None => NO_MODULE,
+            };
+            kallsyms.names.push_str(name);
+            kallsyms.text.push(Entry {
                 address,
-                name: name.to_string(),
+                name_start,
+                name_len,
                 module,
             });
         }
-        text_symbols.sort_by_key(|s| s.address);
-        let by_name = text_symbols
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (s.name.clone(), i))
-            .collect();
-        Self {
-            text: text_symbols,
-            by_name,
-            clones,
-            data,
+        kallsyms.text.sort_unstable_by_key(|e| e.address);
+        kallsyms.names.shrink_to_fit();
+        kallsyms
+    }
+
+    /// The index of a module's name, added if new (symbols of one module
+    /// come in a row, so the last one is the usual answer).
+    fn module_index(&mut self, module: &str) -> u16 {
+        if let Some(last) = self.modules.len().checked_sub(1)
+            && self.modules[last] == module
+        {
+            return last as u16;
+        }
+        match self.modules.iter().position(|m| m == module) {
+            Some(i) => i as u16,
+            None if self.modules.len() < usize::from(NO_MODULE) => {
+                self.modules.push(module.to_string());
+                (self.modules.len() - 1) as u16
+            }
+            None => NO_MODULE,
+        }
+    }
+
+    fn symbol(&self, entry: &Entry) -> Symbol<'_> {
+        let start = entry.name_start as usize;
+        Symbol {
+            address: entry.address,
+            name: &self.names[start..start + usize::from(entry.name_len)],
+            module: self
+                .modules
+                .get(usize::from(entry.module))
+                .map(String::as_str),
         }
     }
 
@@ -103,22 +140,36 @@ impl Kallsyms {
         self.data.get(name).copied().filter(|&a| a != 0)
     }
 
+    /// Whether `function` can be probed by its name (one scan: asked a
+    /// few times per run).
     pub fn presence(&self, function: &str) -> Presence {
-        if let Some(&i) = self.by_name.get(function) {
-            return Presence::Exact {
-                module: self.text[i].module.clone(),
-            };
+        let mut clone = None;
+        for entry in &self.text {
+            let symbol = self.symbol(entry);
+            if symbol.name == function {
+                return Presence::Exact {
+                    module: symbol.module.map(str::to_string),
+                };
+            }
+            if clone.is_none()
+                && symbol
+                    .name
+                    .strip_prefix(function)
+                    .is_some_and(|rest| rest.starts_with('.'))
+            {
+                clone = Some(symbol.name);
+            }
         }
-        match self.clones.get(function) {
-            Some(clone) => Presence::CloneOnly(clone.clone()),
+        match clone {
+            Some(name) => Presence::CloneOnly(name.to_string()),
             None => Presence::Absent,
         }
     }
 
     /// `function+0xoff` for a kernel text address.
-    pub fn symbolize(&self, address: u64) -> Option<(&Symbol, u64)> {
+    pub fn symbolize(&self, address: u64) -> Option<(Symbol<'_>, u64)> {
         let index = self.text.partition_point(|s| s.address <= address);
-        let symbol = self.text.get(index.checked_sub(1)?)?;
+        let symbol = self.symbol(self.text.get(index.checked_sub(1)?)?);
         (symbol.address != 0).then(|| (symbol, address - symbol.address))
     }
 }
@@ -142,12 +193,9 @@ ffffffffc0a01000 t esp_input\t[esp4]
     fn symbolizes_addresses_inside_functions() {
         let syms = Kallsyms::parse(SAMPLE);
         let (sym, off) = syms.symbolize(0xffffffff81ff80a0).unwrap();
-        assert_eq!((sym.name.as_str(), off), ("ip_forward", 0x10));
+        assert_eq!((sym.name, off), ("ip_forward", 0x10));
         let (sym, off) = syms.symbolize(0xffffffffc0a01004).unwrap();
-        assert_eq!(
-            (sym.name.as_str(), sym.module.as_deref(), off),
-            ("esp_input", Some("esp4"), 4)
-        );
+        assert_eq!((sym.name, sym.module, off), ("esp_input", Some("esp4"), 4));
         assert!(syms.symbolize(0x10).is_none());
     }
 
