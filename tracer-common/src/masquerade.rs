@@ -7,36 +7,50 @@
 //! lookup; when the new source matches no policy the bundle is replaced by
 //! the plain route and the okfn finds `skb_dst(skb)->xfrm == NULL`: the
 //! packet leaves unencrypted. The eBPF side remembers each skb at the first
-//! hook (pre-NAT header, SA, policy) and counts it at the second when its
-//! route lost the bundle.
+//! hook (pre-NAT header, the bundle's SA and policy) in a per-CPU slot and
+//! counts it at the second when its route lost the bundle.
 
 /// Capacity of the per-CPU leak table; leaks whose key does not fit are
 /// counted in `MASQ_ERRORS[error::TABLE_FULL]`.
 pub const LEAK_TABLE_ENTRIES: u32 = 4096;
 
-/// What the bundle said about an skb when it entered POSTROUTING.
+/// An skb that entered POSTROUTING with a bundle: its header before NAT,
+/// and the bundle's SA and policy, read only if the okfn finds it leaked.
 /// Addresses: IPv4 in the first 4 bytes; network byte order.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Seen {
-    pub src: [u8; 16],
-    pub dst: [u8; 16],
-    /// Destination of the SA (the remote tunnel end).
-    pub sa_daddr: [u8; 16],
+    /// The skb's address: which packet the slot is about.
+    pub skb: u64,
+    /// `struct xfrm_state *` of the bundle (`dst->xfrm`).
+    pub state: u64,
     /// `struct xfrm_policy *` of the bundle (`xfrm_dst.pols[0]`), 0 = none.
     pub policy: u64,
-    /// Network byte order, as in the packet.
-    pub spi: u32,
-    pub reqid: u32,
-    pub policy_index: u32,
-    /// Family of the inner packet and of the SA (AF_INET 2, AF_INET6 10).
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    /// Family of the inner packet (AF_INET 2, AF_INET6 10).
     pub family: u16,
-    pub sa_family: u16,
     pub proto: u8,
     /// 1 if the skb belongs to a local socket (locally generated).
     pub local: u8,
-    pub _pad: [u8; 6],
+    pub _pad: [u8; 4],
 }
+
+/// Skbs a CPU is between the two hooks with. POSTROUTING runs its okfn
+/// synchronously, so an skb's slot is on the CPU that filled it; a few
+/// slots, taken in turn, leave room for a softirq's packet arriving while
+/// a local send is between its hooks. A per-CPU array instead of a hash
+/// map: no insert and no delete per IPsec packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Entered {
+    pub slots: [Seen; ENTERED_SLOTS],
+    /// The slot to fill next.
+    pub next: u32,
+    pub _pad: u32,
+}
+
+pub const ENTERED_SLOTS: usize = 4;
 
 /// One row of the leak table: a pre-NAT flow that POSTROUTING NAT re-routed
 /// out of its IPsec bundle.
@@ -125,6 +139,7 @@ pub mod error {
 #[cfg(feature = "user")]
 mod pod {
     unsafe impl aya::Pod for super::Seen {}
+    unsafe impl aya::Pod for super::Entered {}
     unsafe impl aya::Pod for super::LeakKey {}
     unsafe impl aya::Pod for super::LeakCount {}
     unsafe impl aya::Pod for super::PolicyKey {}

@@ -10,15 +10,16 @@ use aya_ebpf::{
 use tracer_common::{
     capture::SampleBudget,
     masquerade::{
-        LEAK_TABLE_ENTRIES, LeakCount, LeakKey, LeakSample, PolicyKey, Seen, Selector, error,
+        ENTERED_SLOTS, Entered, LEAK_TABLE_ENTRIES, LeakCount, LeakKey, LeakSample, PolicyKey,
+        Selector, error,
     },
 };
 
 use crate::{KERNEL_OFFSETS, attribution::skb_dst, capture, read_at};
 
-/// Skbs that entered POSTROUTING with a bundle, by skb address.
+/// Skbs between POSTROUTING's two hooks, per CPU.
 #[map]
-static MASQ_SEEN: LruHashMap<u64, Seen> = LruHashMap::with_max_entries(16384, 0);
+static MASQ_ENTERED: PerCpuArray<Entered> = PerCpuArray::with_max_entries(1, 0);
 
 /// Re-routed skbs between the okfn's entry and exit (for the outcome).
 #[map]
@@ -139,24 +140,24 @@ pub fn entering_postrouting(skb: u64) {
     if x == 0 {
         return;
     }
-    let mut seen = core::mem::MaybeUninit::<Seen>::uninit();
-    let seen = zeroed(&mut seen);
+    let Some(entered) = MASQ_ENTERED.get_ptr_mut(0) else {
+        return;
+    };
+    let entered = unsafe { &mut *entered };
+    let index = (entered.next as usize) % ENTERED_SLOTS;
+    entered.next = entered.next.wrapping_add(1);
+    let Some(seen) = entered.slots.get_mut(index) else {
+        return;
+    };
+    seen.skb = skb;
+    seen.state = x;
     let (family, proto) = unsafe { ip_header(skb, &mut seen.src, &mut seen.dst) };
     seen.family = family;
     seen.proto = proto;
-    seen.spi = unsafe { read_at(x, o.xfrm_state_spi) }.unwrap_or(0);
-    seen.reqid = unsafe { read_at(x, o.xfrm_state_reqid) }.unwrap_or(0);
-    unsafe { read_field(&mut seen.sa_daddr, x, o.xfrm_state_daddr) };
-    seen.sa_family = unsafe { read_at(x, o.xfrm_state_family) }.unwrap_or(0);
     // The bundle is a struct xfrm_dst whose first member is the dst_entry.
-    let policy: u64 = unsafe { read_at(dst, o.xfrm_dst_pols) }.unwrap_or(0);
-    if policy != 0 {
-        seen.policy = policy;
-        seen.policy_index = unsafe { read_at(policy, o.xfrm_policy_index) }.unwrap_or(0);
-    }
+    seen.policy = unsafe { read_at(dst, o.xfrm_dst_pols) }.unwrap_or(0);
     let sk: u64 = unsafe { read_at(skb, o.sk_buff_sk) }.unwrap_or(0);
     seen.local = u8::from(sk != 0);
-    let _ = MASQ_SEEN.insert(&skb, seen, 0);
 }
 
 /// fentry/kprobe `__xfrm4_output`/`__xfrm6_output` (the okfn of that
@@ -171,8 +172,7 @@ pub fn leaving_postrouting(skb: u64, track_outcome: bool) {
     }
     let x: u64 = unsafe { read_at(dst, o.dst_entry_xfrm) }.unwrap_or(1);
     if x != 0 {
-        // Still IPsec (the normal case): forget the skb.
-        let _ = MASQ_SEEN.remove(&skb);
+        // Still IPsec (the normal case): its slot is simply reused.
         return;
     }
     let mut key = core::mem::MaybeUninit::<LeakKey>::uninit();
@@ -190,23 +190,27 @@ pub fn leaving_postrouting(skb: u64, track_outcome: bool) {
         key.netns = unsafe { read_at(net, o.net_ns_inum) }.unwrap_or(0);
     }
     let mut policy: u64 = 0;
-    if let Some(seen) = unsafe { MASQ_SEEN.get(&skb) } {
+    if let Some(seen) = entered_slot(skb) {
         key.pre_src = seen.src;
         key.pre_dst = seen.dst;
-        key.sa_daddr = seen.sa_daddr;
-        key.spi = seen.spi;
-        key.reqid = seen.reqid;
-        key.policy_index = seen.policy_index;
-        key.sa_family = seen.sa_family;
         key.local = seen.local;
         key.seen = 1;
+        // The SA and policy outlive the bundle NAT dropped (the SAD and
+        // SPD hold them); read only now, for the packet that leaked.
+        let x = seen.state;
+        key.spi = unsafe { read_at(x, o.xfrm_state_spi) }.unwrap_or(0);
+        key.reqid = unsafe { read_at(x, o.xfrm_state_reqid) }.unwrap_or(0);
+        unsafe { read_field(&mut key.sa_daddr, x, o.xfrm_state_daddr) };
+        key.sa_family = unsafe { read_at(x, o.xfrm_state_family) }.unwrap_or(0);
         policy = seen.policy;
+        if policy != 0 {
+            key.policy_index = unsafe { read_at(policy, o.xfrm_policy_index) }.unwrap_or(0);
+        }
     } else {
         count_error(error::UNSEEN);
         let sk: u64 = unsafe { read_at(skb, o.sk_buff_sk) }.unwrap_or(0);
         key.local = u8::from(sk != 0);
     }
-    let _ = MASQ_SEEN.remove(&skb);
     let len: u32 = unsafe { read_at(skb, o.sk_buff_len) }.unwrap_or(0);
     if let Some(count) = MASQ_LEAKS.get_ptr_mut(key) {
         unsafe {
@@ -248,6 +252,21 @@ pub fn leaving_postrouting(skb: u64, track_outcome: bool) {
     if track_outcome {
         let _ = MASQ_PENDING.insert(&skb, key, 0);
     }
+}
+
+/// This CPU's slot for `skb`, if it entered POSTROUTING here.
+#[inline(always)]
+fn entered_slot(skb: u64) -> Option<&'static tracer_common::masquerade::Seen> {
+    let entered = unsafe { &*MASQ_ENTERED.get_ptr(0)? };
+    // Newest first: a freed skb's address comes back for a later packet.
+    for age in 1..=ENTERED_SLOTS as u32 {
+        let index = (entered.next.wrapping_sub(age) as usize) % ENTERED_SLOTS;
+        let slot = entered.slots.get(index)?;
+        if slot.skb == skb {
+            return Some(slot);
+        }
+    }
+    None
 }
 
 /// Sends the leaked packet's headers, as it leaves, if the budget allows.
