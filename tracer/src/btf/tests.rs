@@ -1,9 +1,11 @@
-//! Checked against the BTF of the machine running the tests and on
-//! crafted files.
+//! Checked against the BTF of the machine running the tests, against
+//! `bpftool`'s reading of it, and on crafted and garbled files.
 
 use super::*;
+use std::collections::HashMap;
 
-// These run against the BTF of the machine running the tests.
+// These run against the BTF of the machine running the tests; the values
+// are checked against `bpftool btf dump` by the test that runs it.
 fn running() -> Option<KernelBtf> {
     KernelBtf::running().ok()
 }
@@ -69,6 +71,293 @@ fn functions_are_listed() {
     let Some(btf) = running() else { return };
     assert!(btf.has_function("xfrm_input"));
     assert!(!btf.has_function("no_such_function_xyz"));
+}
+
+/// `bpftool btf dump file /sys/kernel/btf/vmlinux format raw`, parsed:
+/// an independent reading of the same BTF to check ours against.
+struct RawDump {
+    /// By type id: kind, name, referenced type, and for structs and
+    /// unions their members (name, type, bit offset, bitfield size).
+    types: HashMap<u32, RawType>,
+    by_name: HashMap<(String, String), Vec<u32>>,
+}
+
+#[derive(Default)]
+struct RawType {
+    kind: String,
+    name: String,
+    type_id: u32,
+    members: Vec<(String, u32, u32, u32)>,
+    values: Vec<(String, i128)>,
+}
+
+/// `'name' key=value key=value …`, as bpftool prints each type and member.
+fn raw_fields(line: &str) -> (String, HashMap<&str, &str>) {
+    let (name, rest) = match line.trim().strip_prefix('\'') {
+        Some(quoted) => quoted.split_once('\'').unwrap_or((quoted, "")),
+        None => ("", line),
+    };
+    let fields = rest
+        .split_whitespace()
+        .filter_map(|f| f.trim_end_matches(',').split_once('='))
+        .collect();
+    (name.replace("(anon)", ""), fields)
+}
+
+impl RawDump {
+    /// None when bpftool is not installed or cannot read the BTF.
+    fn running() -> Option<Self> {
+        let out = std::process::Command::new("bpftool")
+            .args(["btf", "dump", "file", VMLINUX_BTF, "format", "raw"])
+            .output()
+            .ok()
+            .filter(|out| out.status.success())?;
+        let text = String::from_utf8(out.stdout).ok()?;
+        let mut types = HashMap::new();
+        let mut current = 0;
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix('[') {
+                // [873] STRUCT 'sk_buff' size=224 vlen=28
+                let (id, rest) = rest.split_once("] ")?;
+                let (kind, rest) = rest.split_once(' ')?;
+                let (name, fields) = raw_fields(rest);
+                current = id.parse().ok()?;
+                let type_id = fields.get("type_id").map_or(0, |t| t.parse().unwrap());
+                let kind = kind.to_string();
+                types.insert(
+                    current,
+                    RawType {
+                        kind,
+                        name,
+                        type_id,
+                        ..RawType::default()
+                    },
+                );
+            } else {
+                // \t'dev' type_id=2776 bits_offset=0 [bitfield_size=1]
+                // \t'SKB_DROP_REASON_NOT_SPECIFIED' val=2
+                let (name, fields) = raw_fields(line);
+                let ty = types.get_mut(&current)?;
+                let number = |key| fields.get(key).map_or(0, |v: &&str| v.parse().unwrap());
+                if let Some(value) = fields.get("val") {
+                    // ENUM64 values end in "ULL".
+                    let value = value.trim_end_matches("ULL").parse().unwrap();
+                    ty.values.push((name, value));
+                } else {
+                    let member = (
+                        name,
+                        number("type_id"),
+                        number("bits_offset"),
+                        number("bitfield_size"),
+                    );
+                    ty.members.push(member);
+                }
+            }
+        }
+        let mut by_name: HashMap<(String, String), Vec<u32>> = HashMap::new();
+        for (id, ty) in &types {
+            let key = (ty.kind.clone(), ty.name.clone());
+            by_name.entry(key).or_default().push(*id);
+        }
+        by_name.values_mut().for_each(|ids| ids.sort_unstable());
+        Some(Self { types, by_name })
+    }
+
+    /// The ids of the types of `kind` named `name`, in order.
+    fn ids(&self, kind: &str, name: &str) -> &[u32] {
+        self.by_name
+            .get(&(kind.to_string(), name.to_string()))
+            .map_or(&[], Vec::as_slice)
+    }
+
+    /// Bit offset and bitfield size of `path` in type `id`, walked the
+    /// plain way: behind typedefs, anonymous members searched depth first.
+    fn place(&self, mut id: u32, path: &[&str]) -> Option<(u32, u32)> {
+        let [first, rest @ ..] = path else {
+            return Some((0, 0));
+        };
+        let mut ty = self.types.get(&id)?;
+        while matches!(
+            ty.kind.as_str(),
+            "TYPEDEF" | "CONST" | "VOLATILE" | "RESTRICT"
+        ) {
+            id = ty.type_id;
+            ty = self.types.get(&id)?;
+        }
+        for (name, member_ty, bits, size) in &ty.members {
+            let found = if name.is_empty() {
+                self.place(*member_ty, path)
+            } else if name == first {
+                self.place(*member_ty, rest)
+                    .map(|(b, s)| if rest.is_empty() { (0, *size) } else { (b, s) })
+            } else {
+                None
+            };
+            if let Some((inner, inner_size)) = found {
+                return Some((bits + inner, inner_size));
+            }
+        }
+        None
+    }
+}
+
+#[test]
+fn offsets_enums_and_functions_agree_with_bpftool() {
+    let Some(btf) = running() else { return };
+    let Some(raw) = RawDump::running() else {
+        eprintln!("bpftool cannot dump {VMLINUX_BTF}: skipped");
+        return;
+    };
+    // Every path tracer/src/ebpf reads, and every member of their structs.
+    let mut paths: Vec<(&str, String)> = [
+        ("sk_buff", "dev"),
+        ("sk_buff", "sk"),
+        ("sk_buff", "head"),
+        ("sk_buff", "data"),
+        ("sk_buff", "network_header"),
+        ("sk_buff", "transport_header"),
+        ("sk_buff", "len"),
+        ("sk_buff", "_skb_refdst"),
+        ("sk_buff", "end"),
+        ("sk_buff", "tail"),
+        ("sk_buff", "cloned"),
+        ("net_device", "ifindex"),
+        ("net_device", "nd_net"),
+        ("net_device", "mtu"),
+        ("sock", "__sk_common.skc_net"),
+        ("net", "ns.inum"),
+        ("net", "mib.xfrm_statistics"),
+        ("dst_entry", "xfrm"),
+        ("dst_entry", "ops"),
+        ("dst_entry", "dev"),
+        ("dst_ops", "family"),
+        ("xfrm_state", "id.spi"),
+        ("xfrm_state", "id.daddr"),
+        ("xfrm_state", "props.reqid"),
+        ("xfrm_state", "props.family"),
+        ("xfrm_state", "props.saddr"),
+        ("xfrm_policy", "index"),
+        ("xfrm_policy", "selector.saddr"),
+        ("xfrm_policy", "selector.daddr"),
+        ("xfrm_policy", "selector.family"),
+        ("xfrm_policy", "selector.prefixlen_s"),
+        ("xfrm_policy", "selector.prefixlen_d"),
+        ("xfrm_policy", "selector.proto"),
+        ("flowi", "u.ip4.saddr"),
+        ("flowi", "u.ip4.daddr"),
+        ("flowi", "u.ip4.__fl_common.flowic_proto"),
+        ("flowi", "u.ip4.uli.ports.sport"),
+        ("flowi", "u.ip4.uli.ports.dport"),
+        ("flowi", "u.ip6.saddr"),
+        ("flowi", "u.ip6.daddr"),
+        ("flowi", "u.ip6.__fl_common.flowic_proto"),
+        ("flowi", "u.ip6.uli.ports.sport"),
+        ("flowi", "u.ip6.uli.ports.dport"),
+        ("skb_shared_info", "gso_size"),
+        ("xfrm_dst", "pols"),
+    ]
+    .iter()
+    .map(|(ty, path)| (*ty, path.to_string()))
+    .collect();
+    for ty in [
+        "sk_buff",
+        "net_device",
+        "sock",
+        "net",
+        "xfrm_state",
+        "xfrm_policy",
+    ] {
+        let id = raw.ids("STRUCT", ty)[0];
+        let members = &raw.types[&id].members;
+        paths.extend(
+            members
+                .iter()
+                .filter(|m| !m.0.is_empty())
+                .map(|m| (ty, m.0.clone())),
+        );
+    }
+    let mut checked = 0;
+    for (ty, path) in &paths {
+        let ids = raw.ids("STRUCT", ty);
+        assert_eq!(ids.len(), 1, "struct {ty}: {ids:?}");
+        let parts: Vec<&str> = path.split('.').collect();
+        let got = btf.member_offset(ty, path);
+        match raw.place(ids[0], &parts) {
+            // Members this kernel lacks (dst_entry.xfrm without CONFIG_XFRM).
+            None => assert!(
+                matches!(got, Err(BtfError::NoMember { .. })),
+                "{ty}.{path}: {got:?}"
+            ),
+            Some((bits, 0)) if bits % 8 == 0 => {
+                assert_eq!(got.ok(), Some(bits / 8), "{ty}.{path}");
+                checked += 1;
+            }
+            Some(_) => assert!(
+                matches!(got, Err(BtfError::Bitfield { .. })),
+                "{ty}.{path}: {got:?}"
+            ),
+        }
+    }
+    assert!(checked > 300, "{checked} offsets checked");
+    assert!(matches!(
+        btf.member_offset("sk_buff", "cloned"),
+        Err(BtfError::Bitfield { .. })
+    ));
+
+    let reasons = raw.ids("ENUM", "skb_drop_reason");
+    let expected: Vec<(String, u64)> = raw.types[&reasons[0]]
+        .values
+        .iter()
+        .map(|(name, value)| (name.clone(), *value as u64))
+        .collect();
+    assert_eq!(btf.enum_values("skb_drop_reason"), Some(expected));
+    // Signed enums and ENUM64s as the kernel has them (by name when no
+    // other enum has it), and the anonymous LINUX_MIB_* one.
+    let values = |ty: &RawType| -> Vec<(String, u64)> {
+        ty.values
+            .iter()
+            .map(|(n, v)| (n.clone(), *v as i64 as u64))
+            .collect()
+    };
+    let mut enums = 0;
+    for (id, ty) in &raw.types {
+        let signed = ty.kind == "ENUM" && ty.values.iter().any(|v| v.1 < 0);
+        let ids = [raw.ids("ENUM", &ty.name), raw.ids("ENUM64", &ty.name)].concat();
+        if (signed || ty.kind == "ENUM64") && !ty.name.is_empty() && ids == [*id] {
+            assert_eq!(
+                btf.enum_values(&ty.name),
+                Some(values(ty)),
+                "enum {}",
+                ty.name
+            );
+            enums += 1;
+        }
+    }
+    let mut mib_ids: Vec<&u32> = raw
+        .types
+        .iter()
+        .filter(|(_, t)| {
+            t.kind == "ENUM" && t.values.iter().any(|v| v.0 == "LINUX_MIB_XFRMINNOSTATES")
+        })
+        .map(|(id, _)| id)
+        .collect();
+    mib_ids.sort_unstable();
+    assert_eq!(
+        btf.enum_containing("LINUX_MIB_XFRMINNOSTATES"),
+        Some(values(&raw.types[mib_ids[0]]))
+    );
+
+    let mut funcs = 0;
+    for ty in raw.types.values().filter(|t| t.kind == "FUNC") {
+        assert!(btf.has_function(&ty.name), "{}", ty.name);
+        funcs += 1;
+    }
+    assert!(funcs > 1000);
+    eprintln!("checked against bpftool: {checked} offsets, {enums} enums, {funcs} functions");
+    let input = raw.ids("FUNC", "xfrm_input")[0];
+    let proto = &raw.types[&raw.types[&input].type_id];
+    let params: Vec<String> = proto.members.iter().map(|m| m.0.clone()).collect();
+    assert_eq!(btf.function_params("xfrm_input"), Some(params));
 }
 
 /// Writes BTF the way pahole does, for shapes a kernel's BTF may lack.
@@ -361,6 +650,183 @@ fn not_btf_or_unknown_kinds_are_one_plain_line() {
         KernelBtf::from_bytes(vec![0x9f, 0xeb, 1]).err().as_deref(),
         Some("truncated header (3 bytes)")
     );
+}
+
+/// Runs every query, on names the file holds and on the tracer's own:
+/// a garbled file must give answers or errors, never a panic or a hang.
+fn exercise(btf: &KernelBtf, own_names: bool) {
+    let mut names: Vec<String> = ["sk_buff", "old_style", "xmit", "signed_e", "wide"]
+        .map(String::from)
+        .into();
+    if own_names {
+        names.extend(
+            (1..=btf.types.len() as u32)
+                .filter_map(|id| Some(btf.name(btf.ty(id)?.name).to_string())),
+        );
+    }
+    for name in &names {
+        for path in ["dev", "id.spi", "b", "a.b.c", ""] {
+            let _ = btf.member_offset(name, path);
+        }
+        let _ = btf.enum_values(name);
+        let _ = btf.enum_containing(name);
+        let _ = btf.function_params(name);
+        let _ = btf.has_function(name);
+    }
+    let _ = drop_reason_names(btf);
+}
+
+/// The same BTF with its type section cut to `type_len` (a header field).
+fn with_type_len(data: &[u8], type_len: u32) -> Vec<u8> {
+    let mut data = data.to_vec();
+    data[12..16].copy_from_slice(&type_len.to_le_bytes());
+    data
+}
+
+/// Cuts the type section at `cuts`: parsed exactly when a cut falls
+/// between two records (with the records before it), else an error.
+fn check_type_cuts(data: &[u8], cuts: impl Iterator<Item = u32>) {
+    let btf = KernelBtf::from_bytes(data.to_vec()).unwrap();
+    // Where each record ends, as a length of the type section.
+    let type_len = u32::from_le_bytes(data[12..16].try_into().unwrap());
+    let ends: Vec<u32> = btf
+        .types
+        .iter()
+        .skip(1)
+        .map(|at| at - HEADER_LEN as u32)
+        .chain([type_len])
+        .collect();
+    for cut in cuts {
+        match KernelBtf::from_bytes(with_type_len(data, cut)) {
+            Ok(short) => {
+                let records = ends.iter().position(|&end| end == cut).map_or(0, |i| i + 1);
+                assert!(
+                    cut == 0 || records > 0,
+                    "parsed with the type section cut at {cut}"
+                );
+                assert_eq!(short.types.len(), records, "cut at {cut}");
+            }
+            Err(message) => {
+                assert!(!ends.contains(&cut) && cut != 0, "cut at {cut}: {message}");
+                assert!(
+                    message.contains("cut short") && !message.contains('\n'),
+                    "{message}"
+                );
+            }
+        }
+    }
+}
+
+/// The real BTF's first 64 KiB of types, with the strings they name,
+/// as a BTF file of its own (about 100 KiB: cheap to copy often).
+fn real_excerpt() -> Option<Vec<u8>> {
+    let real = std::fs::read(VMLINUX_BTF).ok()?;
+    let btf = KernelBtf::from_bytes(real.clone()).unwrap();
+    let strings = &real[btf.strings.clone()];
+    let str_len = strings[..strings.len().min(64 << 10)]
+        .iter()
+        .rposition(|&b| b == 0)?
+        + 1;
+    let starts: Vec<usize> = btf.types.iter().map(|&at| at as usize).collect();
+    let kept = starts
+        .windows(2)
+        .enumerate()
+        .take_while(|&(i, w)| {
+            w[1] - starts[0] <= 64 << 10 && (btf.ty(i as u32 + 1).unwrap().name as usize) < str_len
+        })
+        .count();
+    let types = &real[starts[0]..starts[kept]];
+    let mut out = real[..4].to_vec();
+    for word in [HEADER_LEN, 0, types.len(), types.len(), str_len] {
+        out.extend_from_slice(&(word as u32).to_le_bytes());
+    }
+    out.extend_from_slice(types);
+    out.extend_from_slice(&strings[..str_len]);
+    assert_eq!(
+        KernelBtf::from_bytes(out.clone()).unwrap().types.len(),
+        kept
+    );
+    Some(out)
+}
+
+#[test]
+fn truncated_btf_is_an_error_at_every_length() {
+    let crafted = crafted();
+    for len in 1..crafted.len() {
+        let message = KernelBtf::from_bytes(crafted[..len].to_vec())
+            .err()
+            .unwrap();
+        assert!(!message.contains('\n'), "{message}");
+    }
+    let type_len = u32::from_le_bytes(crafted[12..16].try_into().unwrap());
+    check_type_cuts(&crafted, 0..=type_len);
+
+    let Ok(real) = std::fs::read(VMLINUX_BTF) else {
+        return;
+    };
+    // Its header promises megabytes: every prefix is short of them.
+    for len in (1..4096).chain((4096..=64 << 10).step_by(31)) {
+        assert!(
+            KernelBtf::from_bytes(real[..len].to_vec()).is_err(),
+            "{len} bytes"
+        );
+    }
+    let excerpt = real_excerpt().unwrap();
+    for len in (1..excerpt.len()).step_by(13) {
+        assert!(
+            KernelBtf::from_bytes(excerpt[..len].to_vec()).is_err(),
+            "{len} bytes"
+        );
+    }
+    let type_len = u32::from_le_bytes(excerpt[12..16].try_into().unwrap());
+    // Every cut in the first records, then every 97th byte.
+    check_type_cuts(&excerpt, (0..2048).chain((2048..=type_len).step_by(97)));
+}
+
+#[test]
+fn garbled_btf_gives_answers_or_errors_never_a_panic() {
+    // Each byte of the crafted file set to a few values in turn.
+    let crafted = crafted();
+    exercise(&KernelBtf::from_bytes(crafted.clone()).unwrap(), true);
+    for at in 0..crafted.len() {
+        for value in [
+            0x00,
+            0x01,
+            0x07,
+            0x13,
+            0x80,
+            0xff,
+            crafted[at] ^ 0x01,
+            crafted[at] ^ 0x10,
+        ] {
+            let mut data = crafted.clone();
+            data[at] = value;
+            if let Ok(btf) = KernelBtf::from_bytes(data) {
+                exercise(&btf, true);
+            }
+        }
+    }
+    // The real excerpt with a few bytes garbled at random places.
+    let Some(excerpt) = real_excerpt() else {
+        return;
+    };
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut random = |below: usize| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed % below as u64) as usize
+    };
+    for _ in 0..2000 {
+        let mut data = excerpt.clone();
+        for _ in 0..1 + random(4) {
+            let at = random(data.len());
+            data[at] = random(256) as u8;
+        }
+        if let Ok(btf) = KernelBtf::from_bytes(data) {
+            exercise(&btf, false);
+        }
+    }
 }
 
 /// `cargo test --release -p tracer --lib time_running -- --ignored --nocapture`
