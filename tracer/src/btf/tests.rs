@@ -632,6 +632,38 @@ fn functions_are_found_by_hash_and_exactly() {
 }
 
 #[test]
+fn fuzz_seeds_hold_what_the_tracer_looks_up() {
+    // tracer/fuzz/seeds/make_btf_seeds.py: the same shapes in Python.
+    for seed in [
+        &include_bytes!("../../fuzz/seeds/btf/kernel-like-kflag.btf")[..],
+        &include_bytes!("../../fuzz/seeds/btf/kernel-like-old-bitfields.btf")[..],
+    ] {
+        let btf = KernelBtf::from_bytes(seed.to_vec()).unwrap();
+        let offset = |ty, path| btf.member_offset(ty, path).unwrap();
+        assert_eq!(offset("sk_buff", "dev"), 8);
+        assert_eq!(offset("sk_buff", "mark"), 21);
+        assert!(matches!(
+            btf.member_offset("sk_buff", "cloned"),
+            Err(BtfError::Bitfield { .. })
+        ));
+        assert_eq!(offset("sock", "__sk_common.skc_net"), 0);
+        assert_eq!(offset("xfrm_state", "id.spi"), 4);
+        assert_eq!(offset("xfrm_state", "props.family"), 8);
+        assert_eq!(offset("flowi", "u.ip4.uli.ports.sport"), 2);
+        let reasons = drop_reason_names(&btf);
+        assert_eq!(reasons.get(&40).map(String::as_str), Some("XFRM_POLICY"));
+        let mib = btf.enum_containing("LINUX_MIB_XFRMINNOSTATES").unwrap();
+        assert_eq!(mib[1], ("LINUX_MIB_XFRMINNOSTATES".into(), 4));
+        assert_eq!(btf.enum_values("signed").unwrap()[0].1, u64::MAX);
+        assert_eq!(btf.enum_values("wide").unwrap()[0].1, 2 << 32 | 1);
+        assert_eq!(
+            btf.function_params("xfrm_input"),
+            Some(vec!["skb".into(), String::new()])
+        );
+    }
+}
+
+#[test]
 fn not_btf_or_unknown_kinds_are_one_plain_line() {
     let mut data = crafted();
     data[..2].copy_from_slice(&[0xeb, 0x9f]);
