@@ -97,15 +97,6 @@ pub struct SourceKey {
     pub flow: Flow,
 }
 
-/// An SA seen by xfrm_input, remembered per skb for the policy check that
-/// follows decapsulation.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct SaSeen {
-    pub spi: u32,
-    pub reqid: u32,
-}
-
 /// One attributed increment, sent to userspace through a ring buffer
 /// (rate-limited: the counts in `SourceKey` stay exact regardless).
 #[repr(C)]
@@ -145,6 +136,5 @@ pub mod error {
 mod pod {
     unsafe impl aya::Pod for super::Flow {}
     unsafe impl aya::Pod for super::SourceKey {}
-    unsafe impl aya::Pod for super::SaSeen {}
     unsafe impl aya::Pod for super::Sample {}
 }

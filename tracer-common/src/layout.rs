@@ -74,6 +74,15 @@ pub struct KernelOffsets {
     /// `sk_buff.tail` (an offset from `head` on 64-bit kernels): where the
     /// linear data ends, so header copies stop at the packet's end.
     pub sk_buff_tail: u32,
+    // The SAs that decapsulated a received packet: its sec_path, an skb
+    // extension (all optional; ABSENT without CONFIG_SKB_EXTENSIONS).
+    pub sk_buff_active_extensions: u32,
+    pub sk_buff_extensions: u32,
+    pub skb_ext_offset: u32,
+    /// `SKB_EXT_SEC_PATH` (its value depends on the kernel's config).
+    pub skb_ext_sec_path: u32,
+    pub sec_path_len: u32,
+    pub sec_path_xvec: u32,
     pub _pad2: u32,
 }
 
@@ -134,6 +143,12 @@ impl KernelOffsets {
         xfrm_policy_sel_proto: ABSENT,
         sk_buff_data: ABSENT,
         sk_buff_tail: ABSENT,
+        sk_buff_active_extensions: ABSENT,
+        sk_buff_extensions: ABSENT,
+        skb_ext_offset: ABSENT,
+        skb_ext_sec_path: ABSENT,
+        sec_path_len: ABSENT,
+        sec_path_xvec: ABSENT,
         _pad2: 0,
     };
 }

@@ -7,13 +7,15 @@ use aya_ebpf::{
         generated::bpf_probe_read_kernel as probe_read_raw,
     },
     macros::map,
-    maps::{LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf, StackTrace},
+    maps::{PerCpuArray, PerCpuHashMap, RingBuf, StackTrace},
     programs::tracing::StackIdContext,
 };
 use tracer_common::attribution::{
-    Flow, Frame, FrameStack, MAX_COUNTERS, MAX_DEPTH, SaSeen, Sample, SourceKey, dir, error, hook,
+    Flow, Frame, FrameStack, MAX_COUNTERS, MAX_DEPTH, Sample, SourceKey, dir, error, hook,
 };
 use tracer_common::capture::{Headers, SampleBudget};
+
+use tracer_common::layout::ABSENT;
 
 use crate::{KERNEL_OFFSETS, capture, read_at};
 
@@ -27,10 +29,6 @@ static AFTER: PerCpuArray<[u64; MAX_COUNTERS]> = PerCpuArray::with_max_entries(1
 /// Increments per (counter, bracket, flow): exact at any rate.
 #[map]
 static SOURCES: PerCpuHashMap<SourceKey, u64> = PerCpuHashMap::with_max_entries(16384, 0);
-
-/// The SA xfrm_input found for an skb, for the policy check after decap.
-#[map]
-static SKB_SA: LruHashMap<u64, SaSeen> = LruHashMap::with_max_entries(8192, 0);
 
 /// Per-increment samples for userspace (with kernel stacks).
 #[map]
@@ -402,13 +400,43 @@ unsafe fn read_pending_flow(frame: &mut Frame) {
     }
     let skb = frame.token;
     if frame.hook == hook::POLICY_CHECK {
-        if let Some(sa) = unsafe { SKB_SA.get(&skb) } {
-            frame.flow.spi = sa.spi;
-            frame.flow.reqid = sa.reqid;
+        let x = unsafe { decapsulating_sa(skb) };
+        if x != 0 {
+            let o = KERNEL_OFFSETS.load();
+            frame.flow.spi = unsafe { read_at(x, o.xfrm_state_spi) }.unwrap_or(0);
+            frame.flow.reqid = unsafe { read_at(x, o.xfrm_state_reqid) }.unwrap_or(0);
         }
     }
     unsafe { flow_from_skb(skb, &mut frame.flow, &mut frame.seq) };
     unsafe { capture::copy_headers(skb, &mut frame.headers) };
+}
+
+/// The last SA that decapsulated a received skb (0 if none): its
+/// sec_path, the skb extension the policy check itself reads.
+#[inline(always)]
+unsafe fn decapsulating_sa(skb: u64) -> u64 {
+    let o = KERNEL_OFFSETS.load();
+    if o.skb_ext_sec_path == ABSENT || o.sec_path_xvec == ABSENT || o.skb_ext_offset == ABSENT {
+        return 0;
+    }
+    let active: u8 = unsafe { read_at(skb, o.sk_buff_active_extensions) }.unwrap_or(0);
+    if active & (1u8 << (o.skb_ext_sec_path & 7)) == 0 {
+        return 0;
+    }
+    let ext: u64 = unsafe { read_at(skb, o.sk_buff_extensions) }.unwrap_or(0);
+    if ext == 0 {
+        return 0;
+    }
+    // skb_ext_find(): the extension sits offset[id] 8-byte units in.
+    let units: u8 = unsafe { read_at(ext, o.skb_ext_offset + o.skb_ext_sec_path) }.unwrap_or(0);
+    let sp = ext + (u64::from(units) << 3);
+    let len: i32 = unsafe { read_at(sp, o.sec_path_len) }.unwrap_or(0);
+    // XFRM_MAX_DEPTH is 6.
+    if !(1..=6).contains(&len) {
+        return 0;
+    }
+    let slot = o.sec_path_xvec + (len as u32 - 1) * 8;
+    unsafe { read_at(sp, slot) }.unwrap_or(0)
 }
 
 /// Sends a sample if this CPU's budget for the current second allows.
@@ -471,8 +499,8 @@ fn open_frame() -> Option<&'static mut tracer_common::attribution::Frame> {
         .get_mut((stack.depth.wrapping_sub(1) as usize) & 7)
 }
 
-/// An SA lookup in xfrm_input returned `x`: name it in the open bracket and
-/// remember it for the skb's policy check.
+/// An SA lookup in xfrm_input returned `x`: name it in the open bracket
+/// (the policy check later finds it in the skb's sec_path).
 #[inline(always)]
 pub fn state_found(x: u64) {
     if x == 0 {
@@ -483,13 +511,8 @@ pub fn state_found(x: u64) {
         return;
     }
     let o = KERNEL_OFFSETS.load();
-    let sa = SaSeen {
-        spi: unsafe { read_at(x, o.xfrm_state_spi) }.unwrap_or(0),
-        reqid: unsafe { read_at(x, o.xfrm_state_reqid) }.unwrap_or(0),
-    };
-    frame.flow.spi = sa.spi;
-    frame.flow.reqid = sa.reqid;
-    let _ = SKB_SA.insert(&frame.token, &sa, 0);
+    frame.flow.spi = unsafe { read_at(x, o.xfrm_state_spi) }.unwrap_or(0);
+    frame.flow.reqid = unsafe { read_at(x, o.xfrm_state_reqid) }.unwrap_or(0);
 }
 
 /// A policy lookup returned `policy`: name it in the open bracket.

@@ -95,6 +95,18 @@ impl KernelLayout {
             xfrm_policy_sel_proto: optional("xfrm_policy", "selector.proto"),
             sk_buff_data: optional("sk_buff", "data"),
             sk_buff_tail: optional("sk_buff", "tail"),
+            sk_buff_active_extensions: optional("sk_buff", "active_extensions"),
+            sk_buff_extensions: optional("sk_buff", "extensions"),
+            skb_ext_offset: optional("skb_ext", "offset"),
+            skb_ext_sec_path: btf
+                .enum_values("skb_ext_id")
+                .and_then(|values| {
+                    let (_, value) = values.into_iter().find(|(n, _)| n == "SKB_EXT_SEC_PATH")?;
+                    u32::try_from(value).ok().filter(|&v| v < 8)
+                })
+                .unwrap_or(ABSENT),
+            sec_path_len: optional("sec_path", "len"),
+            sec_path_xvec: optional("sec_path", "xvec"),
             _pad2: 0,
         };
         let format = tracefs::format("skb", "kfree_skb")?;
