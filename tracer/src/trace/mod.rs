@@ -140,7 +140,7 @@ pub fn run(options: &Options) -> anyhow::Result<Outcome> {
         pluto_problems,
         counters_unavailable,
     };
-    // The parsed BTF is by far the largest thing in memory and is not
+    // The kernel's BTF (several MiB) is the largest thing in memory and is not
     // needed once attached: free it and give the pages back, so a long
     // run (a drop storm) holds only what it reports from.
     drop(btf);
