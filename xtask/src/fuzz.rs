@@ -29,7 +29,7 @@ pub struct Options {
 
 /// Seconds per target in `cargo xtask test`: with the build, the step
 /// stays under 4 minutes on a 2-core machine.
-pub const TEST_SECONDS: u64 = 10;
+pub const TEST_SECONDS: u64 = 5;
 
 /// Real data kept beside the parsers that seeds a target too, besides
 /// `tracer/fuzz/seeds/<target>`.
