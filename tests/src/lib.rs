@@ -187,6 +187,26 @@ pub fn kernel_stacks(pid: u32) -> String {
     text
 }
 
+/// Waits at most `limit` for `child` to exit, and returns its output. One
+/// still running then is killed, and fails the test with what each of its
+/// threads was waiting for in the kernel.
+pub fn output_within(child: Child, limit: Duration) -> Output {
+    let pid = child.id();
+    let (sender, receiver) = std::sync::mpsc::channel();
+    std::thread::spawn(move || sender.send(child.wait_with_output()));
+    match receiver.recv_timeout(limit) {
+        Ok(output) => output.expect("wait for xfrm-trace"),
+        Err(_) => {
+            let stacks = kernel_stacks(pid);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            panic!("xfrm-trace still running {limit:?} after it was asked to stop:\n{stacks}");
+        }
+    }
+}
+
 /// A running `xfrm-trace`, killed on drop.
 pub struct Tracer {
     pub child: Child,
@@ -238,39 +258,14 @@ impl Tracer {
         tracer
     }
 
-    /// Waits for the run to end and returns its output. A run still going
-    /// after `EXIT_LIMIT` fails the test with what each of its threads is
-    /// waiting for in the kernel, and is killed (on drop).
+    /// Waits for the run to end (at most `EXIT_LIMIT`, see
+    /// `output_within`) and returns its output.
     pub fn take_output(&mut self) -> Output {
-        let read = |pipe: Option<Box<dyn std::io::Read + Send>>| {
-            std::thread::spawn(move || {
-                let mut bytes = Vec::new();
-                if let Some(mut pipe) = pipe {
-                    let _ = pipe.read_to_end(&mut bytes);
-                }
-                bytes
-            })
-        };
-        let stdout = read(self.child.stdout.take().map(|p| Box::new(p) as _));
-        let stderr = read(self.child.stderr.take().map(|p| Box::new(p) as _));
-        let started = Instant::now();
-        let status = loop {
-            if let Some(status) = self.child.try_wait().expect("wait for xfrm-trace") {
-                break status;
-            }
-            if started.elapsed() > EXIT_LIMIT {
-                panic!(
-                    "xfrm-trace still running {EXIT_LIMIT:?} after it was asked to stop:\n{}",
-                    kernel_stacks(self.child.id())
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        Output {
-            status,
-            stdout: stdout.join().unwrap_or_default(),
-            stderr: stderr.join().unwrap_or_default(),
-        }
+        let child = std::mem::replace(
+            &mut self.child,
+            Command::new("true").spawn().expect("spawn true"),
+        );
+        output_within(child, EXIT_LIMIT)
     }
 
     /// Sends SIGINT (as Ctrl-C does) and waits for the report.

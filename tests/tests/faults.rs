@@ -8,14 +8,14 @@ use std::{
     net::UdpSocket,
     os::unix::process::ExitStatusExt as _,
     path::Path,
-    process::{Child, Command, Output, Stdio},
+    process::{Command, Output, Stdio},
     sync::Mutex,
     time::{Duration, Instant},
 };
 
 use nix::sys::signal::Signal;
 use serde_json::Value;
-use tests::{Namespaces, Tracer, binary, require_root, scratch, sh};
+use tests::{Namespaces, Tracer, binary, output_within, require_root, scratch, sh};
 
 /// Runs of the tracer, one at a time: they look at kernel-wide BPF objects.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -124,20 +124,6 @@ fn assert_nothing_left(
             "still loaded 30 s after xfrm-trace exited: {left:?}"
         );
         std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-/// Waits at most `limit` for the process to exit, and returns its output.
-fn output_within(child: Child, limit: Duration) -> Output {
-    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-    let (sender, receiver) = std::sync::mpsc::channel();
-    std::thread::spawn(move || sender.send(child.wait_with_output()));
-    match receiver.recv_timeout(limit) {
-        Ok(output) => output.expect("wait for xfrm-trace"),
-        Err(_) => {
-            let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
-            panic!("xfrm-trace still running {limit:?} after it was told to stop");
-        }
     }
 }
 

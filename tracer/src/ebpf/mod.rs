@@ -142,7 +142,7 @@ impl KernelLayout {
 }
 
 /// Loads the object (maps created, no program loaded or attached yet).
-pub fn load(layout: Option<&KernelLayout>, btf: Option<&aya::Btf>) -> Result<Ebpf, LoadError> {
+pub fn load(layout: Option<&KernelLayout>, btf: Option<&Btf>) -> Result<Ebpf, LoadError> {
     if OBJECT.is_empty() {
         return Err(LoadError::NoObject);
     }
