@@ -17,7 +17,11 @@ use tracer_common::capture::{Headers, SampleBudget};
 
 use tracer_common::layout::ABSENT;
 
-use crate::{KERNEL_OFFSETS, capture, read_at};
+use crate::{
+    KERNEL_OFFSETS, capture,
+    packet::{AF_INET6, skb_packet},
+    read_at,
+};
 
 #[map]
 static FRAMES: PerCpuArray<FrameStack> = PerCpuArray::with_max_entries(1, 0);
@@ -51,9 +55,6 @@ fn zero(values: &mut [u64; MAX_COUNTERS]) {
         unsafe { core::ptr::write_volatile(value, 0) };
     }
 }
-
-const AF_INET: u16 = 2;
-const AF_INET6: u16 = 10;
 
 #[inline(always)]
 fn count_error(index: u32) {
@@ -145,61 +146,23 @@ pub unsafe fn skb_dst(skb: u64) -> u64 {
 /// the skb's IP header.
 #[inline(always)]
 unsafe fn flow_from_skb(skb: u64, flow: &mut Flow, seq: &mut u32) {
-    let offsets = KERNEL_OFFSETS.load();
-    let head: u64 = unsafe { read_at(skb, offsets.sk_buff_head) }.unwrap_or(0);
-    let network: u16 = unsafe { read_at(skb, offsets.sk_buff_network_header) }.unwrap_or(0xffff);
-    if head == 0 || network == 0xffff {
+    let Some(packet) = (unsafe { skb_packet(skb) }) else {
         return;
-    }
-    let ip = head + u64::from(network);
-    let first: u8 = unsafe { bpf_probe_read_kernel(ip as *const u8) }.unwrap_or(0);
-    let transport = match first >> 4 {
-        4 => {
-            flow.family = AF_INET;
-            flow.proto = unsafe { bpf_probe_read_kernel((ip + 9) as *const u8) }.unwrap_or(0);
-            flow.src = [0; 16];
-            flow.dst = [0; 16];
-            let src: [u8; 4] =
-                unsafe { bpf_probe_read_kernel((ip + 12) as *const [u8; 4]) }.unwrap_or([0; 4]);
-            let dst: [u8; 4] =
-                unsafe { bpf_probe_read_kernel((ip + 16) as *const [u8; 4]) }.unwrap_or([0; 4]);
-            flow.src[..4].copy_from_slice(&src);
-            flow.dst[..4].copy_from_slice(&dst);
-            ip + u64::from(first & 0x0f) * 4
-        }
-        6 => {
-            flow.family = AF_INET6;
-            flow.proto = unsafe { bpf_probe_read_kernel((ip + 6) as *const u8) }.unwrap_or(0);
-            flow.src =
-                unsafe { bpf_probe_read_kernel((ip + 8) as *const [u8; 16]) }.unwrap_or([0; 16]);
-            flow.dst =
-                unsafe { bpf_probe_read_kernel((ip + 24) as *const [u8; 16]) }.unwrap_or([0; 16]);
-            ip + 40
-        }
-        _ => return,
     };
-    match flow.proto {
-        // TCP, UDP: ports; UDP 4500 carries ESP after an 8-byte header.
-        6 | 17 => {
-            let ports: [u16; 2] =
-                unsafe { bpf_probe_read_kernel(transport as *const [u16; 2]) }.unwrap_or([0; 2]);
-            flow.sport = ports[0];
-            flow.dport = ports[1];
-            if flow.proto == 17 && u16::from_be(ports[1]) == 4500 && flow.spi == 0 {
-                let esp: [u32; 2] =
-                    unsafe { bpf_probe_read_kernel((transport + 8) as *const [u32; 2]) }
-                        .unwrap_or([0; 2]);
-                flow.spi = esp[0];
-                *seq = esp[1];
-            }
-        }
-        50 if flow.spi == 0 => {
-            let esp: [u32; 2] =
-                unsafe { bpf_probe_read_kernel(transport as *const [u32; 2]) }.unwrap_or([0; 2]);
-            flow.spi = esp[0];
-            *seq = esp[1];
-        }
-        _ => {}
+    flow.family = u16::from(packet.family);
+    flow.proto = packet.proto;
+    flow.src = packet.src;
+    flow.dst = packet.dst;
+    if let Some([sport, dport]) = packet.ports_raw() {
+        flow.sport = sport;
+        flow.dport = dport;
+    }
+    // An SA already named (by the bracket's argument) wins.
+    if flow.spi == 0
+        && let Some((spi, esp_seq)) = packet.esp()
+    {
+        flow.spi = spi;
+        *seq = esp_seq;
     }
 }
 
@@ -226,7 +189,7 @@ unsafe fn flow_from_flowi(fl: u64, family: u16, flow: &mut Flow) {
         return;
     }
     flow.family = family;
-    if family == AF_INET6 {
+    if family == u16::from(AF_INET6) {
         flow.src = unsafe { read_at(fl, o.flowi6_saddr) }.unwrap_or([0; 16]);
         flow.dst = unsafe { read_at(fl, o.flowi6_daddr) }.unwrap_or([0; 16]);
         flow.proto = unsafe { read_at(fl, o.flowi6_proto) }.unwrap_or(0);

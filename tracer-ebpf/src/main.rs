@@ -11,6 +11,7 @@ mod capture;
 mod ike;
 mod masquerade;
 mod mtu;
+mod packet;
 
 use attribution::Packet;
 use aya_ebpf::{

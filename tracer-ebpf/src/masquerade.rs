@@ -3,7 +3,7 @@
 //! finds that POSTROUTING NAT replaced the bundle by a plain route.
 
 use aya_ebpf::{
-    helpers::{bpf_probe_read_kernel, generated::bpf_probe_read_kernel as probe_read_raw},
+    helpers::generated::bpf_probe_read_kernel as probe_read_raw,
     macros::map,
     maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
@@ -15,7 +15,7 @@ use tracer_common::{
     },
 };
 
-use crate::{KERNEL_OFFSETS, attribution::skb_dst, capture, read_at};
+use crate::{KERNEL_OFFSETS, attribution::skb_dst, capture, packet::skb_packet, read_at};
 
 /// Skbs between POSTROUTING's two hooks, per CPU.
 #[map]
@@ -89,42 +89,15 @@ unsafe fn read_field<const N: usize>(dst: &mut [u8; N], base: u64, offset: u32) 
 }
 
 /// Family, protocol and addresses of the skb's (inner, not yet
-/// transformed) IP header.
+/// transformed) IP header; zeros if it has none.
 #[inline(always)]
 unsafe fn ip_header(skb: u64, src: &mut [u8; 16], dst: &mut [u8; 16]) -> (u16, u8) {
-    let o = KERNEL_OFFSETS.load();
-    let head: u64 = unsafe { read_at(skb, o.sk_buff_head) }.unwrap_or(0);
-    let network: u16 = unsafe { read_at(skb, o.sk_buff_network_header) }.unwrap_or(0xffff);
-    if head == 0 || network == 0xffff {
+    let Some(packet) = (unsafe { skb_packet(skb) }) else {
         return (0, 0);
-    }
-    let ip = head + u64::from(network);
-    let first: u8 = unsafe { bpf_probe_read_kernel(ip as *const u8) }.unwrap_or(0);
-    match first >> 4 {
-        4 => {
-            let proto = unsafe { bpf_probe_read_kernel((ip + 9) as *const u8) }.unwrap_or(0);
-            let s: u32 = unsafe { bpf_probe_read_kernel((ip + 12) as *const u32) }.unwrap_or(0);
-            let d: u32 = unsafe { bpf_probe_read_kernel((ip + 16) as *const u32) }.unwrap_or(0);
-            // Native byte order in, native out: the bytes stay as on the wire.
-            let (s, d) = (s.to_ne_bytes(), d.to_ne_bytes());
-            src[0] = s[0];
-            src[1] = s[1];
-            src[2] = s[2];
-            src[3] = s[3];
-            dst[0] = d[0];
-            dst[1] = d[1];
-            dst[2] = d[2];
-            dst[3] = d[3];
-            (2, proto)
-        }
-        6 => {
-            let proto = unsafe { bpf_probe_read_kernel((ip + 6) as *const u8) }.unwrap_or(0);
-            unsafe { read_bytes(src, ip + 8) };
-            unsafe { read_bytes(dst, ip + 24) };
-            (10, proto)
-        }
-        _ => (0, 0),
-    }
+    };
+    *src = packet.src;
+    *dst = packet.dst;
+    (u16::from(packet.family), packet.proto)
 }
 
 /// fentry/kprobe `xfrm4_output`/`xfrm6_output`: the skb enters POSTROUTING

@@ -2,7 +2,6 @@
 //! an MTU it does not fit, and what the SA carries.
 
 use aya_ebpf::{
-    helpers::bpf_probe_read_kernel,
     macros::{fentry, kprobe, map},
     maps::PerCpuHashMap,
     programs::{FEntryContext, ProbeContext},
@@ -12,11 +11,9 @@ use tracer_common::mtu::{MtuKey, MtuStats, kind};
 use crate::{
     Args, KERNEL_OFFSETS,
     attribution::{skb_dst, skb_netns_and_ifindex},
+    packet::{IpPacket, skb_packet},
     read_at,
 };
-
-const AF_INET: u8 = 2;
-const AF_INET6: u8 = 10;
 
 #[map]
 static MTU_EVENTS: PerCpuHashMap<MtuKey, MtuStats> = PerCpuHashMap::with_max_entries(4096, 0);
@@ -36,73 +33,6 @@ macro_rules! entry_hook {
             0
         }
     };
-}
-
-/// What the IP header of an skb says: total length, protocol, and the
-/// ESP SPI (plain or in UDP 4500) with the destination, if it is ESP.
-struct Ip {
-    family: u8,
-    len: u32,
-    proto: u8,
-    /// Offset of the transport header from the IP header.
-    header_len: u64,
-    ip: u64,
-    esp_spi: u32,
-    dst: [u8; 16],
-}
-
-/// The skb's IPv4 or IPv6 header (IPv6 extension headers are not
-/// followed: ESP and the inner TCP/UDP come right after the fixed header
-/// in the packets this looks at).
-#[inline(always)]
-unsafe fn ip(skb: u64) -> Option<Ip> {
-    let o = KERNEL_OFFSETS.load();
-    let head: u64 = unsafe { read_at(skb, o.sk_buff_head) }.ok()?;
-    let network: u16 = unsafe { read_at(skb, o.sk_buff_network_header) }.ok()?;
-    let ip = head + u64::from(network);
-    let first: u8 = unsafe { bpf_probe_read_kernel(ip as *const u8) }.ok()?;
-    let mut dst = [0u8; 16];
-    let (family, header_len, len, proto) = match first >> 4 {
-        4 => {
-            let v4: [u8; 4] = unsafe { bpf_probe_read_kernel((ip + 16) as *const [u8; 4]) }.ok()?;
-            dst[..4].copy_from_slice(&v4);
-            let len = u16::from_be(unsafe { bpf_probe_read_kernel((ip + 2) as *const u16) }.ok()?);
-            let proto: u8 = unsafe { bpf_probe_read_kernel((ip + 9) as *const u8) }.ok()?;
-            (AF_INET, u64::from(first & 0x0f) * 4, u32::from(len), proto)
-        }
-        6 => {
-            dst = unsafe { bpf_probe_read_kernel((ip + 24) as *const [u8; 16]) }.ok()?;
-            let payload =
-                u16::from_be(unsafe { bpf_probe_read_kernel((ip + 4) as *const u16) }.ok()?);
-            let proto: u8 = unsafe { bpf_probe_read_kernel((ip + 6) as *const u8) }.ok()?;
-            (AF_INET6, 40, 40 + u32::from(payload), proto)
-        }
-        _ => return None,
-    };
-    let transport = ip + header_len;
-    let esp_spi = match proto {
-        50 => unsafe { bpf_probe_read_kernel(transport as *const u32) }.unwrap_or(0),
-        17 => {
-            let dport: u16 =
-                unsafe { bpf_probe_read_kernel((transport + 2) as *const u16) }.unwrap_or(0);
-            if u16::from_be(dport) == 4500 {
-                // SPI 0 here is the non-ESP marker of IKE on 4500.
-                unsafe { bpf_probe_read_kernel((transport + 8) as *const u32) }.unwrap_or(0)
-            } else {
-                0
-            }
-        }
-        _ => 0,
-    };
-    Some(Ip {
-        family,
-        len,
-        proto,
-        header_len,
-        ip,
-        esp_spi,
-        dst,
-    })
 }
 
 /// The SA of an IPsec bundle dst (0 if the dst is a plain route).
@@ -174,16 +104,16 @@ fn record_packet(key: &MtuKey, len: u32, mss: u32, gso: u64) {
 #[inline(always)]
 fn on_fragment(a: &impl Args) {
     let skb = a.arg_u64(2);
-    let Some(ip) = (unsafe { ip(skb) }) else {
+    let Some(ip) = (unsafe { skb_packet(skb) }) else {
         return;
     };
-    if ip.esp_spi == 0 {
+    let Some((spi, _)) = ip.esp() else {
         return;
-    }
+    };
     let (netns, _) = unsafe { skb_netns_and_ifindex(skb) };
     let (ifindex, mtu) = unsafe { dst_device(skb_dst(skb)) };
     let key = MtuKey {
-        spi: ip.esp_spi,
+        spi,
         netns,
         ifindex,
         mtu,
@@ -192,7 +122,7 @@ fn on_fragment(a: &impl Args) {
         sa_dst: ip.dst,
         ..MtuKey::default()
     };
-    record(&key, ip.len, 0);
+    record(&key, ip.total_len, 0);
 }
 entry_hook!("ip_do_fragment", on_fragment => mtu_fragment_fentry, mtu_fragment_kprobe);
 // ip6_fragment(net, sk, skb, output): the same arguments.
@@ -229,7 +159,7 @@ entry_hook!("icmp6_send", on_icmp6_send => mtu_icmp6_fentry, mtu_icmp6_kprobe);
 /// is an IPsec bundle: the IPsec MTU) or as an ESP packet (path MTU).
 #[inline(always)]
 fn too_big(skb: u64, mtu: u32) {
-    let Some(ip) = (unsafe { ip(skb) }) else {
+    let Some(ip) = (unsafe { skb_packet(skb) }) else {
         return;
     };
     let dst = unsafe { skb_dst(skb) };
@@ -244,8 +174,8 @@ fn too_big(skb: u64, mtu: u32) {
     if x != 0 {
         unsafe { key_from_sa(x, &mut key) };
         key.inner_mtu = 1;
-    } else if ip.esp_spi != 0 {
-        key.spi = ip.esp_spi;
+    } else if let Some((spi, _)) = ip.esp() {
+        key.spi = spi;
         key.sa_dst = ip.dst;
         key.family = ip.family;
     } else {
@@ -274,7 +204,7 @@ fn on_local_error(a: &impl Args) {
         ..MtuKey::default()
     };
     unsafe { key_from_sa(x, &mut key) };
-    let len = unsafe { ip(skb) }.map_or(0, |ip| ip.len);
+    let len = unsafe { skb_packet(skb) }.map_or(0, |ip| ip.total_len);
     record(&key, len, 0);
 }
 entry_hook!("xfrm_local_error", on_local_error => mtu_local_error_fentry, mtu_local_error_kprobe);
@@ -285,7 +215,7 @@ entry_hook!("xfrm_local_error", on_local_error => mtu_local_error_fentry, mtu_lo
 fn on_output(a: &impl Args) {
     let skb = a.arg_u64(1);
     let x = unsafe { dst_sa(skb_dst(skb)) };
-    let Some(ip) = (unsafe { ip(skb) }) else {
+    let Some(ip) = (unsafe { skb_packet(skb) }) else {
         return;
     };
     if x == 0 {
@@ -303,10 +233,10 @@ fn on_output(a: &impl Args) {
 }
 entry_hook!("xfrm_output", on_output => mtu_output_fentry, mtu_output_kprobe);
 
-/// Size of the packet (of one segment for GSO), the MSS of a SYN (its
-/// first option, where Linux and most stacks put it), and whether it is GSO.
+/// Size of the packet (of one segment for GSO), the MSS of a SYN, and
+/// whether it is GSO.
 #[inline(always)]
-unsafe fn inner_size(skb: u64, ip: &Ip) -> (u32, u32, bool) {
+unsafe fn inner_size(skb: u64, ip: &IpPacket) -> (u32, u32, bool) {
     let o = KERNEL_OFFSETS.load();
     let head: u64 = unsafe { read_at(skb, o.sk_buff_head) }.unwrap_or(0);
     let end: u32 = unsafe { read_at(skb, o.sk_buff_end) }.unwrap_or(0);
@@ -315,31 +245,15 @@ unsafe fn inner_size(skb: u64, ip: &Ip) -> (u32, u32, bool) {
     } else {
         0
     };
-    if ip.proto != 6 {
-        let len = if gso_size > 0 {
-            ip.header_len as u32 + 8 + u32::from(gso_size)
-        } else {
-            ip.len
-        };
-        return (len, 0, gso_size > 0);
-    }
-    let tcp = ip.ip + ip.header_len;
-    let flags_word: [u8; 2] =
-        unsafe { bpf_probe_read_kernel((tcp + 12) as *const [u8; 2]) }.unwrap_or([0; 2]);
-    let tcp_len = u32::from(flags_word[0] >> 4) * 4;
-    let len = if gso_size > 0 {
-        ip.header_len as u32 + tcp_len + u32::from(gso_size)
-    } else {
-        ip.len
+    // A segment: the headers, then gso_size bytes of payload.
+    let (transport_len, mss) = match ip.tcp() {
+        Some((header_len, _, mss)) => (header_len, mss),
+        None => (8, 0),
     };
-    let syn = flags_word[1] & 0x02 != 0;
-    let mut mss = 0;
-    if syn && tcp_len >= 24 {
-        let option: [u8; 4] =
-            unsafe { bpf_probe_read_kernel((tcp + 20) as *const [u8; 4]) }.unwrap_or([0; 4]);
-        if option[0] == 2 && option[1] == 4 {
-            mss = u32::from(u16::from_be_bytes([option[2], option[3]]));
-        }
-    }
+    let len = if gso_size > 0 {
+        ip.header_len + transport_len + u32::from(gso_size)
+    } else {
+        ip.total_len
+    };
     (len, mss, gso_size > 0)
 }
