@@ -429,6 +429,8 @@ fn diagnosis_drops_after_a_rekey_still_name_their_connection_and_state() {
         .collect();
     let counted: u64 = sources.iter().map(|s| s["count"].as_u64().unwrap()).sum();
     assert_eq!(counted, 3, "{sources:#?}");
+    // A replaced SA is no SA missing from the kernel: no finding.
+    check(&report, &scenarios, &labs);
     for s in &sources {
         assert_eq!(s["spi"], format!("0x{old_spi}"), "{s}");
         assert_eq!(s["connection"], "lab", "{s}");
@@ -445,4 +447,90 @@ fn diagnosis_drops_after_a_rekey_still_name_their_connection_and_state() {
         east["connections"][0]["newest_child"].as_u64() != Some(u64::from(old_state)),
         "{east:#}"
     );
+}
+
+/// The inbound SA of an established Child SA deleted behind pluto's back
+/// (`ip xfrm state delete`, as a script or a second IKE daemon would):
+/// pluto still calls the tunnel up, the peer's ESP is dropped
+/// (XfrmInNoStates), and the finding says so and names the fix, which
+/// works.
+#[test]
+fn diagnosis_names_an_sa_the_kernel_lost_behind_plutos_back() {
+    let scenarios = [Scenario {
+        name: "gone",
+        setup: healthy,
+        expected: &[("sa_missing_in_kernel", Host::East)],
+    }];
+    let labs = build(&scenarios);
+    let lab = &labs[0];
+    let out = lab
+        .whack(Host::West, &["--initiate", "--name", "lab"])
+        .expect("whack");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    // `{ESP/ESN=>0x9ef58f1c <0xe02e73ef ...`: west's outbound SPI, east's inbound.
+    let spi = text
+        .split("=>0x")
+        .nth(1)
+        .and_then(|rest| rest.get(..8))
+        .unwrap_or_else(|| panic!("no SPI in {text}"))
+        .to_string();
+    lab.ip(
+        Host::East,
+        &[
+            "xfrm",
+            "state",
+            "delete",
+            "src",
+            xfrm_trace::lab::WEST_WAN,
+            "dst",
+            xfrm_trace::lab::EAST_WAN,
+            "proto",
+            "esp",
+            "spi",
+            &format!("0x{spi}"),
+        ],
+    )
+    .unwrap();
+    let to: SocketAddr = format!("{EHOST}:7000").parse().unwrap();
+    let sink = lab.udp_sink(Host::Ehost, 7000).unwrap();
+    let report = traced_report("diagnosis-gone", &[], || {
+        lab.send_udp(Host::Whost, to, 4, 100).unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+    });
+    assert_eq!(
+        sink.receive(4, Duration::from_secs(1)),
+        0,
+        "ESP got through"
+    );
+    check(&report, &scenarios, &labs);
+    let finding = report["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["kind"] == "sa_missing_in_kernel")
+        .unwrap();
+    assert_eq!(finding["spi"], format!("0x{spi}"), "{finding:#}");
+    let summary = finding["summary"].as_str().unwrap();
+    assert!(summary.contains("4 packets were dropped"), "{finding:#}");
+    let fix = finding["fix"].as_str().unwrap();
+    assert!(fix.contains("--rekey-ipsec --name lab"), "{finding:#}");
+
+    // The fix: a new Child SA, installed at both ends.
+    let out = lab
+        .whack(Host::East, &["--rekey-ipsec", "--name", "lab"])
+        .expect("whack");
+    assert!(out.status.success(), "{out:?}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        lab.send_udp(Host::Whost, to, 1, 100).unwrap();
+        if sink.receive(1, Duration::from_secs(1)) == 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no traffic after the rekey"
+        );
+    }
+    lab.send_udp(Host::Whost, to, 4, 100).unwrap();
+    assert_eq!(sink.receive(4, Duration::from_secs(10)), 4);
 }

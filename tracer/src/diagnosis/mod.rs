@@ -3,14 +3,14 @@
 //! the kernel's evidence (counters and the packets behind them, the IKE
 //! path watch, MASQUERADE and MTU findings) with what pluto said.
 
-use std::collections::BTreeSet;
+use std::{collections::BTreeSet, net::IpAddr};
 
 use crate::{
     ike::IkePath,
     pluto::{
         log::{EventKind, LogEvent},
         session::{Observed, owner_of_spi_text},
-        status::Connection,
+        status::{Connection, StateKind},
     },
     report::{Counter, Finding},
     xfrm_state::XfrmBook,
@@ -283,6 +283,23 @@ fn connection_findings(
             lines,
         ));
     }
+    if let Some(missing) = sas_missing_in_kernel(evidence, pluto, connection) {
+        let spis = missing.spis.join(", ");
+        let mut found = finding(
+            "sa_missing_in_kernel",
+            format!(
+                "pluto's Child SA #{} is established, but the kernel has no SA {spis}: it was removed behind pluto's back, and {} packets were dropped for want of it",
+                missing.serial, missing.dropped
+            ),
+            format!(
+                "`ipsec whack --ctlsocket {} --rekey-ipsec --name {name}` installs a new Child SA at both ends; then find what removes SAs outside pluto (`ip xfrm state flush` or `deleteall` in a script, a second IKE daemon, a container restart): `ip xfrm monitor` shows the deletions as they happen",
+                pluto.ctl_socket.display()
+            ),
+            missing.lines,
+        );
+        found.spi = missing.spis[0].clone();
+        out.push(found);
+    }
     if out.is_empty() && !pluto.is_up(name) {
         let dropped = no_state_drops(evidence, pluto, connection);
         let went_down = pluto.up_at_start.iter().any(|c| c == name);
@@ -309,6 +326,98 @@ fn connection_findings(
         }
     }
     out
+}
+
+/// The SAs of a connection's established Child SA that the kernel lacks.
+struct MissingSas {
+    serial: u32,
+    /// Hex, as `ip xfrm` shows them.
+    spis: Vec<String>,
+    dropped: u64,
+    lines: Vec<String>,
+}
+
+/// The SAs pluto lists for the connection's current Child SA that the
+/// kernel of its netns does not have, when packets were dropped for want
+/// of them (drops make it more than a moment between two looks).
+fn sas_missing_in_kernel(
+    evidence: &Evidence,
+    pluto: &Observed,
+    connection: Option<&Connection>,
+) -> Option<MissingSas> {
+    let connection = connection?;
+    let serial = connection.newest_child?;
+    let state = pluto
+        .states
+        .iter()
+        .find(|s| s.serial == serial && s.kind == StateKind::Child && s.established)?;
+    let kernel = evidence.book.current(pluto.netns)?;
+    let missing: Vec<&(u32, IpAddr)> = state
+        .esp_spis
+        .iter()
+        .filter(|(spi, dst)| !kernel.sas.iter().any(|sa| sa.spi == *spi && sa.dst == *dst))
+        .collect();
+    if missing.is_empty() {
+        return None;
+    }
+    let spis: Vec<String> = missing
+        .iter()
+        .map(|(spi, _)| format!("0x{spi:08x}"))
+        .collect();
+    let mut lines = Vec::new();
+    let mut dropped = 0;
+    for source in evidence
+        .counters
+        .iter()
+        .filter(|c| c.name == "XfrmInNoStates")
+        .flat_map(|c| &c.sources)
+        .filter(|s| s.netns == pluto.netns && spis.contains(&s.spi))
+    {
+        dropped += source.count;
+        lines.push(format!(
+            "{} ESP packets for SA {} from {} dropped at {} on {}: XfrmInNoStates",
+            source.count, source.spi, source.src, source.function, source.ifname
+        ));
+    }
+    let outbound_missing = missing
+        .iter()
+        .any(|(_, dst)| Some(*dst) == connection.remote_addr);
+    let outbound = if outbound_missing {
+        no_state_drops(evidence, pluto, Some(connection))
+    } else {
+        0
+    };
+    if outbound > 0 {
+        dropped += outbound;
+        lines.push(format!(
+            "{outbound} packets for this connection's subnets dropped for want of an SA: XfrmOutNoStates"
+        ));
+    }
+    if dropped == 0 {
+        return None;
+    }
+    lines.push(format!(
+        "pluto: Child SA #{serial} ({}) established with ESP SPIs {}",
+        state.name,
+        state
+            .esp_spis
+            .iter()
+            .map(|(spi, dst)| format!("0x{spi:08x} to {dst}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+    lines.push(format!(
+        "kernel ({}): {} SAs, none with SPI {}",
+        pluto.netns_label,
+        kernel.sas.len(),
+        spis.join(" or ")
+    ));
+    Some(MissingSas {
+        serial,
+        spis,
+        dropped,
+        lines,
+    })
 }
 
 /// XfrmOutNoStates increments whose policy is this connection's.
