@@ -9,7 +9,8 @@ use std::{net::SocketAddr, time::Duration};
 use serde_json::Value;
 use tests::traced_report;
 use xfrm_trace::lab::{
-    Cipher, Df, EAST_WAN, EHOST, Host, Lab, Mode, StaticIpsec, WEST_WAN, WHOST, ipv6,
+    Cipher, Df, EAST_WAN, EHOST, Host, Lab, Mode, StaticIpsec, WEST_WAN, WHOST, XFRM_INTERFACE,
+    ipv6,
 };
 
 const COUNT: usize = 5;
@@ -75,9 +76,9 @@ fn endpoints(config: &StaticIpsec) -> (Host, &'static str, SocketAddr) {
     }
 }
 
-/// Largest inner packet for the path MTU, as the kernel's xfrm_state_mtu
+/// Largest inner packet for `path_mtu`, as the kernel's xfrm_state_mtu
 /// computes it for these algorithms (kernel-map §4.2).
-fn expected_max_inner(config: &StaticIpsec) -> u32 {
+fn expected_max_inner(config: &StaticIpsec, path_mtu: u32) -> u32 {
     let (iv, block, icv) = match config.cipher {
         Cipher::AesGcm128 => (8, 4, 16),
         Cipher::AesCbcHmacSha256 => (16, 16, 16),
@@ -85,7 +86,7 @@ fn expected_max_inner(config: &StaticIpsec) -> u32 {
     let tunnel_ip = if config.mode == Mode::Tunnel { 20 } else { 0 };
     let transport_ip = 20 - tunnel_ip;
     let header = 8 + iv + tunnel_ip + if config.nat_t { 8 } else { 0 };
-    ((PATH_MTU - header - icv - transport_ip) & !(block - 1)) + transport_ip - 2
+    ((path_mtu - header - icv - transport_ip) & !(block - 1)) + transport_ip - 2
 }
 
 /// An SA's size events: the ICMP errors received for its packets, and
@@ -105,7 +106,7 @@ fn count(events: &[&Value]) -> u64 {
 fn oversize_is_reported_once_per_packet_with_the_fix(name: &str, config: StaticIpsec) {
     let lab = lab(name, &config);
     let (from, source, to) = endpoints(&config);
-    let max_inner = expected_max_inner(&config);
+    let max_inner = expected_max_inner(&config, PATH_MTU);
     // Fits exactly: no finding, and the largest inner packet is measured.
     let report = traced(&format!("{name}-fits"), || {
         let refused = lab
@@ -205,6 +206,63 @@ fn transport_cbc_nat_t_oversize_is_reported_once_per_packet_with_the_fix() {
 /// IPv6 inside and outside (ESP between the gateways' IPv6 addresses): an
 /// oversize packet is refused once with ICMPv6 "packet too big", at the
 /// router (path MTU; west then sees it come back) or at west (IPsec MTU).
+/// A route-based tunnel: the remote subnet is routed into an XFRM
+/// interface, which refuses what does not fit its SA (ICMP fragmentation
+/// needed) before the SA is looked up. Each refusal is counted against the
+/// interface's SA, and the fix sets the interface's MTU.
+#[test]
+fn route_based_oversize_is_reported_against_the_interface_sa() {
+    let config = StaticIpsec {
+        route_based: true,
+        ..StaticIpsec::default()
+    };
+    let mut lab = Lab::create(&format!("xm{}rb", std::process::id() % 10000)).expect("lab");
+    lab.static_ipsec(&config).expect("route-based SAs");
+    let (from, source, to) = endpoints(&config);
+    // The links have MTU 1500; nothing on the path is smaller.
+    let max_inner = expected_max_inner(&config, 1500);
+    let report = traced("rb", || {
+        for size in [max_inner, max_inner + 1] {
+            lab.send_udp_df(
+                from,
+                source,
+                to,
+                COUNT,
+                (size - 28) as usize,
+                Df::SetIgnoringPmtu,
+            )
+            .unwrap();
+        }
+    });
+    let sa = west_to_east(&report);
+    // The datagrams that fit went through the SA; the others were refused
+    // at the interface, each once.
+    assert_eq!(sa["packets_out"], COUNT as u64, "{sa:#}");
+    assert_eq!(sa["max_inner_len"], max_inner, "{sa:#}");
+    let events = sa["events"].as_array().unwrap();
+    assert_eq!(events.len(), 1, "{sa:#}");
+    let refused = &events[0];
+    assert_eq!(refused["kind"], "frag_needed", "{refused}");
+    assert_eq!(refused["count"], COUNT as u64, "{refused}");
+    assert_eq!(refused["ifname"], XFRM_INTERFACE, "{refused}");
+    assert_eq!(refused["via_xfrm_interface"], true, "{refused}");
+    assert_eq!(refused["mtu"], max_inner, "{refused}");
+    assert_eq!(refused["mtu_is_inner"], true, "{refused}");
+    assert!(refused["netns_label"].as_str().unwrap().ends_with("-west"));
+    assert_eq!(sa["max_inner_fitting"], max_inner, "{sa:#}");
+    let findings = oversize_findings(&report);
+    assert_eq!(findings.len(), 1, "{findings:#?}");
+    let fix = findings[0]["fix"].as_str().unwrap();
+    assert!(
+        fix.contains(&format!("ip link set dev {XFRM_INTERFACE} mtu {max_inner}")),
+        "{fix}"
+    );
+    assert!(
+        fix.contains(&format!("--set-mss {}", max_inner - 40)),
+        "{fix}"
+    );
+}
+
 #[test]
 fn ipv6_oversize_is_reported_once_per_packet_with_the_fix() {
     let lab = Lab::create(&format!("xm{}v6", std::process::id() % 10000)).expect("lab topology");
@@ -316,7 +374,7 @@ fn gso_packets_are_judged_by_their_segments() {
 fn esp_fragmented_by_the_router_is_counted_per_packet() {
     let config = StaticIpsec::default();
     let lab = lab("fr", &config);
-    let max_inner = expected_max_inner(&config);
+    let max_inner = expected_max_inner(&config, PATH_MTU);
     let sink = lab.udp_sink(Host::Ehost, 7000).unwrap();
     let report = traced("fragmented", || {
         lab.send_udp_df(

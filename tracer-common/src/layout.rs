@@ -83,6 +83,10 @@ pub struct KernelOffsets {
     pub skb_ext_sec_path: u32,
     pub sec_path_len: u32,
     pub sec_path_xvec: u32,
+    /// `net_device.rtnl_link_ops` and its `kind` ("xfrm" for an XFRM
+    /// interface).
+    pub net_device_rtnl_link_ops: u32,
+    pub rtnl_link_ops_kind: u32,
     pub _pad2: u32,
 }
 
@@ -149,6 +153,8 @@ impl KernelOffsets {
         skb_ext_sec_path: ABSENT,
         sec_path_len: ABSENT,
         sec_path_xvec: ABSENT,
+        net_device_rtnl_link_ops: ABSENT,
+        rtnl_link_ops_kind: ABSENT,
         _pad2: 0,
     };
 }

@@ -2,6 +2,7 @@
 //! an MTU it does not fit, and what the SA carries.
 
 use aya_ebpf::{
+    helpers::bpf_probe_read_kernel,
     macros::{fentry, kprobe, map},
     maps::PerCpuHashMap,
     programs::{FEntryContext, ProbeContext},
@@ -53,14 +54,37 @@ unsafe fn key_from_sa(x: u64, key: &mut MtuKey) {
     key.family = unsafe { read_at::<u16>(x, o.xfrm_state_family) }.unwrap_or(0) as u8;
 }
 
+/// The device of a route (0 if none).
+#[inline(always)]
+unsafe fn dst_dev(dst: u64) -> u64 {
+    if dst == 0 {
+        return 0;
+    }
+    unsafe { read_at(dst, KERNEL_OFFSETS.load().dst_entry_dev) }.unwrap_or(0)
+}
+
+/// Whether `dev` is an XFRM interface (`ip link add NAME type xfrm`, a
+/// route-based VPN): its link type is named "xfrm".
+#[inline(always)]
+unsafe fn is_xfrm_interface(dev: u64) -> bool {
+    let o = KERNEL_OFFSETS.load();
+    let ops: u64 = unsafe { read_at(dev, o.net_device_rtnl_link_ops) }.unwrap_or(0);
+    if ops == 0 {
+        return false;
+    }
+    let kind: u64 = unsafe { read_at(ops, o.rtnl_link_ops_kind) }.unwrap_or(0);
+    if kind == 0 {
+        return false;
+    }
+    let name: [u8; 5] = unsafe { bpf_probe_read_kernel(kind as *const [u8; 5]) }.unwrap_or([0; 5]);
+    name == *b"xfrm\0"
+}
+
 /// Egress device of a dst: (ifindex, mtu).
 #[inline(always)]
 unsafe fn dst_device(dst: u64) -> (u32, u32) {
     let o = KERNEL_OFFSETS.load();
-    if dst == 0 {
-        return (0, 0);
-    }
-    let dev: u64 = unsafe { read_at(dst, o.dst_entry_dev) }.unwrap_or(0);
+    let dev = unsafe { dst_dev(dst) };
     if dev == 0 {
         return (0, 0);
     }
@@ -178,6 +202,11 @@ fn too_big(skb: u64, mtu: u32) {
         key.spi = spi;
         key.sa_dst = ip.dst;
         key.family = ip.family;
+    } else if unsafe { is_xfrm_interface(dst_dev(dst)) } {
+        // The interface compares with its SA's MTU before it looks the SA
+        // up: userspace finds the SA from the interface's if_id.
+        key.via_xfrm_interface = 1;
+        key.inner_mtu = 1;
     } else {
         return;
     }

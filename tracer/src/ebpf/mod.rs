@@ -107,6 +107,8 @@ impl KernelLayout {
                 .unwrap_or(ABSENT),
             sec_path_len: optional("sec_path", "len"),
             sec_path_xvec: optional("sec_path", "xvec"),
+            net_device_rtnl_link_ops: optional("net_device", "rtnl_link_ops"),
+            rtnl_link_ops_kind: optional("rtnl_link_ops", "kind"),
             _pad2: 0,
         };
         let format = tracefs::format("skb", "kfree_skb")?;

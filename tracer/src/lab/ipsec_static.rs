@@ -9,6 +9,9 @@ pub const SPI_WEST_TO_EAST: u32 = 0x1001;
 /// SPI of the east->west SA.
 pub const SPI_EAST_TO_WEST: u32 = 0x2002;
 pub const REQID: u32 = 1;
+/// The XFRM interface of a route-based tunnel, and its if_id.
+pub const XFRM_INTERFACE: &str = "ipsec1";
+pub const IF_ID: u32 = 7;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
@@ -37,6 +40,10 @@ pub struct StaticIpsec {
     /// The SAs installed on this gateway expire (hard) after this many
     /// packets, as a rekey that never happens would leave them.
     pub expire_after_packets: Option<(Host, u64)>,
+    /// Route-based (tunnel mode): the remote subnet is routed into an
+    /// XFRM interface (`XFRM_INTERFACE`), and the SAs and policies carry
+    /// its if_id, as libreswan's `ipsec-interface=` sets it up.
+    pub route_based: bool,
 }
 
 impl Default for StaticIpsec {
@@ -47,6 +54,7 @@ impl Default for StaticIpsec {
             nat_t: false,
             replay_window: 32,
             expire_after_packets: None,
+            route_based: false,
         }
     }
 }
@@ -100,6 +108,7 @@ impl Lab {
         self.warm_crypto()?;
         let west_to_east = config.algorithm_args()?;
         let east_to_west = config.algorithm_args()?;
+        let if_id = IF_ID.to_string();
         for gw in [Host::West, Host::East] {
             for (src, dst, spi, algorithm) in [
                 (WEST_WAN, EAST_WAN, SPI_WEST_TO_EAST, &west_to_east),
@@ -138,39 +147,63 @@ impl Lab {
                 if !limit.is_empty() {
                     args.extend(["limit", "packet-hard", &limit]);
                 }
+                if config.route_based {
+                    args.extend(["if_id", &if_id]);
+                }
                 self.ip(gw, &args)?;
             }
             let (local, remote, local_net, remote_net) = match gw {
                 Host::West => (WEST_WAN, EAST_WAN, WEST_SUBNET, EAST_SUBNET),
                 _ => (EAST_WAN, WEST_WAN, EAST_SUBNET, WEST_SUBNET),
             };
-            let reqid = REQID.to_string();
-            let policy = |dir: &str, src: &str, dst: &str, tmpl_src: &str, tmpl_dst: &str| {
+            if config.route_based {
                 self.ip(
                     gw,
                     &[
-                        "xfrm",
-                        "policy",
+                        "link",
                         "add",
-                        "src",
-                        src,
-                        "dst",
-                        dst,
-                        "dir",
-                        dir,
-                        "tmpl",
-                        "src",
-                        tmpl_src,
-                        "dst",
-                        tmpl_dst,
-                        "proto",
-                        "esp",
-                        "reqid",
-                        &reqid,
-                        "mode",
-                        config.mode_name(),
+                        XFRM_INTERFACE,
+                        "type",
+                        "xfrm",
+                        "dev",
+                        "wan0",
+                        "if_id",
+                        &if_id,
                     ],
-                )
+                )?;
+                self.ip(gw, &["link", "set", XFRM_INTERFACE, "up"])?;
+                self.ip(gw, &["route", "add", remote_net, "dev", XFRM_INTERFACE])?;
+            }
+            let reqid = REQID.to_string();
+            let policy = |dir: &str, src: &str, dst: &str, tmpl_src: &str, tmpl_dst: &str| {
+                let if_id_args: &[&str] = if config.route_based {
+                    &["if_id", &if_id]
+                } else {
+                    &[]
+                };
+                let args = [
+                    "xfrm",
+                    "policy",
+                    "add",
+                    "src",
+                    src,
+                    "dst",
+                    dst,
+                    "dir",
+                    dir,
+                    "tmpl",
+                    "src",
+                    tmpl_src,
+                    "dst",
+                    tmpl_dst,
+                    "proto",
+                    "esp",
+                    "reqid",
+                    &reqid,
+                    "mode",
+                    config.mode_name(),
+                ];
+                self.ip(gw, &[&args[..], if_id_args].concat())
             };
             match config.mode {
                 Mode::Tunnel => {
@@ -192,12 +225,14 @@ impl Lab {
         Ok(())
     }
 
-    /// Removes every SA and policy of both gateways (and the NAT-T
-    /// sockets), so the same topology can carry another configuration.
+    /// Removes every SA, policy and XFRM interface of both gateways (and
+    /// the NAT-T sockets), so the same topology can carry another configuration.
     pub fn clear_ipsec(&mut self) -> Result<()> {
         for gw in [Host::West, Host::East] {
             self.ip(gw, &["xfrm", "state", "flush"])?;
             self.ip(gw, &["xfrm", "policy", "flush"])?;
+            // Only a route-based configuration has one.
+            let _ = self.ip(gw, &["link", "del", XFRM_INTERFACE]);
         }
         self.encap_sockets.clear();
         Ok(())

@@ -26,7 +26,9 @@ use std::{
 };
 
 pub use capture::{Capture, Packet};
-pub use ipsec_static::{Cipher, Mode, REQID, SPI_EAST_TO_WEST, SPI_WEST_TO_EAST, StaticIpsec};
+pub use ipsec_static::{
+    Cipher, IF_ID, Mode, REQID, SPI_EAST_TO_WEST, SPI_WEST_TO_EAST, StaticIpsec, XFRM_INTERFACE,
+};
 pub use pluto::{PlutoConfig, PlutoInstance};
 pub use traffic::{Df, UdpSink};
 

@@ -121,6 +121,8 @@ pub struct SizeEvent {
     pub mtu: u32,
     /// True: `mtu` is the inner (IPsec) MTU; false: the outer path MTU.
     pub mtu_is_inner: bool,
+    /// Refused by the XFRM interface `ifname` (a route-based VPN).
+    pub via_xfrm_interface: bool,
     pub max_len: u32,
 }
 
@@ -195,16 +197,30 @@ fn algorithms(sa: &Sa) -> String {
     format!("{}{encap}", names.join(" + "))
 }
 
+/// The SA of an event (SPI in host order, destination): from the key, or,
+/// for a refusal at an XFRM interface, the interface's outbound SA.
+fn sa_of(key: &MtuKey, namespaces: &[NetnsView]) -> Option<(u32, IpAddr)> {
+    if key.spi != 0 {
+        return Some((u32::from_be(key.spi), address(&key.sa_dst, key.family)));
+    }
+    if key.via_xfrm_interface == 0 {
+        return None;
+    }
+    let ns = namespaces
+        .iter()
+        .find(|n| n.inode == u64::from(key.netns))?;
+    let sa = ns.state?.interface_sa(key.ifindex)?;
+    Some((sa.spi, sa.dst))
+}
+
 /// Groups the events per SA and joins them with the SAs the kernel has.
 pub fn summarize(rows: &[(MtuKey, MtuStats)], namespaces: &[NetnsView]) -> Vec<SaSizes> {
-    let mut by_sa: BTreeMap<(u32, [u8; 16]), SaSizes> = BTreeMap::new();
+    let mut by_sa: BTreeMap<(u32, IpAddr), SaSizes> = BTreeMap::new();
     for (key, stats) in rows {
-        if key.spi == 0 {
+        let Some((spi, sa_dst)) = sa_of(key, namespaces) else {
             continue;
-        }
-        let spi = u32::from_be(key.spi);
-        let sa_dst = address(&key.sa_dst, key.family);
-        let entry = by_sa.entry((spi, key.sa_dst)).or_insert_with(|| {
+        };
+        let entry = by_sa.entry((spi, sa_dst)).or_insert_with(|| {
             // The SA lives where it is installed, which may be another netns
             // than the one that saw the packet (a router on the path).
             let found = namespaces.iter().find_map(|ns| {
@@ -261,6 +277,7 @@ pub fn summarize(rows: &[(MtuKey, MtuStats)], namespaces: &[NetnsView]) -> Vec<S
                 }),
             mtu: key.mtu,
             mtu_is_inner: key.inner_mtu != 0,
+            via_xfrm_interface: key.via_xfrm_interface != 0,
             max_len: stats.max_len,
         });
     }
@@ -306,9 +323,14 @@ pub fn findings(sizes: &[SaSizes]) -> Vec<Finding> {
                     } else {
                         format!("path MTU {}", e.mtu)
                     };
+                    let device = if e.via_xfrm_interface {
+                        format!("XFRM interface {}", e.ifname)
+                    } else {
+                        e.ifname.clone()
+                    };
                     format!(
-                        "{} {action} in {} on {} ({mtu}, largest {} bytes)",
-                        e.count, e.netns_label, e.ifname, e.max_len
+                        "{} {action} in {} on {device} ({mtu}, largest {} bytes)",
+                        e.count, e.netns_label, e.max_len
                     )
                 })
                 .collect();
@@ -328,12 +350,22 @@ pub fn findings(sizes: &[SaSizes]) -> Vec<Finding> {
                 sa.sa_dst,
                 what.join(", ")
             );
+            let interface = sa.events.iter().find(|e| e.via_xfrm_interface);
             let fix = match sa.max_inner_fitting {
                 Some(inner) => {
                     let mss = inner.saturating_sub(40);
+                    let mtu = match interface {
+                        Some(e) => format!(
+                            "set the MTU of the XFRM interface: `ip link set dev {} mtu {inner}` (libreswan: mtu={inner} in the connection with ipsec-interface=)",
+                            e.ifname
+                        ),
+                        None => format!(
+                            "set mtu={inner} in the libreswan connection of SA {} (or `ip route ... mtu {inner}` for the protected subnet)",
+                            sa.spi
+                        ),
+                    };
                     format!(
-                        "set mtu={inner} in the libreswan connection of SA {spi} (or `ip route ... mtu {inner}` for the protected subnet), and clamp TCP MSS on the gateway: `iptables -t mangle -A FORWARD -p tcp --tcp-flags SYN,RST SYN -j TCPMSS --set-mss {mss}` (nftables: `tcp flags syn tcp option maxseg size set {mss}`), or `-j TCPMSS --clamp-mss-to-pmtu` once mtu= is set",
-                        spi = sa.spi
+                        "{mtu}, and clamp TCP MSS on the gateway: `iptables -t mangle -A FORWARD -p tcp --tcp-flags SYN,RST SYN -j TCPMSS --set-mss {mss}` (nftables: `tcp flags syn tcp option maxseg size set {mss}`), or `-j TCPMSS --clamp-mss-to-pmtu` once the MTU is set"
                     )
                 }
                 None => "lower the MTU of the tunnel (libreswan mtu=) by the ESP overhead and clamp TCP MSS (-j TCPMSS --clamp-mss-to-pmtu)".into(),

@@ -9,14 +9,16 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use super::{Policy, Sa, XfrmState, netlink};
+use super::{Policy, Sa, XfrmInterface, XfrmState, netlink};
 
-/// One netns: its SAs and policies as last seen, and those gone since.
+/// One netns: its SAs, policies and XFRM interfaces as last seen, and the
+/// SAs and policies gone since.
 struct Namespace {
     path: PathBuf,
     notifications: Option<netlink::Socket>,
     sas: Vec<Sa>,
     policies: Vec<Policy>,
+    interfaces: Vec<XfrmInterface>,
     gone_sas: Vec<Sa>,
     gone_policies: Vec<Policy>,
 }
@@ -49,6 +51,7 @@ impl XfrmBook {
             notifications: None,
             sas: Vec::new(),
             policies: Vec::new(),
+            interfaces: Vec::new(),
             gone_sas: Vec::new(),
             gone_policies: Vec::new(),
         });
@@ -110,12 +113,13 @@ impl XfrmBook {
             .find(|p| p.index == index)
     }
 
-    /// The current SAs and policies of the netns.
+    /// The current SAs, policies and XFRM interfaces of the netns.
     pub fn current(&self, netns: u64) -> Option<XfrmState> {
         let ns = self.namespaces.get(&netns)?;
         Some(XfrmState {
             sas: ns.sas.clone(),
             policies: ns.policies.clone(),
+            interfaces: ns.interfaces.clone(),
         })
     }
 }
@@ -144,5 +148,6 @@ impl Namespace {
         }
         self.sas = state.sas;
         self.policies = state.policies;
+        self.interfaces = state.interfaces;
     }
 }

@@ -137,11 +137,22 @@ pub struct Policy {
     pub if_id: Option<u32>,
 }
 
-/// Every SA and policy of the current thread's network namespace.
+/// An XFRM interface (`ip link add NAME type xfrm if_id N`): a route-based
+/// VPN, whose SAs and policies carry its `if_id`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct XfrmInterface {
+    pub name: String,
+    pub ifindex: u32,
+    pub if_id: u32,
+}
+
+/// Every SA, policy and XFRM interface of the current thread's network
+/// namespace.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct XfrmState {
     pub sas: Vec<Sa>,
     pub policies: Vec<Policy>,
+    pub interfaces: Vec<XfrmInterface>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -155,7 +166,7 @@ pub enum Error {
 impl XfrmState {
     /// Dumps the SAs and policies of the calling thread's netns.
     pub fn read() -> Result<Self, Error> {
-        let socket = netlink::Socket::open()?;
+        let socket = netlink::Socket::open(netlink::NETLINK_XFRM)?;
         let sas = socket
             .dump(netlink::XFRM_MSG_GETSA, netlink::USERSA_INFO_LEN)?
             .iter()
@@ -166,7 +177,16 @@ impl XfrmState {
             .iter()
             .map(|m| netlink::parse_policy(m))
             .collect::<Result<_, _>>()?;
-        Ok(Self { sas, policies })
+        let interfaces = netlink::Socket::open(netlink::NETLINK_ROUTE)?
+            .dump(netlink::RTM_GETLINK, netlink::IFINFOMSG_LEN)?
+            .iter()
+            .filter_map(|m| netlink::parse_xfrm_interface(m).transpose())
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            sas,
+            policies,
+            interfaces,
+        })
     }
 
     /// Dumps the SAs and policies of the netns at `ns_path`.
@@ -183,6 +203,21 @@ impl XfrmState {
     /// The policy with this index, if any.
     pub fn policy(&self, index: u32) -> Option<&Policy> {
         self.policies.iter().find(|p| p.index == index)
+    }
+
+    /// The outbound ESP SA of the XFRM interface `ifindex`: the SA with
+    /// its if_id that the template of its outbound policy names.
+    pub fn interface_sa(&self, ifindex: u32) -> Option<&Sa> {
+        let if_id = self.interfaces.iter().find(|i| i.ifindex == ifindex)?.if_id;
+        self.policies
+            .iter()
+            .filter(|p| p.dir == "out" && p.if_id == Some(if_id))
+            .flat_map(|p| &p.templates)
+            .find_map(|t| {
+                self.sas.iter().find(|sa| {
+                    sa.if_id == Some(if_id) && sa.proto == 50 && sa.dst == t.dst && sa.src == t.src
+                })
+            })
     }
 }
 

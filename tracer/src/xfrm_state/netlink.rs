@@ -1,12 +1,19 @@
 //! NETLINK_XFRM dumps and the parsing of `xfrm_usersa_info` and
 //! `xfrm_userpolicy_info` messages (offsets from `<linux/xfrm.h>`, the same
-//! on every kernel: it is UAPI).
+//! on every kernel: it is UAPI), and the XFRM interfaces of a NETLINK_ROUTE
+//! link dump (`<linux/if_link.h>`).
 
 use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
 
-use super::{Algorithm, Encap, Error, Lifetime, Mode, Policy, Sa, Selector, Template, address};
+use super::{
+    Algorithm, Encap, Error, Lifetime, Mode, Policy, Sa, Selector, Template, XfrmInterface, address,
+};
 
-const NETLINK_XFRM: libc::c_int = 6;
+pub const NETLINK_XFRM: libc::c_int = 6;
+pub const NETLINK_ROUTE: libc::c_int = 0;
+pub const RTM_GETLINK: u16 = 18;
+/// `struct ifinfomsg`.
+pub const IFINFOMSG_LEN: usize = 16;
 pub const XFRM_MSG_GETSA: u16 = 18;
 pub const XFRM_MSG_GETPOLICY: u16 = 21;
 const NLMSG_ERROR: u16 = 2;
@@ -33,13 +40,14 @@ const ALG_NAME_LEN: usize = 64;
 pub struct Socket(OwnedFd);
 
 impl Socket {
-    pub fn open() -> std::io::Result<Self> {
+    /// A netlink socket of `protocol` (NETLINK_XFRM, NETLINK_ROUTE).
+    pub fn open(protocol: libc::c_int) -> std::io::Result<Self> {
         // SAFETY: plain socket(2); the result is checked before use.
         let fd = unsafe {
             libc::socket(
                 libc::AF_NETLINK,
                 libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                NETLINK_XFRM,
+                protocol,
             )
         };
         if fd < 0 {
@@ -67,7 +75,7 @@ impl Socket {
     pub fn subscribe() -> std::io::Result<Self> {
         // XFRMNLGRP_EXPIRE = 2, XFRMNLGRP_SA = 3, XFRMNLGRP_POLICY = 4.
         let groups: u32 = (1 << 1) | (1 << 2) | (1 << 3);
-        let socket = Self::open()?;
+        let socket = Self::open(NETLINK_XFRM)?;
         // SAFETY: a zeroed sockaddr_nl is valid; we fill family and groups.
         let mut address: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
         address.nl_family = libc::AF_NETLINK as u16;
@@ -233,6 +241,53 @@ fn attributes(mut rest: &[u8]) -> Result<Vec<(u16, &[u8])>, Error> {
         rest = &rest[align4(len).min(rest.len())..];
     }
     Ok(out)
+}
+
+/// The XFRM interface an RTM_NEWLINK answer describes, if it is one
+/// (`IFLA_LINKINFO` kind "xfrm", with its `IFLA_XFRM_IF_ID`).
+pub fn parse_xfrm_interface(m: &[u8]) -> Result<Option<XfrmInterface>, Error> {
+    const IFLA_IFNAME: u16 = 3;
+    const IFLA_LINKINFO: u16 = 18;
+    const IFLA_INFO_KIND: u16 = 1;
+    const IFLA_INFO_DATA: u16 = 2;
+    const IFLA_XFRM_IF_ID: u16 = 2;
+    if m.len() < IFINFOMSG_LEN {
+        return Err(Error::Malformed("ifinfomsg"));
+    }
+    let ifindex = u32_at(m, 4);
+    let text = |b: &[u8]| {
+        let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+        String::from_utf8_lossy(&b[..end]).into_owned()
+    };
+    let mut name = String::new();
+    let mut if_id = None;
+    let mut is_xfrm = false;
+    for (kind, value) in attributes(&m[IFINFOMSG_LEN..])? {
+        match kind {
+            IFLA_IFNAME => name = text(value),
+            IFLA_LINKINFO => {
+                for (info, data) in attributes(value)? {
+                    match info {
+                        IFLA_INFO_KIND => is_xfrm = text(data) == "xfrm",
+                        IFLA_INFO_DATA => {
+                            for (field, v) in attributes(data)? {
+                                if field == IFLA_XFRM_IF_ID && v.len() >= 4 {
+                                    if_id = Some(u32_at(v, 0));
+                                }
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(if_id.filter(|_| is_xfrm).map(|if_id| XfrmInterface {
+        name,
+        ifindex,
+        if_id,
+    }))
 }
 
 fn selector(b: &[u8]) -> Selector {
