@@ -250,7 +250,9 @@ pub fn run(options: &Options) -> anyhow::Result<Outcome> {
         .netns
         .iter()
         .filter_map(|n| Some((n.label.clone(), book.current(n.inode)?)))
-        .filter(|(_, state)| !state.sas.is_empty() || !state.policies.is_empty())
+        .filter(|(_, state)| {
+            !state.sas.is_empty() || !state.policies.is_empty() || !state.interfaces.is_empty()
+        })
         .collect();
     Ok(Outcome {
         report,

@@ -532,4 +532,55 @@ mod tests {
         bad[USERSA_INFO_LEN..USERSA_INFO_LEN + 2].copy_from_slice(&1000u16.to_ne_bytes());
         assert!(parse_sa(&bad).is_err());
     }
+
+    /// An attribute: length, type, payload, padded to 4 bytes.
+    fn attribute(kind: u16, payload: &[u8]) -> Vec<u8> {
+        let mut out = ((4 + payload.len()) as u16).to_ne_bytes().to_vec();
+        out.extend(kind.to_ne_bytes());
+        out.extend(payload);
+        out.resize(align4(out.len()), 0);
+        out
+    }
+
+    /// An RTM_NEWLINK answer as the kernel sends it: ifinfomsg, the name,
+    /// and the link info of `kind` (nested attributes flagged so).
+    fn link_message(ifindex: u32, name: &str, kind: &str, if_id: u32) -> Vec<u8> {
+        const NESTED: u16 = 0x8000;
+        let mut m = vec![0u8; IFINFOMSG_LEN];
+        m[4..8].copy_from_slice(&ifindex.to_ne_bytes());
+        m.extend(attribute(3, format!("{name}\0").as_bytes()));
+        let data = [
+            attribute(1, &2u32.to_ne_bytes()),
+            attribute(2, &if_id.to_ne_bytes()),
+        ]
+        .concat();
+        let info = [
+            attribute(1, format!("{kind}\0").as_bytes()),
+            attribute(2 | NESTED, &data),
+        ]
+        .concat();
+        m.extend(attribute(18 | NESTED, &info));
+        m
+    }
+
+    #[test]
+    fn xfrm_interfaces_are_read_from_link_dumps_and_others_skipped() {
+        let xfrm = link_message(9, "ipsec1", "xfrm", 7);
+        assert_eq!(
+            parse_xfrm_interface(&xfrm).unwrap(),
+            Some(XfrmInterface {
+                name: "ipsec1".into(),
+                ifindex: 9,
+                if_id: 7,
+            })
+        );
+        assert_eq!(
+            parse_xfrm_interface(&link_message(2, "wan0", "veth", 7)).unwrap(),
+            None
+        );
+        for len in 0..xfrm.len() {
+            let _ = parse_xfrm_interface(&xfrm[..len]);
+        }
+        assert!(parse_xfrm_interface(&xfrm[..8]).is_err());
+    }
 }
