@@ -351,6 +351,21 @@ fn diagnosis_names_the_connection_of_nat_and_mtu_findings_and_down_tunnels() {
     );
 }
 
+/// Brings the tunnel up from west; returns the SPI (8 hex digits) of its
+/// west-to-east SA: west's outbound, east's inbound.
+fn bring_up(lab: &Lab) -> String {
+    let out = lab
+        .whack(Host::West, &["--initiate", "--name", "lab"])
+        .expect("whack");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    // `{ESP/ESN=>0x9ef58f1c <0xe02e73ef ...`
+    text.split("=>0x")
+        .nth(1)
+        .and_then(|rest| rest.get(..8))
+        .unwrap_or_else(|| panic!("no SPI in {text}"))
+        .to_string()
+}
+
 /// ESP of a Child SA that a rekey replaced, arriving after the rekey: the
 /// kernel no longer has the SA (XfrmInNoStates), pluto no longer lists the
 /// state, and the drop still names connection "lab" and the old state.
@@ -363,17 +378,7 @@ fn diagnosis_drops_after_a_rekey_still_name_their_connection_and_state() {
     }];
     let labs = build(&scenarios);
     let lab = &labs[0];
-    let out = lab
-        .whack(Host::West, &["--initiate", "--name", "lab"])
-        .expect("whack");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    // `{ESP/ESN=>0x9ef58f1c <0xe02e73ef ...`: west's outbound SPI, east's inbound.
-    let old_spi = text
-        .split("=>0x")
-        .nth(1)
-        .and_then(|rest| rest.get(..8))
-        .unwrap_or_else(|| panic!("no SPI in {text}"))
-        .to_string();
+    let old_spi = bring_up(lab);
     // East's Child SA state: `006 #2: "lab", type=ESP, ...`.
     let status = lab.whack(Host::East, &["--trafficstatus"]).expect("whack");
     let status = String::from_utf8_lossy(&status.stdout).into_owned();
@@ -463,17 +468,7 @@ fn diagnosis_names_an_sa_the_kernel_lost_behind_plutos_back() {
     }];
     let labs = build(&scenarios);
     let lab = &labs[0];
-    let out = lab
-        .whack(Host::West, &["--initiate", "--name", "lab"])
-        .expect("whack");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    // `{ESP/ESN=>0x9ef58f1c <0xe02e73ef ...`: west's outbound SPI, east's inbound.
-    let spi = text
-        .split("=>0x")
-        .nth(1)
-        .and_then(|rest| rest.get(..8))
-        .unwrap_or_else(|| panic!("no SPI in {text}"))
-        .to_string();
+    let spi = bring_up(lab);
     lab.ip(
         Host::East,
         &[
