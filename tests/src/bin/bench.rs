@@ -200,7 +200,7 @@ fn run() -> anyhow::Result<()> {
     let pid = tracer.child.id();
     let router_before = lab.xfrm_stat(Host::Router)?.0["XfrmInPolBlock"];
     let stop = Arc::new(AtomicBool::new(false));
-    let flood = lab.flood_udp(Host::Whost, STORM_TARGET.parse()?, stop.clone());
+    let flood = lab.flood_udp(Host::Whost, STORM_TARGET.parse()?, None, stop.clone());
     let cpu_before = cpu_seconds(pid);
     let started = Instant::now();
     let mut rss_peak = 0;

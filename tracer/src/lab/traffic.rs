@@ -162,12 +162,13 @@ impl Lab {
     }
 
     /// A drop storm's source: sends 64-byte UDP datagrams from `host` to
-    /// `to` as fast as one thread can until `stop` is set; the thread
-    /// returns how many the kernel accepted.
+    /// `to` until `stop` is set, as fast as one thread can or at most
+    /// `per_second`; the thread returns how many the kernel accepted.
     pub fn flood_udp(
         &self,
         host: Host,
         to: SocketAddr,
+        per_second: Option<u32>,
         stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     ) -> std::thread::JoinHandle<Result<u64>> {
         let path = self.ns_path(host);
@@ -177,11 +178,16 @@ impl Lab {
                 let socket = UdpSocket::bind("0.0.0.0:0")?;
                 let payload = [0x5a; 64];
                 let mut sent = 0u64;
+                const BURST: u32 = 64;
+                let pause = per_second.map(|rate| Duration::from_secs(1) * BURST / rate.max(1));
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    for _ in 0..256 {
+                    for _ in 0..BURST {
                         if socket.send_to(&payload, to).is_ok() {
                             sent += 1;
                         }
+                    }
+                    if let Some(pause) = pause {
+                        std::thread::sleep(pause);
                     }
                 }
                 Ok(sent)
