@@ -10,7 +10,7 @@ use crate::{
     pluto::{
         log::{EventKind, LogEvent},
         session::{Observed, owner_of_spi_text},
-        status::{Connection, StateKind},
+        status::Connection,
     },
     report::{Counter, Finding},
     xfrm_state::XfrmBook,
@@ -346,11 +346,8 @@ fn sas_missing_in_kernel(
     connection: Option<&Connection>,
 ) -> Option<MissingSas> {
     let connection = connection?;
-    let serial = connection.newest_child?;
-    let state = pluto
-        .states
-        .iter()
-        .find(|s| s.serial == serial && s.kind == StateKind::Child && s.established)?;
+    let state = pluto.current_child(&connection.name)?;
+    let serial = state.serial;
     let kernel = evidence.book.current(pluto.netns)?;
     let missing: Vec<&(u32, IpAddr)> = state
         .esp_spis

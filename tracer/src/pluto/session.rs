@@ -43,17 +43,21 @@ pub struct Observed {
 }
 
 impl Observed {
+    /// The connection's newest Child SA, if it is established now.
+    pub fn current_child(&self, connection: &str) -> Option<&State> {
+        let serial = self
+            .connections
+            .iter()
+            .find(|c| c.name == connection)?
+            .newest_child?;
+        self.states
+            .iter()
+            .find(|s| s.serial == serial && s.kind == StateKind::Child && s.established)
+    }
+
     /// Whether the connection has an established Child SA now.
     pub fn is_up(&self, connection: &str) -> bool {
-        self.connections
-            .iter()
-            .find(|c| c.name == connection)
-            .and_then(|c| c.newest_child)
-            .is_some_and(|serial| {
-                self.states
-                    .iter()
-                    .any(|s| s.serial == serial && s.kind == StateKind::Child && s.established)
-            })
+        self.current_child(connection).is_some()
     }
 
     /// The connection and Child SA state that own this ESP SPI (host order).
