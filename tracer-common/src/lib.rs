@@ -11,3 +11,4 @@ pub mod ike;
 pub mod layout;
 pub mod masquerade;
 pub mod mtu;
+pub mod netns;

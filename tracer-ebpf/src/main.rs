@@ -11,6 +11,7 @@ mod capture;
 mod ike;
 mod masquerade;
 mod mtu;
+mod netns;
 mod packet;
 
 use attribution::Packet;

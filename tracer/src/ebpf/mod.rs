@@ -40,6 +40,8 @@ pub struct KernelLayout {
     pub kfree_skb: KfreeSkbRecord,
     /// ABSENT where tracefs lacks the net tracepoints (the IKE watch is off).
     pub net: NetRecords,
+    /// CPUs the kernel may bring up (0 if unknown: no per-CPU sums).
+    pub possible_cpus: u32,
 }
 
 impl KernelLayout {
@@ -135,10 +137,15 @@ impl KernelLayout {
             dev_queue_skbaddr: skbaddr("net_dev_queue"),
             receive_skbaddr: skbaddr("netif_receive_skb"),
         };
+        let possible_cpus = aya::util::nr_cpus()
+            .ok()
+            .map(u32::from)
+            .unwrap_or(0);
         Ok(Self {
             offsets,
             kfree_skb,
             net,
+            possible_cpus,
         })
     }
 }
@@ -157,7 +164,8 @@ pub fn load(layout: Option<&KernelLayout>, btf: Option<&Btf>) -> Result<Ebpf, Lo
         loader
             .override_global("KERNEL_OFFSETS", &layout.offsets, true)
             .override_global("KFREE_SKB_RECORD", &layout.kfree_skb, true)
-            .override_global("NET_RECORDS", &layout.net, true);
+            .override_global("NET_RECORDS", &layout.net, true)
+            .override_global("POSSIBLE_CPUS", &layout.possible_cpus, true);
     }
     Ok(loader.load(OBJECT)?)
 }

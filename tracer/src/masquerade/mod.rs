@@ -311,6 +311,15 @@ pub struct Leak {
     pub captured: Vec<crate::pcap::Captured>,
 }
 
+/// How to run a command where the leak happened.
+fn enter_command(netns: &[crate::report::NetnsInfo], leak: &Leak) -> String {
+    let pids = netns
+        .iter()
+        .find(|n| n.inode == leak.netns)
+        .map_or(&[][..], |n| &n.pids[..]);
+    crate::netns::enter_command(&leak.netns_label, pids)
+}
+
 fn address(family: u16, bytes: &[u8; 16]) -> Option<IpAddr> {
     match family {
         2 => Some(IpAddr::V4(Ipv4Addr::new(
@@ -401,19 +410,9 @@ pub fn leaks(counted: &Counted, coverage: &MasqCoverage) -> Vec<Leak> {
     rows
 }
 
-/// How to run a command in the leak's netns.
-fn in_netns(label: &str) -> String {
-    if label == "host" || label.is_empty() || label.starts_with("netns:") {
-        String::new()
-    } else if let Some(pid) = label.strip_prefix("pid ") {
-        format!("nsenter -t {pid} -n ")
-    } else {
-        format!("ip netns exec {label} ")
-    }
-}
-
 /// The exempting rule for these subnets, first line iptables (run as is).
-pub fn fix(leak: &Leak) -> String {
+/// `enter` runs a command in the leak's netns (`ip netns exec west `).
+pub fn fix(leak: &Leak, enter: &str) -> String {
     let (src, dst) = if leak.policy_src.is_empty() {
         // Policy not known: the exact flow that was matched.
         let host = if leak.family == "ipv6" { "128" } else { "32" };
@@ -424,7 +423,7 @@ pub fn fix(leak: &Leak) -> String {
     } else {
         (leak.policy_src.clone(), leak.policy_dst.clone())
     };
-    let ns = in_netns(&leak.netns_label);
+    let ns = enter;
     let (iptables, nft_family, addr) = if leak.family == "ipv6" {
         ("ip6tables", "ip6", "ip6")
     } else {
@@ -440,7 +439,7 @@ pub fn fix(leak: &Leak) -> String {
 }
 
 /// One finding per (netns, policy, NAT source, egress interface).
-pub fn findings(leaks: &[Leak]) -> Vec<Finding> {
+pub fn findings(leaks: &[Leak], netns: &[crate::report::NetnsInfo]) -> Vec<Finding> {
     let mut groups: BTreeMap<(u64, u32, String, u32, &str), Vec<&Leak>> = BTreeMap::new();
     for leak in leaks {
         groups
@@ -534,7 +533,7 @@ pub fn findings(leaks: &[Leak]) -> Vec<Finding> {
             Finding {
                 kind: FINDING_KIND.into(),
                 summary,
-                fix: fix(first),
+                fix: fix(first, &enter_command(netns, first)),
                 evidence,
                 netns_label: first.netns_label.clone(),
                 spi: first.spi.clone(),
@@ -578,7 +577,7 @@ mod tests {
 
     #[test]
     fn finding_reads_at_a_glance_and_fix_is_exact() {
-        let f = findings(&[leak()]);
+        let f = findings(&[leak()], &[]);
         assert_eq!(f.len(), 1);
         assert_eq!(f[0].kind, "masquerade_before_policy");
         assert_eq!(
@@ -604,7 +603,7 @@ mod tests {
         l.pre_src = "fd00:2::10".into();
         l.pre_dst = "fd00:168::10".into();
         l.netns_label = "host".into();
-        let f = findings(&[l]);
+        let f = findings(&[l], &[]);
         assert_eq!(
             f[0].fix.lines().next().unwrap(),
             "ip6tables -t nat -I POSTROUTING -s fd00:2::10/128 -d fd00:168::10/128 -j RETURN"

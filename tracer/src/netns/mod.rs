@@ -13,49 +13,176 @@ use std::{
 
 use nix::sched::{CloneFlags, setns};
 
+pub mod exits;
+mod history;
+
+pub use history::{Deleted, History};
+
 /// Where `ip netns add` keeps named namespaces.
 const NAMED_NETNS_DIR: &str = "/run/netns";
+
+/// PIDs listed per unnamed namespace (enough to enter it with `nsenter`).
+const PIDS_KEPT: usize = 4;
 
 /// One network namespace and a file that refers to it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Netns {
     pub inode: u64,
-    /// `ip netns` name, `host` for the tool's own, else `pid N`.
+    /// `host` for the initial namespace (PID 1's), else its `ip netns`
+    /// name, else `netns:<inode>`.
     pub label: String,
     pub path: PathBuf,
+    /// Some processes that live in it (the first few, by PID).
+    pub pids: Vec<u32>,
+}
+
+impl Netns {
+    /// The prefix that runs a command inside this namespace, e.g.
+    /// `ip netns exec west ` (empty for the host's).
+    pub fn enter_command(&self) -> String {
+        enter_command(&self.label, &self.pids)
+    }
+}
+
+/// The prefix that runs a command in the namespace labelled `label`.
+pub fn enter_command(label: &str, pids: &[u32]) -> String {
+    if label == "host" || label.is_empty() {
+        String::new()
+    } else if !label.starts_with("netns:") {
+        format!("ip netns exec {label} ")
+    } else if let Some(pid) = pids.first() {
+        format!("nsenter -t {pid} -n ")
+    } else {
+        String::new()
+    }
 }
 
 /// Every network namespace reachable by name or through a process, keyed by
-/// inode. Ours comes first as `host`.
+/// inode: the initial one is `host` (whichever namespace we run in), a
+/// named one is called by its `ip netns` name, the rest `netns:<inode>`.
 pub fn all() -> BTreeMap<u64, Netns> {
-    let mut found = BTreeMap::new();
-    let mut add = |path: PathBuf, label: String| {
-        if let Ok(meta) = std::fs::metadata(&path) {
-            found.entry(meta.ino()).or_insert(Netns {
-                inode: meta.ino(),
-                label,
-                path,
-            });
-        }
+    let inode_of = |path: &Path| std::fs::metadata(path).ok().map(|m| m.ino());
+    let initial = initial_inode();
+    let mut found: BTreeMap<u64, Netns> = BTreeMap::new();
+    let label = |inode: u64, name: Option<String>| match name {
+        _ if Some(inode) == initial => "host".to_string(),
+        Some(name) => name,
+        None => format!("netns:{inode}"),
     };
-    add(PathBuf::from("/proc/self/ns/net"), "host".into());
+    let add = |found: &mut BTreeMap<u64, Netns>, inode, path, name| {
+        found.entry(inode).or_insert_with(|| Netns {
+            inode,
+            label: label(inode, name),
+            path,
+            pids: Vec::new(),
+        });
+    };
     if let Ok(dir) = std::fs::read_dir(NAMED_NETNS_DIR) {
         for entry in dir.flatten() {
-            add(
-                entry.path(),
-                entry.file_name().to_string_lossy().into_owned(),
-            );
+            if let Some(inode) = inode_of(&entry.path()) {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                add(&mut found, inode, entry.path(), Some(name));
+            }
         }
     }
-    if let Ok(dir) = std::fs::read_dir("/proc") {
-        for entry in dir.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name.bytes().all(|b| b.is_ascii_digit()) {
-                add(entry.path().join("ns/net"), format!("pid {name}"));
+    let own = PathBuf::from("/proc/self/ns/net");
+    if let Some(inode) = inode_of(&own) {
+        add(&mut found, inode, own, None);
+    }
+    let mut pids: Vec<u32> = std::fs::read_dir("/proc")
+        .map(|dir| {
+            dir.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    pids.sort_unstable();
+    for pid in pids {
+        let path = PathBuf::from(format!("/proc/{pid}/ns/net"));
+        if let Some(inode) = inode_of(&path) {
+            add(&mut found, inode, path, None);
+            let pids = &mut found.get_mut(&inode).expect("just added").pids;
+            if pids.len() < PIDS_KEPT {
+                pids.push(pid);
             }
         }
     }
     found
+}
+
+/// Every namespace seen during a run, kept after it is deleted so that
+/// what happened there is still reported under its name.
+#[derive(Debug, Default)]
+pub struct Seen {
+    by_inode: BTreeMap<u64, SeenNetns>,
+}
+
+#[derive(Debug)]
+pub struct SeenNetns {
+    pub netns: Netns,
+    /// Interface names by index, as of the last look.
+    pub interfaces: BTreeMap<u32, String>,
+    /// Gone at the last look.
+    pub deleted: bool,
+}
+
+impl Seen {
+    /// Takes in the namespaces reachable now: new ones with their
+    /// interfaces (every one's when `refresh`), vanished ones as deleted.
+    pub fn update(&mut self, reachable: &BTreeMap<u64, Netns>, refresh: bool) {
+        for (inode, seen) in &mut self.by_inode {
+            seen.deleted = !reachable.contains_key(inode);
+        }
+        for (inode, ns) in reachable {
+            let known = self.by_inode.contains_key(inode);
+            if known && !refresh {
+                continue;
+            }
+            // A namespace may vanish between the listing and this read:
+            // keep the names read before.
+            let interfaces = interface_names(&ns.path).ok();
+            match self.by_inode.get_mut(inode) {
+                Some(seen) => {
+                    seen.netns = ns.clone();
+                    if let Some(interfaces) = interfaces {
+                        seen.interfaces = interfaces;
+                    }
+                }
+                None => {
+                    self.by_inode.insert(
+                        *inode,
+                        SeenNetns {
+                            netns: ns.clone(),
+                            interfaces: interfaces.unwrap_or_default(),
+                            deleted: false,
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    pub fn get(&self, inode: u64) -> Option<&SeenNetns> {
+        self.by_inode.get(&inode)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &SeenNetns> {
+        self.by_inode.values()
+    }
+}
+
+/// The XFRM counters of `ns`, if it is still there and has them.
+pub fn read_counters(ns: &Netns) -> Option<crate::xfrm_stat::XfrmStat> {
+    let text = read_proc_net(&ns.path, "xfrm_stat").ok()?;
+    crate::xfrm_stat::XfrmStat::parse(&text).ok()
+}
+
+/// The initial namespace's inode: PID 1's, or ours where PID 1's cannot be
+/// read (a sandbox that hides it from us).
+pub fn initial_inode() -> Option<u64> {
+    ["/proc/1/ns/net", "/proc/self/ns/net"]
+        .iter()
+        .find_map(|path| Some(std::fs::metadata(path).ok()?.ino()))
 }
 
 /// The inode of our own network namespace.
@@ -95,4 +222,28 @@ pub fn interface_names(ns_path: &Path) -> std::io::Result<BTreeMap<u32, String>>
             .map(|i| (i.index(), i.name().to_string_lossy().into_owned()))
             .collect())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_enter_a_namespace_by_its_name_or_one_of_its_processes() {
+        assert_eq!(enter_command("host", &[1]), "");
+        assert_eq!(enter_command("gwa", &[]), "ip netns exec gwa ");
+        assert_eq!(
+            enter_command("netns:4026532301", &[812, 950]),
+            "nsenter -t 812 -n "
+        );
+        assert_eq!(enter_command("netns:4026532301", &[]), "");
+    }
+
+    #[test]
+    fn the_initial_namespace_is_host_and_ours_is_listed() {
+        let all = all();
+        let initial = initial_inode().unwrap();
+        assert_eq!(all[&initial].label, "host");
+        assert!(all.contains_key(&own_inode().unwrap()));
+    }
 }

@@ -89,12 +89,19 @@ pub struct NetnsDelta {
     pub label: String,
     pub delta: u64,
     pub attributed: u64,
+    /// The namespace was deleted during the run (`delta` is up to then).
+    pub deleted: bool,
 }
 
 #[derive(Debug, Serialize)]
 pub struct NetnsInfo {
     pub inode: u64,
+    /// `host` (the initial namespace), the `ip netns` name, or `netns:<inode>`.
     pub label: String,
+    /// Some processes that live in it (to enter an unnamed one).
+    pub pids: Vec<u32>,
+    /// Deleted during the run: reported under the name it had.
+    pub deleted: bool,
     /// Interface names by index, for reading `drops[].ifindex`.
     pub interfaces: BTreeMap<u32, String>,
 }
@@ -218,7 +225,12 @@ pub fn render_with(report: &Report, style: Style) -> String {
             c.name, c.kernel_delta, c.attributed
         );
         for n in &c.by_netns {
-            let _ = writeln!(out, "      netns {:<20} +{}", n.label, n.delta);
+            let deleted = if n.deleted {
+                " (deleted during the run)"
+            } else {
+                ""
+            };
+            let _ = writeln!(out, "      netns {:<20} +{}{deleted}", n.label, n.delta);
         }
         for s in c.sources.iter().take(5) {
             let spi = if s.spi.is_empty() {

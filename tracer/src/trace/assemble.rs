@@ -16,6 +16,7 @@ use crate::{
     netns::{self, Netns},
     pluto::session::{Observed, owner_of_spi_text},
     report::{self, Counter, HookList, Kernel, NetnsDelta, NetnsInfo, PlutoReport, Report},
+    xfrm_stat::XfrmStat,
     xfrm_state::{XfrmBook, XfrmState},
 };
 
@@ -39,6 +40,7 @@ pub struct Moment<'a> {
     pub readings: Readings,
     pub before: &'a Snapshot,
     pub after: &'a Snapshot,
+    pub history: &'a netns::History,
     pub book: &'a XfrmBook,
     pub plutos: Vec<Observed>,
     pub elapsed: std::time::Duration,
@@ -49,6 +51,7 @@ pub fn report(context: &Context, moment: Moment) -> Report {
         readings,
         before,
         after,
+        history,
         book,
         mut plutos,
         elapsed,
@@ -63,40 +66,24 @@ pub fn report(context: &Context, moment: Moment) -> Report {
     let mut counters = counter_report(
         before,
         after,
+        &history.deleted,
         &readings.sources,
         &context.counter_names,
         &context.coverage,
     );
     let mut leaks = masquerade::leaks(&readings.masquerade, &context.masquerade);
     let mut ike_paths = ike::summarize(&readings.ike, &context.kallsyms, &context.reasons);
-    let mut seen: Vec<u64> = drops.iter().map(|d| u64::from(d.netns)).collect();
-    seen.extend(readings.mtu.iter().map(|(k, _)| u64::from(k.netns)));
-    seen.extend(leaks.iter().map(|l| l.netns));
-    seen.extend(ike_paths.iter().map(|p| p.netns));
-    seen.extend(
+    // Namespaces where something happened: their interface names are read afresh.
+    let mut active: Vec<u64> = drops.iter().map(|d| u64::from(d.netns)).collect();
+    active.extend(readings.mtu.iter().map(|(k, _)| u64::from(k.netns)));
+    active.extend(leaks.iter().map(|l| l.netns));
+    active.extend(ike_paths.iter().map(|p| p.netns));
+    active.extend(
         counters
             .iter()
             .flat_map(|c| c.by_netns.iter().map(|n| n.netns)),
     );
-    let netns: Vec<NetnsInfo> = after
-        .values()
-        .chain(before.values())
-        .map(|(ns, _)| ns)
-        .fold(BTreeMap::new(), |mut all: BTreeMap<u64, &Netns>, ns| {
-            all.entry(ns.inode).or_insert(ns);
-            all
-        })
-        .into_values()
-        .map(|ns| NetnsInfo {
-            inode: ns.inode,
-            label: ns.label.clone(),
-            interfaces: if seen.contains(&ns.inode) {
-                netns::interface_names(&ns.path).unwrap_or_default()
-            } else {
-                BTreeMap::new()
-            },
-        })
-        .collect();
+    let netns = netns_list(before, after, history, &active);
     let label_of = |inode: u64| {
         netns
             .iter()
@@ -148,7 +135,7 @@ pub fn report(context: &Context, moment: Moment) -> Report {
     for path in &mut ike_paths {
         path.netns_label = label_of(path.netns);
     }
-    let mut findings = masquerade::findings(&leaks);
+    let mut findings = masquerade::findings(&leaks, &netns);
     findings.extend(mtu::findings(&esp_sizes));
     let findings = diagnosis::diagnose(
         &diagnosis::Evidence {
@@ -194,6 +181,47 @@ pub fn report(context: &Context, moment: Moment) -> Report {
     }
 }
 
+/// Every namespace of the run: those read at the start or the end, those
+/// seen in between, and those deleted (under the name they had).
+fn netns_list(
+    before: &Snapshot,
+    after: &Snapshot,
+    history: &netns::History,
+    active: &[u64],
+) -> Vec<NetnsInfo> {
+    let mut all: BTreeMap<u64, NetnsInfo> = BTreeMap::new();
+    let mut add = |ns: &Netns, interfaces: &BTreeMap<u32, String>, deleted: bool| {
+        all.entry(ns.inode).or_insert_with(|| NetnsInfo {
+            inode: ns.inode,
+            label: ns.label.clone(),
+            pids: ns.pids.clone(),
+            deleted,
+            // Fresh names where something happened, else the last known.
+            interfaces: if deleted || !active.contains(&ns.inode) {
+                interfaces.clone()
+            } else {
+                netns::interface_names(&ns.path).unwrap_or_else(|_| interfaces.clone())
+            },
+        });
+    };
+    for (ns, _) in after.values().chain(before.values()) {
+        let known = history.seen.get(ns.inode).map(|s| &s.interfaces);
+        add(ns, known.unwrap_or(&BTreeMap::new()), false);
+    }
+    for seen in history.seen.iter() {
+        add(&seen.netns, &seen.interfaces, seen.deleted);
+    }
+    for gone in &history.deleted {
+        add(&gone.netns, &gone.interfaces, true);
+    }
+    // Deleted, though read at the start: it is not in `after`.
+    for info in all.values_mut() {
+        info.deleted |= !after.contains_key(&info.inode)
+            && history.deleted.iter().any(|d| d.netns.inode == info.inode);
+    }
+    all.into_values().collect()
+}
+
 /// Oversize ESP per SA, joined with the SAs the book has seen.
 fn esp_sizes(
     rows: &[(tracer_common::mtu::MtuKey, tracer_common::mtu::MtuStats)],
@@ -220,11 +248,16 @@ fn esp_sizes(
 }
 
 /// Per counter: the kernel's increase in each netns (namespaces that
-/// appeared during the run count from zero), what was attributed, and the
-/// packets behind it.
+/// appeared during the run count from zero; one deleted during the run
+/// counts up to its teardown, and an inode that came back for a new
+/// namespace counts again from zero), what was attributed, and the packets
+/// behind it. The gap leaves out what was attributed in a namespace whose
+/// counters are unknown (gone before any reading), so it is never negative
+/// for want of a reading.
 pub fn counter_report(
     before: &Snapshot,
     after: &Snapshot,
+    deleted: &[netns::Deleted],
     sources: &[(SourceKey, u64)],
     names: &Counters,
     coverage: &Coverage,
@@ -235,27 +268,50 @@ pub fn counter_report(
     } else {
         "counted"
     };
-    for (inode, (ns, now)) in after {
-        let then = before
-            .get(inode)
-            .map(|(_, s)| s.clone())
-            .unwrap_or_default();
-        for (name, delta) in now.delta_since(&then) {
+    let mut add = |ns: &Netns, now: &XfrmStat, then: &XfrmStat, deleted: bool| {
+        for (name, delta) in now.delta_since(then) {
             let counter = counter_entry(&mut by_counter, &name, kind);
             counter.kernel_delta += delta;
             counter.by_netns.push(NetnsDelta {
-                netns: *inode,
+                netns: ns.inode,
                 label: ns.label.clone(),
                 delta,
                 attributed: 0,
+                deleted,
             });
         }
+    };
+    let zero = XfrmStat::default();
+    // Whether an inode's reading at the start was used up by a namespace
+    // deleted since (a later namespace with its inode started from zero).
+    let mut start_used: Vec<u64> = Vec::new();
+    let mut then_of = |inode: u64| {
+        if start_used.contains(&inode) {
+            return &zero;
+        }
+        start_used.push(inode);
+        before.get(&inode).map_or(&zero, |(_, s)| s)
+    };
+    for gone in deleted {
+        add(&gone.netns, &gone.counters, then_of(gone.netns.inode), true);
     }
+    for (inode, (ns, now)) in after {
+        add(ns, now, then_of(*inode), false);
+    }
+    let known: Vec<u64> = after
+        .keys()
+        .copied()
+        .chain(deleted.iter().map(|d| d.netns.inode))
+        .collect();
+    let mut unknown_attributed: BTreeMap<String, u64> = BTreeMap::new();
     for (key, count) in sources {
         let name = names.name(key.counter);
         let counter = counter_entry(&mut by_counter, &name, kind);
         counter.attributed += count;
         let netns = u64::from(key.flow.netns);
+        if !known.contains(&netns) {
+            *unknown_attributed.entry(name.clone()).or_default() += count;
+        }
         if let Some(n) = counter.by_netns.iter_mut().find(|n| n.netns == netns) {
             n.attributed += count;
         }
@@ -264,7 +320,8 @@ pub fn counter_report(
     by_counter
         .into_values()
         .map(|mut c| {
-            c.gap = i128::from(c.kernel_delta) - i128::from(c.attributed);
+            let unknown = unknown_attributed.get(&c.name).copied().unwrap_or(0);
+            c.gap = i128::from(c.kernel_delta) - i128::from(c.attributed - unknown);
             c.sources.sort_by_key(|s| std::cmp::Reverse(s.count));
             c
         })

@@ -60,8 +60,7 @@ fn snapshot(counters: bool) -> Snapshot {
         .into_values()
         .filter_map(|ns| {
             let stat = if counters {
-                let text = netns::read_proc_net(&ns.path, "xfrm_stat").ok()?;
-                XfrmStat::parse(&text).ok()?
+                netns::read_counters(&ns)?
             } else {
                 XfrmStat::default()
             };
@@ -120,8 +119,11 @@ pub fn run(options: &Options) -> anyhow::Result<Outcome> {
         .context("uname")?;
     let counter_names = Counters::from_btf(&btf).unwrap_or_default();
     let mut probes = Probes::attach(&btf, &kallsyms, options.hooks)?;
+    // Without the teardown hook, a deleted namespace keeps the counters
+    // last read (every second).
+    let mut history = netns::History::new(counters && probes.netns_exit_hook.is_err());
     let mut book = XfrmBook::default();
-    watch_namespaces(&mut book);
+    watch_namespaces(&mut book, &history.tick(Vec::new(), &counter_names, true));
     log::debug!("start: namespaces watched in {:?}", started.elapsed());
     let (mut plutos, pluto_problems) = pluto::session::Watch::start(&options.pluto_sockets);
     log::debug!("start: pluto watched in {:?}", started.elapsed());
@@ -166,26 +168,32 @@ pub fn run(options: &Options) -> anyhow::Result<Outcome> {
     let stop = options.stop.clone();
     let mut ticks = 0u64;
     // The report as of now, narrowed as asked.
-    let assemble = |readings, after: &Snapshot, book: &XfrmBook, plutos, elapsed| {
-        let mut report = assemble::report(
-            &context,
-            assemble::Moment {
-                readings,
-                before: &before,
-                after,
-                book,
-                plutos,
-                elapsed,
-            },
-        );
-        options.filter.apply(&mut report);
-        report
-    };
-    let refresh = |probes: &Probes, book: &XfrmBook, plutos: &pluto::session::Watch| {
+    let assemble =
+        |readings, after: &Snapshot, history: &netns::History, book: &XfrmBook, plutos, elapsed| {
+            let mut report = assemble::report(
+                &context,
+                assemble::Moment {
+                    readings,
+                    before: &before,
+                    after,
+                    history,
+                    book,
+                    plutos,
+                    elapsed,
+                },
+            );
+            options.filter.apply(&mut report);
+            report
+        };
+    let refresh = |probes: &Probes,
+                   history: &netns::History,
+                   book: &XfrmBook,
+                   plutos: &pluto::session::Watch| {
         let readings = probes.read(&context.kallsyms)?;
         anyhow::Ok(assemble(
             readings,
             &snapshot(counters),
+            history,
             book,
             plutos.observed(),
             started.elapsed(),
@@ -198,13 +206,16 @@ pub fn run(options: &Options) -> anyhow::Result<Outcome> {
         || {
             ticks += 1;
             probes.tick();
+            let every_5_s = ticks.is_multiple_of(5);
+            let reachable =
+                history.tick(probes.take_netns_exits(), &context.counter_names, every_5_s);
             book.poll();
             plutos.tick();
-            if ticks.is_multiple_of(5) {
-                watch_namespaces(&mut book);
+            if every_5_s {
+                watch_namespaces(&mut book, &reachable);
             }
             if (live || metrics.is_some()) && ticks.is_multiple_of(refresh_every) {
-                match refresh(&probes, &book, &plutos) {
+                match refresh(&probes, &history, &book, &plutos) {
                     Ok(report) => {
                         if let Some((_, text)) = &metrics {
                             *text.lock().unwrap_or_else(|e| e.into_inner()) =
@@ -225,14 +236,22 @@ pub fn run(options: &Options) -> anyhow::Result<Outcome> {
         },
     )?;
 
-    let after = snapshot(counters);
+    history.tick(probes.take_netns_exits(), &context.counter_names, false);
+    let mut after = snapshot(counters);
+    // A namespace torn down after the reading above: its counters at
+    // teardown include everything read there.
+    let late = probes.take_netns_exits();
+    for exit in &late {
+        after.remove(&u64::from(exit.netns));
+    }
+    history.tick(late, &context.counter_names, false);
     let elapsed = started.elapsed();
     // Detaches every program before the (slower) reporting.
     let stopping = Instant::now();
     let readings = probes.finish(&context.kallsyms)?;
     log::debug!("stop: read and detached in {:?}", stopping.elapsed());
     book.poll();
-    let report = assemble(readings, &after, &book, plutos.finish(), elapsed);
+    let report = assemble(readings, &after, &history, &book, plutos.finish(), elapsed);
     log::debug!("stop: report assembled in {:?}", stopping.elapsed());
     let kept = |label: &str| report.netns.iter().any(|n| n.label == label);
     let xfrm_stat = after
@@ -264,10 +283,9 @@ pub fn run(options: &Options) -> anyhow::Result<Outcome> {
 /// Starts watching the XFRM state of namespaces that appeared, and lets go
 /// of those that can no longer be reached, so that a deleted netns is not
 /// kept alive by the run.
-fn watch_namespaces(book: &mut XfrmBook) {
-    let reachable = netns::all();
+fn watch_namespaces(book: &mut XfrmBook, reachable: &BTreeMap<u64, Netns>) {
     book.release_unreachable(&reachable.keys().copied().collect());
-    for ns in reachable.into_values() {
+    for ns in reachable.values() {
         book.watch(ns.inode, &ns.path);
     }
 }

@@ -18,6 +18,7 @@ use crate::{
     drops, ebpf, ike,
     kallsyms::Kallsyms,
     masquerade, mtu,
+    netns::exits::{self, Exits},
     report::HookList,
 };
 
@@ -36,6 +37,10 @@ pub struct Probes {
     /// Leak and drop samples received, kept or not.
     leaks_received: u64,
     drops_received: u64,
+    /// Counters of namespaces torn down during the run.
+    exits: Option<Exits>,
+    /// The teardown hook attached (`function (method)`), or why not.
+    pub netns_exit_hook: Result<String, String>,
     pub coverage: Coverage,
     pub mtu_hooks: HookList,
     pub ike_hooks: HookList,
@@ -82,6 +87,7 @@ impl Probes {
             && matches!(hooks, HookChoice::Auto | HookChoice::Fentry)
         {
             let mut programs = mtu::fentry_programs();
+            programs.push(("netns_exit_fentry".into(), exits::FUNCTION));
             programs.extend(masquerade::fentry_programs(btf));
             if layout.offsets.per_cpu_offset != 0 {
                 programs.extend(attribution::fentry_programs(btf));
@@ -111,6 +117,11 @@ impl Probes {
             "start: MASQUERADE hooks attached in {:?}",
             started.elapsed()
         );
+        let (exits, netns_exit_hook) = match exits::attach(&mut object, &aya_btf, kallsyms, hooks) {
+            Ok((exits, how)) => (Some(exits), Ok(how)),
+            Err(why) => (None, Err(why)),
+        };
+        log::debug!("start: netns teardown hook in {:?}", started.elapsed());
         if coverage.fentry_brackets + coverage.kprobe_brackets == 0 {
             drops::sample_xfrm_drops(&mut object, &crate::btf::drop_reason_names(btf))?;
         }
@@ -135,6 +146,8 @@ impl Probes {
             drop_samples: Vec::new(),
             leaks_received: 0,
             drops_received: 0,
+            exits,
+            netns_exit_hook,
             coverage,
             mtu_hooks: HookList { attached, missing },
             ike_hooks,
@@ -156,6 +169,11 @@ impl Probes {
         if let Some(ring) = self.drop_ring.as_mut() {
             self.drops_received += ebpf::drain_ring(ring, &mut self.drop_samples, PACKETS_KEPT);
         }
+    }
+
+    /// Namespaces torn down since the last call, with their final counters.
+    pub fn take_netns_exits(&mut self) -> Vec<tracer_common::netns::NetnsExit> {
+        self.exits.as_mut().map_or_else(Vec::new, Exits::drain)
     }
 
     /// Reads every table (the programs keep running).
