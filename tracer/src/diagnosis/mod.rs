@@ -5,6 +5,8 @@
 
 use std::{collections::BTreeSet, net::IpAddr};
 
+mod counters;
+
 use crate::{
     ike::IkePath,
     pluto::{
@@ -12,7 +14,7 @@ use crate::{
         session::{Observed, owner_of_spi_text},
         status::Connection,
     },
-    report::{Counter, Finding},
+    report::{Counter, Finding, NetnsInfo},
     xfrm_state::XfrmBook,
 };
 
@@ -45,6 +47,7 @@ pub struct Evidence<'a> {
     pub ike: &'a [IkePath],
     pub plutos: &'a [Observed],
     pub book: &'a XfrmBook,
+    pub netns: &'a [NetnsInfo],
     /// Whether the IKE path watch was attached (else its silence means nothing).
     pub ike_watched: bool,
 }
@@ -68,6 +71,8 @@ pub fn diagnose(evidence: &Evidence, mut findings: Vec<Finding>) -> Vec<Finding>
     }
     findings.extend(unmanaged_tunnels_down(evidence));
     findings.extend(kernel_errors(evidence));
+    let unexplained = counters::unexplained(evidence, &findings);
+    findings.extend(unexplained);
     findings
 }
 
@@ -185,19 +190,8 @@ fn connection_findings(
         matches!(k, EventKind::TsUnacceptable | EventKind::QuickModeTimeout)
     });
     if !ts.is_empty() {
-        let ours = connection.map_or_else(String::new, |c| {
-            format!(
-                " (ours: {} <-> {})",
-                c.local_subnets.join(","),
-                c.remote_subnets.join(",")
-            )
-        });
-        out.push(finding(
-            "ts_mismatch",
-            format!("{peer} refused our traffic selectors (TS_UNACCEPTABLE)"),
-            format!("leftsubnet/rightsubnet must mirror the peer's rightsubnet/leftsubnet{ours}"),
-            quote(&ts),
-        ));
+        let (summary, fix) = selectors_refused(evidence, connection, &peer, &ts);
+        out.push(finding("ts_mismatch", summary, fix, quote(&ts)));
     }
     let refused = matching(&events, |k| {
         matches!(k, EventKind::ConnectionRefused { .. })
@@ -326,6 +320,80 @@ fn connection_findings(
         }
     }
     out
+}
+
+/// Who refused whose traffic selectors, and, where the peer's are known
+/// (its pluto is watched too, or our refusal quotes its proposal), which
+/// subnet differs.
+fn selectors_refused(
+    evidence: &Evidence,
+    connection: Option<&Connection>,
+    peer: &str,
+    events: &[&LogEvent],
+) -> (String, String) {
+    let refused_here = events.iter().any(|e| e.refused_here());
+    let ours = connection.map_or_else(String::new, |c| {
+        format!(
+            "{} <-> {}",
+            c.local_subnets.join(","),
+            c.remote_subnets.join(",")
+        )
+    });
+    // The peer's view: (its subnet, the subnet it expects on our side).
+    let theirs = peer_connection(evidence, connection)
+        .map(|c| (c.local_subnets.join(","), c.remote_subnets.join(",")))
+        .or_else(|| {
+            events
+                .iter()
+                .find_map(|e| e.proposed_selectors())
+                .map(|(on_our_side, theirs)| (theirs, on_our_side))
+        });
+    let summary = if refused_here {
+        format!("we refused the traffic selectors {peer} proposed (TS_UNACCEPTABLE)")
+    } else {
+        format!("{peer} refused our traffic selectors (TS_UNACCEPTABLE)")
+    };
+    let mut differences = Vec::new();
+    if let (Some(c), Some((their_subnet, expected_here))) = (connection, &theirs) {
+        let (our_subnet, expected_there) = (c.local_subnets.join(","), c.remote_subnets.join(","));
+        if *their_subnet != expected_there {
+            differences.push(format!(
+                "{peer} protects {their_subnet}, we expect {expected_there} (our rightsubnet)"
+            ));
+        }
+        if *expected_here != our_subnet {
+            differences.push(format!(
+                "{peer} expects {expected_here} on our side, we protect {our_subnet} (our leftsubnet)"
+            ));
+        }
+    }
+    let summary = if differences.is_empty() {
+        summary
+    } else {
+        format!("{summary}: {}", differences.join("; "))
+    };
+    let fix = if ours.is_empty() {
+        "leftsubnet/rightsubnet must mirror the peer's rightsubnet/leftsubnet".to_string()
+    } else {
+        format!(
+            "leftsubnet/rightsubnet must mirror the peer's rightsubnet/leftsubnet (ours: {ours})"
+        )
+    };
+    (summary, fix)
+}
+
+/// The peer's own connection to us, when its pluto is watched too.
+fn peer_connection<'a>(
+    evidence: &'a Evidence,
+    connection: Option<&Connection>,
+) -> Option<&'a Connection> {
+    let connection = connection?;
+    let (local, remote) = (connection.local_addr?, connection.remote_addr?);
+    evidence
+        .plutos
+        .iter()
+        .flat_map(|p| &p.connections)
+        .find(|c| c.local_addr == Some(remote) && c.remote_addr == Some(local))
 }
 
 /// The SAs of a connection's established Child SA that the kernel lacks.
@@ -573,6 +641,7 @@ mod tests {
             ike,
             plutos,
             book: &book,
+            netns: &[],
             ike_watched: true,
         };
         diagnose(&evidence, Vec::new())
@@ -585,6 +654,60 @@ mod tests {
                 f.kind
             })
             .collect()
+    }
+
+    fn findings(plutos: &[Observed]) -> Vec<Finding> {
+        let book = XfrmBook::default();
+        let evidence = Evidence {
+            counters: &[],
+            ike: &[],
+            plutos,
+            book: &book,
+            netns: &[],
+            ike_watched: true,
+        };
+        diagnose(&evidence, Vec::new())
+    }
+
+    /// East, the peer of `west`: it protects `subnet`.
+    fn east(subnet: &str, lines: &[&str]) -> Observed {
+        let mut east = west(lines);
+        east.netns = 12;
+        east.netns_label = "east".into();
+        let c = &mut east.connections[0];
+        std::mem::swap(&mut c.local_addr, &mut c.remote_addr);
+        c.local_subnets = vec![subnet.into()];
+        c.remote_subnets = vec!["10.0.2.0/24".into()];
+        east
+    }
+
+    #[test]
+    fn a_refusal_of_selectors_says_who_refused_whose_and_which_subnet_differs() {
+        let initiator = "Nov 29 07:49:49.276933: \"lab\" #2: IKE_AUTH response rejected Child SA with TS_UNACCEPTABLE";
+        let responder = "Nov 29 07:49:49.257225: \"lab\" #2: No IKEv2 connection found with compatible Traffic Selectors";
+        let both = findings(&[west(&[initiator]), east("192.168.9.0/24", &[responder])]);
+        let summaries: Vec<&str> = both.iter().map(|f| f.summary.as_str()).collect();
+        assert_eq!(
+            summaries,
+            [
+                "connection \"lab\" (west): 203.0.113.1 refused our traffic selectors (TS_UNACCEPTABLE): 203.0.113.1 protects 192.168.9.0/24, we expect 192.168.0.0/16 (our rightsubnet)",
+                "connection \"lab\" (east): we refused the traffic selectors 192.0.2.1 proposed (TS_UNACCEPTABLE): 192.0.2.1 expects 192.168.0.0/16 on our side, we protect 192.168.9.0/24 (our leftsubnet)",
+            ]
+        );
+        // Alone, the initiator cannot know which subnet differs.
+        let alone = findings(&[west(&[initiator])]);
+        assert_eq!(
+            alone[0].summary,
+            "connection \"lab\" (west): 203.0.113.1 refused our traffic selectors (TS_UNACCEPTABLE)"
+        );
+        // An IKEv1 responder's refusal quotes the proposal.
+        let v1 = "\"lab\" #1: cannot respond to IPsec SA request because no connection is known for 192.168.0.0/16===203.0.113.1[@east]...192.0.2.1[@west]===10.0.2.0/24";
+        let mut responder = east("192.168.9.0/24", &[v1]);
+        responder.connections[0].remote_addr = None;
+        assert_eq!(
+            findings(&[responder])[0].summary,
+            "connection \"lab\" (east): we refused the traffic selectors the peer proposed (TS_UNACCEPTABLE): the peer expects 192.168.0.0/16 on our side, we protect 192.168.9.0/24 (our leftsubnet)"
+        );
     }
 
     // Lines as pluto 4.10 wrote them in the lab (IKEv1 initiator).

@@ -137,10 +137,7 @@ impl KernelLayout {
             dev_queue_skbaddr: skbaddr("net_dev_queue"),
             receive_skbaddr: skbaddr("netif_receive_skb"),
         };
-        let possible_cpus = aya::util::nr_cpus()
-            .ok()
-            .map(u32::from)
-            .unwrap_or(0);
+        let possible_cpus = aya::util::nr_cpus().ok().map(u32::from).unwrap_or(0);
         Ok(Self {
             offsets,
             kfree_skb,

@@ -33,6 +33,28 @@ pub struct LogEvent {
     pub text: String,
 }
 
+impl LogEvent {
+    /// For a `TsUnacceptable` event: whether this pluto refused the peer's
+    /// traffic selectors (as responder), rather than the peer ours.
+    pub fn refused_here(&self) -> bool {
+        self.text
+            .starts_with("No IKEv2 connection found with compatible Traffic Selectors")
+            || self.text.starts_with("cannot respond to IPsec SA request")
+    }
+
+    /// The selectors a peer proposed, as a responder's refusal quotes
+    /// them (IKEv1: `... no connection is known for
+    /// 192.168.9.0/24===192.0.2.2[@east]...192.0.2.1[@west]===10.0.2.0/24`):
+    /// (for our side, for the peer's side).
+    pub fn proposed_selectors(&self) -> Option<(String, String)> {
+        let (_, topology) = self.text.split_once("no connection is known for ")?;
+        let (ours, theirs) = topology.split_once("...")?;
+        let (our_subnet, _) = ours.split_once("===")?;
+        let (_, their_subnet) = theirs.rsplit_once("===")?;
+        Some((our_subnet.to_string(), their_subnet.trim().to_string()))
+    }
+}
+
 /// What a log line tells about the negotiation: only what the diagnosis
 /// needs, `Other` for the rest. "I" = initiator, "R" = responder.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]

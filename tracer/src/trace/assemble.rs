@@ -143,6 +143,7 @@ pub fn report(context: &Context, moment: Moment) -> Report {
             ike: &ike_paths,
             plutos: &plutos,
             book,
+            netns: &netns,
             ike_watched: context.ike_hooks.missing.is_empty(),
         },
         findings,
@@ -312,20 +313,44 @@ pub fn counter_report(
         if !known.contains(&netns) {
             *unknown_attributed.entry(name.clone()).or_default() += count;
         }
-        if let Some(n) = counter.by_netns.iter_mut().find(|n| n.netns == netns) {
-            n.attributed += count;
-        }
         counter.sources.push(attribution::source(key, *count));
     }
     by_counter
         .into_values()
         .map(|mut c| {
+            spread_attributed(&mut c);
             let unknown = unknown_attributed.get(&c.name).copied().unwrap_or(0);
             c.gap = i128::from(c.kernel_delta) - i128::from(c.attributed - unknown);
             c.sources.sort_by_key(|s| std::cmp::Reverse(s.count));
             c
         })
         .collect()
+}
+
+/// Each namespace's attributed count. Sources name a namespace by inode,
+/// and the kernel may give a deleted namespace's inode to a later one: the
+/// increments of an inode are then spread over its namespaces in the order
+/// they lived, each up to its own delta (the last takes the rest), since
+/// no packet says which of them it met.
+fn spread_attributed(counter: &mut Counter) {
+    let mut by_inode: BTreeMap<u64, u64> = BTreeMap::new();
+    for s in &counter.sources {
+        *by_inode.entry(s.netns).or_default() += s.count;
+    }
+    for (inode, mut left) in by_inode {
+        let rows: Vec<usize> = (0..counter.by_netns.len())
+            .filter(|&i| counter.by_netns[i].netns == inode)
+            .collect();
+        for (nth, &i) in rows.iter().enumerate() {
+            let row = &mut counter.by_netns[i];
+            row.attributed = if nth + 1 == rows.len() {
+                left
+            } else {
+                left.min(row.delta)
+            };
+            left -= row.attributed;
+        }
+    }
 }
 
 fn counter_entry<'a>(
