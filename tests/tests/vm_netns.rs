@@ -180,3 +180,181 @@ fn deleted_namespaces_keep_their_counts_and_names() {
         "{text}"
     );
 }
+
+/// Sends `count` datagrams from `src` (an address of `a`) to `dst`; returns
+/// how many the kernel accepted (a blocking output policy refuses them).
+fn send_from(ns: &Namespaces, src: &'static str, dst: &'static str, count: usize) -> usize {
+    ns.run_in("a", move || {
+        let socket = UdpSocket::bind((src, 0)).expect("bind");
+        (0..count)
+            .filter(|_| {
+                std::thread::sleep(Duration::from_millis(5));
+                socket.send_to(b"xfrm-trace finding test", dst).is_ok()
+            })
+            .count()
+    })
+}
+
+/// Counters with no IKE daemon in sight, on a topology unlike the lab's and
+/// with the tool in a namespace of its own: each that moved ends in a
+/// finding with its exact count, where it happened, and a fix that runs
+/// there (`ip netns exec`).
+#[test]
+fn every_counter_that_moved_ends_in_a_finding() {
+    require_root();
+    const NO_SA: usize = 37;
+    const IN_BLOCKED: usize = 5;
+    const MISMATCH: usize = 4;
+    const OUT_BLOCKED: usize = 3;
+    let tool = Namespaces::create("xft", &["tool"]);
+    let ns = blocked_pair("xfx");
+    let (a, b) = (ns.name("a").to_string(), ns.name("b").to_string());
+    for extra in ["198.51.100.12/24", "198.51.100.13/24"] {
+        ns.ip("a", &["addr", "add", extra, "dev", "va"]);
+    }
+    let key = "0x0102030405060708090a0b0c0d0e0f1011121314";
+    let sa = |role: &str, spi: &str| {
+        ns.ip(
+            role,
+            &[
+                "xfrm", "state", "add", "src", "198.51.100.2", "dst", "198.51.100.3", "proto",
+                "esp", "spi", spi, "mode", "tunnel", "aead", "rfc4106(gcm(aes))", key, "128",
+            ],
+        );
+    };
+    // a encrypts port 7000 to b with SPI 0x2002; b only has 0x3003.
+    sa("a", "0x2002");
+    sa("b", "0x3003");
+    ns.ip(
+        "a",
+        &[
+            "xfrm", "policy", "add", "src", "198.51.100.2/32", "dst", "198.51.100.3/32", "proto",
+            "udp", "dport", "7000", "dir", "out", "tmpl", "src", "198.51.100.2", "dst",
+            "198.51.100.3", "proto", "esp", "mode", "tunnel",
+        ],
+    );
+    // b blocks .12 and wants ESP from .13; a blocks sends to .99.
+    ns.ip(
+        "b",
+        &[
+            "xfrm", "policy", "add", "src", "198.51.100.12/32", "dst", "198.51.100.3/32", "dir",
+            "in", "action", "block",
+        ],
+    );
+    ns.ip(
+        "b",
+        &[
+            "xfrm", "policy", "add", "src", "198.51.100.13/32", "dst", "198.51.100.3/32", "dir",
+            "in", "tmpl", "src", "198.51.100.13", "dst", "198.51.100.3", "proto", "esp", "mode",
+            "tunnel",
+        ],
+    );
+    ns.ip(
+        "a",
+        &[
+            "xfrm", "policy", "add", "dst", "198.51.100.99/32", "dir", "out", "action", "block",
+        ],
+    );
+    // Resolve the neighbours before the run.
+    sh(&["ip", "netns", "exec", &a, "ping", "-c1", "-W2", "198.51.100.3"]);
+    let json = scratch("every-counter.json");
+    let mut tracer = Tracer::start_in(
+        Some(tool.name("tool")),
+        &["--json", json.to_str().unwrap()],
+        &scratch("every-counter.ready"),
+    );
+    assert_eq!(send_from(&ns, "198.51.100.2", "198.51.100.3:7000", NO_SA), NO_SA);
+    assert_eq!(send_from(&ns, "198.51.100.12", "198.51.100.3:9", IN_BLOCKED), IN_BLOCKED);
+    assert_eq!(send_from(&ns, "198.51.100.13", "198.51.100.3:9", MISMATCH), MISMATCH);
+    assert_eq!(send_from(&ns, "198.51.100.2", "198.51.100.99:9", OUT_BLOCKED), 0);
+    std::thread::sleep(Duration::from_millis(500));
+    let out = tracer.interrupt();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let findings = report["findings"].as_array().unwrap();
+    let found = |kind: &str, netns: &str| -> &Value {
+        let matching: Vec<&Value> = findings
+            .iter()
+            .filter(|f| f["kind"] == kind && f["netns_label"] == netns)
+            .collect();
+        assert_eq!(matching.len(), 1, "{kind} in {netns}: {findings:#?}");
+        matching[0]
+    };
+    let no_sa = found("no_sa_for_spi", &b);
+    assert_eq!(
+        no_sa["summary"],
+        format!(
+            "{NO_SA} ESP packets from 198.51.100.2 to 198.51.100.3 for SPI 0x00002002, which this gateway has no SA for (netns {b}, XfrmInNoStates +{NO_SA})"
+        )
+    );
+    assert!(
+        no_sa["evidence"].to_string().contains(
+            "ip xfrm state here has SPI 0x00003003 from 198.51.100.2 to 198.51.100.3, not 0x00002002"
+        ),
+        "{no_sa:#}"
+    );
+    assert!(
+        no_sa["fix"].as_str().unwrap().contains(&format!("ip netns exec {b} ip xfrm state")),
+        "{no_sa:#}"
+    );
+    let in_block = found("policy_block", &b);
+    assert!(
+        in_block["summary"].as_str().unwrap().starts_with(&format!(
+            "{IN_BLOCKED} packets 198.51.100.12 -> 198.51.100.3 dropped by a blocking policy (policy "
+        )) && in_block["summary"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!("(netns {b}, XfrmInPolBlock +{IN_BLOCKED})")),
+        "{in_block:#}"
+    );
+    assert!(
+        in_block["fix"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("`ip netns exec {b} ip xfrm policy delete dir in index ")),
+        "{in_block:#}"
+    );
+    let mismatch = found("template_mismatch", &b);
+    assert!(
+        mismatch["summary"].as_str().unwrap().starts_with(&format!(
+            "{MISMATCH} packets 198.51.100.13 -> 198.51.100.3 matched a policy (policy "
+        )) && mismatch["summary"]
+            .as_str()
+            .unwrap()
+            .contains("they came in clear"),
+        "{mismatch:#}"
+    );
+    let out_block = found("policy_block", &a);
+    assert!(
+        out_block["summary"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!("(netns {a}, XfrmOutPolBlock +{OUT_BLOCKED})")),
+        "{out_block:#}"
+    );
+    // Every counter that moved is explained, and the tool's namespace is
+    // called by its name.
+    let moved: Vec<&str> = report["counters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    for name in &moved {
+        assert!(
+            findings
+                .iter()
+                .any(|f| f["summary"].as_str().unwrap().contains(&format!("{name} +"))),
+            "{name} moved without a finding: {findings:#?}"
+        );
+    }
+    assert!(
+        report["netns"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["label"] == tool.name("tool")),
+        "{:#}",
+        report["netns"]
+    );
+}

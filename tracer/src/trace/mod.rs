@@ -254,17 +254,21 @@ pub fn run(options: &Options) -> anyhow::Result<Outcome> {
     let report = assemble(readings, &after, &history, &book, plutos.finish(), elapsed);
     log::debug!("stop: report assembled in {:?}", stopping.elapsed());
     let kept = |label: &str| report.netns.iter().any(|n| n.label == label);
-    let xfrm_stat = after
-        .values()
-        .filter(|(ns, _)| kept(&ns.label))
-        .map(|(ns, now)| {
-            let then = before
-                .get(&ns.inode)
-                .map(|(_, s)| s.0.clone())
-                .unwrap_or_default();
-            (ns.label.clone(), (then, now.0.clone()))
-        })
-        .collect();
+    let mut xfrm_stat: BTreeMap<String, (CounterValues, CounterValues)> = BTreeMap::new();
+    let readings = history
+        .deleted
+        .iter()
+        .map(|gone| (&gone.netns, &gone.counters))
+        .chain(after.values().map(|(ns, now)| (ns, now)));
+    for (ns, now) in readings.filter(|(ns, _)| kept(&ns.label)) {
+        let then = before
+            .get(&ns.inode)
+            .map(|(_, s)| s.0.clone())
+            .unwrap_or_default();
+        xfrm_stat
+            .entry(ns.label.clone())
+            .or_insert((then, now.0.clone()));
+    }
     let xfrm_state = report
         .netns
         .iter()
