@@ -98,7 +98,7 @@ fn counter<'a>(report: &'a Value, name: &str) -> &'a Value {
 fn deleted_namespaces_keep_their_counts_and_names() {
     require_root();
     const FIRST: u64 = 30;
-    const CHURN: usize = 6;
+    const CHURN: usize = 3;
     const EACH: u64 = 10;
     let tool = Namespaces::create("xnt", &["tool"]);
     let first = blocked_pair("xn0");
@@ -127,6 +127,13 @@ fn deleted_namespaces_keep_their_counts_and_names() {
         String::from_utf8_lossy(&out.stderr)
     );
     let report: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    // Read at teardown, not polled: exact whenever a namespace goes.
+    assert_eq!(
+        report["netns_teardown_hooks"]["attached"],
+        serde_json::json!(["xfrm_net_exit (fentry)"]),
+        "{:#}",
+        report["netns_teardown_hooks"]
+    );
     let blocked = counter(&report, "XfrmInPolBlock");
     let expected = FIRST + CHURN as u64 * EACH;
     assert_eq!(blocked["kernel_delta"], expected, "{blocked:#}");

@@ -60,6 +60,9 @@ const HOST_ONLY: &[&str] = &[
 /// the bundle's no-key check on a kernel with SAs: on the demo's kernel.
 const ON_6_12: &[&str] = &[
     "lab_m",
+    // Every counter's finding: the diagnosis's rules, on brackets that
+    // every kernel runs in the attribution tests.
+    "every_counter_that_moved",
     "diagnosis_",
     "pluto_negotiates",
     "report_bundle_holds",
@@ -67,8 +70,10 @@ const ON_6_12: &[&str] = &[
 /// The eight-setup ESP wire-size test and the transport+CBC+NAT-T
 /// oversize variant (5.10 is the slowest kernel to load on).
 const ON_6_1_AND_NEWER: &[&str] = &["computed_esp_overhead", "transport_cbc_nat_t"];
-/// The lab's static SAs in every mode (no tracer): oldest and newest.
-const ON_5_10_AND_SID: &[&str] = &["static_sas_encrypt"];
+/// The lab's static SAs in every mode (no tracer), and namespaces deleted
+/// mid-run (the teardown hook; 6.1 attaches it in the netns fault test,
+/// 6.12 was checked by hand): oldest and newest.
+const ON_5_10_AND_SID: &[&str] = &["static_sas_encrypt", "deleted_namespaces_keep"];
 
 pub const MATRIX: &[KernelSpec] = &[
     KernelSpec {

@@ -33,6 +33,9 @@ pub struct Report {
     /// Dropped and leaked packets copied for the pcapng, and those not.
     pub capture: crate::pcap::CaptureCounts,
     pub netns: Vec<NetnsInfo>,
+    /// The hook that reads a deleted namespace's counters at its teardown;
+    /// without it they are as of the last reading (every second).
+    pub netns_teardown_hooks: HookList,
     /// Per SA: packets that did not fit the MTU, largest inner packet, MSS.
     pub esp_sizes: Vec<crate::mtu::SaSizes>,
     pub esp_sizes_hooks: HookList,

@@ -30,6 +30,7 @@ pub struct Context {
     pub mtu_hooks: HookList,
     pub ike_hooks: HookList,
     pub masquerade: masquerade::MasqCoverage,
+    pub netns_teardown_hooks: HookList,
     pub pluto_problems: Vec<String>,
     /// Why `/proc/net/xfrm_stat` cannot be read, if it cannot.
     pub counters_unavailable: Option<String>,
@@ -164,6 +165,7 @@ pub fn report(context: &Context, moment: Moment) -> Report {
         drops_untracked: readings.drops_untracked,
         capture: readings.capture.clone(),
         netns,
+        netns_teardown_hooks: context.netns_teardown_hooks.clone(),
         esp_sizes,
         esp_sizes_hooks: context.mtu_hooks.clone(),
         findings,

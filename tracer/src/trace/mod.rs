@@ -20,7 +20,7 @@ use crate::{
     kallsyms::Kallsyms,
     netns::{self, Netns},
     pluto, privilege, prometheus,
-    report::{self, Report},
+    report::{self, HookList, Report},
     xfrm_stat::XfrmStat,
     xfrm_state::XfrmBook,
 };
@@ -139,6 +139,16 @@ pub fn run(options: &Options) -> anyhow::Result<Outcome> {
         mtu_hooks: probes.mtu_hooks.clone(),
         ike_hooks: probes.ike_hooks.clone(),
         masquerade: probes.masquerade.clone(),
+        netns_teardown_hooks: match &probes.netns_exit_hook {
+            Ok(how) => HookList {
+                attached: vec![how.clone()],
+                missing: Vec::new(),
+            },
+            Err(why) => HookList {
+                attached: Vec::new(),
+                missing: vec![(netns::exits::FUNCTION.to_string(), why.clone())],
+            },
+        },
         pluto_problems,
         counters_unavailable,
     };
