@@ -55,18 +55,21 @@ fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-/// `ln -s target link` as `nobody`.
-fn plant_link(target: &Path, link: &Path) {
-    sh(&[
+/// Runs a command as `nobody`.
+fn as_nobody(command: &[&str]) {
+    let mut args = vec![
         "setpriv",
         "--reuid=65534",
         "--regid=65534",
         "--clear-groups",
-        "ln",
-        "-s",
-        text(target),
-        text(link),
-    ]);
+    ];
+    args.extend(command);
+    sh(&args);
+}
+
+/// `ln -s target link` as `nobody`.
+fn plant_link(target: &Path, link: &Path) {
+    as_nobody(&["ln", "-s", text(target), text(link)]);
 }
 
 /// A directory like /tmp (sticky, world-writable) and one writable through
@@ -90,7 +93,7 @@ fn is_char_device(path: &Path, major: u64, minor: u64) -> bool {
 
 /// A link planted at the output path by another user is refused before
 /// the run starts; its target (a root-owned file) is untouched and the
-/// link stays.
+/// link stays. So is a FIFO of theirs.
 #[test]
 fn outputs_planted_symlink_in_a_shared_directory_is_not_followed() {
     require_root();
@@ -122,6 +125,19 @@ fn outputs_planted_symlink_in_a_shared_directory_is_not_followed() {
             assert_eq!(std::fs::read_to_string(&victim).unwrap(), "root's file\n");
             assert!(link.symlink_metadata().unwrap().is_symlink(), "{option}");
         }
+        // A FIFO of theirs would hand them the report.
+        let fifo = dir.join("fifo.json");
+        as_nobody(&["mkfifo", text(&fifo)]);
+        let out = run(&["--json", text(&fifo)]);
+        assert_eq!(
+            stderr(&out),
+            format!(
+                "xfrm-trace: error: --json {}: a FIFO owned by uid 65534: not writing into it\n",
+                fifo.display()
+            )
+        );
+        assert_eq!(out.status.code(), Some(1));
+        assert!(fifo.symlink_metadata().unwrap().file_type().is_fifo());
     }
     std::fs::remove_dir_all(&root).unwrap();
 }

@@ -55,7 +55,7 @@ pub struct TraceArgs {
     pub duration: Option<Duration>,
     /// Also write the report as JSON (schema xfrm-trace/1) to FILE, or - for
     /// stdout. A file is replaced whole, mode 0600; a device or FIFO is
-    /// written through; a link owned by another user is refused.
+    /// written through; a link or FIFO of another user is refused.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
     /// Also write the sampled dropped and leaked packets as pcapng to FILE

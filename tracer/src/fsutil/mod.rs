@@ -8,13 +8,13 @@
 //!   beside it (created exclusively, never through a link, mode 0600),
 //!   synced, and renamed over the path; only a regular file is ever
 //!   replaced;
-//! - a character device or a FIFO (`/dev/null`, a pipe), named directly or
-//!   through a symbolic link that belongs to us (`/dev/stdout`): opened
-//!   without creating anything and written through;
+//! - a character device or a FIFO of ours (`/dev/null`, a pipe), named
+//!   directly or through a symbolic link that belongs to us (`/dev/stdout`):
+//!   opened without creating anything and written through;
 //! - anything else is refused: a directory, a socket, a block device, a
-//!   symbolic link to a regular file (name the file itself) and any
-//!   symbolic link owned by another user (one planted in a shared
-//!   directory to make root overwrite its target).
+//!   symbolic link to a regular file (name the file itself), and any
+//!   symbolic link or FIFO owned by another user (planted in a shared
+//!   directory to make root overwrite a file or hand over the data).
 //!
 //! Errors do not repeat the path: the caller names the option and path.
 
@@ -105,13 +105,17 @@ fn target(path: &Path) -> anyhow::Result<Target> {
     if meta.is_file() {
         return Ok(Target::Replace);
     }
+    let ours = nix::unistd::geteuid().as_raw();
+    // Another user's FIFO in a shared directory would hand them the data.
+    if meta.file_type().is_fifo() && meta.uid() != ours {
+        bail!("a FIFO owned by uid {}: not writing into it", meta.uid());
+    }
     if is_device_or_fifo(&meta) {
         return Ok(Target::WriteThrough);
     }
     if !meta.is_symlink() {
         bail!("{}, not a file", describe(&meta));
     }
-    let ours = nix::unistd::geteuid().as_raw();
     if meta.uid() != ours {
         bail!(
             "a symbolic link owned by uid {}: not following it",
