@@ -34,7 +34,31 @@ enum Target {
     /// A new file renamed over the path (nothing or a regular file there).
     Replace,
     /// A character device or FIFO, opened and written in place.
-    WriteThrough,
+    WriteThrough(Identity),
+}
+
+/// What a checked device or FIFO was, to recognise it once opened: an
+/// inode number alone may already name a new file (numbers are reused).
+#[derive(Debug, PartialEq, Eq)]
+struct Identity {
+    dev: u64,
+    ino: u64,
+    /// Type and permissions.
+    mode: u32,
+    uid: u32,
+    rdev: u64,
+}
+
+impl Identity {
+    fn of(meta: &Metadata) -> Self {
+        Self {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            mode: meta.mode(),
+            uid: meta.uid(),
+            rdev: meta.rdev(),
+        }
+    }
 }
 
 /// Whether `path` names standard output (`-`).
@@ -68,7 +92,7 @@ pub fn write_output(path: &Path, data: &[u8]) -> anyhow::Result<()> {
             Ok(())
         }
         Target::Replace => write_atomically(path, data),
-        Target::WriteThrough => write_through(path, data),
+        Target::WriteThrough(checked) => write_through(path, &checked, data),
     }
 }
 
@@ -111,7 +135,7 @@ fn target(path: &Path) -> anyhow::Result<Target> {
         bail!("a FIFO owned by uid {}: not writing into it", meta.uid());
     }
     if is_device_or_fifo(&meta) {
-        return Ok(Target::WriteThrough);
+        return Ok(Target::WriteThrough(Identity::of(&meta)));
     }
     if !meta.is_symlink() {
         bail!("{}, not a file", describe(&meta));
@@ -124,7 +148,7 @@ fn target(path: &Path) -> anyhow::Result<Target> {
     }
     let pointed = path.metadata()?;
     if is_device_or_fifo(&pointed) {
-        Ok(Target::WriteThrough)
+        Ok(Target::WriteThrough(Identity::of(&pointed)))
     } else {
         bail!(
             "a symbolic link to {}: name the file itself",
@@ -179,14 +203,16 @@ fn write_atomically(path: &Path, data: &[u8]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Writes into an existing character device or FIFO, creating nothing.
-fn write_through(path: &Path, data: &[u8]) -> anyhow::Result<()> {
+/// Writes into the character device or FIFO `checked` that `path` names,
+/// creating nothing.
+fn write_through(path: &Path, checked: &Identity, data: &[u8]) -> anyhow::Result<()> {
     let mut file: File = OpenOptions::new()
         .write(true)
         .custom_flags(libc::O_NOCTTY)
         .open(path)?;
-    // What was opened is what counts (the path may have changed since).
-    if !is_device_or_fifo(&file.metadata()?) {
+    // Nothing is written unless what was opened is what was checked: the
+    // path may have been swapped since (no O_TRUNC, so nothing changed yet).
+    if Identity::of(&file.metadata()?) != *checked {
         bail!("changed while it was being written");
     }
     file.write_all(data)?;
@@ -266,6 +292,22 @@ mod tests {
         assert!(check_new(&link).is_err());
         assert!(create_new(&link, b"x").is_err());
         assert_eq!(names(&dir), ["dangling", "ready"]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn writes_nothing_into_what_replaced_a_checked_fifo() {
+        let dir = scratch("swapped");
+        let path = dir.join("out");
+        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let Target::WriteThrough(checked) = target(&path).unwrap() else {
+            panic!("a FIFO of ours is written through");
+        };
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, b"keep").unwrap();
+        let error = write_through(&path, &checked, b"x").unwrap_err();
+        assert_eq!(error.to_string(), "changed while it was being written");
+        assert_eq!(std::fs::read(&path).unwrap(), b"keep");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
