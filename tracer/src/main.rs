@@ -1,15 +1,14 @@
 //! The `xfrm-trace` binary: parse, run, and turn any error into one line.
 
-use std::io::Write as _;
+use std::{io::Write as _, path::Path};
 
-use anyhow::Context as _;
 use clap::{CommandFactory as _, Parser as _};
 use xfrm_trace::{
     bundle,
     cli::{Cli, Command, LabScenario, TraceArgs},
     doctor,
     filter::Filter,
-    privilege, report, scenarios, trace,
+    fsutil, privilege, report, scenarios, trace,
 };
 
 /// Exit code when `--fail-on-findings` and the diagnosis found something.
@@ -71,23 +70,17 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         Some(Command::Report { output }) => {
             let mut args = cli.trace;
             args.duration = Some(args.duration.unwrap_or(std::time::Duration::from_secs(10)));
+            check_outputs(&args, Some(&output))?;
             let outcome = trace::run(&options(&args, false))?;
-            bundle::write(&output, &outcome)
-                .with_context(|| format!("writing the bundle {}", output.display()))?;
-            finish(&args, &outcome.report)?;
-            eprintln!(
-                "xfrm-trace: evidence bundle written to {}",
-                output.display()
-            );
-            Ok(exit_code(&args, &outcome.report))
+            finish(&args, &outcome, Some(&output))
         }
         None => {
             let args = cli.trace;
-            // JSON on stdout and the live view would mix.
-            let live = !args.quiet && args.json.as_deref().is_none_or(|p| p.as_os_str() != "-");
+            check_outputs(&args, None)?;
+            // Data on stdout and the live view would mix.
+            let live = !args.quiet && !stdout_taken(&args, None);
             let outcome = trace::run(&options(&args, live))?;
-            finish(&args, &outcome.report)?;
-            Ok(exit_code(&args, &outcome.report))
+            finish(&args, &outcome, None)
         }
     }
 }
@@ -109,32 +102,113 @@ fn options(args: &TraceArgs, live: bool) -> trace::Options {
     }
 }
 
-/// Prints the report (and writes its JSON and pcapng) as the options ask.
-fn finish(args: &TraceArgs, report: &report::Report) -> anyhow::Result<()> {
-    if let Some(path) = &args.pcap {
-        let written = xfrm_trace::pcap::write(path, report)
-            .with_context(|| format!("writing the pcapng {}", path.display()))?;
-        eprintln!(
-            "xfrm-trace: {written} sampled packets written to {}",
-            path.display()
-        );
+/// An output file of a run, besides the report on the terminal.
+#[derive(Clone, Copy)]
+enum Output {
+    Bundle,
+    Pcap,
+    Json,
+}
+
+impl Output {
+    /// The option that names it, for error lines.
+    fn option(self) -> &'static str {
+        match self {
+            Self::Bundle => "report -o",
+            Self::Pcap => "--pcap",
+            Self::Json => "--json",
+        }
     }
+
+    /// Writes it; returns what to announce on stderr, if anything.
+    fn write(self, path: &Path, outcome: &trace::Outcome) -> anyhow::Result<Option<String>> {
+        match self {
+            Self::Bundle => bundle::write(path, outcome).map(|()| Some("evidence bundle".into())),
+            Self::Pcap => xfrm_trace::pcap::write(path, &outcome.report)
+                .map(|count| Some(format!("{count} sampled packets"))),
+            Self::Json => {
+                let mut bytes = serde_json::to_vec_pretty(&outcome.report)?;
+                bytes.push(b'\n');
+                fsutil::write_output(path, &bytes).map(|()| None)
+            }
+        }
+    }
+}
+
+/// The outputs the options ask for, `bundle` being `report -o`'s.
+fn outputs<'a>(args: &'a TraceArgs, bundle: Option<&'a Path>) -> Vec<(Output, &'a Path)> {
+    [
+        (Output::Bundle, bundle),
+        (Output::Pcap, args.pcap.as_deref()),
+        (Output::Json, args.json.as_deref()),
+    ]
+    .into_iter()
+    .filter_map(|(output, path)| Some((output, path?)))
+    .collect()
+}
+
+/// Whether an output goes to stdout (`-`): the report then goes to stderr.
+fn stdout_taken(args: &TraceArgs, bundle: Option<&Path>) -> bool {
+    outputs(args, bundle)
+        .iter()
+        .any(|(_, path)| fsutil::is_stdout(path))
+}
+
+/// Fails before anything is attached if an output cannot be written, so
+/// that a bad path does not cost the whole watch.
+fn check_outputs(args: &TraceArgs, bundle: Option<&Path>) -> anyhow::Result<()> {
+    let outputs = outputs(args, bundle);
+    if outputs.iter().filter(|(_, p)| fsutil::is_stdout(p)).count() > 1 {
+        Cli::command()
+            .error(
+                clap::error::ErrorKind::ArgumentConflict,
+                "only one output can be - (stdout)",
+            )
+            .exit();
+    }
+    for (output, path) in outputs {
+        fsutil::check_output(path).map_err(|e| named(output.option(), path, &e))?;
+    }
+    if let Some(path) = &args.ready_file {
+        fsutil::check_new(path).map_err(|e| named("--ready-file", path, &e))?;
+    }
+    Ok(())
+}
+
+fn named(option: &str, path: &Path, error: &anyhow::Error) -> anyhow::Error {
+    anyhow::anyhow!("{option} {}: {error:#}", path.display())
+}
+
+/// Prints the report, then writes every output. One that cannot be
+/// written does not stop the others; the run then fails (exit 1) with one
+/// line naming each failed output.
+fn finish(
+    args: &TraceArgs,
+    outcome: &trace::Outcome,
+    bundle: Option<&Path>,
+) -> anyhow::Result<i32> {
     let style = report::Style {
         color: args.color.enabled(),
         findings_only: args.quiet,
     };
-    let text = report::render_with(report, style);
-    match args.json.as_deref() {
-        Some(path) if path.as_os_str() == "-" => {
-            eprint!("{text}");
-            print(&format!("{}\n", serde_json::to_string_pretty(report)?))
-        }
-        Some(path) => {
-            xfrm_trace::fsutil::write_atomically(path, &serde_json::to_vec_pretty(report)?)?;
-            print(&text)
-        }
-        None => print(&text),
+    let text = report::render_with(&outcome.report, style);
+    let mut failures = Vec::new();
+    if stdout_taken(args, bundle) {
+        eprint!("{text}");
+    } else if let Err(e) = print(&text) {
+        failures.push(format!("printing the report: {e:#}"));
     }
+    for (output, path) in outputs(args, bundle) {
+        match output.write(path, outcome) {
+            Ok(Some(what)) => eprintln!("xfrm-trace: {what} written to {}", path.display()),
+            Ok(None) => {}
+            Err(e) => failures.push(format!("writing {:#}", named(output.option(), path, &e))),
+        }
+    }
+    if !failures.is_empty() {
+        anyhow::bail!("{}", failures.join("; "));
+    }
+    Ok(exit_code(args, &outcome.report))
 }
 
 fn exit_code(args: &TraceArgs, report: &report::Report) -> i32 {

@@ -60,7 +60,8 @@ const CONFIG_PREFIXES: [&str; 9] = [
     "CONFIG_FUNCTION_TRACER",
 ];
 
-/// Writes the bundle of `outcome` to `path` (tar, gzip), atomically.
+/// Writes the bundle of `outcome` to `path` (tar, gzip) as
+/// [`fsutil::write_output`] does (a file: whole or not at all, mode 0600).
 pub fn write(path: &Path, outcome: &Outcome) -> anyhow::Result<()> {
     let mut files: Vec<(&str, Vec<u8>)> = vec![
         ("README.txt", README.as_bytes().to_vec()),
@@ -106,7 +107,7 @@ pub fn write(path: &Path, outcome: &Outcome) -> anyhow::Result<()> {
     let mut gzip = archive.into_inner().context("finishing the archive")?;
     gzip.flush()?;
     let bytes = gzip.finish().context("compressing")?;
-    fsutil::write_atomically(path, &bytes)
+    fsutil::write_output(path, &bytes)
 }
 
 fn json(value: &impl Serialize) -> anyhow::Result<Vec<u8>> {

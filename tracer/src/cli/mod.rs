@@ -53,15 +53,19 @@ pub struct TraceArgs {
     /// (`report`: 10s).
     #[arg(long, value_parser = parse_duration, global = true)]
     pub duration: Option<Duration>,
-    /// Also write the report as JSON (schema xfrm-trace/1) to FILE, or - for stdout.
+    /// Also write the report as JSON (schema xfrm-trace/1) to FILE, or - for
+    /// stdout. A file is replaced whole, mode 0600; a device or FIFO is
+    /// written through; a link or FIFO of another user is refused.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
     /// Also write the sampled dropped and leaked packets as pcapng to FILE
     /// (first 128 bytes from the IP header, each with a comment naming the
-    /// counter or finding, the SA and the kernel function).
+    /// counter or finding, the SA and the kernel function); - for stdout.
+    /// Written as --json is.
     #[arg(long, value_name = "FILE", global = true)]
     pub pcap: Option<PathBuf>,
-    /// Create FILE once every program is attached (for scripts).
+    /// Create FILE (mode 0600; it must not exist) once every program is
+    /// attached (for scripts).
     #[arg(long, value_name = "FILE", global = true)]
     pub ready_file: Option<PathBuf>,
     /// Which kernel hooks to use: auto picks fentry/fexit and falls back to
@@ -136,9 +140,9 @@ pub enum Command {
     },
     /// Watch (10 s by default) and write an evidence bundle for a kernel or
     /// libreswan bug report: report, kernel facts, counters, SAs and
-    /// policies without keys, pluto status, stacks. Written atomically.
+    /// policies without keys, pluto status, stacks. Written as --json is.
     Report {
-        /// The bundle to write (.tar.gz).
+        /// The bundle to write (.tar.gz), or - for stdout.
         #[arg(short, long, value_name = "FILE")]
         output: PathBuf,
     },

@@ -325,10 +325,11 @@ pub fn wall_clock_offset_ns() -> i128 {
     read(libc::CLOCK_REALTIME) - read(libc::CLOCK_MONOTONIC)
 }
 
-/// Writes the report's packets to `path` (atomically); returns how many.
+/// Writes the report's packets to `path` (see [`crate::fsutil::write_output`]);
+/// returns how many.
 pub fn write(path: &Path, report: &Report) -> anyhow::Result<usize> {
     let packets = packets(report);
-    crate::fsutil::write_atomically(path, &encode(&packets, wall_clock_offset_ns()))?;
+    crate::fsutil::write_output(path, &encode(&packets, wall_clock_offset_ns()))?;
     Ok(packets.len())
 }
 

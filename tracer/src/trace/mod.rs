@@ -329,8 +329,9 @@ fn wait(
             tokio::spawn(prometheus::serve(listener, text));
         }
         if let Some(path) = ready_file {
-            std::fs::write(path, b"attached\n")
-                .with_context(|| format!("writing ready file {}", path.display()))?;
+            // Created anew: a link planted at the path is not followed.
+            crate::fsutil::create_new(path, b"attached\n")
+                .with_context(|| format!("creating the ready file {}", path.display()))?;
         }
         let deadline = duration.map(|d| tokio::time::Instant::now() + d);
         let mut ticks = tokio::time::interval(Duration::from_secs(1));
