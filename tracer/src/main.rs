@@ -30,7 +30,9 @@ fn main() {
     match run(cli) {
         Ok(code) => std::process::exit(code),
         Err(error) => {
-            eprintln!("xfrm-trace: error: {error:#}");
+            // Not eprintln!: it panics when stderr is a terminal that is
+            // gone (SIGHUP).
+            let _ = writeln!(std::io::stderr(), "xfrm-trace: error: {error:#}");
             std::process::exit(1);
         }
     }

@@ -1,4 +1,4 @@
-//! The default run: attach, watch until Ctrl-C/SIGTERM or `--duration`,
+//! The default run: attach, watch until Ctrl-C/SIGTERM/SIGHUP or `--duration`,
 //! then report every XFRM counter that moved, the packets behind each
 //! increment (where the kernel lets us hook its XFRM functions), and the
 //! XFRM-related drops.
@@ -211,9 +211,11 @@ pub fn run(options: &Options) -> anyhow::Result<Outcome> {
                                 prometheus::render(&report);
                         }
                         if live {
-                            print!(
-                                "{}",
-                                report::render_live(started.elapsed(), &report.counters)
+                            // Not print!: it panics once the terminal is
+                            // gone (SIGHUP), and the run must still report.
+                            let _ = std::io::Write::write_all(
+                                &mut std::io::stdout(),
+                                report::render_live(started.elapsed(), &report.counters).as_bytes(),
                             );
                         }
                     }
@@ -272,7 +274,7 @@ fn watch_namespaces(book: &mut XfrmBook) {
     }
 }
 
-/// Blocks until the duration passes, SIGINT/SIGTERM arrives or `tick`
+/// Blocks until the duration passes, SIGINT/SIGTERM/SIGHUP arrives or `tick`
 /// (called every second) returns true. The ready file is written once the
 /// signal handlers are installed, so a SIGINT sent as soon as it appears
 /// ends the run with a report instead of killing the process.
@@ -290,6 +292,8 @@ fn wait(
         let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
         let mut terminate =
             signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+        // A closed SSH session during an incident must not lose the run.
+        let mut hangup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
         if let Some((address, text)) = metrics {
             let listener = tokio::net::TcpListener::bind(address)
                 .await
@@ -312,6 +316,7 @@ fn wait(
             tokio::select! {
                 _ = interrupt.recv() => break,
                 _ = terminate.recv() => break,
+                _ = hangup.recv() => break,
                 () = until_deadline => break,
                 _ = ticks.tick() => if tick() {
                     break;
