@@ -41,7 +41,7 @@ fn main() {
 fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Some(Command::Lab { scenario }) => {
-            privilege::require_root()?;
+            privilege::require_privileges()?;
             match scenario {
                 LabScenario::Masquerade => scenarios::masquerade::run()?,
                 LabScenario::Mtu => scenarios::mtu::run(cli.trace.hooks)?,
@@ -49,7 +49,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Some(Command::Doctor { json }) => {
-            privilege::require_root()?;
+            privilege::require_privileges()?;
             let report = doctor::run();
             if json {
                 print(&format!("{}\n", serde_json::to_string_pretty(&report)?))?;

@@ -102,7 +102,8 @@ pub struct Outcome {
 }
 
 pub fn run(options: &Options) -> anyhow::Result<Outcome> {
-    privilege::require_root()?;
+    privilege::require_privileges()?;
+    check_requested(options)?;
     let started = Instant::now();
     let btf = KernelBtf::running()?;
     log::debug!("start: kernel BTF read in {:?}", started.elapsed());
@@ -261,6 +262,18 @@ pub fn run(options: &Options) -> anyhow::Result<Outcome> {
         xfrm_stat,
         xfrm_state,
     })
+}
+
+/// Fails before anything is attached when what the user named does not
+/// exist: a run that watched nothing of what was asked would look clean.
+fn check_requested(options: &Options) -> anyhow::Result<()> {
+    for socket in &options.pluto_sockets {
+        pluto::check_socket(socket).context("--pluto-socket")?;
+    }
+    if !options.filter.netns.is_empty() {
+        netns::check_named(&options.filter.netns, &netns::all()).context("--netns")?;
+    }
+    Ok(())
 }
 
 /// Starts watching the XFRM state of namespaces that appeared, and lets go
