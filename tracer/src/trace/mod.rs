@@ -268,7 +268,11 @@ pub fn run(options: &Options) -> anyhow::Result<Outcome> {
 /// exist: a run that watched nothing of what was asked would look clean.
 fn check_requested(options: &Options) -> anyhow::Result<()> {
     for socket in &options.pluto_sockets {
-        pluto::check_socket(socket).context("--pluto-socket")?;
+        // A missing socket is evidence (pluto is down) and the report says
+        // so; a path that is no socket at all is a mistake.
+        if let Err(e @ pluto::Error::NotASocket(_)) = pluto::check_socket(socket) {
+            return Err(e).context("--pluto-socket");
+        }
     }
     if !options.filter.netns.is_empty() {
         netns::check_named(&options.filter.netns, &netns::all()).context("--netns")?;
