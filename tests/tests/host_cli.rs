@@ -45,6 +45,42 @@ fn cli_sighup_ends_the_run_with_its_report() {
     assert!(report["duration_secs"].as_f64().unwrap() > 0.0, "{report}");
 }
 
+/// Under `nohup` (SIGHUP ignored) a hangup does not end the run: it goes
+/// on until stopped, then reports.
+#[test]
+fn cli_sighup_under_nohup_is_ignored() {
+    require_root();
+    let _serial = serial();
+    let json = scratch("nohup.json");
+    let ready = scratch("nohup.ready");
+    let _ = std::fs::remove_file(&ready);
+    let mut child = Command::new("nohup")
+        .arg(binary())
+        .arg("--json")
+        .arg(&json)
+        .arg("--ready-file")
+        .arg(&ready)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("nohup xfrm-trace");
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let started = Instant::now();
+    while !ready.exists() {
+        assert!(started.elapsed() < Duration::from_secs(60), "not attached");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    kill(pid, Signal::SIGHUP).expect("SIGHUP");
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        child.try_wait().unwrap().is_none() && !json.exists(),
+        "ended by SIGHUP under nohup"
+    );
+    kill(pid, Signal::SIGINT).expect("SIGINT");
+    let out = tests::output_within(child, Duration::from_secs(30));
+    assert_reported(&out, &json);
+}
+
 /// `--netns` naming no namespace fails before attaching, listing those
 /// there are; existing ones (by name or inode) are accepted.
 #[test]

@@ -33,9 +33,9 @@ Exit codes:
   1  error: one line on stderr (not root, no BTF, a file that cannot be written, ...)
   2  bad usage
   3  --fail-on-findings and the diagnosis found something
-Ctrl-C, SIGTERM or SIGHUP (a closed SSH session) while watching ends the run
-with its report (0 or 3); before the programs are attached, it ends the
-process at once (by the signal)."
+Ctrl-C, SIGTERM or SIGHUP (a closed SSH session; ignored under nohup) while
+watching ends the run with its report (0 or 3); before the programs are
+attached, it ends the process at once (by the signal)."
 )]
 pub struct Cli {
     #[command(subcommand)]

@@ -309,8 +309,13 @@ fn wait(
         let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
         let mut terminate =
             signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-        // A closed SSH session during an incident must not lose the run.
-        let mut hangup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
+        // A closed SSH session during an incident must not lose the run;
+        // under nohup (SIGHUP ignored) the run goes on, as asked.
+        let mut hangup = if hangup_ignored() {
+            None
+        } else {
+            Some(signal(SignalKind::hangup()).context("installing SIGHUP handler")?)
+        };
         if let Some((address, text)) = metrics {
             let listener = tokio::net::TcpListener::bind(address)
                 .await
@@ -330,10 +335,16 @@ fn wait(
                     None => std::future::pending().await,
                 }
             };
+            let hung_up = async {
+                match hangup.as_mut() {
+                    Some(hangup) => hangup.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = interrupt.recv() => break,
                 _ = terminate.recv() => break,
-                _ = hangup.recv() => break,
+                _ = hung_up => break,
                 () = until_deadline => break,
                 _ = ticks.tick() => if tick() {
                     break;
@@ -342,6 +353,16 @@ fn wait(
         }
         Ok(())
     })
+}
+
+/// Whether SIGHUP is ignored, as `nohup` leaves it.
+fn hangup_ignored() -> bool {
+    let mut current = std::mem::MaybeUninit::<libc::sigaction>::zeroed();
+    // SAFETY: with no new action, sigaction only writes the current one
+    // into `current`, which is large enough for it.
+    let read = unsafe { libc::sigaction(libc::SIGHUP, std::ptr::null(), current.as_mut_ptr()) };
+    // SAFETY: zeroed is a valid sigaction, and on success the call filled it.
+    read == 0 && unsafe { current.assume_init() }.sa_sigaction == libc::SIG_IGN
 }
 
 /// Returns the heap's free pages to the kernel (glibc keeps them otherwise).
