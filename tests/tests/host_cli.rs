@@ -45,6 +45,78 @@ fn cli_sighup_ends_the_run_with_its_report() {
     assert!(report["duration_secs"].as_f64().unwrap() > 0.0, "{report}");
 }
 
+/// The pid of the process whose command line holds `needle`.
+fn pid_with_argument(needle: &str) -> Option<i32> {
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid = entry.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            String::from_utf8_lossy(&cmdline)
+                .split('\0')
+                .any(|arg| arg == needle)
+                .then_some(pid)
+        })
+}
+
+/// The terminal itself goes (the SSH session's pty is closed): the tracer,
+/// its controlling process, gets SIGHUP and can no longer write there, and
+/// still writes the pcapng and the JSON report.
+#[test]
+fn cli_terminal_hangup_still_writes_the_outputs() {
+    require_root();
+    let _serial = serial();
+    let (json, pcap, ready) = (
+        scratch("hangup.json"),
+        scratch("hangup.pcapng"),
+        scratch("hangup.ready"),
+    );
+    for path in [&json, &pcap, &ready] {
+        let _ = std::fs::remove_file(path);
+    }
+    let json_arg = json.to_str().unwrap().to_string();
+    // script(1) runs it on a new pty, as the controlling process of its
+    // session; killing script closes the pty's master side.
+    let mut terminal = Command::new("script")
+        .args(["--quiet", "--command"])
+        .arg(format!(
+            "exec {} --json {json_arg} --pcap {} --ready-file {}",
+            binary().display(),
+            pcap.display(),
+            ready.display()
+        ))
+        .arg("/dev/null")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("script");
+    let started = Instant::now();
+    while !ready.exists() {
+        assert!(started.elapsed() < Duration::from_secs(60), "not attached");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let tracer = pid_with_argument(&json_arg).expect("the tracer's pid");
+    terminal.kill().expect("close the terminal");
+    terminal.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::metadata(format!("/proc/{tracer}")).is_ok() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let still_running = std::fs::metadata(format!("/proc/{tracer}")).is_ok();
+    if still_running {
+        let _ = kill(nix::unistd::Pid::from_raw(tracer), Signal::SIGKILL);
+    }
+    assert!(!still_running, "the tracer outlived its terminal by 30 s");
+    let report: Value = serde_json::from_slice(&std::fs::read(&json).expect("JSON report written"))
+        .expect("valid JSON");
+    assert_eq!(report["schema"], "xfrm-trace/1");
+    assert!(pcap.exists(), "pcapng written");
+    for path in [&json, &pcap, &ready] {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
 /// Under `nohup` (SIGHUP ignored) a hangup does not end the run: it goes
 /// on until stopped, then reports.
 #[test]

@@ -30,9 +30,7 @@ fn main() {
     match run(cli) {
         Ok(code) => std::process::exit(code),
         Err(error) => {
-            // Not eprintln!: it panics when stderr is a terminal that is
-            // gone (SIGHUP).
-            let _ = writeln!(std::io::stderr(), "xfrm-trace: error: {error:#}");
+            note(&format!("xfrm-trace: error: {error:#}\n"));
             std::process::exit(1);
         }
     }
@@ -77,10 +75,10 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             bundle::write(&output, &outcome)
                 .with_context(|| format!("writing the bundle {}", output.display()))?;
             finish(&args, &outcome.report)?;
-            eprintln!(
-                "xfrm-trace: evidence bundle written to {}",
+            note(&format!(
+                "xfrm-trace: evidence bundle written to {}\n",
                 output.display()
-            );
+            ));
             Ok(exit_code(&args, &outcome.report))
         }
         None => {
@@ -116,10 +114,10 @@ fn finish(args: &TraceArgs, report: &report::Report) -> anyhow::Result<()> {
     if let Some(path) = &args.pcap {
         let written = xfrm_trace::pcap::write(path, report)
             .with_context(|| format!("writing the pcapng {}", path.display()))?;
-        eprintln!(
-            "xfrm-trace: {written} sampled packets written to {}",
+        note(&format!(
+            "xfrm-trace: {written} sampled packets written to {}\n",
             path.display()
-        );
+        ));
     }
     let style = report::Style {
         color: args.color.enabled(),
@@ -128,7 +126,7 @@ fn finish(args: &TraceArgs, report: &report::Report) -> anyhow::Result<()> {
     let text = report::render_with(report, style);
     match args.json.as_deref() {
         Some(path) if path.as_os_str() == "-" => {
-            eprint!("{text}");
+            note(&text);
             print(&format!("{}\n", serde_json::to_string_pretty(report)?))
         }
         Some(path) => {
@@ -145,6 +143,12 @@ fn exit_code(args: &TraceArgs, report: &report::Report) -> i32 {
     } else {
         0
     }
+}
+
+/// Writes stderr. Not eprint!: it panics when stderr is a terminal that
+/// is gone (SIGHUP), and what is left to write (the JSON) must still be.
+fn note(text: &str) {
+    let _ = std::io::stderr().write_all(text.as_bytes());
 }
 
 /// Writes stdout, turning a closed pipe or full disk into an error line.

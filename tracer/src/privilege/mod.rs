@@ -1,7 +1,7 @@
 //! Whether we may load eBPF programs: the effective capabilities, not the
 //! uid (root without them cannot, a service user holding them can).
 
-/// A capability a run needs, and what for.
+/// A capability a run needs: its name and its bit in `CapEff`.
 struct Needed {
     name: &'static str,
     bit: u32,
