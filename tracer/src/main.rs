@@ -30,7 +30,8 @@ fn main() {
     match run(cli) {
         Ok(code) => std::process::exit(code),
         Err(error) => {
-            note(&format!("xfrm-trace: error: {error:#}\n"));
+            let line = xfrm_trace::ebpf::describe(error.as_ref());
+            note(&format!("xfrm-trace: error: {line}\n"));
             std::process::exit(1);
         }
     }
