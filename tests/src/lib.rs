@@ -365,3 +365,44 @@ pub fn status_kib(pid: u32, field: &str) -> u64 {
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
 }
+
+/// No panic message or backtrace on stderr.
+pub fn assert_no_panic(out: &Output) {
+    let stderr = String::from_utf8_lossy(&out.stderr).to_lowercase();
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("backtrace"),
+        "{stderr}"
+    );
+}
+
+/// Exit code 1 with exactly one `xfrm-trace: error:` line naming `what`.
+pub fn assert_one_error_line(out: &Output, what: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.starts_with("xfrm-trace: error: "), "{stderr}");
+    assert!(stderr.contains(what), "expected {what:?} in: {stderr}");
+    assert_no_panic(out);
+}
+
+/// The run's exit and its report (text on stdout, JSON in `json`).
+pub fn assert_reported(out: &Output, json: &Path) -> serde_json::Value {
+    assert_no_panic(out);
+    assert!(
+        out.status.success(),
+        "{}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with("xfrm-trace: ") && text.contains("\nDiagnosis:"),
+        "no report printed: {text}"
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(json).expect("JSON report written"))
+            .expect("valid JSON");
+    let _ = std::fs::remove_file(json);
+    assert_eq!(report["schema"], "xfrm-trace/1");
+    report
+}

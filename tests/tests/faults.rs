@@ -15,7 +15,10 @@ use std::{
 
 use nix::sys::signal::Signal;
 use serde_json::Value;
-use tests::{Namespaces, Tracer, binary, output_within, require_root, scratch, sh};
+use tests::{
+    Namespaces, Tracer, assert_no_panic, assert_one_error_line, assert_reported, binary,
+    output_within, require_root, scratch, sh,
+};
 
 /// Runs of the tracer, one at a time: they look at kernel-wide BPF objects.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -125,46 +128,6 @@ fn assert_nothing_left(
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-}
-
-/// No panic message or backtrace on stderr.
-fn assert_no_panic(out: &Output) {
-    let stderr = String::from_utf8_lossy(&out.stderr).to_lowercase();
-    assert!(
-        !stderr.contains("panicked") && !stderr.contains("backtrace"),
-        "{stderr}"
-    );
-}
-
-/// Exit code 1 with exactly one `xfrm-trace: error:` line naming `what`.
-fn assert_one_error_line(out: &Output, what: &str) {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert_eq!(stderr.lines().count(), 1, "{stderr}");
-    assert!(stderr.starts_with("xfrm-trace: error: "), "{stderr}");
-    assert!(stderr.contains(what), "expected {what:?} in: {stderr}");
-    assert_no_panic(out);
-}
-
-/// The run's exit and its report (text on stdout, JSON in `json`).
-fn assert_reported(out: &Output, json: &Path) -> Value {
-    assert_no_panic(out);
-    assert!(
-        out.status.success(),
-        "{}: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        text.starts_with("xfrm-trace: ") && text.contains("\nDiagnosis:"),
-        "no report printed: {text}"
-    );
-    let report: Value = serde_json::from_slice(&std::fs::read(json).expect("JSON report written"))
-        .expect("valid JSON");
-    let _ = std::fs::remove_file(json);
-    assert_eq!(report["schema"], "xfrm-trace/1");
-    report
 }
 
 /// When a signal reaches the tracer.

@@ -403,12 +403,26 @@ fn lab_on_a_kernel_without_esp_says_why_in_one_line_without_keys() {
 
 #[test]
 fn bad_usage_is_reported_not_panicked() {
-    let out = Command::new(binary())
-        .args(["--duration", "soon"])
-        .output()
-        .expect("run");
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not a duration"));
+    for (args, said) in [
+        (&["--duration", "soon"][..], "not a duration"),
+        (
+            &["--duration", "9223372036854775807"],
+            "\"9223372036854775807\" is too long: at most 366 days (8784h)",
+        ),
+        (&["--duration", "0"], "\"0\" is no time: give more than 0"),
+        (&["--interval", "0s"], "\"0s\" is no time: give more than 0"),
+        (
+            &["--prometheus", "no-such-host.invalid:9469"],
+            "\"no-such-host.invalid:9469\" is not an address:port or host:port that resolves",
+        ),
+    ] {
+        let out = Command::new(binary()).args(args).output().expect("run");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.starts_with("error: invalid value"), "{stderr}");
+        assert!(stderr.contains(said), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
 }
 
 #[test]

@@ -224,8 +224,23 @@ fn every_counter_that_moved_ends_in_a_finding() {
         ns.ip(
             role,
             &[
-                "xfrm", "state", "add", "src", "198.51.100.2", "dst", "198.51.100.3", "proto",
-                "esp", "spi", spi, "mode", "tunnel", "aead", "rfc4106(gcm(aes))", key, "128",
+                "xfrm",
+                "state",
+                "add",
+                "src",
+                "198.51.100.2",
+                "dst",
+                "198.51.100.3",
+                "proto",
+                "esp",
+                "spi",
+                spi,
+                "mode",
+                "tunnel",
+                "aead",
+                "rfc4106(gcm(aes))",
+                key,
+                "128",
             ],
         );
     };
@@ -235,48 +250,124 @@ fn every_counter_that_moved_ends_in_a_finding() {
     ns.ip(
         "a",
         &[
-            "xfrm", "policy", "add", "src", "198.51.100.2/32", "dst", "198.51.100.3/32", "proto",
-            "udp", "dport", "7000", "dir", "out", "tmpl", "src", "198.51.100.2", "dst",
-            "198.51.100.3", "proto", "esp", "mode", "tunnel",
+            "xfrm",
+            "policy",
+            "add",
+            "src",
+            "198.51.100.2/32",
+            "dst",
+            "198.51.100.3/32",
+            "proto",
+            "udp",
+            "dport",
+            "7000",
+            "dir",
+            "out",
+            "tmpl",
+            "src",
+            "198.51.100.2",
+            "dst",
+            "198.51.100.3",
+            "proto",
+            "esp",
+            "mode",
+            "tunnel",
         ],
     );
     // b blocks .12 and wants ESP from .13; a blocks sends to .99.
     ns.ip(
         "b",
         &[
-            "xfrm", "policy", "add", "src", "198.51.100.12/32", "dst", "198.51.100.3/32", "dir",
-            "in", "action", "block",
+            "xfrm",
+            "policy",
+            "add",
+            "src",
+            "198.51.100.12/32",
+            "dst",
+            "198.51.100.3/32",
+            "dir",
+            "in",
+            "action",
+            "block",
         ],
     );
     ns.ip(
         "b",
         &[
-            "xfrm", "policy", "add", "src", "198.51.100.13/32", "dst", "198.51.100.3/32", "dir",
-            "in", "tmpl", "src", "198.51.100.13", "dst", "198.51.100.3", "proto", "esp", "mode",
+            "xfrm",
+            "policy",
+            "add",
+            "src",
+            "198.51.100.13/32",
+            "dst",
+            "198.51.100.3/32",
+            "dir",
+            "in",
+            "tmpl",
+            "src",
+            "198.51.100.13",
+            "dst",
+            "198.51.100.3",
+            "proto",
+            "esp",
+            "mode",
             "tunnel",
         ],
     );
     ns.ip(
         "a",
         &[
-            "xfrm", "policy", "add", "dst", "198.51.100.99/32", "dir", "out", "action", "block",
+            "xfrm",
+            "policy",
+            "add",
+            "dst",
+            "198.51.100.99/32",
+            "dir",
+            "out",
+            "action",
+            "block",
         ],
     );
     // Resolve the neighbours before the run.
-    sh(&["ip", "netns", "exec", &a, "ping", "-c1", "-W2", "198.51.100.3"]);
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &a,
+        "ping",
+        "-c1",
+        "-W2",
+        "198.51.100.3",
+    ]);
     let json = scratch("every-counter.json");
     let mut tracer = Tracer::start_in(
         Some(tool.name("tool")),
         &["--json", json.to_str().unwrap()],
         &scratch("every-counter.ready"),
     );
-    assert_eq!(send_from(&ns, "198.51.100.2", "198.51.100.3:7000", NO_SA), NO_SA);
-    assert_eq!(send_from(&ns, "198.51.100.12", "198.51.100.3:9", IN_BLOCKED), IN_BLOCKED);
-    assert_eq!(send_from(&ns, "198.51.100.13", "198.51.100.3:9", MISMATCH), MISMATCH);
-    assert_eq!(send_from(&ns, "198.51.100.2", "198.51.100.99:9", OUT_BLOCKED), 0);
+    assert_eq!(
+        send_from(&ns, "198.51.100.2", "198.51.100.3:7000", NO_SA),
+        NO_SA
+    );
+    assert_eq!(
+        send_from(&ns, "198.51.100.12", "198.51.100.3:9", IN_BLOCKED),
+        IN_BLOCKED
+    );
+    assert_eq!(
+        send_from(&ns, "198.51.100.13", "198.51.100.3:9", MISMATCH),
+        MISMATCH
+    );
+    assert_eq!(
+        send_from(&ns, "198.51.100.2", "198.51.100.99:9", OUT_BLOCKED),
+        0
+    );
     std::thread::sleep(Duration::from_millis(500));
     let out = tracer.interrupt();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let report: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     let findings = report["findings"].as_array().unwrap();
     let found = |kind: &str, netns: &str| -> &Value {
@@ -301,7 +392,10 @@ fn every_counter_that_moved_ends_in_a_finding() {
         "{no_sa:#}"
     );
     assert!(
-        no_sa["fix"].as_str().unwrap().contains(&format!("ip netns exec {b} ip xfrm state")),
+        no_sa["fix"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("ip netns exec {b} ip xfrm state")),
         "{no_sa:#}"
     );
     let in_block = found("policy_block", &b);
@@ -315,10 +409,9 @@ fn every_counter_that_moved_ends_in_a_finding() {
         "{in_block:#}"
     );
     assert!(
-        in_block["fix"]
-            .as_str()
-            .unwrap()
-            .contains(&format!("`ip netns exec {b} ip xfrm policy delete dir in index ")),
+        in_block["fix"].as_str().unwrap().contains(&format!(
+            "`ip netns exec {b} ip xfrm policy delete dir in index "
+        )),
         "{in_block:#}"
     );
     let mismatch = found("template_mismatch", &b);
@@ -349,9 +442,10 @@ fn every_counter_that_moved_ends_in_a_finding() {
         .collect();
     for name in &moved {
         assert!(
-            findings
-                .iter()
-                .any(|f| f["summary"].as_str().unwrap().contains(&format!("{name} +"))),
+            findings.iter().any(|f| f["summary"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("{name} +"))),
             "{name} moved without a finding: {findings:#?}"
         );
     }

@@ -29,7 +29,8 @@ fn main() {
     match run(cli) {
         Ok(code) => std::process::exit(code),
         Err(error) => {
-            eprintln!("xfrm-trace: error: {error:#}");
+            let line = xfrm_trace::ebpf::describe(error.as_ref());
+            note(&format!("xfrm-trace: error: {line}\n"));
             std::process::exit(1);
         }
     }
@@ -38,7 +39,7 @@ fn main() {
 fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Some(Command::Lab { scenario }) => {
-            privilege::require_root()?;
+            privilege::require_privileges()?;
             match scenario {
                 LabScenario::Masquerade => scenarios::masquerade::run()?,
                 LabScenario::Mtu => scenarios::mtu::run(cli.trace.hooks)?,
@@ -46,7 +47,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Some(Command::Doctor { json }) => {
-            privilege::require_root()?;
+            privilege::require_privileges()?;
             let report = doctor::run();
             if json {
                 print(&format!("{}\n", serde_json::to_string_pretty(&report)?))?;
@@ -194,13 +195,16 @@ fn finish(
     let text = report::render_with(&outcome.report, style);
     let mut failures = Vec::new();
     if stdout_taken(args, bundle) {
-        eprint!("{text}");
+        note(&text);
     } else if let Err(e) = print(&text) {
         failures.push(format!("printing the report: {e:#}"));
     }
     for (output, path) in outputs(args, bundle) {
         match output.write(path, outcome) {
-            Ok(Some(what)) => eprintln!("xfrm-trace: {what} written to {}", path.display()),
+            Ok(Some(what)) => note(&format!(
+                "xfrm-trace: {what} written to {}\n",
+                path.display()
+            )),
             Ok(None) => {}
             Err(e) => failures.push(format!("writing {:#}", named(output.option(), path, &e))),
         }
@@ -217,6 +221,12 @@ fn exit_code(args: &TraceArgs, report: &report::Report) -> i32 {
     } else {
         0
     }
+}
+
+/// Writes stderr. Not eprint!: it panics when stderr is a terminal that
+/// is gone (SIGHUP), and what is left to write (the JSON) must still be.
+fn note(text: &str) {
+    let _ = std::io::stderr().write_all(text.as_bytes());
 }
 
 /// Writes stdout, turning a closed pipe or full disk into an error line.

@@ -57,6 +57,8 @@ const HOST_ONLY: &[&str] = &[
     "completions_and_man",
     // Where output files may be written (tests/tests/host_outputs.rs).
     "outputs_",
+    // Signals, privileges, the metrics endpoint's limits, argument checks.
+    "cli_",
 ];
 /// `xfrm-trace lab` scenarios, the pluto diagnosis labs, pluto itself and
 /// the bundle's no-key check on a kernel with SAs: on the demo's kernel.

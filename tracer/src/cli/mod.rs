@@ -33,8 +33,9 @@ Exit codes:
   1  error: one line on stderr (not root, no BTF, a file that cannot be written, ...)
   2  bad usage
   3  --fail-on-findings and the diagnosis found something
-Ctrl-C or SIGTERM while watching ends the run with its report (0 or 3);
-before the programs are attached, it ends the process at once (by the signal)."
+Ctrl-C, SIGTERM or SIGHUP (a closed SSH session; ignored under nohup) while
+watching ends the run with its report (0 or 3); before the programs are
+attached, it ends the process at once (by the signal)."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -88,8 +89,9 @@ pub struct TraceArgs {
     /// How often the live view and the metrics are refreshed.
     #[arg(long, value_parser = parse_duration, default_value = "1s", global = true)]
     pub interval: Duration,
-    /// Serve OpenMetrics (Prometheus) at http://ADDR/metrics while running.
-    #[arg(long, value_name = "ADDR", global = true)]
+    /// Serve OpenMetrics (Prometheus) at http://ADDR/metrics while running
+    /// (ADDR: address:port or host:port, e.g. 127.0.0.1:9469, localhost:9469).
+    #[arg(long, value_name = "ADDR", value_parser = parse_listen_address, global = true)]
     pub prometheus: Option<std::net::SocketAddr>,
     /// Colour the terminal report: auto (on a terminal, unless NO_COLOR).
     #[arg(long, value_enum, default_value_t, global = true)]
@@ -155,7 +157,12 @@ pub enum Command {
     Man,
 }
 
-/// `30s`, `500ms`, `2m`, `1h`, or plain seconds.
+/// The longest `--duration` or `--interval`: a year (far beyond any run,
+/// and far below where adding it to a clock overflows).
+pub const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
+
+/// `30s`, `500ms`, `2m`, `1h`, or plain seconds: more than 0, at most
+/// `MAX_DURATION`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let split = text
@@ -176,7 +183,27 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             ));
         }
     };
-    Duration::try_from_secs_f64(seconds).map_err(|_| format!("not a duration: {text:?}"))
+    let duration =
+        Duration::try_from_secs_f64(seconds).map_err(|_| format!("not a duration: {text:?}"))?;
+    if duration.is_zero() {
+        return Err(format!("{text:?} is no time: give more than 0"));
+    }
+    if duration > MAX_DURATION {
+        return Err(format!("{text:?} is too long: at most 366 days (8784h)"));
+    }
+    Ok(duration)
+}
+
+/// `address:port` or `host:port`, the host name resolved (the first
+/// address it resolves to is the one listened on).
+pub fn parse_listen_address(text: &str) -> Result<std::net::SocketAddr, String> {
+    use std::net::ToSocketAddrs as _;
+    let mut addresses = text
+        .to_socket_addrs()
+        .map_err(|e| format!("{text:?} is not an address:port or host:port that resolves: {e}"))?;
+    addresses
+        .next()
+        .ok_or_else(|| format!("{text:?} resolves to no address"))
 }
 
 #[cfg(test)]
@@ -192,6 +219,28 @@ mod tests {
         assert!(parse_duration("3 weeks").is_err());
         assert!(parse_duration("s").is_err());
         assert!(parse_duration("-1s").is_err());
+        assert_eq!(parse_duration("8784h"), Ok(MAX_DURATION));
+        assert_eq!(
+            parse_duration("9223372036854775807"),
+            Err("\"9223372036854775807\" is too long: at most 366 days (8784h)".into())
+        );
+        assert_eq!(
+            parse_duration("0ms"),
+            Err("\"0ms\" is no time: give more than 0".into())
+        );
+        assert!(parse_duration("0.0001ms").is_ok());
+    }
+
+    #[test]
+    fn listen_addresses_resolve_host_names() {
+        assert_eq!(
+            parse_listen_address("127.0.0.1:9469"),
+            Ok("127.0.0.1:9469".parse().unwrap())
+        );
+        let local = parse_listen_address("localhost:9469").unwrap();
+        assert!(local.ip().is_loopback() && local.port() == 9469, "{local}");
+        assert!(parse_listen_address("localhost").is_err());
+        assert!(parse_listen_address("no-such-host.invalid:9469").is_err());
     }
 
     #[test]

@@ -10,6 +10,7 @@ use crate::{
     ebpf,
     hooks::Role,
     kallsyms::Kallsyms,
+    tracefs,
     xfrm_stat::XfrmStat,
 };
 
@@ -68,6 +69,9 @@ pub fn run() -> Report {
 
     let (programs, hooks, drop_reasons) = match &btf {
         Ok(btf) => {
+            // Mounted (and unmounted) as a run does, so the prediction is
+            // the run's; when it cannot be, the tracepoint row says why.
+            let _tracefs = tracefs::mount().map_err(|e| log::warn!("{e}")).ok();
             let programs = match ebpf::load(None, None) {
                 Ok(mut object) => capabilities::probe_programs(&mut object, btf, &kallsyms),
                 Err(e) => all_failed(&e.to_string()),

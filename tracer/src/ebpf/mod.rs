@@ -298,15 +298,45 @@ fn log_cost(name: &str, loaded: std::time::Duration, attached: std::time::Durati
     log::debug!("{name}: loaded in {loaded:?}, attached in {attached:?}");
 }
 
-/// An error and its causes on one line (aya nests the errno and the
-/// verifier log in its sources).
+/// An error and its causes on one line, each said once (aya nests the
+/// errno and the verifier log in its sources, and many of its errors
+/// already print their source: without this a cause came out three times).
 pub fn describe(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
         source = cause.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("Operation not permitted (os error 1)")]
+    struct Denied;
+    #[derive(Debug, thiserror::Error)]
+    #[error("failed to create map `SOURCES`: {0}")]
+    struct CreateMap(#[source] Denied);
+    #[derive(Debug, thiserror::Error)]
+    #[error("map error: {0}")]
+    struct MapError(#[source] CreateMap);
+    #[derive(Debug, thiserror::Error)]
+    #[error("loading the eBPF object")]
+    struct Loading(#[source] MapError);
+
+    #[test]
+    fn each_cause_is_said_once() {
+        assert_eq!(
+            describe(&Loading(MapError(CreateMap(Denied)))),
+            "loading the eBPF object: map error: failed to create map `SOURCES`: Operation not permitted (os error 1)"
+        );
+    }
 }

@@ -185,6 +185,30 @@ pub fn initial_inode() -> Option<u64> {
         .find_map(|path| Some(std::fs::metadata(path).ok()?.ino()))
 }
 
+/// Fails unless each of `wanted` is the label (`host`, an `ip netns`
+/// name, `netns:<inode>`) or inode number of one of `existing`; the error
+/// names those that exist.
+pub fn check_named(wanted: &[String], existing: &BTreeMap<u64, Netns>) -> anyhow::Result<()> {
+    let exists = |w: &String| {
+        existing
+            .values()
+            .any(|ns| &ns.label == w || w.parse() == Ok(ns.inode))
+    };
+    let Some(missing) = wanted.iter().find(|w| !exists(w)) else {
+        return Ok(());
+    };
+    // Names first; namespaces known only through a process by inode.
+    let (named, unnamed): (Vec<&Netns>, Vec<&Netns>) = existing
+        .values()
+        .partition(|ns| !ns.label.starts_with("netns:"));
+    let mut list: Vec<String> = named.iter().map(|ns| ns.label.clone()).collect();
+    list.extend(unnamed.iter().map(|ns| ns.inode.to_string()));
+    anyhow::bail!(
+        "no network namespace {missing:?}; there are: {}",
+        list.join(", ")
+    )
+}
+
 /// The inode of our own network namespace.
 pub fn own_inode() -> std::io::Result<u64> {
     Ok(std::fs::metadata("/proc/self/ns/net")?.ino())
@@ -245,5 +269,31 @@ mod tests {
         let initial = initial_inode().unwrap();
         assert_eq!(all[&initial].label, "host");
         assert!(all.contains_key(&own_inode().unwrap()));
+    }
+
+    #[test]
+    fn named_namespaces_are_checked_against_those_that_exist() {
+        let ns = |inode, label: &str| {
+            (
+                inode,
+                Netns {
+                    inode,
+                    label: label.into(),
+                    path: PathBuf::new(),
+                    pids: Vec::new(),
+                },
+            )
+        };
+        let existing = BTreeMap::from([ns(1, "host"), ns(2, "west"), ns(3, "netns:3")]);
+        let wanted = |names: &[&str]| {
+            let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+            check_named(&names, &existing).map_err(|e| e.to_string())
+        };
+        assert!(wanted(&["host", "west", "netns:3", "3"]).is_ok());
+        assert_eq!(
+            wanted(&["west", "east"]),
+            Err("no network namespace \"east\"; there are: host, west, 3".into())
+        );
+        assert!(wanted(&["4"]).is_err());
     }
 }

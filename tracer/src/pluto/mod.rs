@@ -47,6 +47,8 @@ pub enum LogSource {
 pub enum Error {
     #[error("pluto control socket {0} not found (is pluto running? see --pluto-socket)")]
     SocketNotFound(PathBuf),
+    #[error("{0} is not a socket (pluto's control socket is, e.g. /run/pluto/pluto.ctl)")]
+    NotASocket(PathBuf),
     #[error("permission denied on {0} (run as root)")]
     PermissionDenied(PathBuf),
     #[error("`ipsec` not found in PATH: install libreswan's tools to ask pluto for its status")]
@@ -113,10 +115,19 @@ fn discover_in(proc_root: &Path, explicit_sockets: &[PathBuf]) -> Result<Vec<Ins
         .collect()
 }
 
-/// Fails plainly when `socket` is missing or we may not connect to it.
+/// Fails plainly when `socket` is missing, not a socket, or we may not
+/// connect to it.
 pub(crate) fn check_socket(socket: &Path) -> Result<(), Error> {
-    if !socket.exists() {
-        return Err(Error::SocketNotFound(socket.to_path_buf()));
+    use std::os::unix::fs::FileTypeExt as _;
+    match std::fs::metadata(socket) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Error::SocketNotFound(socket.to_path_buf()));
+        }
+        Err(e) => return Err(Error::io(socket, e)),
+        Ok(meta) if !meta.file_type().is_socket() => {
+            return Err(Error::NotASocket(socket.to_path_buf()));
+        }
+        Ok(_) => {}
     }
     // connect(2) on a unix socket needs write permission on it.
     nix::unistd::access(socket, nix::unistd::AccessFlags::W_OK)
@@ -479,6 +490,11 @@ mod tests {
                 log: LogSource::Unknown,
             }]
         );
+
+        let not_a_socket = dir.join("file.ctl");
+        std::fs::write(&not_a_socket, "").unwrap();
+        let err = discover_in(&proc_root, std::slice::from_ref(&not_a_socket)).unwrap_err();
+        assert!(matches!(err, Error::NotASocket(_)), "{err}");
 
         let missing = dir.join("missing.ctl");
         let err = discover_in(&proc_root, &[missing]).unwrap_err();

@@ -6,9 +6,10 @@
 //! series labelled `other`).
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, VecDeque},
     fmt::Write as _,
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -225,44 +226,82 @@ pub fn render(report: &Report) -> String {
     out
 }
 
+/// Connections served at once. A new one beyond this closes the oldest:
+/// the one most likely idle (an answered connection closes at once), so a
+/// fresh scrape is served however many idle connections are held open.
+const MAX_CONNECTIONS: usize = 64;
+/// How long a client has to send its request and read the answer.
+const CONNECTION_DEADLINE: Duration = Duration::from_secs(5);
+/// The largest request read: a scrape's request line and headers.
+const MAX_REQUEST: usize = 4096;
+/// Pause after a failed accept (such as running out of file descriptors)
+/// instead of retrying at once, which would spin on a core.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
 /// Answers `GET /metrics` with the latest text until the run ends.
 pub async fn serve(listener: tokio::net::TcpListener, text: Shared) {
+    let mut live: VecDeque<tokio::task::AbortHandle> = VecDeque::new();
     loop {
-        let Ok((mut stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let text = text.clone();
-        tokio::spawn(async move {
-            let mut request = vec![0u8; 4096];
-            let mut read = 0;
-            // The request line is all we need; stop at the blank line.
-            while read < request.len() {
-                match stream.read(&mut request[read..]).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => read += n,
-                }
-                if request[..read].windows(4).any(|w| w == b"\r\n\r\n") {
-                    break;
-                }
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                log::debug!("metrics: accept failed: {e}");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
             }
-            let line = String::from_utf8_lossy(&request[..read]);
-            let (status, content_type, body) = if line.starts_with("GET /metrics") {
-                let mut body = text.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                if body.is_empty() {
-                    body = "# EOF\n".into();
-                }
-                ("200 OK", CONTENT_TYPE, body)
-            } else {
-                ("404 Not Found", "text/plain", "see /metrics\n".to_string())
-            };
-            let response = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = stream.write_all(response.as_bytes()).await;
-            let _ = stream.shutdown().await;
+        };
+        live.retain(|connection| !connection.is_finished());
+        if live.len() >= MAX_CONNECTIONS
+            && let Some(oldest) = live.pop_front()
+        {
+            oldest.abort();
+        }
+        let text = text.clone();
+        let connection = tokio::spawn(async move {
+            let _ = tokio::time::timeout(CONNECTION_DEADLINE, answer(stream, &text)).await;
         });
+        live.push_back(connection.abort_handle());
     }
+}
+
+/// Reads one request (at most `MAX_REQUEST` bytes) and answers it.
+async fn answer(mut stream: tokio::net::TcpStream, text: &Shared) -> std::io::Result<()> {
+    let mut request = vec![0u8; MAX_REQUEST];
+    let mut read = 0;
+    // The request line is all we need; stop at the blank line.
+    let complete = loop {
+        if request[..read].windows(4).any(|w| w == b"\r\n\r\n") {
+            break true;
+        }
+        if read == request.len() {
+            break false;
+        }
+        match stream.read(&mut request[read..]).await? {
+            0 => break false,
+            n => read += n,
+        }
+    };
+    let (status, content_type, body) = if !complete {
+        (
+            "400 Bad Request",
+            "text/plain",
+            format!("a request ends with a blank line within {MAX_REQUEST} bytes\n"),
+        )
+    } else if request.starts_with(b"GET /metrics") {
+        let mut body = text.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if body.is_empty() {
+            body = "# EOF\n".into();
+        }
+        ("200 OK", CONTENT_TYPE, body)
+    } else {
+        ("404 Not Found", "text/plain", "see /metrics\n".to_string())
+    };
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(response.as_bytes()).await?;
+    stream.shutdown().await
 }
 
 #[cfg(test)]

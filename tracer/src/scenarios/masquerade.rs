@@ -148,7 +148,7 @@ fn findings(report: &Value) -> Vec<&Value> {
 
 /// Runs the scenario; an error is one line and a non-zero exit.
 pub fn run() -> anyhow::Result<()> {
-    privilege::require_root()?;
+    privilege::require_privileges()?;
     let prefix = format!("xtl{}", std::process::id() % 100_000);
     let mut lab = Lab::create(&prefix)
         .map_err(|e| anyhow!("this kernel cannot host the lab: building the namespaces: {e}"))?;

@@ -1,4 +1,4 @@
-//! The default run: attach, watch until Ctrl-C/SIGTERM or `--duration`,
+//! The default run: attach, watch until Ctrl-C/SIGTERM/SIGHUP or `--duration`,
 //! then report every XFRM counter that moved, the packets behind each
 //! increment (where the kernel lets us hook its XFRM functions), and the
 //! XFRM-related drops.
@@ -101,7 +101,8 @@ pub struct Outcome {
 }
 
 pub fn run(options: &Options) -> anyhow::Result<Outcome> {
-    privilege::require_root()?;
+    privilege::require_privileges()?;
+    check_requested(options)?;
     let started = Instant::now();
     let btf = KernelBtf::running()?;
     log::debug!("start: kernel BTF read in {:?}", started.elapsed());
@@ -232,9 +233,11 @@ pub fn run(options: &Options) -> anyhow::Result<Outcome> {
                                 prometheus::render(&report);
                         }
                         if live {
-                            print!(
-                                "{}",
-                                report::render_live(started.elapsed(), &report.counters)
+                            // Not print!: it panics once the terminal is
+                            // gone (SIGHUP), and the run must still report.
+                            let _ = std::io::Write::write_all(
+                                &mut std::io::stdout(),
+                                report::render_live(started.elapsed(), &report.counters).as_bytes(),
                             );
                         }
                     }
@@ -294,6 +297,22 @@ pub fn run(options: &Options) -> anyhow::Result<Outcome> {
     })
 }
 
+/// Fails before anything is attached when what the user named does not
+/// exist: a run that watched nothing of what was asked would look clean.
+fn check_requested(options: &Options) -> anyhow::Result<()> {
+    for socket in &options.pluto_sockets {
+        // A missing socket is evidence (pluto is down) and the report says
+        // so; a path that is no socket at all is a mistake.
+        if let Err(e @ pluto::Error::NotASocket(_)) = pluto::check_socket(socket) {
+            return Err(e).context("--pluto-socket");
+        }
+    }
+    if !options.filter.netns.is_empty() {
+        netns::check_named(&options.filter.netns, &netns::all()).context("--netns")?;
+    }
+    Ok(())
+}
+
 /// Starts watching the XFRM state of namespaces that appeared, and lets go
 /// of those that can no longer be reached, so that a deleted netns is not
 /// kept alive by the run.
@@ -304,7 +323,7 @@ fn watch_namespaces(book: &mut XfrmBook, reachable: &BTreeMap<u64, Netns>) {
     }
 }
 
-/// Blocks until the duration passes, SIGINT/SIGTERM arrives or `tick`
+/// Blocks until the duration passes, SIGINT/SIGTERM/SIGHUP arrives or `tick`
 /// (called every second) returns true. The ready file is written once the
 /// signal handlers are installed, so a SIGINT sent as soon as it appears
 /// ends the run with a report instead of killing the process.
@@ -322,6 +341,13 @@ fn wait(
         let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
         let mut terminate =
             signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+        // A closed SSH session during an incident must not lose the run;
+        // under nohup (SIGHUP ignored) the run goes on, as asked.
+        let mut hangup = if hangup_ignored() {
+            None
+        } else {
+            Some(signal(SignalKind::hangup()).context("installing SIGHUP handler")?)
+        };
         if let Some((address, text)) = metrics {
             let listener = tokio::net::TcpListener::bind(address)
                 .await
@@ -342,9 +368,16 @@ fn wait(
                     None => std::future::pending().await,
                 }
             };
+            let hung_up = async {
+                match hangup.as_mut() {
+                    Some(hangup) => hangup.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = interrupt.recv() => break,
                 _ = terminate.recv() => break,
+                _ = hung_up => break,
                 () = until_deadline => break,
                 _ = ticks.tick() => if tick() {
                     break;
@@ -353,6 +386,16 @@ fn wait(
         }
         Ok(())
     })
+}
+
+/// Whether SIGHUP is ignored, as `nohup` leaves it.
+fn hangup_ignored() -> bool {
+    let mut current = std::mem::MaybeUninit::<libc::sigaction>::zeroed();
+    // SAFETY: with no new action, sigaction only writes the current one
+    // into `current`, which is large enough for it.
+    let read = unsafe { libc::sigaction(libc::SIGHUP, std::ptr::null(), current.as_mut_ptr()) };
+    // SAFETY: zeroed is a valid sigaction, and on success the call filled it.
+    read == 0 && unsafe { current.assume_init() }.sa_sigaction == libc::SIG_IGN
 }
 
 /// Returns the heap's free pages to the kernel (glibc keeps them otherwise).

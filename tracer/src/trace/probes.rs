@@ -63,12 +63,37 @@ pub struct Readings {
     pub ike: Vec<(IkeKey, u64)>,
 }
 
+/// A method forced with `--hooks fentry` or `--hooks kprobe` that hooks no
+/// XFRM function is an error: falling back would quietly give a run other
+/// than the one asked for.
+fn forced_method_attached(hooks: HookChoice, coverage: &Coverage) -> anyhow::Result<()> {
+    let method = match hooks {
+        HookChoice::Fentry => "fentry",
+        HookChoice::Kprobe => "kprobe",
+        HookChoice::Auto | HookChoice::Tracepoint => return Ok(()),
+    };
+    if coverage.fentry_brackets + coverage.kprobe_brackets > 0 {
+        return Ok(());
+    }
+    let (function, why) = coverage
+        .missing
+        .first()
+        .map_or(("the XFRM functions", "unknown"), |(f, w)| {
+            (f.as_str(), w.as_str())
+        });
+    anyhow::bail!(
+        "--hooks {method}: no XFRM function can be hooked with {method} on this kernel ({function}: {why}); --hooks auto uses what it offers"
+    )
+}
+
 impl Probes {
     /// Loads the object with the running kernel's layout and attaches each
     /// capability with the best hook the kernel offers; what cannot be
     /// hooked is logged and listed in the report.
     pub fn attach(btf: &KernelBtf, kallsyms: &Kallsyms, hooks: HookChoice) -> anyhow::Result<Self> {
         let started = std::time::Instant::now();
+        // Needed while attaching only (record layouts, tracepoint ids).
+        let _tracefs = crate::tracefs::mount()?;
         let layout = ebpf::KernelLayout::resolve(btf, kallsyms)?;
         // Parsed once for the loader and every fentry: under emulation
         // each parse of vmlinux BTF costs seconds.
@@ -110,6 +135,7 @@ impl Probes {
             hooks,
         );
         log::debug!("start: brackets attached in {:?}", started.elapsed());
+        forced_method_attached(hooks, &coverage)?;
         let (attached, missing) = mtu::attach(&mut object, &aya_btf, kallsyms, hooks);
         log::debug!("start: MTU hooks attached in {:?}", started.elapsed());
         let masquerade = masquerade::attach(&mut object, btf, &aya_btf, kallsyms, hooks);

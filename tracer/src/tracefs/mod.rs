@@ -8,21 +8,38 @@ const CANDIDATES: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing
 pub enum TracefsError {
     #[error("tracefs is not mounted and mounting it at /sys/kernel/tracing failed: {0}")]
     Mount(nix::Error),
+    #[error("tracefs is not mounted (at /sys/kernel/tracing or /sys/kernel/debug/tracing)")]
+    NotMounted,
     #[error("tracepoint {0} not found in tracefs (kernel built without it?)")]
     NoTracepoint(String),
     #[error("tracepoint {tracepoint} has no field {field} in its format")]
     NoField { tracepoint: String, field: String },
 }
 
-/// The tracefs root, mounting it at /sys/kernel/tracing when nothing is
-/// mounted (as on minimal hosts; the mount is left for later runs).
+/// The tracefs root, if tracefs is mounted.
 pub fn root() -> Result<PathBuf, TracefsError> {
-    if let Some(found) = CANDIDATES
+    CANDIDATES
         .iter()
         .map(Path::new)
         .find(|p| p.join("events").is_dir())
-    {
-        return Ok(found.to_path_buf());
+        .map(Path::to_path_buf)
+        .ok_or(TracefsError::NotMounted)
+}
+
+/// tracefs, mounted for as long as this lives: what was mounted stays,
+/// what we had to mount (minimal hosts mount nothing) is unmounted again
+/// on drop, so a run leaves the machine's mounts as it found them.
+/// Tracepoints stay attached without it: only attaching reads tracefs.
+#[must_use]
+pub struct Mounted {
+    /// Where we mounted it ourselves.
+    ours: Option<PathBuf>,
+}
+
+/// Mounts tracefs at /sys/kernel/tracing unless it is mounted already.
+pub fn mount() -> Result<Mounted, TracefsError> {
+    if root().is_ok() {
+        return Ok(Mounted { ours: None });
     }
     let target = Path::new(CANDIDATES[0]);
     nix::mount::mount(
@@ -33,7 +50,23 @@ pub fn root() -> Result<PathBuf, TracefsError> {
         None::<&str>,
     )
     .map_err(TracefsError::Mount)?;
-    Ok(target.to_path_buf())
+    Ok(Mounted {
+        ours: Some(target.to_path_buf()),
+    })
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if let Some(target) = &self.ours {
+            // Detached: whoever opened it meanwhile keeps their files.
+            if let Err(e) = nix::mount::umount2(target, nix::mount::MntFlags::MNT_DETACH) {
+                log::warn!(
+                    "unmounting the tracefs we mounted at {}: {e}",
+                    target.display()
+                );
+            }
+        }
+    }
 }
 
 /// The `format` file text of `category:name`.
