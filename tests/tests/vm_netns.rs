@@ -202,10 +202,11 @@ fn send_from(ns: &Namespaces, src: &'static str, dst: &'static str, count: usize
     })
 }
 
-/// Counters with no IKE daemon in sight, on a topology unlike the lab's and
-/// with the tool in a namespace of its own: each that moved ends in a
-/// finding with its exact count, where it happened, and a fix that runs
-/// there (`ip netns exec`).
+/// Counters with no IKE daemon in sight, on a topology unlike the lab's,
+/// with the tool run inside the gateway's own namespace (`ip netns exec b
+/// xfrm-trace`): each counter that moved ends in a finding with its exact
+/// count, where it happened (by that namespace's name, not "host"), and a
+/// fix that runs there (`ip netns exec`).
 #[test]
 fn every_counter_that_moved_ends_in_a_finding() {
     require_root();
@@ -213,7 +214,6 @@ fn every_counter_that_moved_ends_in_a_finding() {
     const IN_BLOCKED: usize = 5;
     const MISMATCH: usize = 4;
     const OUT_BLOCKED: usize = 3;
-    let tool = Namespaces::create("xft", &["tool"]);
     let ns = blocked_pair("xfx");
     let (a, b) = (ns.name("a").to_string(), ns.name("b").to_string());
     for extra in ["198.51.100.12/24", "198.51.100.13/24"] {
@@ -341,7 +341,7 @@ fn every_counter_that_moved_ends_in_a_finding() {
     ]);
     let json = scratch("every-counter.json");
     let mut tracer = Tracer::start_in(
-        Some(tool.name("tool")),
+        Some(&b),
         &["--json", json.to_str().unwrap()],
         &scratch("every-counter.ready"),
     );
@@ -432,8 +432,8 @@ fn every_counter_that_moved_ends_in_a_finding() {
             .ends_with(&format!("(netns {a}, XfrmOutPolBlock +{OUT_BLOCKED})")),
         "{out_block:#}"
     );
-    // Every counter that moved is explained, and the tool's namespace is
-    // called by its name.
+    // Every counter that moved is explained, and the tool's own namespace
+    // is called by its name; "host" is the initial one.
     let moved: Vec<&str> = report["counters"]
         .as_array()
         .unwrap()
@@ -449,13 +449,17 @@ fn every_counter_that_moved_ends_in_a_finding() {
             "{name} moved without a finding: {findings:#?}"
         );
     }
+    let own = xfrm_trace::netns::initial_inode().unwrap();
+    let netns = report["netns"].as_array().unwrap();
     assert!(
-        report["netns"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|n| n["label"] == tool.name("tool")),
-        "{:#}",
-        report["netns"]
+        netns.iter().any(|n| n["label"] == b.as_str())
+            && netns
+                .iter()
+                .any(|n| n["label"] == "host" && n["inode"] == own),
+        "{netns:#?}"
+    );
+    assert!(
+        findings.iter().all(|f| f["netns_label"] != "host"),
+        "{findings:#?}"
     );
 }

@@ -134,14 +134,19 @@ impl Seen {
             seen.deleted = !reachable.contains_key(inode);
         }
         for (inode, ns) in reachable {
-            let known = self.by_inode.contains_key(inode);
+            // The kernel reuses a deleted namespace's inode: a new name is
+            // a new namespace.
+            let known = self
+                .by_inode
+                .get(inode)
+                .is_some_and(|seen| seen.netns.label == ns.label);
             if known && !refresh {
                 continue;
             }
             // A namespace may vanish between the listing and this read:
             // keep the names read before.
             let interfaces = interface_names(&ns.path).ok();
-            match self.by_inode.get_mut(inode) {
+            match self.by_inode.get_mut(inode).filter(|_| known) {
                 Some(seen) => {
                     seen.netns = ns.clone();
                     if let Some(interfaces) = interfaces {

@@ -85,21 +85,22 @@ pub fn report(context: &Context, moment: Moment) -> Report {
             .flat_map(|c| c.by_netns.iter().map(|n| n.netns)),
     );
     let netns = netns_list(before, after, history, &active);
-    let label_of = |inode: u64| {
-        netns
-            .iter()
-            .find(|n| n.inode == inode)
-            .map_or_else(|| format!("netns:{inode}"), |n| n.label.clone())
+    // By inode: the namespace alive at the end, else the first deleted.
+    let by_inode = |inode: u64| {
+        let mut candidates = netns.iter().filter(|n| n.inode == inode);
+        candidates
+            .clone()
+            .find(|n| !n.deleted)
+            .or_else(|| candidates.next())
     };
-    let ifname_of = |inode: u64, ifindex: u32| match netns
-        .iter()
-        .find(|n| n.inode == inode)
-        .and_then(|n| n.interfaces.get(&ifindex))
-    {
-        Some(name) => name.clone(),
-        None if ifindex == 0 => "-".into(),
-        None => format!("if{ifindex}"),
-    };
+    let label_of =
+        |inode: u64| by_inode(inode).map_or_else(|| format!("netns:{inode}"), |n| n.label.clone());
+    let ifname_of =
+        |inode: u64, ifindex: u32| match by_inode(inode).and_then(|n| n.interfaces.get(&ifindex)) {
+            Some(name) => name.clone(),
+            None if ifindex == 0 => "-".into(),
+            None => format!("if{ifindex}"),
+        };
     for pluto in &mut plutos {
         pluto.netns_label = label_of(pluto.netns);
     }
@@ -184,17 +185,26 @@ pub fn report(context: &Context, moment: Moment) -> Report {
     }
 }
 
-/// Every namespace of the run: those read at the start or the end, those
-/// seen in between, and those deleted (under the name they had).
+/// Every namespace of the run: those deleted during it (each under the
+/// name it had, in the order they went), those read at the end or the
+/// start, and those seen in between. An inode the kernel reused for a
+/// later namespace appears once per namespace; what is known only by
+/// inode (a drop) is named after the first of them.
 fn netns_list(
     before: &Snapshot,
     after: &Snapshot,
     history: &netns::History,
     active: &[u64],
 ) -> Vec<NetnsInfo> {
-    let mut all: BTreeMap<u64, NetnsInfo> = BTreeMap::new();
+    let mut all: Vec<NetnsInfo> = Vec::new();
     let mut add = |ns: &Netns, interfaces: &BTreeMap<u32, String>, deleted: bool| {
-        all.entry(ns.inode).or_insert_with(|| NetnsInfo {
+        if all
+            .iter()
+            .any(|n| n.inode == ns.inode && n.label == ns.label)
+        {
+            return;
+        }
+        all.push(NetnsInfo {
             inode: ns.inode,
             label: ns.label.clone(),
             pids: ns.pids.clone(),
@@ -207,22 +217,28 @@ fn netns_list(
             },
         });
     };
-    for (ns, _) in after.values().chain(before.values()) {
-        let known = history.seen.get(ns.inode).map(|s| &s.interfaces);
-        add(ns, known.unwrap_or(&BTreeMap::new()), false);
+    for gone in &history.deleted {
+        add(&gone.netns, &gone.interfaces, true);
+    }
+    let known = |ns: &Netns| {
+        history
+            .seen
+            .get(ns.inode)
+            .filter(|s| s.netns.label == ns.label)
+            .map(|s| s.interfaces.clone())
+            .unwrap_or_default()
+    };
+    for (ns, _) in after.values() {
+        add(ns, &known(ns), false);
+    }
+    for (ns, _) in before.values() {
+        let gone = !after.contains_key(&ns.inode);
+        add(ns, &known(ns), gone);
     }
     for seen in history.seen.iter() {
         add(&seen.netns, &seen.interfaces, seen.deleted);
     }
-    for gone in &history.deleted {
-        add(&gone.netns, &gone.interfaces, true);
-    }
-    // Deleted, though read at the start: it is not in `after`.
-    for info in all.values_mut() {
-        info.deleted |= !after.contains_key(&info.inode)
-            && history.deleted.iter().any(|d| d.netns.inode == info.inode);
-    }
-    all.into_values().collect()
+    all
 }
 
 /// Oversize ESP per SA, joined with the SAs the book has seen.
