@@ -219,7 +219,7 @@ impl Lab {
             }
             if config.nat_t {
                 let socket = self.encap_socket(gw)?;
-                self.encap_sockets.push(socket);
+                self.encap_sockets.push((gw, socket));
             }
         }
         Ok(())
@@ -236,6 +236,12 @@ impl Lab {
         }
         self.encap_sockets.clear();
         Ok(())
+    }
+
+    /// Closes `gw`'s NAT-T socket: ESP in UDP arriving there finds no
+    /// socket, and the kernel answers ICMP port unreachable.
+    pub fn close_encap_socket(&mut self, gw: Host) {
+        self.encap_sockets.retain(|(host, _)| *host != gw);
     }
 
     /// A UDP socket on port 4500 marked for ESP-in-UDP: without one the

@@ -100,7 +100,7 @@ pub struct Lab {
     /// Per-lab scratch space (pluto configs, logs, sockets).
     pub run_dir: PathBuf,
     /// Open NAT-T encapsulation sockets (closing them stops decapsulation).
-    encap_sockets: Vec<std::os::fd::OwnedFd>,
+    encap_sockets: Vec<(Host, std::os::fd::OwnedFd)>,
 }
 
 /// Runs a command; its stdout on success, else an error with its stderr.
