@@ -5,13 +5,13 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use xfrm_trace::xfrm_state::netlink::{parse_policy, parse_sa, parse_xfrm_interface, split_dump};
+use xfrm_trace::xfrm_state::netlink::{parse_policy, parse_sa, parse_vpn_interface, split_dump};
 
 fuzz_target!(|bytes: &[u8]| {
     let parse_each = |message: &[u8]| {
         let _ = parse_sa(message);
         let _ = parse_policy(message);
-        let _ = parse_xfrm_interface(message);
+        let _ = parse_vpn_interface(message);
     };
     parse_each(bytes);
     let mut answers = Vec::new();

@@ -27,7 +27,8 @@ use std::{
 
 pub use capture::{Capture, Packet};
 pub use ipsec_static::{
-    Cipher, IF_ID, Mode, REQID, SPI_EAST_TO_WEST, SPI_WEST_TO_EAST, StaticIpsec, XFRM_INTERFACE,
+    Cipher, IF_ID, Mode, REQID, Routing, SPI_EAST_TO_WEST, SPI_WEST_TO_EAST, StaticIpsec,
+    VTI_INTERFACE, VTI_KEY, XFRM_INTERFACE,
 };
 pub use pluto::{PlutoConfig, PlutoInstance};
 pub use traffic::{Df, UdpSink};

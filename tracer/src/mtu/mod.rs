@@ -16,7 +16,7 @@ use crate::{
     ebpf::{attach_fentry, attach_kprobe},
     kallsyms::{Kallsyms, Presence},
     report::Finding,
-    xfrm_state::{EspGeometry, Sa, XfrmState},
+    xfrm_state::{EspGeometry, Sa, VpnInterfaceKind, XfrmState},
 };
 
 /// (function, program prefix): `<prefix>_fentry` / `<prefix>_kprobe`.
@@ -121,8 +121,9 @@ pub struct SizeEvent {
     pub mtu: u32,
     /// True: `mtu` is the inner (IPsec) MTU; false: the outer path MTU.
     pub mtu_is_inner: bool,
-    /// Refused by the XFRM interface `ifname` (a route-based VPN).
-    pub via_xfrm_interface: bool,
+    /// Refused by the route-based VPN's interface `ifname`: "xfrm" (an
+    /// XFRM interface) or "vti" (a VTI, IPv4 or IPv6); null otherwise.
+    pub via_interface: Option<&'static str>,
     pub max_len: u32,
 }
 
@@ -198,19 +199,24 @@ fn algorithms(sa: &Sa) -> String {
 }
 
 /// The SA of an event (SPI in host order, destination): from the key, or,
-/// for a refusal at an XFRM interface, the interface's outbound SA.
+/// for a refusal at a VPN interface, the interface's outbound SA.
 fn sa_of(key: &MtuKey, namespaces: &[NetnsView]) -> Option<(u32, IpAddr)> {
     if key.spi != 0 {
         return Some((u32::from_be(key.spi), address(&key.sa_dst, key.family)));
     }
-    if key.via_xfrm_interface == 0 {
+    if key.via_vpn_interface == 0 {
         return None;
     }
-    let ns = namespaces
-        .iter()
-        .find(|n| n.inode == u64::from(key.netns))?;
-    let sa = ns.state?.interface_sa(key.ifindex)?;
+    let sa = netns_state(key, namespaces)?.interface_sa(key.ifindex)?;
     Some((sa.spi, sa.dst))
+}
+
+/// The XFRM state of the netns where the event happened.
+fn netns_state<'a>(key: &MtuKey, namespaces: &[NetnsView<'a>]) -> Option<&'a XfrmState> {
+    namespaces
+        .iter()
+        .find(|n| n.inode == u64::from(key.netns))?
+        .state
 }
 
 /// Groups the events per SA and joins them with the SAs the kernel has.
@@ -277,7 +283,13 @@ pub fn summarize(rows: &[(MtuKey, MtuStats)], namespaces: &[NetnsView]) -> Vec<S
                 }),
             mtu: key.mtu,
             mtu_is_inner: key.inner_mtu != 0,
-            via_xfrm_interface: key.via_xfrm_interface != 0,
+            via_interface: (key.via_vpn_interface != 0)
+                .then(|| netns_state(key, namespaces)?.interface(key.ifindex))
+                .flatten()
+                .map(|i| match i.kind {
+                    VpnInterfaceKind::Xfrm { .. } => "xfrm",
+                    VpnInterfaceKind::Vti { .. } => "vti",
+                }),
             max_len: stats.max_len,
         });
     }
@@ -323,10 +335,10 @@ pub fn findings(sizes: &[SaSizes]) -> Vec<Finding> {
                     } else {
                         format!("path MTU {}", e.mtu)
                     };
-                    let device = if e.via_xfrm_interface {
-                        format!("XFRM interface {}", e.ifname)
-                    } else {
-                        e.ifname.clone()
+                    let device = match e.via_interface {
+                        Some("xfrm") => format!("XFRM interface {}", e.ifname),
+                        Some(_) => format!("VTI {}", e.ifname),
+                        None => e.ifname.clone(),
                     };
                     format!(
                         "{} {action} in {} on {device} ({mtu}, largest {} bytes)",
@@ -350,13 +362,17 @@ pub fn findings(sizes: &[SaSizes]) -> Vec<Finding> {
                 sa.sa_dst,
                 what.join(", ")
             );
-            let interface = sa.events.iter().find(|e| e.via_xfrm_interface);
+            let interface = sa.events.iter().find(|e| e.via_interface.is_some());
             let fix = match sa.max_inner_fitting {
                 Some(inner) => {
                     let mss = inner.saturating_sub(40);
                     let mtu = match interface {
-                        Some(e) => format!(
+                        Some(e) if e.via_interface == Some("xfrm") => format!(
                             "set the MTU of the XFRM interface: `ip link set dev {} mtu {inner}` (libreswan: mtu={inner} in the connection with ipsec-interface=)",
+                            e.ifname
+                        ),
+                        Some(e) => format!(
+                            "set the MTU of the VTI: `ip link set dev {} mtu {inner}` (libreswan: mtu={inner} in the connection with vti-interface=)",
                             e.ifname
                         ),
                         None => format!(

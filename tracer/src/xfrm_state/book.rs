@@ -9,7 +9,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use super::{Policy, Sa, XfrmInterface, XfrmState, netlink};
+use super::{Policy, Sa, VpnInterface, XfrmState, netlink};
 
 /// One netns: its SAs, policies and XFRM interfaces as last seen, and the
 /// SAs and policies gone since.
@@ -18,7 +18,7 @@ struct Namespace {
     notifications: Option<netlink::Socket>,
     sas: Vec<Sa>,
     policies: Vec<Policy>,
-    interfaces: Vec<XfrmInterface>,
+    interfaces: Vec<VpnInterface>,
     gone_sas: Vec<Sa>,
     gone_policies: Vec<Policy>,
 }
