@@ -293,8 +293,9 @@ fn route_based_oversize_is_reported_against_the_interface_sa() {
 }
 
 /// Route-based over VTIs, IPv4 (`ip_vti`) and IPv6 (`ip6_vti`) at once:
-/// the remote LANs are routed into VTIs whose key marks the SAs and
-/// policies, and each VTI refuses what does not fit its SA (ICMP
+/// the remote LANs are routed into VTIs whose key marks the policies (and
+/// the IPv4 SAs; the IPv6 SAs carry no mark, as in the kernel's PMTU
+/// selftest), and each VTI refuses what does not fit its SA (ICMP
 /// fragmentation needed, ICMPv6 packet too big) before the SA is on the
 /// packet. Each refusal is counted once against the VTI's SA, found from
 /// the VTI's key and endpoints, and the fix sets the VTI's MTU.
