@@ -1,6 +1,6 @@
 //! NETLINK_XFRM dumps and the parsing of `xfrm_usersa_info` and
 //! `xfrm_userpolicy_info` messages (offsets from `<linux/xfrm.h>`, the same
-//! on every kernel: it is UAPI), and the XFRM interfaces of a NETLINK_ROUTE
+//! on every kernel: it is UAPI), and the VPN interfaces of a NETLINK_ROUTE
 //! link dump (`<linux/if_link.h>`).
 
 use std::{
