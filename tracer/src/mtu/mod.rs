@@ -16,7 +16,7 @@ use crate::{
     ebpf::{attach_fentry, attach_kprobe},
     kallsyms::{Kallsyms, Presence},
     report::Finding,
-    xfrm_state::{EspGeometry, Sa, VpnInterfaceKind, XfrmState},
+    xfrm_state::{EspGeometry, Sa, VpnInterface, VpnInterfaceKind, XfrmState},
 };
 
 /// (function, program prefix): `<prefix>_fentry` / `<prefix>_kprobe`.
@@ -121,10 +121,44 @@ pub struct SizeEvent {
     pub mtu: u32,
     /// True: `mtu` is the inner (IPsec) MTU; false: the outer path MTU.
     pub mtu_is_inner: bool,
-    /// Refused by the route-based VPN's interface `ifname`: "xfrm" (an
-    /// XFRM interface) or "vti" (a VTI, IPv4 or IPv6); null otherwise.
-    pub via_interface: Option<&'static str>,
+    /// Refused by the route-based VPN's interface `ifname` (`xfrm` or
+    /// `vti`); null otherwise.
+    pub via_interface: Option<InterfaceType>,
     pub max_len: u32,
+}
+
+/// The type of a route-based VPN's interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InterfaceType {
+    Xfrm,
+    /// A VTI, IPv4 (`vti`) or IPv6 (`vti6`).
+    Vti,
+}
+
+impl InterfaceType {
+    fn of(interface: &VpnInterface) -> Self {
+        match interface.kind {
+            VpnInterfaceKind::Xfrm { .. } => Self::Xfrm,
+            VpnInterfaceKind::Vti { .. } => Self::Vti,
+        }
+    }
+
+    /// As an operator calls it.
+    fn noun(self) -> &'static str {
+        match self {
+            Self::Xfrm => "XFRM interface",
+            Self::Vti => "VTI",
+        }
+    }
+
+    /// The libreswan option that makes a connection use one.
+    fn libreswan_option(self) -> &'static str {
+        match self {
+            Self::Xfrm => "ipsec-interface=",
+            Self::Vti => "vti-interface=",
+        }
+    }
 }
 
 /// Per SA: what it carried and what did not fit.
@@ -283,13 +317,13 @@ pub fn summarize(rows: &[(MtuKey, MtuStats)], namespaces: &[NetnsView]) -> Vec<S
                 }),
             mtu: key.mtu,
             mtu_is_inner: key.inner_mtu != 0,
-            via_interface: (key.via_vpn_interface != 0)
-                .then(|| netns_state(key, namespaces)?.interface(key.ifindex))
-                .flatten()
-                .map(|i| match i.kind {
-                    VpnInterfaceKind::Xfrm { .. } => "xfrm",
-                    VpnInterfaceKind::Vti { .. } => "vti",
-                }),
+            via_interface: if key.via_vpn_interface != 0 {
+                netns_state(key, namespaces)
+                    .and_then(|state| state.interface(key.ifindex))
+                    .map(InterfaceType::of)
+            } else {
+                None
+            },
             max_len: stats.max_len,
         });
     }
@@ -336,8 +370,7 @@ pub fn findings(sizes: &[SaSizes]) -> Vec<Finding> {
                         format!("path MTU {}", e.mtu)
                     };
                     let device = match e.via_interface {
-                        Some("xfrm") => format!("XFRM interface {}", e.ifname),
-                        Some(_) => format!("VTI {}", e.ifname),
+                        Some(interface) => format!("{} {}", interface.noun(), e.ifname),
                         None => e.ifname.clone(),
                     };
                     format!(
@@ -362,18 +395,18 @@ pub fn findings(sizes: &[SaSizes]) -> Vec<Finding> {
                 sa.sa_dst,
                 what.join(", ")
             );
-            let interface = sa.events.iter().find(|e| e.via_interface.is_some());
+            let interface = sa
+                .events
+                .iter()
+                .find_map(|e| Some((e.via_interface?, &e.ifname)));
             let fix = match sa.max_inner_fitting {
                 Some(inner) => {
                     let mss = inner.saturating_sub(40);
                     let mtu = match interface {
-                        Some(e) if e.via_interface == Some("xfrm") => format!(
-                            "set the MTU of the XFRM interface: `ip link set dev {} mtu {inner}` (libreswan: mtu={inner} in the connection with ipsec-interface=)",
-                            e.ifname
-                        ),
-                        Some(e) => format!(
-                            "set the MTU of the VTI: `ip link set dev {} mtu {inner}` (libreswan: mtu={inner} in the connection with vti-interface=)",
-                            e.ifname
+                        Some((interface, ifname)) => format!(
+                            "set the MTU of the {}: `ip link set dev {ifname} mtu {inner}` (libreswan: mtu={inner} in the connection with {})",
+                            interface.noun(),
+                            interface.libreswan_option()
                         ),
                         None => format!(
                             "set mtu={inner} in the libreswan connection of SA {} (or `ip route ... mtu {inner}` for the protected subnet)",
