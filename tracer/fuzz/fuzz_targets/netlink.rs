@@ -1,5 +1,5 @@
 //! Netlink: one received datagram split into messages (`split_dump`), each
-//! answer parsed as an SA, a policy and an XFRM interface (RTM_NEWLINK)
+//! answer parsed as an SA, a policy and a VPN interface (RTM_NEWLINK)
 //! with their attributes; the input is also parsed as one bare message of
 //! each kind.
 #![no_main]
