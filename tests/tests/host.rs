@@ -503,10 +503,53 @@ fn two_hosts(prefix: &str, b_addresses: &[&str]) -> Namespaces {
     ns
 }
 
+/// Sends, from `role`'s netns to `to`, an ICMP port unreachable quoting
+/// only the IP and UDP headers of a datagram from `to` to `quoted_dst` on
+/// UDP `port`: the least a stack may quote (the IP header and 8 bytes).
+fn send_short_port_unreachable(
+    ns: &Namespaces,
+    role: &str,
+    to: std::net::Ipv4Addr,
+    quoted_dst: std::net::Ipv4Addr,
+    port: u16,
+) {
+    use nix::sys::socket::{
+        AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType, SockaddrIn, sendto, socket,
+    };
+    use std::os::fd::AsRawFd as _;
+    let mut message = vec![3, 3, 0, 0, 0, 0, 0, 0];
+    // The quoted IPv4 header (a 100-byte datagram, DF) and UDP header.
+    message.extend([0x45, 0, 0, 100, 0, 0, 0x40, 0, 64, 17, 0, 0]);
+    message.extend(to.octets());
+    message.extend(quoted_dst.octets());
+    message.extend(port.to_be_bytes());
+    message.extend(port.to_be_bytes());
+    message.extend([0, 80, 0, 0]);
+    let sum = message
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+        .sum::<u32>();
+    let checksum = !((sum & 0xffff) + (sum >> 16)) as u16;
+    message[2..4].copy_from_slice(&checksum.to_be_bytes());
+    ns.run_in(role, move || {
+        let fd = socket(
+            AddressFamily::Inet,
+            SockType::Raw,
+            SockFlag::empty(),
+            SockProtocol::Icmp,
+        )
+        .expect("raw ICMP socket");
+        let address = SockaddrIn::from(std::net::SocketAddrV4::new(to, 0));
+        sendto(fd.as_raw_fd(), &message, &address, MsgFlags::empty()).expect("send ICMP");
+    });
+}
+
 /// The IKE path watch, with exact counts: IKE answered by the peer, NAT-T
-/// IKE on 4500 told from ESP-in-UDP by the non-ESP marker, a peer address
-/// with nothing listening (ICMP port unreachable back), our own firewall
-/// dropping IKE on the way out, and the peer's dropping it on the way in.
+/// IKE on 4500 told from ESP-in-UDP by the non-ESP marker (in the ICMP
+/// errors that quote them too, and not called IKE when the quote stops
+/// before the marker), a peer address with nothing listening (ICMP port
+/// unreachable back), our own firewall dropping IKE on the way out, and
+/// the peer's dropping it on the way in.
 #[test]
 fn ike_watch_counts_each_peer_exactly() {
     require_root();
@@ -621,6 +664,31 @@ fn ike_watch_counts_each_peer_exactly() {
         for _ in 0..4 {
             a500.send_to(b"ike", "198.51.100.4:500").expect("send");
         }
+        // Nothing listens on 4500 at .4 either: NAT-T IKE comes back as
+        // port unreachable, ESP in UDP too but it is not IKE.
+        for _ in 0..2 {
+            a4500
+                .send_to(b"\0\0\0\0ike", "198.51.100.4:4500")
+                .expect("send");
+        }
+        for _ in 0..3 {
+            a4500
+                .send_to(b"\x00\x00\x10\x01esp", "198.51.100.4:4500")
+                .expect("send");
+        }
+        // Port unreachable quoting no more than the UDP header: IKE on
+        // 500 (.7), unknown on 4500 (.8), so not IKE.
+        let (local, short_500, short_4500) = (
+            "198.51.100.2".parse().unwrap(),
+            "198.51.100.7".parse().unwrap(),
+            "198.51.100.8".parse().unwrap(),
+        );
+        for _ in 0..2 {
+            send_short_port_unreachable(&ns, "b", local, short_500, 500);
+        }
+        for _ in 0..3 {
+            send_short_port_unreachable(&ns, "b", local, short_4500, 4500);
+        }
         for _ in 0..3 {
             let _ = a500.send_to(b"ike", "198.51.100.5:500");
         }
@@ -676,15 +744,30 @@ fn ike_watch_counts_each_peer_exactly() {
         counts(&path("b", "198.51.100.3", "198.51.100.2")),
         (8, 8, 0, vec![])
     );
-    // Nothing listens at .4: every request comes back as port unreachable,
-    // and the peer drops each for want of a socket.
+    // Nothing listens at .4: every request (4 on 500, 2 on 4500) comes
+    // back as port unreachable, and the peer drops each for want of a
+    // socket; the ESP in UDP refused there is not IKE.
     assert_eq!(
         counts(&path("a", "198.51.100.2", "198.51.100.4")),
-        (4, 0, 4, vec![])
+        (6, 0, 6, vec![])
     );
     assert_eq!(
         counts(&path("b", "198.51.100.4", "198.51.100.2")),
-        (0, 4, 0, vec![(4, "in".into(), false)])
+        (0, 6, 0, vec![(6, "in".into(), false)])
+    );
+    // Short quotes: on 500 IKE, on 4500 nothing to tell, so no path.
+    assert_eq!(
+        counts(&path("a", "198.51.100.2", "198.51.100.7")),
+        (0, 0, 2, vec![])
+    );
+    assert!(
+        !report["ike"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["peer"] == "198.51.100.8"),
+        "{:#}",
+        report["ike"]
     );
     // Our firewall: never sent.
     assert_eq!(

@@ -754,3 +754,86 @@ fn in_state_proto_error_names_the_sa_of_corrupted_esp() {
         "{evidence}"
     );
 }
+
+/// `Udp: ... NoPorts` of `/proc/net/snmp` in `host`: datagrams that found
+/// no socket (each answered with ICMP port unreachable).
+fn udp_no_ports(lab: &Lab, host: Host) -> u64 {
+    let snmp = xfrm_trace::netns::read_proc_net(&lab.ns_path(host), "snmp").expect("snmp");
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp: "));
+    let (names, values) = (udp.next().unwrap(), udp.next().unwrap());
+    let at = names
+        .split_whitespace()
+        .position(|n| n == "NoPorts")
+        .unwrap();
+    values.split_whitespace().nth(at).unwrap().parse().unwrap()
+}
+
+/// ESP in UDP 4500 that the peer refuses (its NAT-T socket closed: the
+/// kernel answers ICMP port unreachable, quoting the ESP packet with its
+/// SPI where IKE has the zero non-ESP marker) is not IKE: the IKE watch
+/// counts no port unreachable for it, while IKE on UDP 500 to the same
+/// peer, where nothing listens either, still counts each datagram once.
+#[test]
+fn esp_in_udp_refused_by_the_peer_is_not_ike() {
+    const IKE_COUNT: usize = 3;
+    let config = StaticIpsec {
+        nat_t: true,
+        ..StaticIpsec::default()
+    };
+    let mut lab = lab_with("eu", &config);
+    lab.close_encap_socket(Host::East);
+    // Every refusal answered: east's ICMP rate limit would skip some.
+    lab.sysctl(Host::East, "net.ipv4.icmp_ratelimit", "0")
+        .unwrap();
+    // Neighbours resolved before the traced window.
+    lab.send_udp(Host::West, udp(EAST_WAN), 1, 64).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let no_ports_before = udp_no_ports(&lab, Host::East);
+    let ike_peer: SocketAddr = format!("{EAST_WAN}:500").parse().unwrap();
+    let report = traced("espinudp-refused", || {
+        send_spaced(&lab, Host::Whost, EHOST, COUNT);
+        assert_eq!(
+            lab.send_udp(Host::West, ike_peer, IKE_COUNT, 64).unwrap(),
+            0
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    });
+    // East refused them all: the ESP-in-UDP packets and the IKE ones.
+    assert_eq!(
+        udp_no_ports(&lab, Host::East) - no_ports_before,
+        (COUNT + IKE_COUNT) as u64
+    );
+    let esp = report["esp_sizes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["spi"] == "0x00001001")
+        .unwrap_or_else(|| panic!("SA 0x1001 missing: {:#}", report["esp_sizes"]));
+    assert_eq!(esp["packets_out"], COUNT as u64, "{esp:#}");
+    let west = std::os::unix::fs::MetadataExt::ino(
+        &std::fs::metadata(lab.ns_path(Host::West)).expect("netns"),
+    );
+    let paths: Vec<&Value> = report["ike"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["netns"] == west)
+        .collect();
+    assert_eq!(paths.len(), 1, "{paths:#?}");
+    let path = paths[0];
+    assert_eq!(
+        (path["local"].as_str(), path["peer"].as_str()),
+        (Some(WEST_WAN), Some(EAST_WAN)),
+        "{path:#}"
+    );
+    let ike = IKE_COUNT as u64;
+    assert_eq!(
+        (
+            path["sent"].as_u64(),
+            path["received"].as_u64(),
+            path["port_unreachable"].as_u64()
+        ),
+        (Some(ike), Some(0), Some(ike)),
+        "{path:#}"
+    );
+}

@@ -9,8 +9,8 @@ use std::{net::SocketAddr, time::Duration};
 use serde_json::Value;
 use tests::traced_report;
 use xfrm_trace::lab::{
-    Cipher, Df, EAST_WAN, EHOST, Host, Lab, Mode, StaticIpsec, WEST_WAN, WHOST, XFRM_INTERFACE,
-    ipv6,
+    Cipher, Df, EAST_WAN, EHOST, Host, Lab, Mode, Routing, StaticIpsec, VTI_INTERFACE, WEST_WAN,
+    WHOST, XFRM_INTERFACE, ipv6,
 };
 
 const COUNT: usize = 5;
@@ -203,9 +203,56 @@ fn transport_cbc_nat_t_oversize_is_reported_once_per_packet_with_the_fix() {
     );
 }
 
-/// IPv6 inside and outside (ESP between the gateways' IPv6 addresses): an
-/// oversize packet is refused once with ICMPv6 "packet too big", at the
-/// router (path MTU; west then sees it come back) or at west (IPsec MTU).
+/// A route-based SA: the `COUNT` inner packets of `max_inner` bytes went
+/// through it, and the `COUNT` one byte larger were each refused once, in
+/// west, by its interface `ifname` of type `via` (ICMP fragmentation needed
+/// or ICMPv6 packet too big, against the IPsec MTU); the one finding sets
+/// that interface's MTU.
+fn assert_refused_at_the_interface(
+    report: &Value,
+    spi: &str,
+    ifname: &str,
+    via: &str,
+    max_inner: u32,
+) {
+    let sa = report["esp_sizes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["spi"] == spi)
+        .unwrap_or_else(|| panic!("SA {spi} missing: {:#}", report["esp_sizes"]));
+    assert_eq!(sa["packets_out"], COUNT as u64, "{sa:#}");
+    assert_eq!(sa["max_inner_len"], max_inner, "{sa:#}");
+    let events = sa["events"].as_array().unwrap();
+    assert_eq!(events.len(), 1, "{sa:#}");
+    let refused = &events[0];
+    assert_eq!(refused["kind"], "frag_needed", "{refused}");
+    assert_eq!(refused["count"], COUNT as u64, "{refused}");
+    assert_eq!(refused["ifname"], ifname, "{refused}");
+    assert_eq!(refused["via_interface"], via, "{refused}");
+    assert_eq!(refused["via_xfrm_interface"], via == "xfrm", "{refused}");
+    assert_eq!(refused["mtu"], max_inner, "{refused}");
+    assert_eq!(refused["mtu_is_inner"], true, "{refused}");
+    assert_eq!(refused["max_len"], max_inner + 1, "{refused}");
+    assert!(refused["netns_label"].as_str().unwrap().ends_with("-west"));
+    assert_eq!(sa["max_inner_fitting"], max_inner, "{sa:#}");
+    let findings: Vec<Value> = oversize_findings(report)
+        .into_iter()
+        .filter(|f| f["spi"] == spi)
+        .collect();
+    assert_eq!(findings.len(), 1, "{findings:#?}");
+    let summary = findings[0]["summary"].as_str().unwrap();
+    assert!(
+        summary.starts_with(&format!("{COUNT} packets of SA {spi}")),
+        "{summary}"
+    );
+    let fix = findings[0]["fix"].as_str().unwrap();
+    assert!(
+        fix.contains(&format!("ip link set dev {ifname} mtu {max_inner}")),
+        "{fix}"
+    );
+}
+
 /// A route-based tunnel: the remote subnet is routed into an XFRM
 /// interface, which refuses what does not fit its SA (ICMP fragmentation
 /// needed) before the SA is looked up. Each refusal is counted against the
@@ -213,7 +260,7 @@ fn transport_cbc_nat_t_oversize_is_reported_once_per_packet_with_the_fix() {
 #[test]
 fn route_based_oversize_is_reported_against_the_interface_sa() {
     let config = StaticIpsec {
-        route_based: true,
+        routing: Routing::XfrmInterface,
         ..StaticIpsec::default()
     };
     let mut lab = Lab::create(&format!("xm{}rb", std::process::id() % 10000)).expect("lab");
@@ -234,35 +281,87 @@ fn route_based_oversize_is_reported_against_the_interface_sa() {
             .unwrap();
         }
     });
-    let sa = west_to_east(&report);
-    // The datagrams that fit went through the SA; the others were refused
-    // at the interface, each once.
-    assert_eq!(sa["packets_out"], COUNT as u64, "{sa:#}");
-    assert_eq!(sa["max_inner_len"], max_inner, "{sa:#}");
-    let events = sa["events"].as_array().unwrap();
-    assert_eq!(events.len(), 1, "{sa:#}");
-    let refused = &events[0];
-    assert_eq!(refused["kind"], "frag_needed", "{refused}");
-    assert_eq!(refused["count"], COUNT as u64, "{refused}");
-    assert_eq!(refused["ifname"], XFRM_INTERFACE, "{refused}");
-    assert_eq!(refused["via_xfrm_interface"], true, "{refused}");
-    assert_eq!(refused["mtu"], max_inner, "{refused}");
-    assert_eq!(refused["mtu_is_inner"], true, "{refused}");
-    assert!(refused["netns_label"].as_str().unwrap().ends_with("-west"));
-    assert_eq!(sa["max_inner_fitting"], max_inner, "{sa:#}");
-    let findings = oversize_findings(&report);
-    assert_eq!(findings.len(), 1, "{findings:#?}");
-    let fix = findings[0]["fix"].as_str().unwrap();
-    assert!(
-        fix.contains(&format!("ip link set dev {XFRM_INTERFACE} mtu {max_inner}")),
-        "{fix}"
-    );
+    assert_refused_at_the_interface(&report, "0x00001001", XFRM_INTERFACE, "xfrm", max_inner);
+    let fix = oversize_findings(&report)[0]["fix"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(fix.contains("ipsec-interface="), "{fix}");
     assert!(
         fix.contains(&format!("--set-mss {}", max_inner - 40)),
         "{fix}"
     );
 }
 
+/// Route-based over VTIs, IPv4 (`ip_vti`) and IPv6 (`ip6_vti`) at once:
+/// the remote LANs are routed into VTIs whose key marks the policies (and
+/// the IPv4 SAs; the IPv6 SAs carry no mark, as in the kernel's PMTU
+/// selftest), and each VTI refuses what does not fit its SA (ICMP
+/// fragmentation needed, ICMPv6 packet too big) before the SA is on the
+/// packet. Each refusal is counted once against the VTI's SA, found from
+/// the VTI's key and endpoints, and the fix sets the VTI's MTU.
+#[test]
+fn vti_oversize_is_reported_against_the_vti_sa() {
+    let config = StaticIpsec {
+        routing: Routing::Vti,
+        ..StaticIpsec::default()
+    };
+    let mut lab = Lab::create(&format!("xm{}vt", std::process::id() % 10000)).expect("lab");
+    lab.static_ipsec(&config).expect("IPv4 SAs over a VTI");
+    lab.ipv6_vti_tunnel().expect("IPv6 SAs over a VTI");
+    let to4: SocketAddr = format!("{EHOST}:7000").parse().unwrap();
+    let to6: SocketAddr = format!("[{}]:7000", ipv6::EHOST).parse().unwrap();
+    // Neighbours resolved before the traced window.
+    lab.send_udp(Host::Whost, to4, 1, 64).unwrap();
+    lab.send_udp(Host::Whost, to6, 1, 64).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    // The links have MTU 1500, the VTIs 1480 and 1460: the SAs' MTUs
+    // (GCM-128, tunnel mode) are smaller.
+    let max_inner4 = expected_max_inner(&config, 1500);
+    let max_inner6 = ((1500 - 56 - 16) & !3) - 2;
+    let report = traced("vti", || {
+        for (source, to, max_inner, headers) in [
+            (WHOST, to4, max_inner4, 28),
+            (ipv6::WHOST, to6, max_inner6, 48),
+        ] {
+            for size in [max_inner, max_inner + 1] {
+                lab.send_udp_df(
+                    Host::Whost,
+                    source,
+                    to,
+                    COUNT,
+                    (size - headers) as usize,
+                    Df::SetIgnoringPmtu,
+                )
+                .unwrap();
+            }
+        }
+    });
+    assert_refused_at_the_interface(&report, "0x00001001", VTI_INTERFACE, "vti", max_inner4);
+    assert_refused_at_the_interface(
+        &report,
+        ipv6::SPI_WEST_TO_EAST,
+        ipv6::VTI_INTERFACE,
+        "vti",
+        max_inner6,
+    );
+    let fix = oversize_findings(&report)
+        .into_iter()
+        .find(|f| f["spi"] == "0x00001001")
+        .unwrap()["fix"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(fix.contains("vti-interface="), "{fix}");
+    assert!(
+        fix.contains(&format!("--set-mss {}", max_inner4 - 40)),
+        "{fix}"
+    );
+}
+
+/// IPv6 inside and outside (ESP between the gateways' IPv6 addresses): an
+/// oversize packet is refused once with ICMPv6 "packet too big", at the
+/// router (path MTU; west then sees it come back) or at west (IPsec MTU).
 #[test]
 fn ipv6_oversize_is_reported_once_per_packet_with_the_fix() {
     let lab = Lab::create(&format!("xm{}v6", std::process::id() % 10000)).expect("lab topology");

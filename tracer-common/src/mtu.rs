@@ -36,9 +36,10 @@ pub struct MtuKey {
     pub inner_mtu: u8,
     /// 10 for an IPv6 `sa_dst`; 0 or 2 for IPv4.
     pub family: u8,
-    /// 1: refused by an XFRM interface (route-based VPN) before its SA was
-    /// looked up: `ifindex` is the interface, `spi` and `sa_dst` are 0.
-    pub via_xfrm_interface: u8,
+    /// 1: refused by the interface of a route-based VPN (an XFRM interface
+    /// or a VTI) before its SA was on the packet: `ifindex` is the
+    /// interface, `spi` and `sa_dst` are 0.
+    pub via_vpn_interface: u8,
 }
 
 #[repr(C)]

@@ -13,7 +13,7 @@ use crate::{
     KERNEL_OFFSETS,
     attribution::skb_netns_and_ifindex,
     mtu,
-    packet::{AF_INET, IpPacket, ip_at, skb_packet},
+    packet::{AF_INET, IpPacket, ip_at, quoted_at, skb_packet},
     read_at,
 };
 
@@ -21,19 +21,17 @@ use crate::{
 static IKE_EVENTS: PerCpuHashMap<IkeKey, u64> = PerCpuHashMap::with_max_entries(2048, 0);
 
 /// Source and destination port of a UDP datagram if it is IKE: port 500,
-/// or 4500 with the 4-byte non-ESP marker (ESP in UDP and NAT-T
-/// keepalives are not IKE). `marker_required` is false for the copy of
-/// our packet inside an ICMP error, which may stop after the UDP header.
+/// or 4500 with the 4-byte non-ESP marker (zero). ESP in UDP has its SPI
+/// there and a NAT-T keepalive is one byte: neither is IKE, and neither is
+/// a datagram (or the quote of one in an ICMP error) that ends before the
+/// marker, since nothing tells what it was.
 #[inline(always)]
-fn ike_ports(ip: &IpPacket, marker_required: bool) -> Option<(u16, u16)> {
+fn ike_ports(ip: &IpPacket) -> Option<(u16, u16)> {
     let (sport, dport) = ip.udp_ports()?;
     if sport == 500 || dport == 500 {
         return Some((sport, dport));
     }
-    if sport != 4500 && dport != 4500 {
-        return None;
-    }
-    (!marker_required || ip.after_udp_header() == 0).then_some((sport, dport))
+    ((sport == 4500 || dport == 4500) && ip.after_udp_header() == Some(0)).then_some((sport, dport))
 }
 
 #[inline(always)]
@@ -75,7 +73,7 @@ pub unsafe fn on_transmit(skb: u64) {
     let Some(ip) = (unsafe { skb_packet(skb) }) else {
         return;
     };
-    let Some(ports) = ike_ports(&ip, true) else {
+    let Some(ports) = ike_ports(&ip) else {
         return;
     };
     let mut key = key(&ip, event::SENT, true, ports);
@@ -93,7 +91,7 @@ pub unsafe fn on_receive(skb: u64) {
     let Some(ip) = ip_at(data) else {
         return;
     };
-    if let Some(ports) = ike_ports(&ip, true) {
+    if let Some(ports) = ike_ports(&ip) {
         let mut key = key(&ip, event::RECEIVED, false, ports);
         (key.netns, key.ifindex) = unsafe { skb_netns_and_ifindex(skb) };
         count(&key);
@@ -118,13 +116,15 @@ unsafe fn icmp_error(skb: u64, outer: &IpPacket) {
     if !port_unreachable && !too_big {
         return;
     }
-    // Our own packet, as the complainant quotes it.
-    let Some(inner) = ip_at(outer.transport_at + 8) else {
+    // Our own packet, as the complainant quotes it: what follows the
+    // 8-byte ICMP header.
+    let quoted_len = outer.total_len.saturating_sub(outer.header_len + 8);
+    let Some(inner) = quoted_at(outer.transport_at + 8, quoted_len) else {
         return;
     };
     let (netns, ifindex) = unsafe { skb_netns_and_ifindex(skb) };
     if port_unreachable {
-        if let Some(ports) = ike_ports(&inner, false) {
+        if let Some(ports) = ike_ports(&inner) {
             let mut key = key(&inner, event::PORT_UNREACHABLE, true, ports);
             (key.netns, key.ifindex) = (netns, ifindex);
             count(&key);
@@ -153,7 +153,7 @@ pub unsafe fn on_drop(skb: u64, location: u64, reason: u32, netns: u32, ifindex:
     let Some(ip) = (unsafe { skb_packet(skb) }) else {
         return;
     };
-    let Some(ports) = ike_ports(&ip, true) else {
+    let Some(ports) = ike_ports(&ip) else {
         return;
     };
     // A packet still owned by a socket was on its way out.

@@ -63,10 +63,11 @@ unsafe fn dst_dev(dst: u64) -> u64 {
     unsafe { read_at(dst, KERNEL_OFFSETS.load().dst_entry_dev) }.unwrap_or(0)
 }
 
-/// Whether `dev` is an XFRM interface (`ip link add NAME type xfrm`, a
-/// route-based VPN): its link type is named "xfrm".
+/// Whether `dev` is the interface of a route-based VPN: an XFRM interface
+/// (`ip link add NAME type xfrm`) or a VTI (`type vti`, `type vti6`), by
+/// the name of its link type.
 #[inline(always)]
-unsafe fn is_xfrm_interface(dev: u64) -> bool {
+unsafe fn is_vpn_interface(dev: u64) -> bool {
     let o = KERNEL_OFFSETS.load();
     let ops: u64 = unsafe { read_at(dev, o.net_device_rtnl_link_ops) }.unwrap_or(0);
     if ops == 0 {
@@ -77,7 +78,7 @@ unsafe fn is_xfrm_interface(dev: u64) -> bool {
         return false;
     }
     let name: [u8; 5] = unsafe { bpf_probe_read_kernel(kind as *const [u8; 5]) }.unwrap_or([0; 5]);
-    name == *b"xfrm\0"
+    name == *b"xfrm\0" || name == *b"vti6\0" || [name[0], name[1], name[2], name[3]] == *b"vti\0"
 }
 
 /// Egress device of a dst: (ifindex, mtu).
@@ -202,10 +203,11 @@ fn too_big(skb: u64, mtu: u32) {
         key.spi = spi;
         key.sa_dst = ip.dst;
         key.family = ip.family;
-    } else if unsafe { is_xfrm_interface(dst_dev(dst)) } {
-        // The interface compares with its SA's MTU before it looks the SA
-        // up: userspace finds the SA from the interface's if_id.
-        key.via_xfrm_interface = 1;
+    } else if unsafe { is_vpn_interface(dst_dev(dst)) } {
+        // The interface compares with its SA's MTU before the SA is on the
+        // packet: userspace finds the SA from the interface (an XFRM
+        // interface's if_id, a VTI's key and endpoints).
+        key.via_vpn_interface = 1;
         key.inner_mtu = 1;
     } else {
         return;

@@ -28,6 +28,9 @@ pub struct IpPacket {
     pub dst: [u8; 16],
     /// Address of the transport header.
     pub transport_at: u64,
+    /// Bytes of the packet there are to read from its IP header on: all
+    /// of it, except in the copy an ICMP error quotes, which may stop short.
+    present_len: u32,
     /// Its first bytes (zeros where the read failed).
     transport: [u8; TRANSPORT_BYTES],
 }
@@ -71,6 +74,7 @@ pub fn ip_at(at: u64) -> Option<IpPacket> {
         src: [0; 16],
         dst: [0; 16],
         transport_at: 0,
+        present_len: 0,
         transport: [0; TRANSPORT_BYTES],
     };
     match header[0] >> 4 {
@@ -93,18 +97,38 @@ pub fn ip_at(at: u64) -> Option<IpPacket> {
         _ => return None,
     }
     packet.transport_at = at + u64::from(packet.header_len);
+    packet.present_len = packet.total_len;
     packet.transport =
         unsafe { bpf_probe_read_kernel(packet.transport_at as *const [u8; TRANSPORT_BYTES]) }
             .unwrap_or([0; TRANSPORT_BYTES]);
     Some(packet)
 }
 
+/// The copy of our packet that an ICMP error quotes at `at`, `quoted_len`
+/// bytes of it: Linux quotes as much as fits in 576 bytes (IPv4) or 1280
+/// (IPv6), other stacks as little as the IP header and 8 bytes.
+#[inline(always)]
+pub fn quoted_at(at: u64, quoted_len: u32) -> Option<IpPacket> {
+    let mut packet = ip_at(at)?;
+    packet.present_len = packet.present_len.min(quoted_len);
+    Some(packet)
+}
+
 impl IpPacket {
-    /// The 4 bytes after the IP header at `offset`, as they lie in memory.
+    /// The 4 bytes after the IP header at `offset`, as they lie in memory;
+    /// `None` past the end of the packet (or of its quote).
     #[inline(always)]
-    fn word(&self, offset: usize) -> u32 {
+    fn word(&self, offset: usize) -> Option<u32> {
+        if self.header_len + offset as u32 + 4 > self.present_len {
+            return None;
+        }
         let t = &self.transport;
-        u32::from_ne_bytes([t[offset], t[offset + 1], t[offset + 2], t[offset + 3]])
+        Some(u32::from_ne_bytes([
+            t[offset],
+            t[offset + 1],
+            t[offset + 2],
+            t[offset + 3],
+        ]))
     }
 
     /// Source and destination port as they lie in memory (network order),
@@ -133,9 +157,9 @@ impl IpPacket {
     }
 
     /// The 4 bytes after a UDP header (the non-ESP marker of IKE on 4500
-    /// is zero there).
+    /// is zero there); `None` if the packet or its quote ends sooner.
     #[inline(always)]
-    pub fn after_udp_header(&self) -> u32 {
+    pub fn after_udp_header(&self) -> Option<u32> {
         self.word(8)
     }
 
@@ -176,16 +200,18 @@ impl IpPacket {
         }
     }
 
-    /// ESP SPI and sequence number (network order, as in memory), plain or
-    /// in UDP 4500. SPI 0 is reserved, and in UDP 4500 it is the non-ESP
-    /// marker: IKE, not ESP.
+    /// ESP SPI and sequence number (network order, as in memory; the
+    /// sequence number 0 if a quote stops before it), plain or in UDP 4500.
+    /// SPI 0 is reserved, and in UDP 4500 it is the non-ESP marker: IKE,
+    /// not ESP.
     #[inline(always)]
     pub fn esp(&self) -> Option<(u32, u32)> {
-        let (spi, seq) = match self.proto {
-            50 => (self.word(0), self.word(4)),
-            17 if self.udp_ports()?.1 == 4500 => (self.word(8), self.word(12)),
+        let at = match self.proto {
+            50 => 0,
+            17 if self.udp_ports()?.1 == 4500 => 8,
             _ => return None,
         };
-        (spi != 0).then_some((spi, seq))
+        let spi = self.word(at)?;
+        (spi != 0).then(|| (spi, self.word(at + 4).unwrap_or(0)))
     }
 }

@@ -33,9 +33,9 @@ coverage.json     which kernel functions were hooked and how (fentry, kprobe),
                   which could not be and why; the hook mode of the run
 xfrm_stat.json    /proc/net/xfrm_stat of every network namespace, before and
                   after the run
-xfrm_state.json   SAs, policies and XFRM interfaces of every namespace that
-                  has any, at the end (algorithms, lifetimes, selectors,
-                  statistics, if_ids; no keys)
+xfrm_state.json   SAs, policies and VPN interfaces (XFRM interfaces, VTIs)
+                  of every namespace that has any, at the end (algorithms,
+                  lifetimes, selectors, statistics, if_ids, marks; no keys)
 pluto.json        every pluto found: connections, IKE and Child SA states,
                   what its log said during the run
 drop_sites.txt    attributed drop sites: counter, kernel function, SA, and

@@ -12,6 +12,26 @@ pub const REQID: u32 = 1;
 /// The XFRM interface of a route-based tunnel, and its if_id.
 pub const XFRM_INTERFACE: &str = "ipsec1";
 pub const IF_ID: u32 = 7;
+/// The VTI of a route-based tunnel, and its key (input and output): the
+/// mark of its policies and SAs.
+pub const VTI_INTERFACE: &str = "vti1";
+pub const VTI_KEY: u32 = 5;
+
+/// How traffic is steered into the tunnel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Routing {
+    /// By the policies' selectors.
+    Policy,
+    /// Route-based (tunnel mode): the remote subnet is routed into an XFRM
+    /// interface (`XFRM_INTERFACE`), and the SAs and policies carry its
+    /// if_id, as libreswan's `ipsec-interface=` sets it up.
+    XfrmInterface,
+    /// Route-based (tunnel mode) over a VTI (`VTI_INTERFACE` between the
+    /// gateways' WAN addresses): the remote subnet is routed into it, and
+    /// the SAs and policies carry its key as their mark, as libreswan's
+    /// `vti-interface=` with `mark=` sets it up.
+    Vti,
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
@@ -40,10 +60,7 @@ pub struct StaticIpsec {
     /// The SAs installed on this gateway expire (hard) after this many
     /// packets, as a rekey that never happens would leave them.
     pub expire_after_packets: Option<(Host, u64)>,
-    /// Route-based (tunnel mode): the remote subnet is routed into an
-    /// XFRM interface (`XFRM_INTERFACE`), and the SAs and policies carry
-    /// its if_id, as libreswan's `ipsec-interface=` sets it up.
-    pub route_based: bool,
+    pub routing: Routing,
 }
 
 impl Default for StaticIpsec {
@@ -54,7 +71,7 @@ impl Default for StaticIpsec {
             nat_t: false,
             replay_window: 32,
             expire_after_packets: None,
-            route_based: false,
+            routing: Routing::Policy,
         }
     }
 }
@@ -109,6 +126,13 @@ impl Lab {
         let west_to_east = config.algorithm_args()?;
         let east_to_west = config.algorithm_args()?;
         let if_id = IF_ID.to_string();
+        let vti_key = VTI_KEY.to_string();
+        // What marks the SAs and policies as the route-based interface's.
+        let selected_by: &[&str] = match config.routing {
+            Routing::Policy => &[],
+            Routing::XfrmInterface => &["if_id", &if_id],
+            Routing::Vti => &["mark", &vti_key],
+        };
         for gw in [Host::West, Host::East] {
             for (src, dst, spi, algorithm) in [
                 (WEST_WAN, EAST_WAN, SPI_WEST_TO_EAST, &west_to_east),
@@ -147,40 +171,34 @@ impl Lab {
                 if !limit.is_empty() {
                     args.extend(["limit", "packet-hard", &limit]);
                 }
-                if config.route_based {
-                    args.extend(["if_id", &if_id]);
-                }
+                args.extend(selected_by);
                 self.ip(gw, &args)?;
             }
             let (local, remote, local_net, remote_net) = match gw {
                 Host::West => (WEST_WAN, EAST_WAN, WEST_SUBNET, EAST_SUBNET),
                 _ => (EAST_WAN, WEST_WAN, EAST_SUBNET, WEST_SUBNET),
             };
-            if config.route_based {
-                self.ip(
-                    gw,
+            // The route-based interface: its name and type.
+            let interface: Option<(&str, &[&str])> = match config.routing {
+                Routing::Policy => None,
+                Routing::XfrmInterface => Some((
+                    XFRM_INTERFACE,
+                    &["type", "xfrm", "dev", "wan0", "if_id", &if_id],
+                )),
+                Routing::Vti => Some((
+                    VTI_INTERFACE,
                     &[
-                        "link",
-                        "add",
-                        XFRM_INTERFACE,
-                        "type",
-                        "xfrm",
-                        "dev",
-                        "wan0",
-                        "if_id",
-                        &if_id,
+                        "type", "vti", "local", local, "remote", remote, "key", &vti_key,
                     ],
-                )?;
-                self.ip(gw, &["link", "set", XFRM_INTERFACE, "up"])?;
-                self.ip(gw, &["route", "add", remote_net, "dev", XFRM_INTERFACE])?;
+                )),
+            };
+            if let Some((interface, link_type)) = interface {
+                self.ip(gw, &[&["link", "add", interface][..], link_type].concat())?;
+                self.ip(gw, &["link", "set", interface, "up"])?;
+                self.ip(gw, &["route", "add", remote_net, "dev", interface])?;
             }
             let reqid = REQID.to_string();
             let policy = |dir: &str, src: &str, dst: &str, tmpl_src: &str, tmpl_dst: &str| {
-                let if_id_args: &[&str] = if config.route_based {
-                    &["if_id", &if_id]
-                } else {
-                    &[]
-                };
                 let args = [
                     "xfrm",
                     "policy",
@@ -203,7 +221,7 @@ impl Lab {
                     "mode",
                     config.mode_name(),
                 ];
-                self.ip(gw, &[&args[..], if_id_args].concat())
+                self.ip(gw, &[&args[..], selected_by].concat())
             };
             match config.mode {
                 Mode::Tunnel => {
@@ -219,13 +237,13 @@ impl Lab {
             }
             if config.nat_t {
                 let socket = self.encap_socket(gw)?;
-                self.encap_sockets.push(socket);
+                self.encap_sockets.push((gw, socket));
             }
         }
         Ok(())
     }
 
-    /// Removes every SA, policy and XFRM interface of both gateways (and
+    /// Removes every SA, policy and VPN interface of both gateways (and
     /// the NAT-T sockets), so the same topology can carry another configuration.
     pub fn clear_ipsec(&mut self) -> Result<()> {
         for gw in [Host::West, Host::East] {
@@ -233,9 +251,16 @@ impl Lab {
             self.ip(gw, &["xfrm", "policy", "flush"])?;
             // Only a route-based configuration has one.
             let _ = self.ip(gw, &["link", "del", XFRM_INTERFACE]);
+            let _ = self.ip(gw, &["link", "del", VTI_INTERFACE]);
         }
         self.encap_sockets.clear();
         Ok(())
+    }
+
+    /// Closes `gw`'s NAT-T socket: ESP in UDP arriving there finds no
+    /// socket, and the kernel answers ICMP port unreachable.
+    pub fn close_encap_socket(&mut self, gw: Host) {
+        self.encap_sockets.retain(|(host, _)| *host != gw);
     }
 
     /// A UDP socket on port 4500 marked for ESP-in-UDP: without one the

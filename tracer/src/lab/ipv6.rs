@@ -1,6 +1,6 @@
 //! IPv6 on the same five namespaces (documentation and ULA prefixes), and
 //! a static ESP tunnel (AES-GCM, reqid 2) between the gateways' IPv6 WAN
-//! addresses for the IPv6 LANs.
+//! addresses for the IPv6 LANs: policy-based, or route-based over a VTI.
 
 use super::{Host, Lab, Result, ipsec_static::random_key};
 
@@ -16,10 +16,26 @@ pub const WEST_SUBNET: &str = "fd00:2::/64";
 pub const EAST_SUBNET: &str = "fd00:168::/64";
 pub const SPI_WEST_TO_EAST: &str = "0x00003003";
 pub const SPI_EAST_TO_WEST: &str = "0x00004004";
+/// The VTI of the route-based variant, and its key (input and output):
+/// the mark of its policies.
+pub const VTI_INTERFACE: &str = "vti1v6";
+pub const VTI_KEY: u32 = 6;
 
 impl Lab {
     /// IPv6 addresses, routes and forwarding, and the IPv6 ESP tunnel.
     pub fn ipv6_static_tunnel(&self) -> Result<()> {
+        self.ipv6_tunnel(false)
+    }
+
+    /// The same, route-based: the remote LAN is routed into a VTI
+    /// (`VTI_INTERFACE`) between the WAN addresses, whose key marks the
+    /// policies; the SAs carry no mark (as the kernel's own PMTU selftest
+    /// sets VTIs up), so the policy alone ties them to the VTI.
+    pub fn ipv6_vti_tunnel(&self) -> Result<()> {
+        self.ipv6_tunnel(true)
+    }
+
+    fn ipv6_tunnel(&self, over_vti: bool) -> Result<()> {
         for (host, address, dev) in [
             (Host::Whost, "fd00:2::10/64", "eth0"),
             (Host::West, "fd00:2::1/64", "lan0"),
@@ -44,6 +60,8 @@ impl Lab {
             self.sysctl(host, "net.ipv6.conf.all.forwarding", "1")?;
         }
         let keys = [random_key(20)?, random_key(20)?];
+        let vti_key = VTI_KEY.to_string();
+        let mark: &[&str] = if over_vti { &["mark", &vti_key] } else { &[] };
         for gw in [Host::West, Host::East] {
             for ((src, dst, spi), key) in [
                 (WEST_WAN, EAST_WAN, SPI_WEST_TO_EAST),
@@ -52,47 +70,66 @@ impl Lab {
             .into_iter()
             .zip(&keys)
             {
-                self.ip(
-                    gw,
-                    &[
-                        "xfrm",
-                        "state",
-                        "add",
-                        "src",
-                        src,
-                        "dst",
-                        dst,
-                        "proto",
-                        "esp",
-                        "spi",
-                        spi,
-                        "reqid",
-                        "2",
-                        "mode",
-                        "tunnel",
-                        "aead",
-                        "rfc4106(gcm(aes))",
-                        key,
-                        "128",
-                    ],
-                )?;
+                let state = [
+                    "xfrm",
+                    "state",
+                    "add",
+                    "src",
+                    src,
+                    "dst",
+                    dst,
+                    "proto",
+                    "esp",
+                    "spi",
+                    spi,
+                    "reqid",
+                    "2",
+                    "mode",
+                    "tunnel",
+                    "aead",
+                    "rfc4106(gcm(aes))",
+                    key,
+                    "128",
+                ];
+                self.ip(gw, &state)?;
             }
             let (local, remote, local_net, remote_net) = match gw {
                 Host::West => (WEST_WAN, EAST_WAN, WEST_SUBNET, EAST_SUBNET),
                 _ => (EAST_WAN, WEST_WAN, EAST_SUBNET, WEST_SUBNET),
             };
+            if over_vti {
+                self.ip(
+                    gw,
+                    &[
+                        "link",
+                        "add",
+                        VTI_INTERFACE,
+                        "type",
+                        "vti6",
+                        "local",
+                        local,
+                        "remote",
+                        remote,
+                        "key",
+                        &vti_key,
+                    ],
+                )?;
+                self.ip(gw, &["link", "set", VTI_INTERFACE, "up"])?;
+                self.ip(
+                    gw,
+                    &["-6", "route", "add", remote_net, "dev", VTI_INTERFACE],
+                )?;
+            }
             for (dir, src, dst, tsrc, tdst) in [
                 ("out", local_net, remote_net, local, remote),
                 ("in", remote_net, local_net, remote, local),
                 ("fwd", remote_net, local_net, remote, local),
             ] {
-                self.ip(
-                    gw,
-                    &[
-                        "xfrm", "policy", "add", "src", src, "dst", dst, "dir", dir, "tmpl", "src",
-                        tsrc, "dst", tdst, "proto", "esp", "reqid", "2", "mode", "tunnel",
-                    ],
-                )?;
+                let policy = [
+                    "xfrm", "policy", "add", "src", src, "dst", dst, "dir", dir, "tmpl", "src",
+                    tsrc, "dst", tdst, "proto", "esp", "reqid", "2", "mode", "tunnel",
+                ];
+                self.ip(gw, &[&policy[..], mark].concat())?;
             }
         }
         Ok(())

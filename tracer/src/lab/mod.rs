@@ -27,7 +27,8 @@ use std::{
 
 pub use capture::{Capture, Packet};
 pub use ipsec_static::{
-    Cipher, IF_ID, Mode, REQID, SPI_EAST_TO_WEST, SPI_WEST_TO_EAST, StaticIpsec, XFRM_INTERFACE,
+    Cipher, IF_ID, Mode, REQID, Routing, SPI_EAST_TO_WEST, SPI_WEST_TO_EAST, StaticIpsec,
+    VTI_INTERFACE, VTI_KEY, XFRM_INTERFACE,
 };
 pub use pluto::{PlutoConfig, PlutoInstance};
 pub use traffic::{Df, UdpSink};
@@ -100,7 +101,7 @@ pub struct Lab {
     /// Per-lab scratch space (pluto configs, logs, sockets).
     pub run_dir: PathBuf,
     /// Open NAT-T encapsulation sockets (closing them stops decapsulation).
-    encap_sockets: Vec<std::os::fd::OwnedFd>,
+    encap_sockets: Vec<(Host, std::os::fd::OwnedFd)>,
 }
 
 /// Runs a command; its stdout on success, else an error with its stderr.

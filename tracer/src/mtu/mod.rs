@@ -16,7 +16,7 @@ use crate::{
     ebpf::{attach_fentry, attach_kprobe},
     kallsyms::{Kallsyms, Presence},
     report::Finding,
-    xfrm_state::{EspGeometry, Sa, XfrmState},
+    xfrm_state::{EspGeometry, Sa, VpnInterface, VpnInterfaceKind, XfrmState},
 };
 
 /// (function, program prefix): `<prefix>_fentry` / `<prefix>_kprobe`.
@@ -121,9 +121,47 @@ pub struct SizeEvent {
     pub mtu: u32,
     /// True: `mtu` is the inner (IPsec) MTU; false: the outer path MTU.
     pub mtu_is_inner: bool,
-    /// Refused by the XFRM interface `ifname` (a route-based VPN).
+    /// Refused by the XFRM interface `ifname` (kept as published: see
+    /// `via_interface` for VTIs too).
     pub via_xfrm_interface: bool,
+    /// Refused by the route-based VPN's interface `ifname` (`xfrm` or
+    /// `vti`); null otherwise.
+    pub via_interface: Option<InterfaceType>,
     pub max_len: u32,
+}
+
+/// The type of a route-based VPN's interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InterfaceType {
+    Xfrm,
+    /// A VTI, IPv4 (`vti`) or IPv6 (`vti6`).
+    Vti,
+}
+
+impl InterfaceType {
+    fn of(interface: &VpnInterface) -> Self {
+        match interface.kind {
+            VpnInterfaceKind::Xfrm { .. } => Self::Xfrm,
+            VpnInterfaceKind::Vti { .. } => Self::Vti,
+        }
+    }
+
+    /// As an operator calls it.
+    fn noun(self) -> &'static str {
+        match self {
+            Self::Xfrm => "XFRM interface",
+            Self::Vti => "VTI",
+        }
+    }
+
+    /// The libreswan option that makes a connection use one.
+    fn libreswan_option(self) -> &'static str {
+        match self {
+            Self::Xfrm => "ipsec-interface=",
+            Self::Vti => "vti-interface=",
+        }
+    }
 }
 
 /// Per SA: what it carried and what did not fit.
@@ -198,19 +236,24 @@ fn algorithms(sa: &Sa) -> String {
 }
 
 /// The SA of an event (SPI in host order, destination): from the key, or,
-/// for a refusal at an XFRM interface, the interface's outbound SA.
+/// for a refusal at a VPN interface, the interface's outbound SA.
 fn sa_of(key: &MtuKey, namespaces: &[NetnsView]) -> Option<(u32, IpAddr)> {
     if key.spi != 0 {
         return Some((u32::from_be(key.spi), address(&key.sa_dst, key.family)));
     }
-    if key.via_xfrm_interface == 0 {
+    if key.via_vpn_interface == 0 {
         return None;
     }
-    let ns = namespaces
-        .iter()
-        .find(|n| n.inode == u64::from(key.netns))?;
-    let sa = ns.state?.interface_sa(key.ifindex)?;
+    let sa = netns_state(key, namespaces)?.interface_sa(key.ifindex)?;
     Some((sa.spi, sa.dst))
+}
+
+/// The XFRM state of the netns where the event happened.
+fn netns_state<'a>(key: &MtuKey, namespaces: &[NetnsView<'a>]) -> Option<&'a XfrmState> {
+    namespaces
+        .iter()
+        .find(|n| n.inode == u64::from(key.netns))?
+        .state
 }
 
 /// Groups the events per SA and joins them with the SAs the kernel has.
@@ -256,6 +299,13 @@ pub fn summarize(rows: &[(MtuKey, MtuStats)], namespaces: &[NetnsView]) -> Vec<S
             continue;
         }
         let ns = namespaces.iter().find(|n| n.inode == u64::from(key.netns));
+        let via_interface = if key.via_vpn_interface != 0 {
+            netns_state(key, namespaces)
+                .and_then(|state| state.interface(key.ifindex))
+                .map(InterfaceType::of)
+        } else {
+            None
+        };
         entry.events.push(SizeEvent {
             kind: match key.kind {
                 kind::FRAGMENTED => "fragmented",
@@ -277,7 +327,8 @@ pub fn summarize(rows: &[(MtuKey, MtuStats)], namespaces: &[NetnsView]) -> Vec<S
                 }),
             mtu: key.mtu,
             mtu_is_inner: key.inner_mtu != 0,
-            via_xfrm_interface: key.via_xfrm_interface != 0,
+            via_xfrm_interface: via_interface == Some(InterfaceType::Xfrm),
+            via_interface,
             max_len: stats.max_len,
         });
     }
@@ -323,10 +374,9 @@ pub fn findings(sizes: &[SaSizes]) -> Vec<Finding> {
                     } else {
                         format!("path MTU {}", e.mtu)
                     };
-                    let device = if e.via_xfrm_interface {
-                        format!("XFRM interface {}", e.ifname)
-                    } else {
-                        e.ifname.clone()
+                    let device = match e.via_interface {
+                        Some(interface) => format!("{} {}", interface.noun(), e.ifname),
+                        None => e.ifname.clone(),
                     };
                     format!(
                         "{} {action} in {} on {device} ({mtu}, largest {} bytes)",
@@ -350,14 +400,18 @@ pub fn findings(sizes: &[SaSizes]) -> Vec<Finding> {
                 sa.sa_dst,
                 what.join(", ")
             );
-            let interface = sa.events.iter().find(|e| e.via_xfrm_interface);
+            let interface = sa
+                .events
+                .iter()
+                .find_map(|e| Some((e.via_interface?, &e.ifname)));
             let fix = match sa.max_inner_fitting {
                 Some(inner) => {
                     let mss = inner.saturating_sub(40);
                     let mtu = match interface {
-                        Some(e) => format!(
-                            "set the MTU of the XFRM interface: `ip link set dev {} mtu {inner}` (libreswan: mtu={inner} in the connection with ipsec-interface=)",
-                            e.ifname
+                        Some((interface, ifname)) => format!(
+                            "set the MTU of the {}: `ip link set dev {ifname} mtu {inner}` (libreswan: mtu={inner} in the connection with {})",
+                            interface.noun(),
+                            interface.libreswan_option()
                         ),
                         None => format!(
                             "set mtu={inner} in the libreswan connection of SA {} (or `ip route ... mtu {inner}` for the protected subnet)",

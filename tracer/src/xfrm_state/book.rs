@@ -9,16 +9,16 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use super::{Policy, Sa, XfrmInterface, XfrmState, netlink};
+use super::{Policy, Sa, VpnInterface, XfrmState, netlink};
 
-/// One netns: its SAs, policies and XFRM interfaces as last seen, and the
+/// One netns: its SAs, policies and VPN interfaces as last seen, and the
 /// SAs and policies gone since.
 struct Namespace {
     path: PathBuf,
     notifications: Option<netlink::Socket>,
     sas: Vec<Sa>,
     policies: Vec<Policy>,
-    interfaces: Vec<XfrmInterface>,
+    interfaces: Vec<VpnInterface>,
     gone_sas: Vec<Sa>,
     gone_policies: Vec<Policy>,
 }
@@ -113,7 +113,7 @@ impl XfrmBook {
             .find(|p| p.index == index)
     }
 
-    /// The current SAs, policies and XFRM interfaces of the netns.
+    /// The current SAs, policies and VPN interfaces of the netns.
     pub fn current(&self, netns: u64) -> Option<XfrmState> {
         let ns = self.namespaces.get(&netns)?;
         Some(XfrmState {

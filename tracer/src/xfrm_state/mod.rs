@@ -137,22 +137,43 @@ pub struct Policy {
     pub if_id: Option<u32>,
 }
 
-/// An XFRM interface (`ip link add NAME type xfrm if_id N`): a route-based
-/// VPN, whose SAs and policies carry its `if_id`.
+/// The interface of a route-based VPN: what is routed into it is
+/// encrypted with the SA it selects.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct XfrmInterface {
+pub struct VpnInterface {
     pub name: String,
     pub ifindex: u32,
-    pub if_id: u32,
+    #[serde(flatten)]
+    pub kind: VpnInterfaceKind,
 }
 
-/// Every SA, policy and XFRM interface of the current thread's network
+/// How a VPN interface selects its policies and SAs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum VpnInterfaceKind {
+    /// `ip link add NAME type xfrm if_id N`: the policies and SAs carry
+    /// its if_id.
+    Xfrm { if_id: u32 },
+    /// `ip link add NAME type vti|vti6 local L remote R ikey I okey O`: a
+    /// packet leaving it is looked up with the mark O (an arriving one
+    /// with I), so its policies and SAs carry that mark or none, and the
+    /// kernel sends it only through an SA from L to R (an unspecified L
+    /// matches any).
+    Vti {
+        ikey: u32,
+        okey: u32,
+        local: IpAddr,
+        remote: IpAddr,
+    },
+}
+
+/// Every SA, policy and VPN interface of the current thread's network
 /// namespace.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct XfrmState {
     pub sas: Vec<Sa>,
     pub policies: Vec<Policy>,
-    pub interfaces: Vec<XfrmInterface>,
+    pub interfaces: Vec<VpnInterface>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -180,7 +201,7 @@ impl XfrmState {
         let interfaces = netlink::Socket::open(netlink::NETLINK_ROUTE)?
             .dump(netlink::RTM_GETLINK, netlink::IFINFOMSG_LEN)?
             .iter()
-            .filter_map(|m| netlink::parse_xfrm_interface(m).transpose())
+            .filter_map(|m| netlink::parse_vpn_interface(m).transpose())
             .collect::<Result<_, _>>()?;
         Ok(Self {
             sas,
@@ -205,19 +226,42 @@ impl XfrmState {
         self.policies.iter().find(|p| p.index == index)
     }
 
-    /// The outbound ESP SA of the XFRM interface `ifindex`: the SA with
-    /// its if_id that the template of its outbound policy names.
+    /// The VPN interface `ifindex`, if it is one.
+    pub fn interface(&self, ifindex: u32) -> Option<&VpnInterface> {
+        self.interfaces.iter().find(|i| i.ifindex == ifindex)
+    }
+
+    /// The outbound ESP SA of the VPN interface `ifindex`. An XFRM
+    /// interface: the SA with its if_id that the template of its outbound
+    /// policy names. A VTI: the SA from its local to its remote address
+    /// whose mark its output key matches.
     pub fn interface_sa(&self, ifindex: u32) -> Option<&Sa> {
-        let if_id = self.interfaces.iter().find(|i| i.ifindex == ifindex)?.if_id;
-        self.policies
-            .iter()
-            .filter(|p| p.dir == "out" && p.if_id == Some(if_id))
-            .flat_map(|p| &p.templates)
-            .find_map(|t| {
-                self.sas.iter().find(|sa| {
-                    sa.if_id == Some(if_id) && sa.proto == 50 && sa.dst == t.dst && sa.src == t.src
-                })
-            })
+        match self.interface(ifindex)?.kind {
+            VpnInterfaceKind::Xfrm { if_id } => self
+                .policies
+                .iter()
+                .filter(|p| p.dir == "out" && p.if_id == Some(if_id))
+                .flat_map(|p| &p.templates)
+                .find_map(|t| {
+                    self.sas.iter().find(|sa| {
+                        sa.if_id == Some(if_id)
+                            && sa.proto == 50
+                            && sa.dst == t.dst
+                            && sa.src == t.src
+                    })
+                }),
+            VpnInterfaceKind::Vti {
+                okey,
+                local,
+                remote,
+                ..
+            } => self.sas.iter().find(|sa| {
+                sa.proto == 50
+                    && sa.dst == remote
+                    && (local.is_unspecified() || sa.src == local)
+                    && sa.mark.is_none_or(|(value, mask)| okey & mask == value)
+            }),
+        }
     }
 }
 

@@ -1,12 +1,16 @@
 //! NETLINK_XFRM dumps and the parsing of `xfrm_usersa_info` and
 //! `xfrm_userpolicy_info` messages (offsets from `<linux/xfrm.h>`, the same
-//! on every kernel: it is UAPI), and the XFRM interfaces of a NETLINK_ROUTE
+//! on every kernel: it is UAPI), and the VPN interfaces of a NETLINK_ROUTE
 //! link dump (`<linux/if_link.h>`).
 
-use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+use std::{
+    net::IpAddr,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+};
 
 use super::{
-    Algorithm, Encap, Error, Lifetime, Mode, Policy, Sa, Selector, Template, XfrmInterface, address,
+    Algorithm, Encap, Error, Lifetime, Mode, Policy, Sa, Selector, Template, VpnInterface,
+    VpnInterfaceKind, address,
 };
 
 pub const NETLINK_XFRM: libc::c_int = 6;
@@ -243,14 +247,20 @@ fn attributes(mut rest: &[u8]) -> Result<Vec<(u16, &[u8])>, Error> {
     Ok(out)
 }
 
-/// The XFRM interface an RTM_NEWLINK answer describes, if it is one
-/// (`IFLA_LINKINFO` kind "xfrm", with its `IFLA_XFRM_IF_ID`).
-pub fn parse_xfrm_interface(m: &[u8]) -> Result<Option<XfrmInterface>, Error> {
+/// The VPN interface an RTM_NEWLINK answer describes, if it is one: an
+/// `IFLA_LINKINFO` of kind "xfrm" (with its `IFLA_XFRM_IF_ID`), or "vti" /
+/// "vti6" (with `IFLA_VTI_IKEY`/`OKEY`, in network order, and
+/// `IFLA_VTI_LOCAL`/`REMOTE`, 4 or 16 bytes).
+pub fn parse_vpn_interface(m: &[u8]) -> Result<Option<VpnInterface>, Error> {
     const IFLA_IFNAME: u16 = 3;
     const IFLA_LINKINFO: u16 = 18;
     const IFLA_INFO_KIND: u16 = 1;
     const IFLA_INFO_DATA: u16 = 2;
     const IFLA_XFRM_IF_ID: u16 = 2;
+    const IFLA_VTI_IKEY: u16 = 2;
+    const IFLA_VTI_OKEY: u16 = 3;
+    const IFLA_VTI_LOCAL: u16 = 4;
+    const IFLA_VTI_REMOTE: u16 = 5;
     if m.len() < IFINFOMSG_LEN {
         return Err(Error::Malformed("ifinfomsg"));
     }
@@ -259,23 +269,24 @@ pub fn parse_xfrm_interface(m: &[u8]) -> Result<Option<XfrmInterface>, Error> {
         let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
         String::from_utf8_lossy(&b[..end]).into_owned()
     };
+    let ip = |b: &[u8]| -> Option<IpAddr> {
+        match b.len() {
+            4 => Some(IpAddr::from(<[u8; 4]>::try_from(b).ok()?)),
+            16 => Some(IpAddr::from(<[u8; 16]>::try_from(b).ok()?)),
+            _ => None,
+        }
+    };
     let mut name = String::new();
-    let mut if_id = None;
-    let mut is_xfrm = false;
+    let mut link_kind = String::new();
+    let mut data: &[u8] = &[];
     for (kind, value) in attributes(&m[IFINFOMSG_LEN..])? {
         match kind {
             IFLA_IFNAME => name = text(value),
             IFLA_LINKINFO => {
-                for (info, data) in attributes(value)? {
+                for (info, v) in attributes(value)? {
                     match info {
-                        IFLA_INFO_KIND => is_xfrm = text(data) == "xfrm",
-                        IFLA_INFO_DATA => {
-                            for (field, v) in attributes(data)? {
-                                if field == IFLA_XFRM_IF_ID && v.len() >= 4 {
-                                    if_id = Some(u32_at(v, 0));
-                                }
-                            }
-                        }
+                        IFLA_INFO_KIND => link_kind = text(v),
+                        IFLA_INFO_DATA => data = v,
                         _ => {}
                     }
                 }
@@ -283,10 +294,39 @@ pub fn parse_xfrm_interface(m: &[u8]) -> Result<Option<XfrmInterface>, Error> {
             _ => {}
         }
     }
-    Ok(if_id.filter(|_| is_xfrm).map(|if_id| XfrmInterface {
+    let fields = attributes(data)?;
+    let field = |wanted: u16| {
+        fields
+            .iter()
+            .find_map(|(field, v)| (*field == wanted).then_some(*v))
+    };
+    let be32 = |v: &[u8]| (v.len() >= 4).then(|| u32::from_be_bytes([v[0], v[1], v[2], v[3]]));
+    let kind = match link_kind.as_str() {
+        "xfrm" => field(IFLA_XFRM_IF_ID)
+            .filter(|v| v.len() >= 4)
+            .map(|v| VpnInterfaceKind::Xfrm {
+                if_id: u32_at(v, 0),
+            }),
+        "vti" | "vti6" => match (
+            field(IFLA_VTI_IKEY).and_then(be32),
+            field(IFLA_VTI_OKEY).and_then(be32),
+            field(IFLA_VTI_LOCAL).and_then(ip),
+            field(IFLA_VTI_REMOTE).and_then(ip),
+        ) {
+            (Some(ikey), Some(okey), Some(local), Some(remote)) => Some(VpnInterfaceKind::Vti {
+                ikey,
+                okey,
+                local,
+                remote,
+            }),
+            _ => None,
+        },
+        _ => None,
+    };
+    Ok(kind.map(|kind| VpnInterface {
         name,
         ifindex,
-        if_id,
+        kind,
     }))
 }
 
@@ -543,17 +583,14 @@ mod tests {
     }
 
     /// An RTM_NEWLINK answer as the kernel sends it: ifinfomsg, the name,
-    /// and the link info of `kind` (nested attributes flagged so).
-    fn link_message(ifindex: u32, name: &str, kind: &str, if_id: u32) -> Vec<u8> {
+    /// and the link info of `kind` with its data (nested attributes
+    /// flagged so).
+    fn link_message(ifindex: u32, name: &str, kind: &str, data: &[(u16, &[u8])]) -> Vec<u8> {
         const NESTED: u16 = 0x8000;
         let mut m = vec![0u8; IFINFOMSG_LEN];
         m[4..8].copy_from_slice(&ifindex.to_ne_bytes());
         m.extend(attribute(3, format!("{name}\0").as_bytes()));
-        let data = [
-            attribute(1, &2u32.to_ne_bytes()),
-            attribute(2, &if_id.to_ne_bytes()),
-        ]
-        .concat();
+        let data: Vec<u8> = data.iter().flat_map(|(t, v)| attribute(*t, v)).collect();
         let info = [
             attribute(1, format!("{kind}\0").as_bytes()),
             attribute(2 | NESTED, &data),
@@ -564,23 +601,97 @@ mod tests {
     }
 
     #[test]
-    fn xfrm_interfaces_are_read_from_link_dumps_and_others_skipped() {
-        let xfrm = link_message(9, "ipsec1", "xfrm", 7);
+    fn vpn_interfaces_are_read_from_link_dumps_and_others_skipped() {
+        let if_id = 7u32.to_ne_bytes();
+        let xfrm = link_message(
+            9,
+            "ipsec1",
+            "xfrm",
+            &[(1, &2u32.to_ne_bytes()), (2, &if_id)],
+        );
         assert_eq!(
-            parse_xfrm_interface(&xfrm).unwrap(),
-            Some(XfrmInterface {
+            parse_vpn_interface(&xfrm).unwrap(),
+            Some(VpnInterface {
                 name: "ipsec1".into(),
                 ifindex: 9,
-                if_id: 7,
+                kind: VpnInterfaceKind::Xfrm { if_id: 7 },
             })
         );
         assert_eq!(
-            parse_xfrm_interface(&link_message(2, "wan0", "veth", 7)).unwrap(),
+            parse_vpn_interface(&link_message(2, "wan0", "veth", &[(2, &if_id)])).unwrap(),
             None
         );
         for len in 0..xfrm.len() {
-            let _ = parse_xfrm_interface(&xfrm[..len]);
+            let _ = parse_vpn_interface(&xfrm[..len]);
         }
-        assert!(parse_xfrm_interface(&xfrm[..8]).is_err());
+        assert!(parse_vpn_interface(&xfrm[..8]).is_err());
+    }
+
+    /// VTIs as ip_vti and ip6_vti describe them: link, keys in network
+    /// order, endpoints of their family, fwmark.
+    #[test]
+    fn vtis_are_read_with_their_keys_and_endpoints() {
+        let (ikey, okey) = (5u32.to_be_bytes(), 0x0102_0304u32.to_be_bytes());
+        let vti = link_message(
+            4,
+            "vti1",
+            "vti",
+            &[
+                (1, &0u32.to_ne_bytes()),
+                (2, &ikey),
+                (3, &okey),
+                (4, &[192, 0, 2, 1]),
+                (5, &[203, 0, 113, 1]),
+                (6, &0u32.to_ne_bytes()),
+            ],
+        );
+        assert_eq!(
+            parse_vpn_interface(&vti).unwrap(),
+            Some(VpnInterface {
+                name: "vti1".into(),
+                ifindex: 4,
+                kind: VpnInterfaceKind::Vti {
+                    ikey: 5,
+                    okey: 0x0102_0304,
+                    local: "192.0.2.1".parse().unwrap(),
+                    remote: "203.0.113.1".parse().unwrap(),
+                },
+            })
+        );
+        let (local, remote): (std::net::Ipv6Addr, std::net::Ipv6Addr) = (
+            "2001:db8:1::1".parse().unwrap(),
+            "2001:db8:2::1".parse().unwrap(),
+        );
+        let vti6 = link_message(
+            5,
+            "vti6a",
+            "vti6",
+            &[
+                (1, &0u32.to_ne_bytes()),
+                (4, &local.octets()),
+                (5, &remote.octets()),
+                (2, &ikey),
+                (3, &okey),
+            ],
+        );
+        let Some(VpnInterface {
+            kind:
+                VpnInterfaceKind::Vti {
+                    local: l,
+                    remote: r,
+                    ..
+                },
+            ..
+        }) = parse_vpn_interface(&vti6).unwrap()
+        else {
+            panic!("vti6 not read");
+        };
+        assert_eq!((l, r), (IpAddr::V6(local), IpAddr::V6(remote)));
+        // Without its endpoints it selects nothing we can name.
+        let partial = link_message(6, "vti2", "vti", &[(2, &ikey), (3, &okey)]);
+        assert_eq!(parse_vpn_interface(&partial).unwrap(), None);
+        for len in 0..vti6.len() {
+            let _ = parse_vpn_interface(&vti6[..len]);
+        }
     }
 }
