@@ -108,6 +108,61 @@ fn assert_exact(
 }
 
 /// Whether the running kernel is older than `major.minor`.
+/// Each kernel text symbol (vmlinux and modules) with its size, up to the
+/// next symbol, as this test reads /proc/kallsyms itself.
+fn kernel_symbol_sizes() -> std::collections::HashMap<String, Vec<u64>> {
+    let text = std::fs::read_to_string("/proc/kallsyms").expect("/proc/kallsyms");
+    let mut symbols: Vec<(u64, &str)> = text
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let address = u64::from_str_radix(fields.next()?, 16).ok()?;
+            let kind = fields.next()?;
+            let name = fields.next()?;
+            matches!(kind, "t" | "T" | "w" | "W").then_some((address, name))
+        })
+        .collect();
+    symbols.sort_unstable();
+    let mut sizes: std::collections::HashMap<String, Vec<u64>> = Default::default();
+    for pair in symbols.windows(2) {
+        sizes
+            .entry(pair[0].1.to_string())
+            .or_default()
+            .push(pair[1].0 - pair[0].0);
+    }
+    sizes
+}
+
+/// No frame is named after a symbol it lies beyond (`name+0xoff` with the
+/// offset inside one of the symbols of that name), and no frame is one of
+/// xfrm-trace's own (its BPF programs, their trampoline: left out).
+fn assert_frames_within_their_symbols(
+    stack: &[&str],
+    sizes: &std::collections::HashMap<String, Vec<u64>>,
+) {
+    for frame in stack {
+        if frame.starts_with("0x") {
+            continue;
+        }
+        let (name, offset) = frame
+            .rsplit_once("+0x")
+            .unwrap_or_else(|| panic!("frame {frame} in {stack:?}"));
+        assert!(
+            !name.starts_with("bpf_prog_") && !name.starts_with("bpf_trampoline_"),
+            "BPF frame {frame} in {stack:?}"
+        );
+        let offset = u64::from_str_radix(offset, 16).unwrap();
+        let fits = sizes
+            .get(name)
+            .is_some_and(|s| s.iter().any(|&size| offset < size));
+        assert!(
+            fits,
+            "{frame} lies beyond its symbol ({:?}): {stack:?}",
+            sizes.get(name)
+        );
+    }
+}
+
 fn kernel_before(major: u32, minor: u32) -> bool {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
     let mut parts = release
@@ -495,6 +550,7 @@ fn replay(hooks: Hooks) {
     let mut seqs: Vec<u64> = samples.iter().filter_map(|s| s["seq"].as_u64()).collect();
     seqs.sort_unstable();
     assert_eq!(seqs, wire_seqs, "{samples:#?}");
+    let symbol_sizes = kernel_symbol_sizes();
     for sample in &samples {
         assert_eq!(sample["spi"], "0x00001001", "{sample}");
         let stack: Vec<&str> = sample["stack"]
@@ -512,6 +568,14 @@ fn replay(hooks: Hooks) {
             stack.iter().any(|f| f.starts_with("ip_")) || truncated_kretprobe,
             "stack without the IP receive path: {stack:?}"
         );
+        assert_frames_within_their_symbols(&stack, &symbol_sizes);
+        // fexit: our program and the trampoline that called it; a kprobe's
+        // stack starts at the probed function.
+        let own = match hooks {
+            Hooks::Auto => 2,
+            Hooks::Kprobe => 0,
+        };
+        assert_eq!(sample["own_frames_left_out"], own, "{sample}");
     }
     assert_eq!(report["attribution_errors"]["samples_lost"], 0);
 }

@@ -252,9 +252,14 @@ pub fn render_with(report: &Report, style: Style) -> String {
         }
         if let Some(sample) = c.samples.first() {
             let seq = sample.seq.map_or_else(String::new, |q| format!(" seq {q}"));
+            let own = if sample.own_frames_left_out > 0 {
+                " (frames of xfrm-trace itself left out)"
+            } else {
+                ""
+            };
             let _ = writeln!(
                 out,
-                "      sample{seq}: {}",
+                "      sample{seq}{own}: {}",
                 sample
                     .stack
                     .iter()
