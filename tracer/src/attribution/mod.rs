@@ -188,10 +188,13 @@ pub fn attach(
         return coverage;
     }
     if !has_per_cpu_offset {
-        coverage.missing.push((
-            "all brackets".into(),
-            "__per_cpu_offset is not in /proc/kallsyms (kernel without CONFIG_KALLSYMS_ALL?): counters cannot be read per packet".into(),
-        ));
+        // The brackets cannot read counters without it, but when no
+        // function can be hooked at all, that is the reason to give.
+        let why = match crate::capabilities::function_hooks(ebpf, kernel_btf, kallsyms) {
+            Ok(()) => "__per_cpu_offset is not in /proc/kallsyms (kernel without CONFIG_KALLSYMS_ALL?): counters cannot be read per packet".into(),
+            Err(no_hooks) => no_hooks,
+        };
+        coverage.missing.push(("all brackets".into(), why));
         return coverage;
     }
     let mut all = true;

@@ -123,10 +123,21 @@ pub fn choose_mode(brackets: &[Attach], programs: &ProgramSupport) -> HookMode {
 /// Loads and attaches each tiny probe program from the object, then
 /// detaches it again (dropping the link).
 pub fn probe_programs(ebpf: &mut Ebpf, btf: &KernelBtf, kallsyms: &Kallsyms) -> ProgramSupport {
+    ProgramSupport {
+        tracepoint: try_tracepoint(ebpf),
+        raw_tracepoint: try_raw_tracepoint(ebpf),
+        tp_btf: try_tp_btf(ebpf),
+        ..probe_function_hooks(ebpf, btf, kallsyms)
+    }
+}
+
+/// fentry and kprobe tried; the tracepoint kinds left untried (`Err`).
+fn probe_function_hooks(ebpf: &mut Ebpf, btf: &KernelBtf, kallsyms: &Kallsyms) -> ProgramSupport {
     let fentry_target = hooks::PROBE_TARGETS.iter().find(|f| btf.has_function(f));
     let kprobe_target = hooks::PROBE_TARGETS
         .iter()
         .find(|f| matches!(kallsyms.presence(f), Presence::Exact { .. }));
+    let untried = || Err("not tried".to_string());
     ProgramSupport {
         fentry: match fentry_target {
             Some(target) => try_fentry(ebpf, target),
@@ -136,9 +147,19 @@ pub fn probe_programs(ebpf: &mut Ebpf, btf: &KernelBtf, kallsyms: &Kallsyms) -> 
             Some(target) => try_kprobe(ebpf, target),
             None => Err("no probe target function in /proc/kallsyms".into()),
         },
-        tracepoint: try_tracepoint(ebpf),
-        raw_tracepoint: try_raw_tracepoint(ebpf),
-        tp_btf: try_tp_btf(ebpf),
+        tracepoint: untried(),
+        raw_tracepoint: untried(),
+        tp_btf: untried(),
+    }
+}
+
+/// Whether any XFRM function could be hooked here (fentry or kprobes, on
+/// the probe programs); the error says why neither works.
+pub fn function_hooks(ebpf: &mut Ebpf, btf: &KernelBtf, kallsyms: &Kallsyms) -> Support {
+    let ProgramSupport { fentry, kprobe, .. } = probe_function_hooks(ebpf, btf, kallsyms);
+    match (fentry, kprobe) {
+        (Err(fentry), Err(kprobe)) => Err(format!("fentry: {fentry}; kprobe: {kprobe}")),
+        _ => Ok(()),
     }
 }
 
