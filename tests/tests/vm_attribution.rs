@@ -3,7 +3,7 @@
 //! and it names the SA, policy and addresses the test set up. VM-only: the
 //! host kernel has no ESP and cannot hook XFRM functions.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{collections::HashMap, net::SocketAddr, time::Duration};
 
 use serde_json::Value;
 use tests::traced_report;
@@ -108,38 +108,38 @@ fn assert_exact(
 }
 
 /// Whether the running kernel is older than `major.minor`.
-/// Each kernel text symbol (vmlinux and modules) with its size, up to the
-/// next symbol, as this test reads /proc/kallsyms itself.
-fn kernel_symbol_sizes() -> std::collections::HashMap<String, Vec<u64>> {
+/// Each kernel text symbol (vmlinux and modules) with its size up to the
+/// next symbol, as this test reads /proc/kallsyms itself; `None` for the
+/// last symbol of vmlinux or a module, whose end nothing marks.
+fn kernel_symbol_sizes() -> HashMap<String, Vec<Option<u64>>> {
     let text = std::fs::read_to_string("/proc/kallsyms").expect("/proc/kallsyms");
-    let mut symbols: Vec<(u64, &str)> = text
+    let mut symbols: Vec<(u64, &str, Option<&str>)> = text
         .lines()
         .filter_map(|line| {
             let mut fields = line.split_whitespace();
             let address = u64::from_str_radix(fields.next()?, 16).ok()?;
             let kind = fields.next()?;
             let name = fields.next()?;
-            matches!(kind, "t" | "T" | "w" | "W").then_some((address, name))
+            matches!(kind, "t" | "T" | "w" | "W").then_some((address, name, fields.next()))
         })
         .collect();
     symbols.sort_unstable();
-    let mut sizes: std::collections::HashMap<String, Vec<u64>> = Default::default();
-    for pair in symbols.windows(2) {
-        sizes
-            .entry(pair[0].1.to_string())
-            .or_default()
-            .push(pair[1].0 - pair[0].0);
+    let mut sizes: HashMap<String, Vec<Option<u64>>> = HashMap::new();
+    for (i, &(address, name, module)) in symbols.iter().enumerate() {
+        let size = symbols
+            .get(i + 1)
+            .filter(|next| next.2 == module)
+            .map(|next| next.0 - address);
+        sizes.entry(name.to_string()).or_default().push(size);
     }
     sizes
 }
 
 /// No frame is named after a symbol it lies beyond (`name+0xoff` with the
-/// offset inside one of the symbols of that name), and no frame is one of
-/// xfrm-trace's own (its BPF programs, their trampoline: left out).
-fn assert_frames_within_their_symbols(
-    stack: &[&str],
-    sizes: &std::collections::HashMap<String, Vec<u64>>,
-) {
+/// offset inside one of the symbols of that name; past the last symbol of
+/// a region, within 64 KiB: no kernel function is that large), and no
+/// frame is one of xfrm-trace's own (its BPF programs, their trampoline).
+fn assert_frames_within_their_symbols(stack: &[&str], sizes: &HashMap<String, Vec<Option<u64>>>) {
     for frame in stack {
         if frame.starts_with("0x") {
             continue;
@@ -154,7 +154,7 @@ fn assert_frames_within_their_symbols(
         let offset = u64::from_str_radix(offset, 16).unwrap();
         let fits = sizes
             .get(name)
-            .is_some_and(|s| s.iter().any(|&size| offset < size));
+            .is_some_and(|sizes| sizes.iter().any(|size| offset < size.unwrap_or(0x10000)));
         assert!(
             fits,
             "{frame} lies beyond its symbol ({:?}): {stack:?}",

@@ -415,29 +415,14 @@ pub struct SampleReport {
 pub const SAMPLES_PER_COUNTER: usize = 16;
 
 /// The kept samples in report form, with symbolized stacks (read while the
-/// programs' maps are still open), by counter index.
+/// programs' maps are still open), by counter index. `kallsyms` must know
+/// our programs and their trampolines (`with_current_bpf_symbols`).
 pub fn sample_reports(
     ebpf: &Ebpf,
     samples: &[Sample],
     kallsyms: &Kallsyms,
 ) -> Vec<(u32, SampleReport)> {
     let first = samples.iter().map(|s| s.time_ns).min().unwrap_or(0);
-    // Our programs and their trampolines came after the start-up read.
-    let current;
-    let kallsyms = if samples.is_empty() {
-        kallsyms
-    } else {
-        match kallsyms.with_current_bpf_symbols() {
-            Ok(fresh) => {
-                current = fresh;
-                &current
-            }
-            Err(e) => {
-                log::warn!("re-reading /proc/kallsyms for BPF programs: {e}");
-                kallsyms
-            }
-        }
-    };
     let mut shown: std::collections::HashMap<u32, usize> = std::collections::HashMap::new();
     samples
         .iter()

@@ -302,8 +302,8 @@ pub fn render_with(report: &Report, style: Style) -> String {
         } else {
             masquerade.missing.clone()
         };
-        if let Some(line) = unwatched::line("  MASQUERADE detection", false, &missing) {
-            let _ = writeln!(out, "{line}");
+        if let Some(line) = unwatched::line("MASQUERADE detection", false, &missing) {
+            let _ = writeln!(out, "  {line}");
         }
     }
     for (capability, hooks) in [
