@@ -123,41 +123,41 @@ pub fn choose_mode(brackets: &[Attach], programs: &ProgramSupport) -> HookMode {
 /// Loads and attaches each tiny probe program from the object, then
 /// detaches it again (dropping the link).
 pub fn probe_programs(ebpf: &mut Ebpf, btf: &KernelBtf, kallsyms: &Kallsyms) -> ProgramSupport {
+    let (fentry, kprobe) = probe_function_hooks(ebpf, btf, kallsyms);
     ProgramSupport {
+        fentry,
+        kprobe,
         tracepoint: try_tracepoint(ebpf),
         raw_tracepoint: try_raw_tracepoint(ebpf),
         tp_btf: try_tp_btf(ebpf),
-        ..probe_function_hooks(ebpf, btf, kallsyms)
     }
 }
 
-/// fentry and kprobe tried; the tracepoint kinds left untried (`Err`).
-fn probe_function_hooks(ebpf: &mut Ebpf, btf: &KernelBtf, kallsyms: &Kallsyms) -> ProgramSupport {
+/// fentry and kprobe, each tried on a function every kernel has.
+fn probe_function_hooks(
+    ebpf: &mut Ebpf,
+    btf: &KernelBtf,
+    kallsyms: &Kallsyms,
+) -> (Support, Support) {
     let fentry_target = hooks::PROBE_TARGETS.iter().find(|f| btf.has_function(f));
     let kprobe_target = hooks::PROBE_TARGETS
         .iter()
         .find(|f| matches!(kallsyms.presence(f), Presence::Exact { .. }));
-    let untried = || Err("not tried".to_string());
-    ProgramSupport {
-        fentry: match fentry_target {
-            Some(target) => try_fentry(ebpf, target),
-            None => Err("no probe target function in BTF".into()),
-        },
-        kprobe: match kprobe_target {
-            Some(target) => try_kprobe(ebpf, target),
-            None => Err("no probe target function in /proc/kallsyms".into()),
-        },
-        tracepoint: untried(),
-        raw_tracepoint: untried(),
-        tp_btf: untried(),
-    }
+    let fentry = match fentry_target {
+        Some(target) => try_fentry(ebpf, target),
+        None => Err("no probe target function in BTF".into()),
+    };
+    let kprobe = match kprobe_target {
+        Some(target) => try_kprobe(ebpf, target),
+        None => Err("no probe target function in /proc/kallsyms".into()),
+    };
+    (fentry, kprobe)
 }
 
 /// Whether any XFRM function could be hooked here (fentry or kprobes, on
 /// the probe programs); the error says why neither works.
 pub fn function_hooks(ebpf: &mut Ebpf, btf: &KernelBtf, kallsyms: &Kallsyms) -> Support {
-    let ProgramSupport { fentry, kprobe, .. } = probe_function_hooks(ebpf, btf, kallsyms);
-    match (fentry, kprobe) {
+    match probe_function_hooks(ebpf, btf, kallsyms) {
         (Err(fentry), Err(kprobe)) => Err(format!("fentry: {fentry}; kprobe: {kprobe}")),
         _ => Ok(()),
     }
