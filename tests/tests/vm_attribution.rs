@@ -3,7 +3,7 @@
 //! and it names the SA, policy and addresses the test set up. VM-only: the
 //! host kernel has no ESP and cannot hook XFRM functions.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{collections::HashMap, net::SocketAddr, time::Duration};
 
 use serde_json::Value;
 use tests::traced_report;
@@ -108,6 +108,63 @@ fn assert_exact(
 }
 
 /// Whether the running kernel is older than `major.minor`.
+/// Each kernel text symbol (vmlinux and modules) with its size up to the
+/// next symbol, as this test reads /proc/kallsyms itself; `None` for the
+/// last symbol of vmlinux or a module, whose end nothing marks.
+fn kernel_symbol_sizes() -> HashMap<String, Vec<Option<u64>>> {
+    let text = std::fs::read_to_string("/proc/kallsyms").expect("/proc/kallsyms");
+    let mut symbols: Vec<(u64, &str, Option<&str>)> = text
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let address = u64::from_str_radix(fields.next()?, 16).ok()?;
+            let kind = fields.next()?;
+            let name = fields.next()?;
+            matches!(kind, "t" | "T" | "w" | "W").then_some((address, name, fields.next()))
+        })
+        .collect();
+    symbols.sort_unstable();
+    let mut sizes: HashMap<String, Vec<Option<u64>>> = HashMap::new();
+    for (i, &(address, name, module)) in symbols.iter().enumerate() {
+        // Aliases share an address: the next symbol is the next address.
+        let size = symbols[i + 1..]
+            .iter()
+            .find(|next| next.0 > address)
+            .filter(|next| next.2 == module)
+            .map(|next| next.0 - address);
+        sizes.entry(name.to_string()).or_default().push(size);
+    }
+    sizes
+}
+
+/// No frame is named after a symbol it lies beyond (`name+0xoff` with the
+/// offset inside one of the symbols of that name; past the last symbol of
+/// a region, within 64 KiB: no kernel function is that large), and no
+/// frame is one of xfrm-trace's own (its BPF programs, their trampoline).
+fn assert_frames_within_their_symbols(stack: &[&str], sizes: &HashMap<String, Vec<Option<u64>>>) {
+    for frame in stack {
+        if frame.starts_with("0x") {
+            continue;
+        }
+        let (name, offset) = frame
+            .rsplit_once("+0x")
+            .unwrap_or_else(|| panic!("frame {frame} in {stack:?}"));
+        assert!(
+            !name.starts_with("bpf_prog_") && !name.starts_with("bpf_trampoline_"),
+            "BPF frame {frame} in {stack:?}"
+        );
+        let offset = u64::from_str_radix(offset, 16).unwrap();
+        let fits = sizes
+            .get(name)
+            .is_some_and(|sizes| sizes.iter().any(|size| offset < size.unwrap_or(0x10000)));
+        assert!(
+            fits,
+            "{frame} lies beyond its symbol ({:?}): {stack:?}",
+            sizes.get(name)
+        );
+    }
+}
+
 fn kernel_before(major: u32, minor: u32) -> bool {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
     let mut parts = release
@@ -495,6 +552,7 @@ fn replay(hooks: Hooks) {
     let mut seqs: Vec<u64> = samples.iter().filter_map(|s| s["seq"].as_u64()).collect();
     seqs.sort_unstable();
     assert_eq!(seqs, wire_seqs, "{samples:#?}");
+    let symbol_sizes = kernel_symbol_sizes();
     for sample in &samples {
         assert_eq!(sample["spi"], "0x00001001", "{sample}");
         let stack: Vec<&str> = sample["stack"]
@@ -512,6 +570,19 @@ fn replay(hooks: Hooks) {
             stack.iter().any(|f| f.starts_with("ip_")) || truncated_kretprobe,
             "stack without the IP receive path: {stack:?}"
         );
+        assert_frames_within_their_symbols(&stack, &symbol_sizes);
+        let own = sample["own_frames_left_out"].as_u64().unwrap();
+        match hooks {
+            // fexit: without our program and the trampoline that called it
+            // (6.x unwinds through both, 5.10 starts past them), the stack
+            // starts in the hooked function.
+            Hooks::Auto => {
+                assert!(stack[0].starts_with("xfrm_input+"), "{stack:?}");
+                assert!(own == 0 || own == 2, "{sample}");
+            }
+            // A kprobe's stack starts at the probed function's registers.
+            Hooks::Kprobe => assert_eq!(own, 0, "{sample}"),
+        }
     }
     assert_eq!(report["attribution_errors"]["samples_lost"], 0);
 }

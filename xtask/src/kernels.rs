@@ -59,6 +59,8 @@ const HOST_ONLY: &[&str] = &[
     "outputs_",
     // Signals, privileges, the metrics endpoint's limits, argument checks.
     "cli_",
+    // The summary on a tracepoint-only kernel (the host's).
+    "degraded_",
 ];
 /// `xfrm-trace lab` scenarios, the pluto diagnosis labs, pluto itself and
 /// the bundle's no-key check on a kernel with SAs: on the demo's kernel.

@@ -188,10 +188,13 @@ pub fn attach(
         return coverage;
     }
     if !has_per_cpu_offset {
-        coverage.missing.push((
-            "all brackets".into(),
-            "__per_cpu_offset is not in /proc/kallsyms (kernel without CONFIG_KALLSYMS_ALL?): counters cannot be read per packet".into(),
-        ));
+        // The brackets cannot read counters without it, but when no
+        // function can be hooked at all, that is the reason to give.
+        let why = match crate::capabilities::function_hooks(ebpf, kernel_btf, kallsyms) {
+            Ok(()) => "__per_cpu_offset is not in /proc/kallsyms (kernel without CONFIG_KALLSYMS_ALL?): counters cannot be read per packet".into(),
+            Err(no_hooks) => no_hooks,
+        };
+        coverage.missing.push(("all brackets".into(), why));
         return coverage;
     }
     let mut all = true;
@@ -331,25 +334,59 @@ pub fn take_samples(ebpf: &mut Ebpf) -> Option<RingBuf<MapData>> {
     RingBuf::try_from(ebpf.take_map("SAMPLES")?).ok()
 }
 
-/// The kernel stack of a sample, innermost first, as `function+0xoff`.
-pub fn stack(ebpf: &Ebpf, stack_id: i64, kallsyms: &crate::kallsyms::Kallsyms) -> Vec<String> {
+/// The kernel stack of a sample, innermost first, as `function+0xoff` (the
+/// raw address where no symbol contains it), without the frames of
+/// xfrm-trace itself; and how many of those were left out.
+pub fn stack(ebpf: &Ebpf, stack_id: i64, kallsyms: &Kallsyms) -> (Vec<String>, usize) {
     let (Ok(id), Some(map)) = (u32::try_from(stack_id), ebpf.map("STACKS")) else {
-        return Vec::new();
+        return (Vec::new(), 0);
     };
     let Ok(stacks) = StackTraceMap::try_from(map) else {
-        return Vec::new();
+        return (Vec::new(), 0);
     };
     let Ok(trace) = stacks.get(&id, 0) else {
-        return Vec::new();
+        return (Vec::new(), 0);
     };
-    trace
+    let ours: Vec<&str> = ebpf.programs().map(|(name, _)| name).collect();
+    let mut left_out = 0;
+    let frames = trace
         .frames()
         .iter()
-        .map(|frame| match kallsyms.symbolize(frame.ip) {
-            Some((symbol, offset)) => format!("{}+{offset:#x}", symbol.name),
-            None => format!("{:#x}", frame.ip),
+        .filter_map(|frame| match kallsyms.symbolize(frame.ip) {
+            Some((symbol, _)) if is_own_frame(&symbol, &ours) => {
+                left_out += 1;
+                None
+            }
+            Some((symbol, offset)) => Some(format!("{}+{offset:#x}", symbol.name)),
+            None => Some(format!("{:#x}", frame.ip)),
         })
-        .collect()
+        .collect();
+    (frames, left_out)
+}
+
+/// A frame of xfrm-trace, not of the kernel path that kernel developers
+/// read the stack for: one of our programs (`bpf_prog_<tag>_<name>`, the
+/// name cut to 15 characters when the kernel lacks its BTF) or the BPF
+/// trampoline that calls our fentry/fexit programs.
+fn is_own_frame(symbol: &crate::kallsyms::Symbol<'_>, ours: &[&str]) -> bool {
+    /// The kernel's limit on a program's own name (BPF_OBJ_NAME_LEN - 1).
+    const SHORT_NAME: usize = 15;
+    if symbol.module != Some(crate::kallsyms::BPF_MODULE) {
+        return false;
+    }
+    if symbol.name.starts_with("bpf_trampoline_") {
+        return true;
+    }
+    let Some(name) = symbol
+        .name
+        .strip_prefix("bpf_prog_")
+        .and_then(|rest| rest.split_once('_'))
+        .map(|(_tag, name)| name)
+    else {
+        return false;
+    };
+    ours.iter()
+        .any(|&own| own == name || (name.len() == SHORT_NAME && own.starts_with(name)))
 }
 
 /// One sampled increment as the report has it.
@@ -369,17 +406,21 @@ pub struct SampleReport {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub seq: Option<u32>,
     pub stack: Vec<String>,
+    /// Frames of xfrm-trace itself (its programs, their BPF trampoline)
+    /// left out of `stack`.
+    pub own_frames_left_out: usize,
 }
 
 /// Samples shown per counter (the counts stay exact regardless).
 pub const SAMPLES_PER_COUNTER: usize = 16;
 
 /// The kept samples in report form, with symbolized stacks (read while the
-/// programs' maps are still open), by counter index.
+/// programs' maps are still open), by counter index. `kallsyms` must know
+/// our programs and their trampolines (`with_current_bpf_symbols`).
 pub fn sample_reports(
     ebpf: &Ebpf,
     samples: &[Sample],
-    kallsyms: &crate::kallsyms::Kallsyms,
+    kallsyms: &Kallsyms,
 ) -> Vec<(u32, SampleReport)> {
     let first = samples.iter().map(|s| s.time_ns).min().unwrap_or(0);
     let mut shown: std::collections::HashMap<u32, usize> = std::collections::HashMap::new();
@@ -396,13 +437,15 @@ pub fn sample_reports(
                 hook: s.hook,
                 flow: s.flow,
             };
+            let (stack, own_frames_left_out) = stack(ebpf, s.stack_id, kallsyms);
             let report = SampleReport {
                 time_ms: (s.time_ns - first) / 1_000_000,
                 time_ns: s.time_ns,
                 captured: crate::pcap::Captured::from_headers(s.time_ns, &s.headers),
                 source: source(&key, s.count),
                 seq: (s.seq != 0).then(|| u32::from_be(s.seq)),
-                stack: stack(ebpf, s.stack_id, kallsyms),
+                stack,
+                own_frames_left_out,
             };
             (s.counter, report)
         })
@@ -528,6 +571,29 @@ mod tests {
     use tracer_common::attribution::Flow;
 
     use super::*;
+
+    #[test]
+    fn own_programs_and_trampolines_are_our_frames() {
+        use crate::kallsyms::Kallsyms;
+        let syms = Kallsyms::parse(
+            "ffffffff821149c0 T xfrm_input
+ffffffffc0027388 t bpf_prog_aa1fa657af38baff_xfrm_input_exit\t[bpf]
+ffffffffc0028000 t bpf_prog_0123456789abcdef_input_state_loo\t[bpf]
+ffffffffc0029000 t bpf_prog_0123456789abcdef_other_tool\t[bpf]
+ffffffffc0031000 t bpf_trampoline_6442516531\t[bpf]
+ffffffffc0040000 t bpf_prog_ffff_in_module\t[esp4]
+",
+        );
+        let ours = ["xfrm_input_exit", "input_state_lookup_exit"];
+        let own = |address: u64| is_own_frame(&syms.symbolize(address).unwrap().0, &ours);
+        assert!(own(0xffffffffc0027390));
+        // The kernel's 15-character name when it has no BTF for ours.
+        assert!(own(0xffffffffc0028010));
+        assert!(own(0xffffffffc0031010));
+        assert!(!own(0xffffffffc0029010), "another tool's program");
+        assert!(!own(0xffffffff821149c8));
+        assert!(!own(0xffffffffc0040010), "not a BPF program");
+    }
 
     #[test]
     fn sources_read_like_ip_xfrm() {

@@ -123,22 +123,43 @@ pub fn choose_mode(brackets: &[Attach], programs: &ProgramSupport) -> HookMode {
 /// Loads and attaches each tiny probe program from the object, then
 /// detaches it again (dropping the link).
 pub fn probe_programs(ebpf: &mut Ebpf, btf: &KernelBtf, kallsyms: &Kallsyms) -> ProgramSupport {
+    let (fentry, kprobe) = probe_function_hooks(ebpf, btf, kallsyms);
+    ProgramSupport {
+        fentry,
+        kprobe,
+        tracepoint: try_tracepoint(ebpf),
+        raw_tracepoint: try_raw_tracepoint(ebpf),
+        tp_btf: try_tp_btf(ebpf),
+    }
+}
+
+/// fentry and kprobe, each tried on a function every kernel has.
+fn probe_function_hooks(
+    ebpf: &mut Ebpf,
+    btf: &KernelBtf,
+    kallsyms: &Kallsyms,
+) -> (Support, Support) {
     let fentry_target = hooks::PROBE_TARGETS.iter().find(|f| btf.has_function(f));
     let kprobe_target = hooks::PROBE_TARGETS
         .iter()
         .find(|f| matches!(kallsyms.presence(f), Presence::Exact { .. }));
-    ProgramSupport {
-        fentry: match fentry_target {
-            Some(target) => try_fentry(ebpf, target),
-            None => Err("no probe target function in BTF".into()),
-        },
-        kprobe: match kprobe_target {
-            Some(target) => try_kprobe(ebpf, target),
-            None => Err("no probe target function in /proc/kallsyms".into()),
-        },
-        tracepoint: try_tracepoint(ebpf),
-        raw_tracepoint: try_raw_tracepoint(ebpf),
-        tp_btf: try_tp_btf(ebpf),
+    let fentry = match fentry_target {
+        Some(target) => try_fentry(ebpf, target),
+        None => Err("no probe target function in BTF".into()),
+    };
+    let kprobe = match kprobe_target {
+        Some(target) => try_kprobe(ebpf, target),
+        None => Err("no probe target function in /proc/kallsyms".into()),
+    };
+    (fentry, kprobe)
+}
+
+/// Whether any XFRM function could be hooked here (fentry or kprobes, on
+/// the probe programs); the error says why neither works.
+pub fn function_hooks(ebpf: &mut Ebpf, btf: &KernelBtf, kallsyms: &Kallsyms) -> Support {
+    match probe_function_hooks(ebpf, btf, kallsyms) {
+        (Err(fentry), Err(kprobe)) => Err(format!("fentry: {fentry}; kprobe: {kprobe}")),
+        _ => Ok(()),
     }
 }
 

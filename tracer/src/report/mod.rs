@@ -2,6 +2,8 @@
 //!
 //! Field names are a published interface: add fields, never rename them.
 
+mod unwatched;
+
 use std::{collections::BTreeMap, fmt::Write as _};
 
 use serde::Serialize;
@@ -68,6 +70,9 @@ pub struct Kernel {
     pub release: String,
     pub mode: String,
 }
+
+/// `Counter::coverage` when every increment was tied to its packet.
+pub const ATTRIBUTED: &str = "attributed";
 
 /// One `/proc/net/xfrm_stat` counter that moved during the run.
 #[derive(Debug, Serialize)]
@@ -217,7 +222,8 @@ pub fn render_with(report: &Report, style: Style) -> String {
         let _ = writeln!(out, "  none moved");
     }
     for c in &report.counters {
-        let gap = if c.gap == 0 {
+        // A gap means something only where attribution was attempted.
+        let gap = if c.gap == 0 || c.coverage != ATTRIBUTED {
             String::new()
         } else {
             format!("  GAP {}", c.gap)
@@ -267,9 +273,14 @@ pub fn render_with(report: &Report, style: Style) -> String {
         }
         if let Some(sample) = c.samples.first() {
             let seq = sample.seq.map_or_else(String::new, |q| format!(" seq {q}"));
+            let own = if sample.own_frames_left_out > 0 {
+                " (frames of xfrm-trace itself left out)"
+            } else {
+                ""
+            };
             let _ = writeln!(
                 out,
-                "      sample{seq}: {}",
+                "      sample{seq}{own}: {}",
                 sample
                     .stack
                     .iter()
@@ -280,18 +291,14 @@ pub fn render_with(report: &Report, style: Style) -> String {
             );
         }
     }
-    if !report.coverage.complete {
-        let missing: Vec<String> = report
-            .coverage
-            .missing
-            .iter()
-            .map(|(f, why)| format!("{f}: {why}"))
-            .collect();
-        let _ = writeln!(
-            out,
-            "\ncounted only, not attributed to packets: {}",
-            missing.join("; ")
-        );
+    if !report.coverage.complete
+        && let Some(line) = unwatched::line(
+            "per-packet attribution",
+            !report.coverage.attached.is_empty(),
+            &report.coverage.missing,
+        )
+    {
+        let _ = writeln!(out, "\n{line} (counters are counted only)");
     }
     let _ = writeln!(
         out,
@@ -303,17 +310,32 @@ pub fn render_with(report: &Report, style: Style) -> String {
             .map(|l| l.packets)
             .sum::<u64>()
     );
-    if report.masquerade.coverage.detected.is_empty() {
-        let _ = writeln!(out, "  not watched on this kernel");
+    let masquerade = &report.masquerade.coverage;
+    if masquerade.detected.is_empty() {
+        let missing = if masquerade.missing.is_empty() {
+            vec![("MASQUERADE detection".into(), "not on this kernel".into())]
+        } else {
+            masquerade.missing.clone()
+        };
+        if let Some(line) = unwatched::line("MASQUERADE detection", false, &missing) {
+            let _ = writeln!(out, "  {line}");
+        }
     }
-    if !report.esp_sizes_hooks.missing.is_empty() {
-        let missing: Vec<String> = report
-            .esp_sizes_hooks
-            .missing
-            .iter()
-            .map(|(f, why)| format!("{f}: {why}"))
-            .collect();
-        let _ = writeln!(out, "oversize ESP not watched at: {}", missing.join("; "));
+    for (capability, hooks) in [
+        ("oversize ESP", &report.esp_sizes_hooks),
+        ("IKE watch", &report.ike_hooks),
+    ] {
+        if let Some(line) = unwatched::line(capability, !hooks.attached.is_empty(), &hooks.missing)
+        {
+            let _ = writeln!(out, "{line}");
+        }
+    }
+    if let Some(line) = unwatched::line(
+        "namespace teardown",
+        false,
+        &report.netns_teardown_hooks.missing,
+    ) {
+        let _ = writeln!(out, "{line} (deleted namespaces: counters as last read)");
     }
     if !report.ike.is_empty() {
         let _ = writeln!(out, "\nIKE (UDP 500/4500) per peer:");
@@ -437,10 +459,15 @@ pub fn render_live(elapsed: std::time::Duration, counters: &[Counter]) -> String
                 s.count, s.src, s.dst, s.proto, s.function
             )
         });
+        let gap = if c.coverage == ATTRIBUTED {
+            c.gap.to_string()
+        } else {
+            "-".into()
+        };
         let _ = writeln!(
             out,
-            "{:<26} {:>8} {:>10} {:>6}  {top}",
-            c.name, c.kernel_delta, c.attributed, c.gap
+            "{:<26} {:>8} {:>10} {gap:>6}  {top}",
+            c.name, c.kernel_delta, c.attributed
         );
     }
     out

@@ -283,7 +283,7 @@ pub fn counter_report(
 ) -> Vec<Counter> {
     let mut by_counter: BTreeMap<String, Counter> = BTreeMap::new();
     let kind = if coverage.complete {
-        "attributed"
+        crate::report::ATTRIBUTED
     } else {
         "counted"
     };

@@ -45,6 +45,9 @@ pub struct Probes {
     pub mtu_hooks: HookList,
     pub ike_hooks: HookList,
     pub masquerade: masquerade::MasqCoverage,
+    /// kallsyms with our programs and their trampolines, loaded after the
+    /// start-up read: read again once, for the first stacks.
+    stack_symbols: std::cell::OnceCell<Option<Kallsyms>>,
 }
 
 /// What the programs counted, read once after the run.
@@ -178,6 +181,7 @@ impl Probes {
             mtu_hooks: HookList { attached, missing },
             ike_hooks,
             masquerade,
+            stack_symbols: std::cell::OnceCell::new(),
         })
     }
 
@@ -219,7 +223,11 @@ impl Probes {
             },
             sources,
             attribution_errors,
-            samples: attribution::sample_reports(&self.object, &self.samples, kallsyms),
+            samples: attribution::sample_reports(
+                &self.object,
+                &self.samples,
+                self.stack_symbols(kallsyms),
+            ),
             mtu: mtu::read(&self.object)?,
             masquerade: masquerade::Counted {
                 samples: self.leak_samples.clone(),
@@ -227,6 +235,23 @@ impl Probes {
             },
             ike: ike::read(&self.object).context("reading the IKE table")?,
         })
+    }
+
+    /// The symbols for sample stacks (the start-up ones until a sample
+    /// needs more).
+    fn stack_symbols<'a>(&'a self, kallsyms: &'a Kallsyms) -> &'a Kallsyms {
+        if self.samples.is_empty() {
+            return kallsyms;
+        }
+        self.stack_symbols
+            .get_or_init(|| {
+                kallsyms
+                    .with_current_bpf_symbols()
+                    .inspect_err(|e| log::warn!("reading /proc/kallsyms for BPF programs: {e}"))
+                    .ok()
+            })
+            .as_ref()
+            .unwrap_or(kallsyms)
     }
 
     /// Reads every table a last time, then detaches everything.
