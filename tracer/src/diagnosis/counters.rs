@@ -112,11 +112,15 @@ fn finding(evidence: &Evidence, counter: &Counter, label: &str, moved: &Moved) -
                 "{n} packets{flow} dropped by a blocking policy{}",
                 describe(policy, top)
             ),
-            format!(
-                "if this traffic should pass, remove or narrow the block policy: `{enter}ip xfrm policy delete dir {} index {}`; a block policy left by an IKE daemon (libreswan: a drop shunt, type=drop or failureshunt=drop) goes when the connection is brought up or its shunt changed",
-                top.map_or("DIR", |s| s.policy_dir),
-                top.map_or(0, |s| s.policy_index)
-            ),
+            match top.filter(|s| s.policy_index != 0) {
+                Some(s) => format!(
+                    "if this traffic should pass, delete or narrow the policy: `{enter}ip xfrm policy delete dir {} index {}` (an IKE daemon's drop shunt goes when its connection comes up)",
+                    s.policy_dir, s.policy_index
+                ),
+                None => format!(
+                    "if this traffic should pass, find the block policy in `{enter}ip xfrm policy list` and delete or narrow it (an IKE daemon's drop shunt goes when its connection comes up)"
+                ),
+            },
         ),
         "XfrmInNoPols" => (
             "no_policy",
