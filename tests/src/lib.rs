@@ -137,6 +137,60 @@ impl Drop for Namespaces {
     }
 }
 
+/// `ip -n <ns> <words>`, the command written as one line.
+impl Namespaces {
+    pub fn ip_line(&self, role: &str, line: &str) {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        self.ip(role, &words);
+    }
+}
+
+/// Two namespaces `a` (198.51.100.2, veth `ia`) and `b` (198.51.100.3,
+/// veth `ib`); `b` blocks UDP from `a` by an inbound policy, so each
+/// datagram from `a` bumps b's XfrmInPolBlock once.
+pub fn blocked_pair(prefix: &str) -> Namespaces {
+    let ns = Namespaces::create(prefix, &["a", "b"]);
+    let (a, b) = (ns.name("a").to_string(), ns.name("b").to_string());
+    sh(&[
+        "ip", "link", "add", "ia", "netns", &a, "type", "veth", "peer", "name", "ib", "netns", &b,
+    ]);
+    ns.ip_line("a", "addr add 198.51.100.2/24 dev ia");
+    ns.ip_line("a", "link set ia up");
+    ns.ip_line("b", "addr add 198.51.100.3/24 dev ib");
+    ns.ip_line("b", "link set ib up");
+    ns.ip_line(
+        "b",
+        "xfrm policy add src 198.51.100.2/32 dst 198.51.100.3/32 proto udp dir in action block",
+    );
+    // Resolve the neighbour now, so every datagram below reaches `b`.
+    send_blocked(&ns, 1);
+    std::thread::sleep(Duration::from_millis(300));
+    ns
+}
+
+/// Sends `count` datagrams from `a` to `b`'s discard port (blocked there).
+pub fn send_blocked(ns: &Namespaces, count: usize) {
+    ns.run_in("a", move || {
+        let socket = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
+        for _ in 0..count {
+            socket
+                .send_to(b"xfrm-trace blocked test", "198.51.100.3:9")
+                .expect("send");
+        }
+    });
+}
+
+/// Waits until `b`'s kernel counted `count` blocked datagrams since `since`.
+pub fn wait_blocked(ns: &Namespaces, since: u64, count: u64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while ns.xfrm_stat("b")["XfrmInPolBlock"] < since + count {
+        assert!(Instant::now() < deadline, "b never counted the datagrams");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Let the drop events land in the maps.
+    std::thread::sleep(Duration::from_millis(300));
+}
+
 /// Runs `action` while `xfrm-trace <args> --json ...` watches, stops it
 /// with Ctrl-C, checks it succeeded and returns its JSON report.
 pub fn traced_report(name: &str, args: &[&str], action: impl FnOnce()) -> serde_json::Value {

@@ -5,7 +5,6 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::UdpSocket,
     os::unix::process::ExitStatusExt as _,
     path::Path,
     process::{Command, Output, Stdio},
@@ -17,7 +16,7 @@ use nix::sys::signal::Signal;
 use serde_json::Value;
 use tests::{
     Namespaces, Tracer, assert_no_panic, assert_one_error_line, assert_reported, binary,
-    output_within, require_root, scratch, sh,
+    blocked_pair, output_within, require_root, scratch, send_blocked, sh, wait_blocked,
 };
 
 /// Runs of the tracer, one at a time: they look at kernel-wide BPF objects.
@@ -250,66 +249,6 @@ fn sigint_and_sigterm_at_any_moment_end_promptly_and_leave_nothing_loaded() {
     );
 }
 
-/// `a` (198.51.100.2) -- `b` (198.51.100.3) on one link; `b`'s XFRM policy
-/// blocks the UDP `a` sends it (XfrmInPolBlock, a drop with reason
-/// XFRM_POLICY where kfree_skb has reasons).
-fn blocked_pair(prefix: &str) -> Namespaces {
-    let ns = Namespaces::create(prefix, &["a", "b"]);
-    let (a, b) = (ns.name("a").to_string(), ns.name("b").to_string());
-    sh(&[
-        "ip", "link", "add", "ia", "netns", &a, "type", "veth", "peer", "name", "ib", "netns", &b,
-    ]);
-    ns.ip("a", &["addr", "add", "198.51.100.2/24", "dev", "ia"]);
-    ns.ip("a", &["link", "set", "ia", "up"]);
-    ns.ip("b", &["addr", "add", "198.51.100.3/24", "dev", "ib"]);
-    ns.ip("b", &["link", "set", "ib", "up"]);
-    ns.ip(
-        "b",
-        &[
-            "xfrm",
-            "policy",
-            "add",
-            "src",
-            "198.51.100.2/32",
-            "dst",
-            "198.51.100.3/32",
-            "proto",
-            "udp",
-            "dir",
-            "in",
-            "action",
-            "block",
-        ],
-    );
-    // Resolve the neighbour now, so every datagram below reaches `b`.
-    send_udp(&ns, 1);
-    std::thread::sleep(Duration::from_millis(300));
-    ns
-}
-
-/// Sends `count` datagrams from `a` to `b`'s discard port.
-fn send_udp(ns: &Namespaces, count: usize) {
-    ns.run_in("a", move || {
-        let socket = UdpSocket::bind("0.0.0.0:0").expect("bind");
-        for _ in 0..count {
-            socket
-                .send_to(b"xfrm-trace fault test", "198.51.100.3:9")
-                .expect("send");
-        }
-    });
-}
-
-/// Waits until `b`'s kernel counted `count` blocked datagrams since `since`.
-fn wait_blocked(ns: &Namespaces, since: u64, count: u64) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while ns.xfrm_stat("b")["XfrmInPolBlock"] < since + count {
-        assert!(Instant::now() < deadline, "b never counted the datagrams");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    // Let the drop events land in the maps.
-    std::thread::sleep(Duration::from_millis(300));
-}
-
 /// The blocked datagrams a report saw in `b` (netns `inode`): its IPv4
 /// drops (nothing else is sent to `b`) and its XfrmInPolBlock delta.
 fn blocked_in_report(report: &Value, inode: u64) -> (u64, u64) {
@@ -352,10 +291,10 @@ fn a_second_instance_works_alongside_the_first() {
         &["--json", json2.to_str().unwrap()],
         &scratch("second.ready"),
     );
-    send_udp(&ns, SENT as usize);
+    send_blocked(&ns, SENT as usize);
     wait_blocked(&ns, at_start, SENT);
     let report2 = assert_reported(&second.interrupt(), &json2);
-    send_udp(&ns, SENT as usize);
+    send_blocked(&ns, SENT as usize);
     wait_blocked(&ns, at_start, 2 * SENT);
     let report1 = assert_reported(&first.interrupt(), &json1);
     assert_eq!(blocked_in_report(&report2, b), (SENT, SENT), "second");
@@ -430,7 +369,7 @@ fn a_netns_deleted_mid_run_is_let_go_and_still_reported() {
         &["--json", json.to_str().unwrap()],
         &scratch("netns-gone.ready"),
     );
-    send_udp(&ns, SENT as usize);
+    send_blocked(&ns, SENT as usize);
     wait_blocked(&ns, at_start, SENT);
     // Where the teardown cannot be hooked (the host) the run reads every
     // namespace's counters each second: let one reading see the drops.

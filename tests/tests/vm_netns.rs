@@ -8,56 +8,16 @@ use std::{
 };
 
 use serde_json::Value;
-use tests::{Namespaces, Tracer, require_root, scratch, sh};
+use tests::{
+    Namespaces, Tracer, blocked_pair, require_root, scratch, send_blocked, sh, wait_blocked,
+};
 
-/// Two namespaces joined by a veth; `b` blocks UDP from `a` by policy.
-fn blocked_pair(prefix: &str) -> Namespaces {
-    let ns = Namespaces::create(prefix, &["a", "b"]);
-    let (a, b) = (ns.name("a").to_string(), ns.name("b").to_string());
-    sh(&[
-        "ip", "link", "add", "va", "netns", &a, "type", "veth", "peer", "name", "vb", "netns", &b,
-    ]);
-    ns.ip("a", &["addr", "add", "198.51.100.2/24", "dev", "va"]);
-    ns.ip("a", &["link", "set", "va", "up"]);
-    ns.ip("b", &["addr", "add", "198.51.100.3/24", "dev", "vb"]);
-    ns.ip("b", &["link", "set", "vb", "up"]);
-    ns.ip(
-        "b",
-        &[
-            "xfrm",
-            "policy",
-            "add",
-            "src",
-            "198.51.100.2/32",
-            "dst",
-            "198.51.100.3/32",
-            "proto",
-            "udp",
-            "dir",
-            "in",
-            "action",
-            "block",
-        ],
-    );
-    ns
-}
-
-/// Sends `count` datagrams from `a` to `b` and waits until `b` counted them.
-fn send_blocked(ns: &Namespaces, count: u64) {
+/// Sends `count` blocked datagrams from `a` to `b` and waits until `b`
+/// counted them.
+fn block(ns: &Namespaces, count: u64) {
     let at_start = ns.xfrm_stat("b")["XfrmInPolBlock"];
-    ns.run_in("a", move || {
-        let socket = UdpSocket::bind("0.0.0.0:0").expect("bind");
-        for _ in 0..count {
-            // The first may wait for the neighbour: resolved by then.
-            let _ = socket.send_to(b"xfrm-trace netns test", "198.51.100.3:9");
-            std::thread::sleep(Duration::from_millis(2));
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while ns.xfrm_stat("b")["XfrmInPolBlock"] < at_start + count {
-        assert!(Instant::now() < deadline, "b never counted the datagrams");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    send_blocked(ns, count as usize);
+    wait_blocked(ns, at_start, count);
     assert_eq!(ns.xfrm_stat("b")["XfrmInPolBlock"], at_start + count);
 }
 
@@ -67,7 +27,7 @@ fn delete(ns: Namespaces) {
     sh(&["ip", "netns", "del", ns.name("b")]);
     let deadline = Instant::now() + Duration::from_secs(30);
     while std::process::Command::new("ip")
-        .args(["-n", ns.name("a"), "link", "show", "va"])
+        .args(["-n", ns.name("a"), "link", "show", "ia"])
         .output()
         .expect("ip")
         .status
@@ -109,14 +69,14 @@ fn deleted_namespaces_keep_their_counts_and_names() {
         &["--json", json.to_str().unwrap()],
         &scratch("netns-deleted.ready"),
     );
-    send_blocked(&first, FIRST);
+    block(&first, FIRST);
     delete(first);
     let mut churned = Vec::new();
     for i in 0..CHURN {
         let ns = blocked_pair(&format!("xc{i}"));
         // Named while it lives: the run looks every second.
         std::thread::sleep(Duration::from_millis(1500));
-        send_blocked(&ns, EACH);
+        block(&ns, EACH);
         churned.push(ns.name("b").to_string());
         delete(ns);
     }
@@ -168,7 +128,7 @@ fn deleted_namespaces_keep_their_counts_and_names() {
         .filter(|d| d["netns_label"] == first_b.as_str())
         .collect();
     assert!(
-        drops_there.iter().all(|d| d["ifname"] == "vb"),
+        drops_there.iter().all(|d| d["ifname"] == "ib"),
         "{drops_there:#?}"
     );
     let netns = report["netns"].as_array().unwrap();
@@ -217,116 +177,34 @@ fn every_counter_that_moved_ends_in_a_finding() {
     let ns = blocked_pair("xfx");
     let (a, b) = (ns.name("a").to_string(), ns.name("b").to_string());
     for extra in ["198.51.100.12/24", "198.51.100.13/24"] {
-        ns.ip("a", &["addr", "add", extra, "dev", "va"]);
+        ns.ip("a", &["addr", "add", extra, "dev", "ia"]);
     }
     let key = "0x0102030405060708090a0b0c0d0e0f1011121314";
     let sa = |role: &str, spi: &str| {
-        ns.ip(
+        ns.ip_line(
             role,
-            &[
-                "xfrm",
-                "state",
-                "add",
-                "src",
-                "198.51.100.2",
-                "dst",
-                "198.51.100.3",
-                "proto",
-                "esp",
-                "spi",
-                spi,
-                "mode",
-                "tunnel",
-                "aead",
-                "rfc4106(gcm(aes))",
-                key,
-                "128",
-            ],
+            &format!("xfrm state add src 198.51.100.2 dst 198.51.100.3 proto esp spi {spi} mode tunnel aead rfc4106(gcm(aes)) {key} 128"),
         );
     };
     // a encrypts port 7000 to b with SPI 0x2002; b only has 0x3003.
     sa("a", "0x2002");
     sa("b", "0x3003");
-    ns.ip(
+    ns.ip_line(
         "a",
-        &[
-            "xfrm",
-            "policy",
-            "add",
-            "src",
-            "198.51.100.2/32",
-            "dst",
-            "198.51.100.3/32",
-            "proto",
-            "udp",
-            "dport",
-            "7000",
-            "dir",
-            "out",
-            "tmpl",
-            "src",
-            "198.51.100.2",
-            "dst",
-            "198.51.100.3",
-            "proto",
-            "esp",
-            "mode",
-            "tunnel",
-        ],
+        "xfrm policy add src 198.51.100.2/32 dst 198.51.100.3/32 proto udp dport 7000 dir out tmpl src 198.51.100.2 dst 198.51.100.3 proto esp mode tunnel",
     );
     // b blocks .12 and wants ESP from .13; a blocks sends to .99.
-    ns.ip(
+    ns.ip_line(
         "b",
-        &[
-            "xfrm",
-            "policy",
-            "add",
-            "src",
-            "198.51.100.12/32",
-            "dst",
-            "198.51.100.3/32",
-            "dir",
-            "in",
-            "action",
-            "block",
-        ],
+        "xfrm policy add src 198.51.100.12/32 dst 198.51.100.3/32 dir in action block",
     );
-    ns.ip(
+    ns.ip_line(
         "b",
-        &[
-            "xfrm",
-            "policy",
-            "add",
-            "src",
-            "198.51.100.13/32",
-            "dst",
-            "198.51.100.3/32",
-            "dir",
-            "in",
-            "tmpl",
-            "src",
-            "198.51.100.13",
-            "dst",
-            "198.51.100.3",
-            "proto",
-            "esp",
-            "mode",
-            "tunnel",
-        ],
+        "xfrm policy add src 198.51.100.13/32 dst 198.51.100.3/32 dir in tmpl src 198.51.100.13 dst 198.51.100.3 proto esp mode tunnel",
     );
-    ns.ip(
+    ns.ip_line(
         "a",
-        &[
-            "xfrm",
-            "policy",
-            "add",
-            "dst",
-            "198.51.100.99/32",
-            "dir",
-            "out",
-            "action",
-            "block",
-        ],
+        "xfrm policy add dst 198.51.100.99/32 dir out action block",
     );
     // Resolve the neighbours before the run.
     sh(&[
