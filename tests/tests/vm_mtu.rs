@@ -77,7 +77,7 @@ fn endpoints(config: &StaticIpsec) -> (Host, &'static str, SocketAddr) {
 }
 
 /// Largest inner packet for `path_mtu`, as the kernel's xfrm_state_mtu
-/// computes it for these algorithms (kernel-map §4.2).
+/// computes it for these algorithms (docs/kernel.md §3).
 fn expected_max_inner(config: &StaticIpsec, path_mtu: u32) -> u32 {
     let (iv, block, icv) = match config.cipher {
         Cipher::AesGcm128 => (8, 4, 16),

@@ -1,5 +1,5 @@
 //! Packets SNATed before the IPsec policy lookup (the MASQUERADE pitfall,
-//! kernel-map §3).
+//! docs/kernel.md §2).
 //!
 //! `xfrm4_output`/`xfrm6_output` (the `output` of every IPsec bundle) run
 //! POSTROUTING with `__xfrm4_output`/`__xfrm6_output` as its okfn. If NAT in

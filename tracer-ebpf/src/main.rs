@@ -174,7 +174,7 @@ fn count_drop(ctx: &TracePointContext, key: &DropKey) {
     }
 }
 
-// Brackets around every XFRM counter increment site (kernel-map §2.2). The
+// Brackets around every XFRM counter increment site (docs/kernel.md §1). The
 // function names in the attributes are only section names: userspace loads
 // each program against its target from BTF (fentry/fexit) or attaches the
 // kprobe/kretprobe pair to the symbol where fentry is not possible.
@@ -346,7 +346,7 @@ pub fn policy_lookup_kretprobe(ctx: RetProbeContext) -> u32 {
     0
 }
 
-// MASQUERADE before IPsec (kernel-map §3.5). xfrm4_output, xfrm6_output
+// MASQUERADE before IPsec (docs/kernel.md §2). xfrm4_output, xfrm6_output
 // and their POSTROUTING okfns __xfrm4_output, __xfrm6_output all take
 // (net, sk, skb) (checked against BTF before attaching). One fentry program
 // per target; the kprobe fallbacks attach to both families.

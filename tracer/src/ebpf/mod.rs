@@ -167,7 +167,7 @@ pub fn load(layout: Option<&KernelLayout>, btf: Option<&Btf>) -> Result<Ebpf, Lo
     Ok(loader.load(OBJECT)?)
 }
 
-/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK (LWN 837122).
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK (docs/kernel.md §6).
 fn raise_memlock_limit() {
     let unlimited = libc::rlimit {
         rlim_cur: libc::RLIM_INFINITY,

@@ -1,4 +1,4 @@
-//! The kernel functions xfrm-trace hooks, and why (see kernel-map §2).
+//! The kernel functions xfrm-trace hooks, and why (see docs/kernel.md §1).
 
 /// What a hook is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]

@@ -1,4 +1,4 @@
-//! MASQUERADE/SNAT before the IPsec policy lookup (kernel-map §3): packets
+//! MASQUERADE/SNAT before the IPsec policy lookup (docs/kernel.md §2): packets
 //! routed into IPsec whose source POSTROUTING NAT rewrote, so that the
 //! policy re-lookup matched nothing and they left unencrypted. Attaching
 //! the detector, reading what it counted, and the finding with its fix.

@@ -170,14 +170,14 @@ fn classify(text: &str) -> EventKind {
 
     // I, v1+v2: `STATE_V2_PARENT_I1: 10 second timeout exceeded after 5
     // retransmits.  No response (or no acceptable response) to our first
-    // IKEv2 message` (lab.md 5.4/5.7); v1 `... our first IKEv1 message`, Quick
+    // IKEv2 message` (docs/pluto-log.md §1); v1 `... our first IKEv1 message`, Quick
     // Mode `STATE_QUICK_I1: ... timeout exceeded ...` and `max number of
     // retransmissions` are from the source.
     if has("timeout exceeded after") || has("max number of retransmissions") {
         return if starts("STATE_QUICK_") {
             EventKind::QuickModeTimeout
         } else if has("first encrypted message") {
-            // Seen in an early lab run (lab.md 4): `Possible authentication
+            // Seen in an early lab run (docs/pluto-log.md §2): `Possible authentication
             // failure: no acceptable response to our first encrypted message`.
             EventKind::NoAuthResponseTimeout
         } else {
@@ -217,7 +217,7 @@ fn classify(text: &str) -> EventKind {
     }
     // I, v2: `IKE_AUTH response rejected Child SA with NO_PROPOSAL_CHOSEN`
     // (v2esp), `CREATE_CHILD_SA failed with error notification
-    // NO_PROPOSAL_CHOSEN` (lab.md 5.6). R, v1: `no acceptable Proposal in
+    // NO_PROPOSAL_CHOSEN` (docs/pluto-log.md §4). R, v1: `no acceptable Proposal in
     // IPsec SA` (v1esp). I, v1: `ignoring informational payload
     // NO_PROPOSAL_CHOSEN, msgid=00000000, length=12` (v1esp, Quick Mode; a
     // refused Main Mode may log the same line: its Retransmit events then
@@ -575,10 +575,10 @@ mod tests {
 
     #[test]
     fn timeouts() {
-        // v2 I (lab.md 5.4/5.7, whack's copy of the log line).
+        // v2 I (docs/pluto-log.md §1, whack's copy of the log line).
         let v2 = "\"lab\" #1: STATE_V2_PARENT_I1: 10 second timeout exceeded after 5 retransmits.  No response (or no acceptable response) to our first IKEv2 message";
         assert_eq!(kind(v2), EventKind::NoResponseTimeout);
-        // v2 I (lab.md 4).
+        // v2 I (docs/pluto-log.md §2).
         let auth = "\"lab\" #1: STATE_V2_PARENT_I2: 10 second timeout exceeded after 5 retransmits.  Possible authentication failure: no acceptable response to our first encrypted message";
         assert_eq!(kind(auth), EventKind::NoAuthResponseTimeout);
         // v1 I, texts from libreswan 4.10's retransmit.c (not captured).
@@ -605,7 +605,7 @@ mod tests {
 
     #[test]
     fn child_proposal_rejected() {
-        // v2 I and R (v2esp), v2 I CREATE_CHILD_SA (lab.md 5.6), v1 R and I (v1esp).
+        // v2 I and R (v2esp), v2 I CREATE_CHILD_SA (docs/pluto-log.md §4), v1 R and I (v1esp).
         for line in [
             "Nov 29 07:46:15.731668: \"lab\" #2: IKE_AUTH response rejected Child SA with NO_PROPOSAL_CHOSEN",
             "Nov 29 07:46:15.709132: \"lab\" #2: no local proposal matches remote proposals 1:ESP:ENCR=AES_GCM_C_128;ESN=ENABLED;ESN=DISABLED",
