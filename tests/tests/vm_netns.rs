@@ -95,7 +95,9 @@ fn deleted_namespaces_keep_their_counts_and_names() {
         report["netns_teardown_hooks"]
     );
     let blocked = counter(&report, "XfrmInPolBlock");
-    let expected = FIRST + CHURN as u64 * EACH;
+    // `blocked_pair` sends one datagram to resolve the neighbour: counted
+    // too in the namespaces created during the run.
+    let expected = FIRST + CHURN as u64 * (EACH + 1);
     assert_eq!(blocked["kernel_delta"], expected, "{blocked:#}");
     assert_eq!(blocked["attributed"], expected, "{blocked:#}");
     assert_eq!(blocked["gap"], 0, "{blocked:#}");
@@ -108,7 +110,7 @@ fn deleted_namespaces_keep_their_counts_and_names() {
     };
     assert_eq!(delta_of(&first_b), FIRST);
     for name in &churned {
-        assert_eq!(delta_of(name), EACH);
+        assert_eq!(delta_of(name), EACH + 1);
     }
     // The kernel reuses a deleted namespace's inode for a later one, so a
     // namespace's attributed share is spread by inode; the sum is exact.
