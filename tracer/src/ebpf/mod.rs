@@ -293,6 +293,44 @@ pub fn attach_kprobe(ebpf: &mut Ebpf, name: &str, function: &str) -> Result<KPro
     Ok(link)
 }
 
+/// Attaches `function` with the `<prefix>_fentry` program where fentry is
+/// allowed and attaches, else with `<prefix>_kprobe` where kprobes are
+/// allowed: the method used, or each method's error
+/// (`fentry: ...; kprobe: ...`; empty when neither was allowed).
+pub fn attach_fentry_else_kprobe(
+    ebpf: &mut Ebpf,
+    btf: &Result<Btf, String>,
+    kallsyms: &Kallsyms,
+    function: &str,
+    prefix: &str,
+    (fentry, kprobe): (bool, bool),
+) -> Result<&'static str, String> {
+    let mut errors = Vec::new();
+    if fentry {
+        let result = btf
+            .as_ref()
+            .map_err(Clone::clone)
+            .and_then(|btf| attach_fentry(ebpf, &format!("{prefix}_fentry"), function, btf));
+        match result {
+            Ok(()) => return Ok("fentry"),
+            Err(e) => errors.push(format!("fentry: {e}")),
+        }
+    }
+    if kprobe {
+        let result = match kallsyms.presence(function) {
+            crate::kallsyms::Presence::Exact { .. } => {
+                attach_kprobe(ebpf, &format!("{prefix}_kprobe"), function).map(drop)
+            }
+            _ => Err("not in /proc/kallsyms".into()),
+        };
+        match result {
+            Ok(()) => return Ok("kprobe"),
+            Err(e) => errors.push(format!("kprobe: {e}")),
+        }
+    }
+    Err(errors.join("; "))
+}
+
 /// What a program cost to start (`-vv`): verifying, then attaching.
 fn log_cost(name: &str, loaded: std::time::Duration, attached: std::time::Duration) {
     log::debug!("{name}: loaded in {loaded:?}, attached in {attached:?}");

@@ -13,8 +13,8 @@ use tracer_common::mtu::{MtuKey, MtuStats, kind};
 
 use crate::{
     attribution::HookChoice,
-    ebpf::{attach_fentry, attach_kprobe},
-    kallsyms::{Kallsyms, Presence},
+    ebpf::attach_fentry_else_kprobe,
+    kallsyms::Kallsyms,
     report::Finding,
     xfrm_state::{EspGeometry, Sa, VpnInterface, VpnInterfaceKind, XfrmState},
 };
@@ -50,37 +50,12 @@ pub fn attach(
         missing.push(("oversize ESP hooks".into(), "--hooks tracepoint".into()));
         return (attached, missing);
     }
+    let methods = (choice != HookChoice::Kprobe, choice != HookChoice::Fentry);
     for (function, prefix) in HOOKS {
-        let mut errors = Vec::new();
-        if choice != HookChoice::Kprobe {
-            let result = btf
-                .as_ref()
-                .map_err(Clone::clone)
-                .and_then(|btf| attach_fentry(ebpf, &format!("{prefix}_fentry"), function, btf));
-            match result {
-                Ok(()) => {
-                    attached.push(format!("{function} (fentry)"));
-                    continue;
-                }
-                Err(e) => errors.push(format!("fentry: {e}")),
-            }
+        match attach_fentry_else_kprobe(ebpf, btf, kallsyms, function, prefix, methods) {
+            Ok(method) => attached.push(format!("{function} ({method})")),
+            Err(why) => missing.push((function.to_string(), why)),
         }
-        if choice != HookChoice::Fentry {
-            let result = match kallsyms.presence(function) {
-                Presence::Exact { .. } => {
-                    attach_kprobe(ebpf, &format!("{prefix}_kprobe"), function).map(drop)
-                }
-                _ => Err("not in /proc/kallsyms".into()),
-            };
-            match result {
-                Ok(()) => {
-                    attached.push(format!("{function} (kprobe)"));
-                    continue;
-                }
-                Err(e) => errors.push(format!("kprobe: {e}")),
-            }
-        }
-        missing.push((function.to_string(), errors.join("; ")));
     }
     (attached, missing)
 }

@@ -14,10 +14,8 @@ use crate::{counters::Counters, netns::exits, xfrm_stat::XfrmStat};
 pub struct Deleted {
     pub netns: Netns,
     pub interfaces: BTreeMap<u32, String>,
+    /// At its teardown, or, without the teardown hook, as last read.
     pub counters: XfrmStat,
-    /// Read by the kernel as the namespace was torn down (exact); else the
-    /// last reading before it vanished (later increments are unknown).
-    pub at_teardown: bool,
 }
 
 #[derive(Debug, Default)]
@@ -50,14 +48,13 @@ impl History {
     ) -> BTreeMap<u64, Netns> {
         for exit in exits {
             let inode = u64::from(exit.netns);
-            let (counters, whole) = exits::final_counters(&exit, names);
-            self.push_deleted(inode, counters, whole);
+            self.push_deleted(inode, exits::final_counters(&exit, names));
         }
         let reachable = super::all();
         if let Some(last) = self.last_read.take() {
             for (inode, counters) in &last {
                 if !reachable.contains_key(inode) {
-                    self.push_deleted(*inode, counters.clone(), false);
+                    self.push_deleted(*inode, counters.clone());
                 }
             }
             self.last_read = Some(
@@ -71,7 +68,7 @@ impl History {
         reachable
     }
 
-    fn push_deleted(&mut self, inode: u64, counters: XfrmStat, at_teardown: bool) {
+    fn push_deleted(&mut self, inode: u64, counters: XfrmStat) {
         let (netns, interfaces) = match self.seen.get(inode) {
             Some(seen) => (seen.netns.clone(), seen.interfaces.clone()),
             None => (
@@ -88,7 +85,6 @@ impl History {
             netns,
             interfaces,
             counters,
-            at_teardown,
         });
     }
 }

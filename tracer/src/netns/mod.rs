@@ -36,15 +36,8 @@ pub struct Netns {
     pub pids: Vec<u32>,
 }
 
-impl Netns {
-    /// The prefix that runs a command inside this namespace, e.g.
-    /// `ip netns exec west ` (empty for the host's).
-    pub fn enter_command(&self) -> String {
-        enter_command(&self.label, &self.pids)
-    }
-}
-
-/// The prefix that runs a command in the namespace labelled `label`.
+/// The prefix that runs a command in the namespace labelled `label`, e.g.
+/// `ip netns exec west ` (empty for the host's).
 pub fn enter_command(label: &str, pids: &[u32]) -> String {
     if label == "host" || label.is_empty() {
         String::new()

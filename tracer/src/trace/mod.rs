@@ -20,7 +20,7 @@ use crate::{
     kallsyms::Kallsyms,
     netns::{self, Netns},
     pluto, privilege, prometheus,
-    report::{self, HookList, Report},
+    report::{self, Report},
     xfrm_stat::XfrmStat,
     xfrm_state::XfrmBook,
 };
@@ -122,7 +122,8 @@ pub fn run(options: &Options) -> anyhow::Result<Outcome> {
     let mut probes = Probes::attach(&btf, &kallsyms, options.hooks)?;
     // Without the teardown hook, a deleted namespace keeps the counters
     // last read (every second).
-    let mut history = netns::History::new(counters && probes.netns_exit_hook.is_err());
+    let mut history =
+        netns::History::new(counters && probes.netns_teardown_hooks.attached.is_empty());
     let mut book = XfrmBook::default();
     watch_namespaces(&mut book, &history.tick(Vec::new(), &counter_names, true));
     log::debug!("start: namespaces watched in {:?}", started.elapsed());
@@ -140,16 +141,7 @@ pub fn run(options: &Options) -> anyhow::Result<Outcome> {
         mtu_hooks: probes.mtu_hooks.clone(),
         ike_hooks: probes.ike_hooks.clone(),
         masquerade: probes.masquerade.clone(),
-        netns_teardown_hooks: match &probes.netns_exit_hook {
-            Ok(how) => HookList {
-                attached: vec![how.clone()],
-                missing: Vec::new(),
-            },
-            Err(why) => HookList {
-                attached: Vec::new(),
-                missing: vec![(netns::exits::FUNCTION.to_string(), why.clone())],
-            },
-        },
+        netns_teardown_hooks: probes.netns_teardown_hooks.clone(),
         pluto_problems,
         counters_unavailable,
     };

@@ -39,8 +39,8 @@ pub struct Probes {
     drops_received: u64,
     /// Counters of namespaces torn down during the run.
     exits: Option<Exits>,
-    /// The teardown hook attached (`function (method)`), or why not.
-    pub netns_exit_hook: Result<String, String>,
+    /// The namespace teardown hook, attached or why not.
+    pub netns_teardown_hooks: HookList,
     pub coverage: Coverage,
     pub mtu_hooks: HookList,
     pub ike_hooks: HookList,
@@ -146,10 +146,23 @@ impl Probes {
             "start: MASQUERADE hooks attached in {:?}",
             started.elapsed()
         );
-        let (exits, netns_exit_hook) = match exits::attach(&mut object, &aya_btf, kallsyms, hooks) {
-            Ok((exits, how)) => (Some(exits), Ok(how)),
-            Err(why) => (None, Err(why)),
-        };
+        let (exits, netns_teardown_hooks) =
+            match exits::attach(&mut object, &aya_btf, kallsyms, hooks) {
+                Ok((exits, how)) => (
+                    Some(exits),
+                    HookList {
+                        attached: vec![how],
+                        missing: Vec::new(),
+                    },
+                ),
+                Err(why) => (
+                    None,
+                    HookList {
+                        attached: Vec::new(),
+                        missing: vec![(exits::FUNCTION.to_string(), why)],
+                    },
+                ),
+            };
         log::debug!("start: netns teardown hook in {:?}", started.elapsed());
         if coverage.fentry_brackets + coverage.kprobe_brackets == 0 {
             drops::sample_xfrm_drops(&mut object, &crate::btf::drop_reason_names(btf))?;
@@ -176,7 +189,7 @@ impl Probes {
             leaks_received: 0,
             drops_received: 0,
             exits,
-            netns_exit_hook,
+            netns_teardown_hooks,
             coverage,
             mtu_hooks: HookList { attached, missing },
             ike_hooks,
