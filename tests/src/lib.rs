@@ -331,9 +331,23 @@ impl Tracer {
 }
 
 impl Drop for Tracer {
+    /// Kills the tracer and reaps it, but never waits long: a tracer stuck
+    /// in the kernel must not hide the failing test's message behind a
+    /// hang (the VM runner reports the stuck task's stack).
     fn drop(&mut self) {
         let _ = self.child.kill();
-        let _ = self.child.wait();
+        let started = std::time::Instant::now();
+        while started.elapsed() < EXIT_LIMIT {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        eprintln!(
+            "xfrm-trace (pid {}) still running {EXIT_LIMIT:?} after SIGKILL:\n{}",
+            self.child.id(),
+            kernel_stacks(self.child.id())
+        );
     }
 }
 

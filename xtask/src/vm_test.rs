@@ -26,6 +26,10 @@ pub struct Options {
     /// Time limit for one VM (boot, tests, power-off).
     #[arg(long, default_value_t = 2700)]
     pub vm_timeout_secs: u64,
+    /// Run the selected tests this many times in the same boot (to catch
+    /// a rare hang).
+    #[arg(long, default_value_t = 1)]
+    pub repeat: u32,
 }
 
 /// One kernel's result.
@@ -78,7 +82,13 @@ fn time_limit(binary: &Path) -> u64 {
     }
 }
 
-fn guest_script(binary: &Path, tests: &[PathBuf], filters: &[String], skip: &[&[&str]]) -> String {
+/// After a killed test: what the kernel was doing, so a hang in CI can be
+/// explained from the log alone (the blocked tasks' stacks and the last
+/// kernel messages: soft lockups, RCU stalls, hung tasks).
+const BLOCKED_TASKS: &str = "echo w > /proc/sysrq-trigger 2>/dev/null; \
+    echo 'vm-test: the kernel log after the kill:'; dmesg | tail -n 120";
+
+fn guest_script(binary: &Path, tests: &[PathBuf], options: &Options, skip: &[&[&str]]) -> String {
     let mut script =
         String::from("export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n");
     let _ = writeln!(
@@ -90,15 +100,19 @@ fn guest_script(binary: &Path, tests: &[PathBuf], filters: &[String], skip: &[&[
     script.push_str("export XFRM_TRACE_EXPECT_MODE=fentry\n");
     let _ = writeln!(script, "cd {}", util::workspace_root().display());
     script.push_str("rc=0\n");
+    let _ = writeln!(script, "for round in $(seq {}); do", options.repeat.max(1));
     for test in tests {
         let limit = time_limit(test);
         let _ = writeln!(
             script,
             "timeout -k 10 {limit} {} --test-threads=1 {}{}\ncode=$?\n\
              [ $code -eq 0 ] || rc=1\n\
-             if [ $code -eq 124 ] || [ $code -eq 137 ]; then echo \"vm-test: {} killed: still running after {limit} s\"; fi",
+             if [ $code -eq 124 ] || [ $code -eq 137 ]; then\n\
+               echo \"vm-test: {} killed: still running after {limit} s\"\n\
+               {BLOCKED_TASKS}\n\
+             fi",
             test.display(),
-            filters.join(" "),
+            options.tests.join(" "),
             skip.iter()
                 .flat_map(|group| group.iter())
                 .map(|pattern| format!(" --skip {pattern}"))
@@ -106,7 +120,7 @@ fn guest_script(binary: &Path, tests: &[PathBuf], filters: &[String], skip: &[&[
             test.file_name().unwrap_or_default().to_string_lossy(),
         );
     }
-    script.push_str("exit $rc\n");
+    script.push_str("done\nexit $rc\n");
     script
 }
 
@@ -141,11 +155,8 @@ pub fn run(options: &Options, binary: &Path) -> anyhow::Result<Vec<KernelResult>
         let out_dir = vm::out_dir(spec.name);
         std::fs::create_dir_all(&out_dir)?;
         let script = out_dir.join("run.sh");
-        std::fs::write(
-            &script,
-            guest_script(binary, &tests, &options.tests, spec.skip),
-        )
-        .with_context(|| format!("writing {}", script.display()))?;
+        std::fs::write(&script, guest_script(binary, &tests, options, spec.skip))
+            .with_context(|| format!("writing {}", script.display()))?;
         eprintln!("vm: booting {} ({}) under TCG", spec.name, kernel.release);
         let outcome = vm::run_script(
             &kernel,
