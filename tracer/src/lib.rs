@@ -18,6 +18,7 @@ pub mod ike;
 pub mod kallsyms;
 pub mod lab;
 pub mod masquerade;
+pub mod model;
 pub mod mtu;
 pub mod netns;
 pub mod pcap;

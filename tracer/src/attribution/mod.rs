@@ -14,6 +14,7 @@ use tracer_common::attribution::{Sample, SourceKey, dir, error, hook};
 use crate::{
     btf::KernelBtf,
     ebpf::{attach_fentry, attach_fexit, attach_kprobe, program},
+    hooks::HookChoice,
     kallsyms::{Kallsyms, Presence},
 };
 
@@ -75,18 +76,6 @@ const ENRICHMENT: &[(&str, &str, &str)] = &[
     ),
 ];
 const ENRICHMENT_ARGS: usize = 6;
-
-/// Which hooks the user allows (`--hooks`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
-pub enum HookChoice {
-    /// fentry/fexit where they attach, kprobes where not.
-    #[default]
-    Auto,
-    Fentry,
-    Kprobe,
-    /// No brackets: kfree_skb drop reasons and counter deltas only.
-    Tracepoint,
-}
 
 /// What got attached.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -399,7 +388,7 @@ pub struct SampleReport {
     pub time_ns: u64,
     /// The packet's first bytes (none for a route lookup).
     #[serde(skip)]
-    pub captured: Option<crate::pcap::Captured>,
+    pub captured: Option<crate::model::Captured>,
     #[serde(flatten)]
     pub source: Source,
     /// ESP sequence number of the packet (inbound ESP only).
@@ -441,7 +430,7 @@ pub fn sample_reports(
             let report = SampleReport {
                 time_ms: (s.time_ns - first) / 1_000_000,
                 time_ns: s.time_ns,
-                captured: crate::pcap::Captured::from_headers(s.time_ns, &s.headers),
+                captured: crate::model::Captured::from_headers(s.time_ns, &s.headers),
                 source: source(&key, s.count),
                 seq: (s.seq != 0).then(|| u32::from_be(s.seq)),
                 stack,

@@ -120,8 +120,8 @@ fn json(value: &impl Serialize) -> anyhow::Result<Vec<u8>> {
 struct CoverageFile<'a> {
     mode: &'a str,
     attribution: &'a crate::attribution::Coverage,
-    oversize_esp: &'a report::HookList,
-    ike: &'a report::HookList,
+    oversize_esp: &'a crate::model::HookList,
+    ike: &'a crate::model::HookList,
     masquerade: &'a crate::masquerade::MasqCoverage,
 }
 

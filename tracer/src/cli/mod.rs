@@ -72,7 +72,7 @@ pub struct TraceArgs {
     /// Which kernel hooks to use: auto picks fentry/fexit and falls back to
     /// kprobes per function; the others force one method.
     #[arg(long, value_enum, default_value_t, global = true)]
-    pub hooks: crate::attribution::HookChoice,
+    pub hooks: crate::hooks::HookChoice,
     /// Ask the pluto (libreswan) behind this control socket; repeatable.
     /// Default: every running pluto, found through /proc, with its log.
     #[arg(long, value_name = "PATH", global = true)]

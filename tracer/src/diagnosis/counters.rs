@@ -8,11 +8,7 @@
 use std::collections::BTreeMap;
 
 use super::{Evidence, KERNEL_ERROR_COUNTERS};
-use crate::{
-    attribution::Source,
-    report::{Counter, Finding},
-    xfrm_state::Policy,
-};
+use crate::{attribution::Source, model::Finding, report::Counter, xfrm_state::Policy};
 
 /// Which counters a finding kind already explains, in its namespace.
 fn explained_by(finding: &Finding) -> &'static [&'static str] {

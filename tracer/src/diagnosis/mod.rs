@@ -9,12 +9,13 @@ mod counters;
 
 use crate::{
     ike::IkePath,
+    model::{Finding, NetnsInfo},
     pluto::{
         log::{EventKind, LogEvent},
         session::{Observed, owner_of_spi_text},
         status::Connection,
     },
-    report::{Counter, Finding, NetnsInfo},
+    report::Counter,
     xfrm_state::XfrmBook,
 };
 

@@ -89,7 +89,7 @@ pub struct DropRow {
     pub xfrm_related: bool,
     /// Sampled packets of this row (for the pcapng; tracepoint-only mode).
     #[serde(skip)]
-    pub captured: Vec<crate::pcap::Captured>,
+    pub captured: Vec<crate::model::Captured>,
 }
 
 /// Names and groups raw rows; the most frequent first.
@@ -179,7 +179,7 @@ pub fn attach_samples(
         });
         if let (Some(row), Some(captured)) = (
             row,
-            crate::pcap::Captured::from_headers(sample.time_ns, &sample.headers),
+            crate::model::Captured::from_headers(sample.time_ns, &sample.headers),
         ) {
             row.captured.push(captured);
         }

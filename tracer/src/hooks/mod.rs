@@ -1,5 +1,17 @@
 //! The kernel functions xfrm-trace hooks, and why (see docs/kernel.md §1).
 
+/// Which hooks the user allows (`--hooks`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum HookChoice {
+    /// fentry/fexit where they attach, kprobes where not.
+    #[default]
+    Auto,
+    Fentry,
+    Kprobe,
+    /// No brackets: kfree_skb drop reasons and counter deltas only.
+    Tracepoint,
+}
+
 /// What a hook is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]

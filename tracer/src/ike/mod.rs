@@ -12,7 +12,7 @@ use aya::{Ebpf, maps::PerCpuHashMap, programs::TracePoint};
 use serde::Serialize;
 use tracer_common::ike::{IkeKey, event};
 
-use crate::{drops, ebpf, kallsyms::Kallsyms, report::HookList};
+use crate::{drops, ebpf, kallsyms::Kallsyms, model::HookList};
 
 /// The tracepoints of the watch (kfree_skb is attached by `drops`).
 const TRACEPOINTS: [(&str, &str); 2] = [("net", "net_dev_queue"), ("net", "netif_receive_skb")];

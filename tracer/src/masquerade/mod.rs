@@ -16,11 +16,11 @@ use serde::Serialize;
 use tracer_common::masquerade::{LeakCount, LeakKey, LeakSample, PolicyKey, Selector, error};
 
 use crate::{
-    attribution::HookChoice,
     btf::KernelBtf,
     ebpf::{attach_fentry, attach_fexit, attach_kprobe},
+    hooks::HookChoice,
     kallsyms::{Kallsyms, Presence},
-    report::Finding,
+    model::Finding,
 };
 
 pub const FINDING_KIND: &str = "masquerade_before_policy";
@@ -308,11 +308,11 @@ pub struct Leak {
     pub ifname: String,
     /// Sampled packets of this row as they left (for the pcapng).
     #[serde(skip)]
-    pub captured: Vec<crate::pcap::Captured>,
+    pub captured: Vec<crate::model::Captured>,
 }
 
 /// How to run a command where the leak happened.
-fn enter_command(netns: &[crate::report::NetnsInfo], leak: &Leak) -> String {
+fn enter_command(netns: &[crate::model::NetnsInfo], leak: &Leak) -> String {
     let pids = netns
         .iter()
         .find(|n| n.inode == leak.netns)
@@ -401,7 +401,7 @@ pub fn leaks(counted: &Counted, coverage: &MasqCoverage) -> Vec<Leak> {
                     .samples
                     .iter()
                     .filter(|s| s.key == *k)
-                    .filter_map(|s| crate::pcap::Captured::from_headers(s.time_ns, &s.headers))
+                    .filter_map(|s| crate::model::Captured::from_headers(s.time_ns, &s.headers))
                     .collect(),
             }
         })
@@ -439,7 +439,7 @@ pub fn fix(leak: &Leak, enter: &str) -> String {
 }
 
 /// One finding per (netns, policy, NAT source, egress interface).
-pub fn findings(leaks: &[Leak], netns: &[crate::report::NetnsInfo]) -> Vec<Finding> {
+pub fn findings(leaks: &[Leak], netns: &[crate::model::NetnsInfo]) -> Vec<Finding> {
     let mut groups: BTreeMap<(u64, u32, String, u32, &str), Vec<&Leak>> = BTreeMap::new();
     for leak in leaks {
         groups

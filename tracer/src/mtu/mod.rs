@@ -12,10 +12,10 @@ use serde::Serialize;
 use tracer_common::mtu::{MtuKey, MtuStats, kind};
 
 use crate::{
-    attribution::HookChoice,
     ebpf::attach_fentry_else_kprobe,
+    hooks::HookChoice,
     kallsyms::Kallsyms,
-    report::Finding,
+    model::Finding,
     xfrm_state::{EspGeometry, Sa, VpnInterface, VpnInterfaceKind, XfrmState},
 };
 

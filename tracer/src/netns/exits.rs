@@ -8,9 +8,7 @@ use aya::{
 };
 use tracer_common::netns::NetnsExit;
 
-use crate::{
-    attribution::HookChoice, counters::Counters, ebpf, kallsyms::Kallsyms, xfrm_stat::XfrmStat,
-};
+use crate::{counters::Counters, ebpf, hooks::HookChoice, kallsyms::Kallsyms, xfrm_stat::XfrmStat};
 
 /// The kernel function that tears down a namespace's XFRM state.
 pub const FUNCTION: &str = "xfrm_net_exit";

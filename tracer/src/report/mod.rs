@@ -4,13 +4,14 @@
 
 mod unwatched;
 
-use std::{collections::BTreeMap, fmt::Write as _};
+use std::fmt::Write as _;
 
 use serde::Serialize;
 
 use crate::{
     attribution::{AttributionErrors, Coverage, SampleReport, Source},
     drops::DropRow,
+    model::{CaptureCounts, Finding, HookList, NetnsInfo},
 };
 
 pub const SCHEMA: &str = "xfrm-trace/1";
@@ -33,7 +34,7 @@ pub struct Report {
     /// Drops the in-kernel table had no room for (counted, not named).
     pub drops_untracked: u64,
     /// Dropped and leaked packets copied for the pcapng, and those not.
-    pub capture: crate::pcap::CaptureCounts,
+    pub capture: CaptureCounts,
     pub netns: Vec<NetnsInfo>,
     /// The hook that reads a deleted namespace's counters at its teardown;
     /// without it they are as of the last reading (every second).
@@ -56,13 +57,6 @@ pub struct PlutoReport {
     pub instances: Vec<crate::pluto::session::Observed>,
     /// Why plutos could not be found (none running is not a problem).
     pub problems: Vec<String>,
-}
-
-/// Hooks attached for one capability, and those missing with the reason.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct HookList {
-    pub attached: Vec<String>,
-    pub missing: Vec<(String, String)>,
 }
 
 #[derive(Debug, Serialize)]
@@ -99,33 +93,6 @@ pub struct NetnsDelta {
     pub attributed: u64,
     /// The namespace was deleted during the run (`delta` is up to then).
     pub deleted: bool,
-}
-
-#[derive(Debug, Serialize)]
-pub struct NetnsInfo {
-    pub inode: u64,
-    /// `host` (the initial namespace), the `ip netns` name, or `netns:<inode>`.
-    pub label: String,
-    /// Some processes that live in it (to enter an unnamed one).
-    pub pids: Vec<u32>,
-    /// Deleted during the run: reported under the name it had.
-    pub deleted: bool,
-    /// Interface names by index, for reading `drops[].ifindex`.
-    pub interfaces: BTreeMap<u32, String>,
-}
-
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct Finding {
-    pub kind: String,
-    pub summary: String,
-    pub fix: String,
-    pub evidence: Vec<String>,
-    /// The libreswan connection it concerns (empty if none is known).
-    pub connection: String,
-    /// Where: the `ip netns` name (or `host`, `pid N`) of the gateway.
-    pub netns_label: String,
-    /// The SA it concerns, hex as `ip xfrm` shows it (empty if none).
-    pub spi: String,
 }
 
 /// How to print a report on a terminal.

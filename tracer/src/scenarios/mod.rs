@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 
-use crate::{attribution::HookChoice, report::Report, trace};
+use crate::{hooks::HookChoice, report::Report, trace};
 
 /// Numbered progress lines.
 struct Step {

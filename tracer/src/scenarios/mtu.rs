@@ -10,7 +10,7 @@ use anyhow::{Context as _, bail};
 
 use super::{Step, trace_during};
 use crate::{
-    attribution::HookChoice,
+    hooks::HookChoice,
     lab::{EAST_SUBNET, EHOST, Host, Lab, ROUTER_WEST, StaticIpsec},
 };
 

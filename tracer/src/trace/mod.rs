@@ -13,7 +13,6 @@ use anyhow::Context as _;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
-    attribution,
     btf::{self, KernelBtf},
     counters::Counters,
     filter::Filter,
@@ -37,7 +36,7 @@ pub struct Options {
     pub ready_file: Option<PathBuf>,
     /// Redraw the counters every `interval` while running (on a terminal).
     pub live: bool,
-    pub hooks: attribution::HookChoice,
+    pub hooks: crate::hooks::HookChoice,
     /// pluto control sockets to ask (default: every running pluto).
     pub pluto_sockets: Vec<PathBuf>,
     /// What the report is narrowed to.

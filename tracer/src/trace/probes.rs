@@ -13,13 +13,16 @@ use tracer_common::{
 };
 
 use crate::{
-    attribution::{self, AttributionErrors, Coverage, HookChoice},
+    attribution::{self, AttributionErrors, Coverage},
     btf::KernelBtf,
-    drops, ebpf, ike,
+    drops, ebpf,
+    hooks::HookChoice,
+    ike,
     kallsyms::Kallsyms,
-    masquerade, mtu,
+    masquerade,
+    model::HookList,
+    mtu,
     netns::exits::{self, Exits},
-    report::HookList,
 };
 
 /// Leak and drop samples kept for the pcapng (the counts stay exact).
@@ -56,7 +59,7 @@ pub struct Readings {
     pub drops_untracked: u64,
     /// Sampled XFRM drops with headers (tracepoint-only mode).
     pub drop_samples: Vec<DropSample>,
-    pub capture: crate::pcap::CaptureCounts,
+    pub capture: crate::model::CaptureCounts,
     pub sources: Vec<(SourceKey, u64)>,
     pub attribution_errors: AttributionErrors,
     /// Sampled increments with stacks, by counter index.
@@ -228,7 +231,7 @@ impl Probes {
             drops,
             drops_untracked,
             drop_samples: self.drop_samples.clone(),
-            capture: crate::pcap::CaptureCounts {
+            capture: crate::model::CaptureCounts {
                 drops_captured: self.drops_received,
                 drops_not_captured: drops::samples_lost(&self.object)?,
                 leaks_captured: self.leaks_received,
