@@ -25,6 +25,7 @@ pub mod pcap;
 pub mod pluto;
 pub mod privilege;
 pub mod prometheus;
+pub mod render;
 pub mod report;
 pub mod scenarios;
 pub mod trace;

@@ -8,7 +8,7 @@ use xfrm_trace::{
     cli::{Cli, Command, LabScenario, TraceArgs},
     doctor,
     filter::Filter,
-    fsutil, privilege, report, scenarios, trace,
+    fsutil, privilege, render, report, scenarios, trace,
 };
 
 /// Exit code when `--fail-on-findings` and the diagnosis found something.
@@ -188,11 +188,11 @@ fn finish(
     outcome: &trace::Outcome,
     bundle: Option<&Path>,
 ) -> anyhow::Result<i32> {
-    let style = report::Style {
+    let style = render::Style {
         color: args.color.enabled(),
         findings_only: args.quiet,
     };
-    let text = report::render_with(&outcome.report, style);
+    let text = render::render_with(&outcome.report, style);
     let mut failures = Vec::new();
     if stdout_taken(args, bundle) {
         note(&text);

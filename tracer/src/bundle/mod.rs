@@ -65,7 +65,10 @@ const CONFIG_PREFIXES: [&str; 9] = [
 pub fn write(path: &Path, outcome: &Outcome) -> anyhow::Result<()> {
     let mut files: Vec<(&str, Vec<u8>)> = vec![
         ("README.txt", README.as_bytes().to_vec()),
-        ("report.txt", report::render(&outcome.report).into_bytes()),
+        (
+            "report.txt",
+            crate::render::render(&outcome.report).into_bytes(),
+        ),
         ("report.json", json(&outcome.report)?),
         ("kernel.txt", kernel_facts().into_bytes()),
         ("coverage.json", json(&coverage(&outcome.report))?),

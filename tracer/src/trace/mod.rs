@@ -18,8 +18,8 @@ use crate::{
     filter::Filter,
     kallsyms::Kallsyms,
     netns::{self, Netns},
-    pluto, privilege, prometheus,
-    report::{self, Report},
+    pluto, privilege, prometheus, render,
+    report::Report,
     xfrm_stat::XfrmStat,
     xfrm_state::XfrmBook,
 };
@@ -228,7 +228,7 @@ pub fn run(options: &Options) -> anyhow::Result<Outcome> {
                             // gone (SIGHUP), and the run must still report.
                             let _ = std::io::Write::write_all(
                                 &mut std::io::stdout(),
-                                report::render_live(started.elapsed(), &report.counters).as_bytes(),
+                                render::live(started.elapsed(), &report.counters).as_bytes(),
                             );
                         }
                     }
