@@ -122,7 +122,7 @@ impl Output {
     }
 
     /// Writes it; returns what to announce on stderr, if anything.
-    fn write(self, path: &Path, outcome: &trace::Outcome) -> anyhow::Result<Option<String>> {
+    fn write(self, path: &Path, outcome: &report::Outcome) -> anyhow::Result<Option<String>> {
         match self {
             Self::Bundle => bundle::write(path, outcome).map(|()| Some("evidence bundle".into())),
             Self::Pcap => xfrm_trace::pcap::write(path, &outcome.report)
@@ -185,7 +185,7 @@ fn named(option: &str, path: &Path, error: &anyhow::Error) -> anyhow::Error {
 /// line naming each failed output.
 fn finish(
     args: &TraceArgs,
-    outcome: &trace::Outcome,
+    outcome: &report::Outcome,
     bundle: Option<&Path>,
 ) -> anyhow::Result<i32> {
     let style = render::Style {

@@ -8,7 +8,10 @@ use std::{collections::BTreeMap, io::Write as _, path::Path};
 use anyhow::Context as _;
 use serde::Serialize;
 
-use crate::{fsutil, report, trace::Outcome};
+use crate::{
+    fsutil,
+    report::{self, Outcome},
+};
 
 /// The folder every file of the bundle sits in.
 const ROOT: &str = "xfrm-trace-evidence";

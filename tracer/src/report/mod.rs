@@ -3,6 +3,8 @@
 //!
 //! Field names are a published interface: add fields, never rename them.
 
+use std::collections::BTreeMap;
+
 use serde::Serialize;
 
 use crate::{
@@ -90,4 +92,16 @@ pub struct NetnsDelta {
     pub attributed: u64,
     /// The namespace was deleted during the run (`delta` is up to then).
     pub deleted: bool,
+}
+
+/// `/proc/net/xfrm_stat` values by counter name.
+pub type CounterValues = BTreeMap<String, u64>;
+
+/// A run's report and the raw evidence behind it (for the bundle).
+pub struct Outcome {
+    pub report: Report,
+    /// `/proc/net/xfrm_stat` of each netns (by label) before and after.
+    pub xfrm_stat: BTreeMap<String, (CounterValues, CounterValues)>,
+    /// SAs and policies (never keys) of each netns that has any, at the end.
+    pub xfrm_state: BTreeMap<String, crate::xfrm_state::XfrmState>,
 }

@@ -19,7 +19,7 @@ use crate::{
     kallsyms::Kallsyms,
     netns::{self, Netns},
     pluto, privilege, prometheus, render,
-    report::Report,
+    report::{CounterValues, Outcome},
     xfrm_stat::XfrmStat,
     xfrm_state::XfrmBook,
 };
@@ -85,18 +85,6 @@ fn xfrm_stat_problem(path: &std::path::Path) -> Option<String> {
             Err(e) => Some(format!("{path} is not in its format: {e}")),
         },
     }
-}
-
-/// `/proc/net/xfrm_stat` values by counter name.
-pub type CounterValues = BTreeMap<String, u64>;
-
-/// A run's report and the raw evidence behind it (for the bundle).
-pub struct Outcome {
-    pub report: Report,
-    /// `/proc/net/xfrm_stat` of each netns (by label) before and after.
-    pub xfrm_stat: BTreeMap<String, (CounterValues, CounterValues)>,
-    /// SAs and policies (never keys) of each netns that has any, at the end.
-    pub xfrm_state: BTreeMap<String, crate::xfrm_state::XfrmState>,
 }
 
 pub fn run(options: &Options) -> anyhow::Result<Outcome> {
