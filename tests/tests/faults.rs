@@ -146,6 +146,7 @@ enum Moment {
 /// the signal, nothing printed); once attached they end the watch with the
 /// report and exit 0. Either way promptly, and no program, map or link of
 /// ours stays loaded.
+/// Runs on: host, 6.1 (faults that involve the kernel: once with tracepoints, once with a real fentry attach)
 #[test]
 fn sigint_and_sigterm_at_any_moment_end_promptly_and_leave_nothing_loaded() {
     require_root();
@@ -274,6 +275,7 @@ fn blocked_in_report(report: &Value, inode: u64) -> (u64, u64) {
 /// A second instance while one runs: both work, each with its own
 /// programs and maps, and count the same drops exactly; the second's exit
 /// does not disturb the first.
+/// Runs on: host, 6.1 (faults that involve the kernel: once with tracepoints, once with a real fentry attach)
 #[test]
 fn a_second_instance_works_alongside_the_first() {
     require_root();
@@ -308,6 +310,7 @@ fn a_second_instance_works_alongside_the_first() {
 /// A netns deleted while the run watches it: the run does not keep it
 /// alive (its veth goes with it), ends normally, and reports what
 /// happened there under its name.
+/// Runs on: host, 6.1 (faults that involve the kernel: once with tracepoints, once with a real fentry attach)
 #[test]
 fn a_netns_deleted_mid_run_is_let_go_and_still_reported() {
     require_root();
@@ -420,6 +423,7 @@ fn a_netns_deleted_mid_run_is_let_go_and_still_reported() {
 /// `ipsec` that prints a status cut short, garbage, or hangs: the run
 /// succeeds, and the pluto's problems say so in one line (its log is
 /// unknown: no running pluto owns the socket).
+/// Runs on: host (userspace only: no VM kernel adds anything)
 #[test]
 fn broken_pluto_output_is_one_problem_line_and_the_run_succeeds() {
     require_root();
@@ -534,6 +538,7 @@ fn with_private_mounts(setup: &str, args: &[&str]) -> Output {
 
 /// No kernel BTF (hidden, empty or cut short): no offsets, so no run; one
 /// clear line, the cause said once, and exit 1.
+/// Runs on: host (userspace only: no VM kernel adds anything)
 #[test]
 fn without_kernel_btf_the_run_fails_in_one_line() {
     require_root();
@@ -579,6 +584,7 @@ fn without_kernel_btf_the_run_fails_in_one_line() {
 /// `/proc/net/xfrm_stat` missing (a kernel without CONFIG_XFRM_STATISTICS)
 /// or unreadable: the run goes on without counter deltas and says so once
 /// on stderr and in the report; every netns is still named.
+/// Runs on: host (userspace only: no VM kernel adds anything)
 #[test]
 fn without_xfrm_stat_the_run_says_counters_are_unavailable() {
     require_root();

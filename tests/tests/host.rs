@@ -138,6 +138,7 @@ fn netns_delta(counter: &Value, inode: u64) -> u64 {
 /// Tracepoint-only mode copies each dropped packet of an XFRM reason for
 /// the pcapng, at most 64 per second and CPU: a burst beyond that is
 /// partly copied, and what was copied plus what was not is every drop.
+/// Runs on: host (about tracepoint-only mode, the host's)
 #[test]
 fn dropped_packets_not_copied_for_the_pcapng_are_counted_exactly() {
     require_root();
@@ -354,6 +355,7 @@ fn xfrm_policy_drops_and_counters_are_reported_exactly() {
     }
 }
 
+/// Runs on: host (userspace only: no VM kernel adds anything)
 #[test]
 fn without_root_it_says_so_in_one_line() {
     require_root();
@@ -371,6 +373,7 @@ fn without_root_it_says_so_in_one_line() {
     }
 }
 
+/// Runs on: host (about a kernel without ESP, as the host's is)
 #[test]
 fn lab_on_a_kernel_without_esp_says_why_in_one_line_without_keys() {
     require_root();
@@ -401,6 +404,7 @@ fn lab_on_a_kernel_without_esp_says_why_in_one_line_without_keys() {
     );
 }
 
+/// Runs on: host (userspace only: no VM kernel adds anything)
 #[test]
 fn bad_usage_is_reported_not_panicked() {
     for (args, said) in [
@@ -808,6 +812,7 @@ fn metric(body: &str, series: &str) -> Option<u64> {
 
 /// The OpenMetrics endpoint serves the same figures as the JSON report,
 /// refreshed while running. The tracer listens inside a netns of the test.
+/// Runs on: host (userspace only: no VM kernel adds anything)
 #[test]
 fn prometheus_metrics_equal_the_report() {
     require_root();
@@ -912,6 +917,7 @@ fn prometheus_metrics_equal_the_report() {
 }
 
 /// `--netns` and `--filter` narrow the report to what was asked.
+/// Runs on: host (userspace only: no VM kernel adds anything)
 #[test]
 fn netns_and_filter_narrow_the_report() {
     require_root();
@@ -960,6 +966,7 @@ fn netns_and_filter_narrow_the_report() {
 
 /// `report -o` writes one tar.gz with the files its README lists, whole or
 /// not at all; a directory that does not exist is one error line.
+/// Runs on: host (userspace only: no VM kernel adds anything)
 #[test]
 fn report_bundle_has_every_file_and_is_written_whole() {
     require_root();
@@ -1046,6 +1053,7 @@ fn report_bundle_has_every_file_and_is_written_whole() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Runs on: host (userspace only: no VM kernel adds anything)
 #[test]
 fn completions_and_man_page_come_from_the_cli_definition() {
     let run = |args: &[&str]| {

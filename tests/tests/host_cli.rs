@@ -1,6 +1,6 @@
 //! The command line, signals, privileges and the metrics endpoint: the
 //! real binary on the running kernel. Userspace behaviour, so the host
-//! runs them and no VM (`cli_` is in HOST_ONLY).
+//! runs them and no VM.
 
 use std::{
     io::{Read as _, Write as _},
@@ -29,6 +29,7 @@ fn run(args: &[&str]) -> std::process::Output {
 
 /// A closed SSH session (SIGHUP) ends the watch like Ctrl-C: the text
 /// report is printed, the JSON written, exit 0.
+/// Runs on: host (signals, privileges, the metrics endpoint's limits, argument checks: userspace only)
 #[test]
 fn cli_sighup_ends_the_run_with_its_report() {
     require_root();
@@ -63,6 +64,7 @@ fn pid_with_argument(needle: &str) -> Option<i32> {
 /// The terminal itself goes (the SSH session's pty is closed): the tracer,
 /// its controlling process, gets SIGHUP and can no longer write there, and
 /// still writes the pcapng and the JSON report.
+/// Runs on: host (signals, privileges, the metrics endpoint's limits, argument checks: userspace only)
 #[test]
 fn cli_terminal_hangup_still_writes_the_outputs() {
     require_root();
@@ -119,6 +121,7 @@ fn cli_terminal_hangup_still_writes_the_outputs() {
 
 /// Under `nohup` (SIGHUP ignored) a hangup does not end the run: it goes
 /// on until stopped, then reports.
+/// Runs on: host (signals, privileges, the metrics endpoint's limits, argument checks: userspace only)
 #[test]
 fn cli_sighup_under_nohup_is_ignored() {
     require_root();
@@ -155,6 +158,7 @@ fn cli_sighup_under_nohup_is_ignored() {
 
 /// `--netns` naming no namespace fails before attaching, listing those
 /// there are; existing ones (by name or inode) are accepted.
+/// Runs on: host (signals, privileges, the metrics endpoint's limits, argument checks: userspace only)
 #[test]
 fn cli_unknown_netns_is_an_error_naming_those_that_exist() {
     require_root();
@@ -196,6 +200,7 @@ fn cli_unknown_netns_is_an_error_naming_those_that_exist() {
 /// `--pluto-socket` that is a plain file: one error line, no run that
 /// silently asks no pluto. (A missing socket is pluto being down: the run
 /// reports it, see host.rs ike_watch_counts_each_peer_exactly.)
+/// Runs on: host (signals, privileges, the metrics endpoint's limits, argument checks: userspace only)
 #[test]
 fn cli_pluto_socket_that_is_not_a_socket_is_an_error() {
     require_root();
@@ -212,6 +217,7 @@ fn cli_pluto_socket_that_is_not_a_socket_is_an_error() {
 
 /// `--hooks fentry` or `--hooks kprobe` on a kernel where that method
 /// hooks nothing is an error naming why, not a quiet tracepoint-only run.
+/// Runs on: host (signals, privileges, the metrics endpoint's limits, argument checks: userspace only)
 #[test]
 fn cli_forced_hooks_that_cannot_attach_are_an_error() {
     require_root();
@@ -236,6 +242,7 @@ fn cli_forced_hooks_that_cannot_attach_are_an_error() {
 }
 
 /// `--prometheus localhost:PORT`: the name is resolved and served.
+/// Runs on: host (signals, privileges, the metrics endpoint's limits, argument checks: userspace only)
 #[test]
 fn cli_prometheus_resolves_host_names() {
     require_root();
@@ -292,6 +299,7 @@ fn cpu_time(pid: u32) -> Duration {
 
 /// 1,100 idle connections to `--prometheus` (more than the tracer's 1,024
 /// descriptors) neither starve a scrape nor spin a core.
+/// Runs on: host (signals, privileges, the metrics endpoint's limits, argument checks: userspace only)
 #[test]
 fn cli_idle_metrics_connections_neither_starve_a_scrape_nor_spin() {
     require_root();
@@ -349,6 +357,7 @@ fn cli_idle_metrics_connections_neither_starve_a_scrape_nor_spin() {
 /// Out of file descriptors (a tracer limited to 16 more than it holds,
 /// 100 idle connections): accept fails, and the endpoint waits instead of
 /// spinning; once the clients go, a scrape answers within 2 s.
+/// Runs on: host (signals, privileges, the metrics endpoint's limits, argument checks: userspace only)
 #[test]
 fn cli_metrics_out_of_descriptors_backs_off_and_recovers() {
     require_root();
@@ -399,6 +408,7 @@ fn cli_metrics_out_of_descriptors_backs_off_and_recovers() {
 /// A service user holding the capabilities runs and diagnoses like root;
 /// root without them gets one line naming what is missing (no aya
 /// warnings, no repeated error).
+/// Runs on: host (signals, privileges, the metrics endpoint's limits, argument checks: userspace only)
 #[test]
 fn cli_privilege_is_by_capabilities_not_uid() {
     require_root();
@@ -438,6 +448,7 @@ fn cli_privilege_is_by_capabilities_not_uid() {
 /// Without tracefs mounted (a private mount namespace without it), the
 /// doctor predicts the mode the run has, and neither leaves tracefs
 /// mounted behind it.
+/// Runs on: host (signals, privileges, the metrics endpoint's limits, argument checks: userspace only)
 #[test]
 fn cli_without_tracefs_doctor_and_run_agree_and_unmount_it() {
     require_root();

@@ -33,6 +33,7 @@ fn degraded_reason() -> Option<&'static str> {
     .then_some("this kernel allows neither fentry (EPERM) nor kprobes (not built in)")
 }
 
+/// Runs on: host (about tracepoint-only mode, the host's)
 #[test]
 fn degraded_kernel_summary_is_one_short_line_per_capability() {
     require_root();

@@ -1,8 +1,8 @@
 //! Where the output options (`--json`, `--pcap`, `report -o`,
 //! `--ready-file`) may write, run as root: links planted by an unprivileged
 //! user in shared directories, device nodes and FIFOs, file modes, paths
-//! that cannot be written, and `-` for stdout. Userspace only: every name
-//! holds `outputs_`, run on the host only (xtask/src/kernels.rs).
+//! that cannot be written, and `-` for stdout. Userspace only: each test
+//! runs on the host only.
 //!
 //! Device nodes are made with mknod in a scratch directory, never in /dev.
 
@@ -94,6 +94,7 @@ fn is_char_device(path: &Path, major: u64, minor: u64) -> bool {
 /// A link planted at the output path by another user is refused before
 /// the run starts; its target (a root-owned file) is untouched and the
 /// link stays. So is a FIFO of theirs.
+/// Runs on: host (where output files may be written: userspace only)
 #[test]
 fn outputs_planted_symlink_in_a_shared_directory_is_not_followed() {
     require_root();
@@ -145,6 +146,7 @@ fn outputs_planted_symlink_in_a_shared_directory_is_not_followed() {
 /// The temporary file beside the output has a name nobody can guess: a
 /// link planted where the old predictable name (`.NAME.tmp-PID`) would be
 /// is not written through, and the output is a new 0600 file.
+/// Runs on: host (where output files may be written: userspace only)
 #[test]
 fn outputs_temporary_file_cannot_be_planted() {
     require_root();
@@ -175,6 +177,7 @@ fn outputs_temporary_file_cannot_be_planted() {
 /// A character device or FIFO given as an output is written through and
 /// stays what it is; a full device fails the run (exit 1, one line naming
 /// it) after the report is printed and the other outputs are written.
+/// Runs on: host (where output files may be written: userspace only)
 #[test]
 fn outputs_device_nodes_and_fifos_are_written_through() {
     require_root();
@@ -254,6 +257,7 @@ fn outputs_device_nodes_and_fifos_are_written_through() {
 /// Reports, pcaps, bundles and ready files are created 0600 (an existing
 /// 0644 report is replaced by a 0600 one); nothing else is left behind;
 /// a directory is refused.
+/// Runs on: host (where output files may be written: userspace only)
 #[test]
 fn outputs_files_are_created_0600() {
     require_root();
@@ -305,6 +309,7 @@ fn outputs_files_are_created_0600() {
 /// An output that cannot be written fails at once with one line, before
 /// the run starts: no debug line of the start (BTF, kallsyms, attaching)
 /// appears even with -vv, and a 30 s run ends in well under a second.
+/// Runs on: host (where output files may be written: userspace only)
 #[test]
 fn outputs_unwritable_path_fails_before_attaching() {
     require_root();
@@ -359,6 +364,7 @@ fn missing_why(missing: &Path) -> String {
 
 /// `-` is stdout for every output (the report then goes to stderr); two
 /// outputs on stdout are bad usage.
+/// Runs on: host (where output files may be written: userspace only)
 #[test]
 fn outputs_dash_is_stdout_for_every_output() {
     require_root();
@@ -413,6 +419,7 @@ fn outputs_dash_is_stdout_for_every_output() {
 /// A link of our own (like /dev/stdout) to a device is written through and
 /// stays; one to a regular file is refused (name the file itself), the file
 /// untouched.
+/// Runs on: host (where output files may be written: userspace only)
 #[test]
 fn outputs_own_symlink_is_followed_only_to_a_device() {
     require_root();

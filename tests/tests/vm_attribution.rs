@@ -203,6 +203,7 @@ fn in_no_states_names_the_missing_sa_and_ignores_healthy_traffic() {
     in_no_states(Hooks::Auto);
 }
 
+/// Runs on: 6.1 (the forced-kprobe variant: the kprobe path is the same on every kernel; the fentry variant runs everywhere)
 #[test]
 fn kprobe_in_no_states_names_the_missing_sa() {
     in_no_states(Hooks::Kprobe);
@@ -495,6 +496,7 @@ fn replayed_esp_is_counted_as_sequence_errors_of_its_sa() {
     replay(Hooks::Auto);
 }
 
+/// Runs on: 6.1 (the forced-kprobe variant: the kprobe path is the same on every kernel; the fentry variant runs everywhere)
 #[test]
 fn kprobe_replayed_esp_is_sampled_with_its_sequence_numbers() {
     replay(Hooks::Kprobe);
@@ -599,6 +601,7 @@ fn out_no_states_names_the_policy_without_an_sa() {
     out_no_states(Hooks::Auto);
 }
 
+/// Runs on: 6.1 (the forced-kprobe variant: the kprobe path is the same on every kernel; the fentry variant runs everywhere)
 #[test]
 fn kprobe_out_no_states_names_the_policy() {
     out_no_states(Hooks::Kprobe);
@@ -851,6 +854,7 @@ fn udp_no_ports(lab: &Lab, host: Host) -> u64 {
 /// SPI where IKE has the zero non-ESP marker) is not IKE: the IKE watch
 /// counts no port unreachable for it, while IKE on UDP 500 to the same
 /// peer, where nothing listens either, still counts each datagram once.
+/// Runs on: 6.12 (the IKE watch is tracepoints only; the same rule runs everywhere in ike_watch_counts_each_peer_exactly)
 #[test]
 fn esp_in_udp_refused_by_the_peer_is_not_ike() {
     const IKE_COUNT: usize = 3;

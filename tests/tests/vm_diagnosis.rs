@@ -140,6 +140,7 @@ fn healthy(lab: &mut Lab) {
     both(lab, |_| {}, |_| {});
 }
 
+/// Runs on: 6.12 (a pluto diagnosis lab: pluto and the rules do not differ between kernels)
 #[test]
 fn diagnosis_of_ikev2_failures_names_cause_and_connection() {
     let scenarios = [
@@ -192,6 +193,7 @@ fn diagnosis_of_ikev2_failures_names_cause_and_connection() {
     );
 }
 
+/// Runs on: 6.12 (a pluto diagnosis lab: pluto and the rules do not differ between kernels)
 #[test]
 fn diagnosis_of_network_and_ikev1_failures_names_cause_and_connection() {
     let scenarios = [
@@ -276,6 +278,7 @@ fn diagnosis_of_network_and_ikev1_failures_names_cause_and_connection() {
 
 /// MASQUERADE and MTU findings name the pluto connection of their SA; a
 /// policy left without SA and without a key manager is a tunnel down.
+/// Runs on: 6.12 (a pluto diagnosis lab: pluto and the rules do not differ between kernels)
 #[test]
 fn diagnosis_names_the_connection_of_nat_and_mtu_findings_and_down_tunnels() {
     let scenarios = [
@@ -369,6 +372,7 @@ fn bring_up(lab: &Lab) -> String {
 /// ESP of a Child SA that a rekey replaced, arriving after the rekey: the
 /// kernel no longer has the SA (XfrmInNoStates), pluto no longer lists the
 /// state, and the drop still names connection "lab" and the old state.
+/// Runs on: 6.12 (a pluto diagnosis lab: pluto and the rules do not differ between kernels)
 #[test]
 fn diagnosis_drops_after_a_rekey_still_name_their_connection_and_state() {
     let scenarios = [Scenario {
@@ -461,6 +465,7 @@ fn diagnosis_drops_after_a_rekey_still_name_their_connection_and_state() {
 /// pluto still calls the tunnel up, the peer's ESP is dropped
 /// (XfrmInNoStates), and the finding says so and names the fix, which
 /// works.
+/// Runs on: 6.12 (a pluto diagnosis lab: pluto and the rules do not differ between kernels)
 #[test]
 fn diagnosis_names_an_sa_the_kernel_lost_behind_plutos_back() {
     let scenarios = [Scenario {

@@ -102,6 +102,7 @@ fn check(lab: &mut Lab, config: StaticIpsec) {
     assert!(*sizes.last().unwrap() <= 1500);
 }
 
+/// Runs on: 6.1, 6.12, sid (eight setups or a variant; 5.10 is the slowest kernel to load on)
 #[test]
 fn computed_esp_overhead_equals_the_wire_for_every_mode_cipher_and_encap() {
     let mut lab = Lab::create(&format!("xo{}", std::process::id() % 10000)).expect("lab topology");

@@ -60,6 +60,7 @@ fn plaintext_to(packets: &[Packet], port_owner: &str) -> usize {
         .count()
 }
 
+/// Runs on: 5.10, sid (the lab's static SAs, no tracer: the oldest and the newest kernel)
 #[test]
 fn static_sas_encrypt_every_packet_in_each_mode() {
     const COUNT: usize = 10;
@@ -119,6 +120,7 @@ fn static_sas_encrypt_every_packet_in_each_mode() {
     }
 }
 
+/// Runs on: 6.12 (pluto itself, on the demo's kernel)
 #[test]
 fn pluto_negotiates_a_tunnel_that_carries_traffic() {
     const COUNT: usize = 5;
@@ -164,6 +166,7 @@ fn pluto_negotiates_a_tunnel_that_carries_traffic() {
 /// and algorithms but none of their keys; with `--fail-on-findings` a
 /// finding (here a tunnel down: west's SA deleted, its policy kept) makes
 /// the exit code 3, and the bundle is still written.
+/// Runs on: 6.12 (the bundle's no-key check needs SAs, not a particular kernel)
 #[test]
 fn report_bundle_holds_the_sas_but_no_key_and_exit_code_tells_findings() {
     let mut lab = lab("b");

@@ -251,6 +251,7 @@ fn masquerade_leak_is_reported_per_packet_and_the_return_fix_silences_it() {
     assert_eq!(leaks(&report), Vec::<Value>::new());
 }
 
+/// Runs on: 6.1 (a MASQUERADE rule variant: the kernel path is the one the iptables test covers on every kernel)
 #[test]
 fn ordinary_masquerade_for_non_ipsec_traffic_gives_no_finding() {
     let lab = lab("ok");
@@ -306,6 +307,7 @@ fn ordinary_masquerade_for_non_ipsec_traffic_gives_no_finding() {
     assert_eq!(leaks(&report), Vec::<Value>::new());
 }
 
+/// Runs on: 6.1 (a MASQUERADE rule variant: the kernel path is the one the iptables test covers on every kernel)
 #[test]
 fn nftables_masquerade_is_detected_the_same_way() {
     let lab = lab("nf");
@@ -510,6 +512,7 @@ fn ipv6_masquerade_leak_is_reported_and_fixed() {
     assert_eq!(router_v6_count(&lab, "esp") - esp_before, COUNT as u64);
 }
 
+/// Runs on: 6.12 (an `xfrm-trace lab` scenario, on the demo's kernel)
 #[test]
 fn lab_masquerade_command_shows_the_leak_the_finding_and_the_fix() {
     let out = std::process::Command::new(tests::binary())
@@ -538,6 +541,7 @@ fn lab_masquerade_command_shows_the_leak_the_finding_and_the_fix() {
     assert!(!stdout.contains("0x<key>") && !stdout.to_lowercase().contains("aead"));
 }
 
+/// Runs on: 6.1 (the forced-kprobe variant: the kprobe path is the same on every kernel; the fentry variant runs everywhere)
 #[test]
 fn masquerade_kprobe_fallback_counts_every_leak() {
     let lab = lab("kp");

@@ -190,6 +190,7 @@ fn tunnel_gcm_oversize_is_reported_once_per_packet_with_the_fix() {
     oversize_is_reported_once_per_packet_with_the_fix("tg", StaticIpsec::default());
 }
 
+/// Runs on: 6.1, 6.12, sid (eight setups or a variant; 5.10 is the slowest kernel to load on)
 #[test]
 fn transport_cbc_nat_t_oversize_is_reported_once_per_packet_with_the_fix() {
     oversize_is_reported_once_per_packet_with_the_fix(
@@ -300,6 +301,7 @@ fn route_based_oversize_is_reported_against_the_interface_sa() {
 /// fragmentation needed, ICMPv6 packet too big) before the SA is on the
 /// packet. Each refusal is counted once against the VTI's SA, found from
 /// the VTI's key and endpoints, and the fix sets the VTI's MTU.
+/// Runs on: 6.12 (differs from the XFRM-interface test, which runs everywhere, only in the link kind the program compares)
 #[test]
 fn vti_oversize_is_reported_against_the_vti_sa() {
     let config = StaticIpsec {
@@ -509,6 +511,7 @@ fn esp_fragmented_by_the_router_is_counted_per_packet() {
     assert_eq!(sa["max_inner_fitting"], max_inner);
 }
 
+/// Runs on: 6.12 (an `xfrm-trace lab` scenario, on the demo's kernel)
 #[test]
 fn lab_mtu_reproduces_diagnoses_and_fixes_the_black_hole() {
     let out = std::process::Command::new(tests::binary())

@@ -54,6 +54,7 @@ fn counter<'a>(report: &'a Value, name: &str) -> &'a Value {
 /// marked deleted, and no counter shows a negative gap. The tool runs
 /// inside a named namespace of its own, which the report calls by that
 /// name (not "host").
+/// Runs on: 5.10, sid (the teardown hook on the oldest and newest kernel; 6.1 attaches it in the netns fault test)
 #[test]
 fn deleted_namespaces_keep_their_counts_and_names() {
     require_root();
@@ -169,6 +170,7 @@ fn send_from(ns: &Namespaces, src: &'static str, dst: &'static str, count: usize
 /// xfrm-trace`): each counter that moved ends in a finding with its exact
 /// count, where it happened (by that namespace's name, not "host"), and a
 /// fix that runs there (`ip netns exec`).
+/// Runs on: 6.12 (the diagnosis's rules, on brackets that every kernel runs in the attribution tests)
 #[test]
 fn every_counter_that_moved_ends_in_a_finding() {
     require_root();

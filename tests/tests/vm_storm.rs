@@ -42,6 +42,7 @@ fn settled(lab: &Lab) -> u64 {
     }
 }
 
+/// Runs on: 6.1 (30 s of storm on the kernel the performance targets name)
 #[test]
 fn drop_storm_is_attributed_exactly_in_bounded_memory_and_ctrl_c_works() {
     let lab = Lab::create("storm").unwrap();

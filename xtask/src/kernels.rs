@@ -13,102 +13,38 @@ use anyhow::{Context as _, bail};
 use crate::util::{output, run};
 
 /// One kernel of the matrix: the newest `linux-image-amd64` of the first
-/// suite that has it.
+/// suite that has it. Which tests run on it: `crate::placement` (each test
+/// says so next to itself).
 pub struct KernelSpec {
     pub name: &'static str,
     pub suites: &'static [&'static str],
-    /// Tests (libtest `--skip` patterns) run on another kernel only, so the
-    /// whole matrix fits CI's 90 minutes under TCG (a tracer start costs
-    /// 14 s on 5.10, its verifier, and more on a busy machine). What each
-    /// kernel may do differently runs everywhere; the groups are below.
-    pub skip: &'static [&'static [&'static str]],
 }
-
-/// Forced-kprobe variants, the MASQUERADE rule variants (nftables,
-/// ordinary NAT: the kernel path is the one the iptables test covers), the
-/// 30-second drop storm (the kernel the issue's targets name), and the
-/// fault tests that involve the kernel (signals during a real fentry
-/// attach, a second instance, a netns deleted with ESP state).
-const ON_6_1: &[&str] = &[
-    "kprobe",
-    "nftables_masquerade",
-    "ordinary_masquerade",
-    "drop_storm",
-    "sigint_and_sigterm",
-    "second_instance",
-    "netns_deleted",
-];
-/// Userspace only (a broken pluto answer, no BTF, no xfrm_stat, bad
-/// usage, no root), about a kernel without ESP, or about tracepoint-only
-/// mode (the drop capture's rate limit): the host runs them; no VM kernel
-/// adds anything.
-const HOST_ONLY: &[&str] = &[
-    "broken_pluto_output",
-    "without_kernel_btf",
-    "without_xfrm_stat",
-    "bad_usage",
-    "without_root",
-    "lab_on_a_kernel_without_esp",
-    "not_copied_for_the_pcapng",
-    // The CLI, metrics, filter and bundle-layout tests: userspace.
-    "prometheus_metrics",
-    "netns_and_filter",
-    "report_bundle_has",
-    "completions_and_man",
-    // Where output files may be written (tests/tests/host_outputs.rs).
-    "outputs_",
-    // Signals, privileges, the metrics endpoint's limits, argument checks.
-    "cli_",
-    // The summary on a tracepoint-only kernel (the host's).
-    "degraded_",
-];
-/// `xfrm-trace lab` scenarios, the pluto diagnosis labs, pluto itself and
-/// the bundle's no-key check on a kernel with SAs: on the demo's kernel.
-/// Also the VTI oversize test (it differs from the XFRM-interface one,
-/// which runs everywhere, only in the link kind the program compares) and
-/// real ESP in UDP refused by the peer (the IKE watch is tracepoints only;
-/// `ike_watch_counts_each_peer_exactly` checks the same rule everywhere).
-const ON_6_12: &[&str] = &[
-    "lab_m",
-    // Every counter's finding: the diagnosis's rules, on brackets that
-    // every kernel runs in the attribution tests.
-    "every_counter_that_moved",
-    "diagnosis_",
-    "pluto_negotiates",
-    "report_bundle_holds",
-    "vti_oversize",
-    "esp_in_udp_refused",
-];
-/// The eight-setup ESP wire-size test and the transport+CBC+NAT-T
-/// oversize variant (5.10 is the slowest kernel to load on).
-const ON_6_1_AND_NEWER: &[&str] = &["computed_esp_overhead", "transport_cbc_nat_t"];
-/// The lab's static SAs in every mode (no tracer), and namespaces deleted
-/// mid-run (the teardown hook; 6.1 attaches it in the netns fault test,
-/// 6.12 was checked by hand): oldest and newest.
-const ON_5_10_AND_SID: &[&str] = &["static_sas_encrypt", "deleted_namespaces_keep"];
 
 pub const MATRIX: &[KernelSpec] = &[
     KernelSpec {
         name: "5.10",
         suites: &["bullseye-security", "bullseye"],
-        skip: &[ON_6_1, ON_6_12, ON_6_1_AND_NEWER, HOST_ONLY],
     },
     KernelSpec {
         name: "6.1",
         suites: &["bookworm-security", "bookworm"],
-        skip: &[ON_6_12, ON_5_10_AND_SID, HOST_ONLY],
     },
     KernelSpec {
         name: "6.12",
         suites: &["trixie-security", "trixie"],
-        skip: &[ON_6_1, ON_5_10_AND_SID, HOST_ONLY],
     },
     KernelSpec {
         name: "sid",
         suites: &["sid"],
-        skip: &[ON_6_1, ON_6_12, HOST_ONLY],
     },
 ];
+
+/// Where a test may say it runs: the host and each kernel of the matrix.
+pub fn targets() -> Vec<&'static str> {
+    std::iter::once(crate::placement::HOST)
+        .chain(MATRIX.iter().map(|k| k.name))
+        .collect()
+}
 
 const SOURCES: &str = "\
 deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian bullseye main

@@ -3,6 +3,7 @@
 mod bench;
 mod fuzz;
 mod kernels;
+mod placement;
 mod setup;
 mod util;
 mod vm;
@@ -207,6 +208,15 @@ fn host_tests(binary: &std::path::Path) -> anyhow::Result<util::TestTally> {
     let targets = util::host_test_targets()?;
     for target in &targets {
         args.extend(["--test", target.as_str()]);
+    }
+    let placements = placement::read(
+        &util::workspace_root().join("tests/tests"),
+        &kernels::targets(),
+    )?;
+    let skipped = placement::skipped_on(&placements, placement::HOST);
+    args.push("--");
+    for test in &skipped {
+        args.extend(["--skip", test.as_str()]);
     }
     util::cargo_test(util::cargo().args(&args).env("XFRM_TRACE_BIN", binary))
 }

@@ -11,6 +11,7 @@ use anyhow::{Context as _, bail};
 
 use crate::{
     kernels::{self, MATRIX},
+    placement,
     util::{self, TestTally},
     vm,
 };
@@ -88,7 +89,7 @@ fn time_limit(binary: &Path) -> u64 {
 const BLOCKED_TASKS: &str = "echo w > /proc/sysrq-trigger 2>/dev/null; \
     echo 'vm-test: the kernel log after the kill:'; dmesg | tail -n 120";
 
-fn guest_script(binary: &Path, tests: &[PathBuf], options: &Options, skip: &[&[&str]]) -> String {
+fn guest_script(binary: &Path, tests: &[PathBuf], options: &Options, skip: &[String]) -> String {
     let mut script =
         String::from("export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n");
     let _ = writeln!(
@@ -114,8 +115,7 @@ fn guest_script(binary: &Path, tests: &[PathBuf], options: &Options, skip: &[&[&
             test.display(),
             options.tests.join(" "),
             skip.iter()
-                .flat_map(|group| group.iter())
-                .map(|pattern| format!(" --skip {pattern}"))
+                .map(|test| format!(" --skip {test}"))
                 .collect::<String>(),
             test.file_name().unwrap_or_default().to_string_lossy(),
         );
@@ -134,6 +134,10 @@ pub fn run(options: &Options, binary: &Path) -> anyhow::Result<Vec<KernelResult>
         }
     }
     let tests = test_binaries()?;
+    let placements = placement::read(
+        &util::workspace_root().join("tests/tests"),
+        &kernels::targets(),
+    )?;
     let mut results = Vec::new();
     for spec in MATRIX
         .iter()
@@ -155,7 +159,8 @@ pub fn run(options: &Options, binary: &Path) -> anyhow::Result<Vec<KernelResult>
         let out_dir = vm::out_dir(spec.name);
         std::fs::create_dir_all(&out_dir)?;
         let script = out_dir.join("run.sh");
-        std::fs::write(&script, guest_script(binary, &tests, options, spec.skip))
+        let skipped = placement::skipped_on(&placements, spec.name);
+        std::fs::write(&script, guest_script(binary, &tests, options, &skipped))
             .with_context(|| format!("writing {}", script.display()))?;
         eprintln!("vm: booting {} ({}) under TCG", spec.name, kernel.release);
         let outcome = vm::run_script(
