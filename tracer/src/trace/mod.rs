@@ -19,7 +19,7 @@ use crate::{
     kallsyms::Kallsyms,
     netns::{self, Netns},
     pluto, privilege, prometheus, render,
-    report::{CounterValues, Outcome},
+    report::{CounterValues, Outcome, Report},
     xfrm_stat::XfrmStat,
     xfrm_state::XfrmBook,
 };
@@ -87,193 +87,290 @@ fn xfrm_stat_problem(path: &std::path::Path) -> Option<String> {
     }
 }
 
+/// A run: start, watch until asked to stop, then stop and report.
 pub fn run(options: &Options) -> anyhow::Result<Outcome> {
-    privilege::require_privileges()?;
-    check_requested(options)?;
-    let started = Instant::now();
-    let btf = KernelBtf::running()?;
-    log::debug!("start: kernel BTF read in {:?}", started.elapsed());
-    let kallsyms = Kallsyms::read().context("reading /proc/kallsyms")?;
-    log::debug!("start: kallsyms read in {:?}", started.elapsed());
-    // Without the counters the run still watches drops, IKE, MASQUERADE
-    // and MTU; the report says why no counter is shown.
-    let counters_unavailable = xfrm_stat_problem("/proc/net/xfrm_stat".as_ref());
-    if let Some(problem) = &counters_unavailable {
-        log::warn!("{problem}: no counter deltas");
-    }
-    let counters = counters_unavailable.is_none();
-    let release = nix::sys::utsname::uname()
-        .map(|u| u.release().to_string_lossy().into_owned())
-        .context("uname")?;
-    let counter_names = Counters::from_btf(&btf).unwrap_or_default();
-    let mut probes = Probes::attach(&btf, &kallsyms, options.hooks)?;
-    // Without the teardown hook, a deleted namespace keeps the counters
-    // last read (every second).
-    let mut history =
-        netns::History::new(counters && probes.netns_teardown_hooks.attached.is_empty());
-    let mut book = XfrmBook::default();
-    watch_namespaces(&mut book, &history.tick(Vec::new(), &counter_names, true));
-    log::debug!("start: namespaces watched in {:?}", started.elapsed());
-    let (mut plutos, pluto_problems) = pluto::session::Watch::start(&options.pluto_sockets);
-    log::debug!("start: pluto watched in {:?}", started.elapsed());
-    for problem in &pluto_problems {
-        log::info!("pluto: {problem}");
-    }
-    let context = assemble::Context {
-        release,
-        reasons: btf::drop_reason_names(&btf),
-        kallsyms,
-        counter_names,
-        coverage: probes.coverage.clone(),
-        mtu_hooks: probes.mtu_hooks.clone(),
-        ike_hooks: probes.ike_hooks.clone(),
-        masquerade: probes.masquerade.clone(),
-        netns_teardown_hooks: probes.netns_teardown_hooks.clone(),
-        pluto_problems,
-        counters_unavailable,
-    };
-    // The kernel's BTF (several MiB) is the largest thing in memory and is not
-    // needed once attached: free it and give the pages back, so a long
-    // run (a drop storm) holds only what it reports from.
-    drop(btf);
-    release_free_memory();
-    log::debug!("start: BTF freed in {:?}", started.elapsed());
-    // Counters are read once everything is attached, so every increment
-    // in the window can be attributed.
-    let before = snapshot(counters);
-    log::debug!(
-        "start: attached and counters read in {:?}",
-        started.elapsed()
-    );
-    let started = Instant::now();
-    let metrics = options.prometheus.map(|address| {
-        (
-            address,
-            std::sync::Arc::new(std::sync::Mutex::new(String::new())),
-        )
-    });
+    let mut session = Session::start(options)?;
+    session.watch()?;
+    session.stop()
+}
 
-    let live = options.live && std::io::IsTerminal::is_terminal(&std::io::stdout());
-    let refresh_every = options.interval.as_secs_f64().round().max(1.0) as u64;
-    let stop = options.stop.clone();
-    let mut ticks = 0u64;
-    // The report as of now, narrowed as asked.
-    let assemble =
-        |readings, after: &Snapshot, history: &netns::History, book: &XfrmBook, plutos, elapsed| {
-            let mut report = assemble::report(
-                &context,
-                assemble::Moment {
-                    readings,
-                    before: &before,
-                    after,
-                    history,
-                    book,
-                    plutos,
-                    elapsed,
-                },
-            );
-            options.filter.apply(&mut report);
-            report
+/// The metrics text the endpoint serves, and where it listens.
+type Metrics = Option<(std::net::SocketAddr, prometheus::Shared)>;
+
+/// Everything a run holds between start and stop: the attached programs,
+/// the pluto watch (both consumed at the stop) and the rest.
+struct Session<'a> {
+    probes: Probes,
+    plutos: pluto::session::Watch,
+    run: Run<'a>,
+}
+
+/// What the report is assembled from, besides the programs' readings.
+struct Run<'a> {
+    options: &'a Options,
+    context: assemble::Context,
+    /// Namespaces seen, and those deleted with their last counters.
+    history: netns::History,
+    book: XfrmBook,
+    /// Whether `/proc/net/xfrm_stat` can be read (else no counter deltas).
+    counters: bool,
+    /// Counters once everything was attached.
+    before: Snapshot,
+    /// When the watch began (after attaching).
+    started: Instant,
+    metrics: Metrics,
+    /// Redraw the counters on the terminal.
+    live: bool,
+    ticks: u64,
+}
+
+impl<'a> Session<'a> {
+    /// Reads the kernel's facts, attaches every program, starts following
+    /// namespaces, SAs and pluto, and reads the counters last.
+    fn start(options: &'a Options) -> anyhow::Result<Self> {
+        privilege::require_privileges()?;
+        check_requested(options)?;
+        let started = Instant::now();
+        let btf = KernelBtf::running()?;
+        log::debug!("start: kernel BTF read in {:?}", started.elapsed());
+        let kallsyms = Kallsyms::read().context("reading /proc/kallsyms")?;
+        log::debug!("start: kallsyms read in {:?}", started.elapsed());
+        // Without the counters the run still watches drops, IKE, MASQUERADE
+        // and MTU; the report says why no counter is shown.
+        let counters_unavailable = xfrm_stat_problem("/proc/net/xfrm_stat".as_ref());
+        if let Some(problem) = &counters_unavailable {
+            log::warn!("{problem}: no counter deltas");
+        }
+        let counters = counters_unavailable.is_none();
+        let release = nix::sys::utsname::uname()
+            .map(|u| u.release().to_string_lossy().into_owned())
+            .context("uname")?;
+        let counter_names = Counters::from_btf(&btf).unwrap_or_default();
+        let probes = Probes::attach(&btf, &kallsyms, options.hooks)?;
+        // Without the teardown hook, a deleted namespace keeps the counters
+        // last read (every second).
+        let mut history =
+            netns::History::new(counters && probes.netns_teardown_hooks.attached.is_empty());
+        let mut book = XfrmBook::default();
+        watch_namespaces(&mut book, &history.tick(Vec::new(), &counter_names, true));
+        log::debug!("start: namespaces watched in {:?}", started.elapsed());
+        let (plutos, pluto_problems) = pluto::session::Watch::start(&options.pluto_sockets);
+        log::debug!("start: pluto watched in {:?}", started.elapsed());
+        for problem in &pluto_problems {
+            log::info!("pluto: {problem}");
+        }
+        let context = assemble::Context {
+            release,
+            reasons: btf::drop_reason_names(&btf),
+            kallsyms,
+            counter_names,
+            coverage: probes.coverage.clone(),
+            mtu_hooks: probes.mtu_hooks.clone(),
+            ike_hooks: probes.ike_hooks.clone(),
+            masquerade: probes.masquerade.clone(),
+            netns_teardown_hooks: probes.netns_teardown_hooks.clone(),
+            pluto_problems,
+            counters_unavailable,
         };
-    let refresh = |probes: &Probes,
-                   history: &netns::History,
-                   book: &XfrmBook,
-                   plutos: &pluto::session::Watch| {
-        let readings = probes.read(&context.kallsyms)?;
-        anyhow::Ok(assemble(
-            readings,
-            &snapshot(counters),
-            history,
-            book,
-            plutos.observed(),
-            started.elapsed(),
-        ))
-    };
-    wait(
-        options.duration,
-        options.ready_file.as_deref(),
-        metrics.clone(),
-        || {
-            ticks += 1;
-            probes.tick();
-            let every_5_s = ticks.is_multiple_of(5);
-            let reachable =
-                history.tick(probes.take_netns_exits(), &context.counter_names, every_5_s);
-            book.poll();
-            plutos.tick();
-            if every_5_s {
-                watch_namespaces(&mut book, &reachable);
-            }
-            if (live || metrics.is_some()) && ticks.is_multiple_of(refresh_every) {
-                match refresh(&probes, &history, &book, &plutos) {
-                    Ok(report) => {
-                        if let Some((_, text)) = &metrics {
-                            *text.lock().unwrap_or_else(|e| e.into_inner()) =
-                                prometheus::render(&report);
-                        }
-                        if live {
-                            // Not print!: it panics once the terminal is
-                            // gone (SIGHUP), and the run must still report.
-                            let _ = std::io::Write::write_all(
-                                &mut std::io::stdout(),
-                                render::live(started.elapsed(), &report.counters).as_bytes(),
-                            );
-                        }
-                    }
-                    Err(e) => log::warn!("refreshing the live report: {e:#}"),
-                }
-            }
-            stop.as_ref()
-                .is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed))
-        },
-    )?;
-
-    history.tick(probes.take_netns_exits(), &context.counter_names, false);
-    let mut after = snapshot(counters);
-    // A namespace torn down after the reading above: its counters at
-    // teardown include everything read there.
-    let late = probes.take_netns_exits();
-    for exit in &late {
-        after.remove(&u64::from(exit.netns));
-    }
-    history.tick(late, &context.counter_names, false);
-    let elapsed = started.elapsed();
-    // Detaches every program before the (slower) reporting.
-    let stopping = Instant::now();
-    let readings = probes.finish(&context.kallsyms)?;
-    log::debug!("stop: read and detached in {:?}", stopping.elapsed());
-    book.poll();
-    let report = assemble(readings, &after, &history, &book, plutos.finish(), elapsed);
-    log::debug!("stop: report assembled in {:?}", stopping.elapsed());
-    let kept = |label: &str| report.netns.iter().any(|n| n.label == label);
-    let mut xfrm_stat: BTreeMap<String, (CounterValues, CounterValues)> = BTreeMap::new();
-    let readings = history
-        .deleted
-        .iter()
-        .map(|gone| (&gone.netns, &gone.counters))
-        .chain(after.values().map(|(ns, now)| (ns, now)));
-    for (ns, now) in readings.filter(|(ns, _)| kept(&ns.label)) {
-        let then = before
-            .get(&ns.inode)
-            .map(|(_, s)| s.0.clone())
-            .unwrap_or_default();
-        xfrm_stat
-            .entry(ns.label.clone())
-            .or_insert((then, now.0.clone()));
-    }
-    let xfrm_state = report
-        .netns
-        .iter()
-        .filter_map(|n| Some((n.label.clone(), book.current(n.inode)?)))
-        .filter(|(_, state)| {
-            !state.sas.is_empty() || !state.policies.is_empty() || !state.interfaces.is_empty()
+        // The kernel's BTF (several MiB) is the largest thing in memory and
+        // is not needed once attached: free it and give the pages back, so a
+        // long run (a drop storm) holds only what it reports from.
+        drop(btf);
+        release_free_memory();
+        log::debug!("start: BTF freed in {:?}", started.elapsed());
+        // Counters are read once everything is attached, so every increment
+        // in the window can be attributed.
+        let before = snapshot(counters);
+        log::debug!(
+            "start: attached and counters read in {:?}",
+            started.elapsed()
+        );
+        Ok(Self {
+            probes,
+            plutos,
+            run: Run {
+                options,
+                context,
+                history,
+                book,
+                counters,
+                before,
+                started: Instant::now(),
+                metrics: options.prometheus.map(|address| {
+                    (
+                        address,
+                        std::sync::Arc::new(std::sync::Mutex::new(String::new())),
+                    )
+                }),
+                live: options.live && std::io::IsTerminal::is_terminal(&std::io::stdout()),
+                ticks: 0,
+            },
         })
-        .collect();
-    Ok(Outcome {
-        report,
-        xfrm_stat,
-        xfrm_state,
-    })
+    }
+
+    /// Until the duration passes, a signal arrives or `options.stop` is set.
+    fn watch(&mut self) -> anyhow::Result<()> {
+        let options = self.run.options;
+        wait(
+            options.duration,
+            options.ready_file.as_deref(),
+            self.run.metrics.clone(),
+            || self.tick(),
+        )
+    }
+
+    /// Once a second: samples, namespaces, SAs, pluto; the live view and
+    /// the metrics every `--interval`. True when asked to stop.
+    fn tick(&mut self) -> bool {
+        let run = &mut self.run;
+        run.ticks += 1;
+        self.probes.tick();
+        let every_5_s = run.ticks.is_multiple_of(5);
+        let reachable = run.history.tick(
+            self.probes.take_netns_exits(),
+            &run.context.counter_names,
+            every_5_s,
+        );
+        run.book.poll();
+        self.plutos.tick();
+        if every_5_s {
+            watch_namespaces(&mut run.book, &reachable);
+        }
+        let refresh_every = run.options.interval.as_secs_f64().round().max(1.0) as u64;
+        if (run.live || run.metrics.is_some()) && run.ticks.is_multiple_of(refresh_every) {
+            match self.refresh() {
+                Ok(report) => self.run.show(&report),
+                Err(e) => log::warn!("refreshing the live report: {e:#}"),
+            }
+        }
+        self.run
+            .options
+            .stop
+            .as_ref()
+            .is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// The report as of now (the programs keep running).
+    fn refresh(&self) -> anyhow::Result<Report> {
+        let readings = self.probes.read(&self.run.context.kallsyms)?;
+        Ok(self.run.assemble(
+            readings,
+            &snapshot(self.run.counters),
+            self.plutos.observed(),
+            self.run.started.elapsed(),
+        ))
+    }
+
+    /// Reads the counters and every table a last time, detaches every
+    /// program, and assembles the report with its raw evidence.
+    fn stop(self) -> anyhow::Result<Outcome> {
+        let Session {
+            mut probes,
+            plutos,
+            mut run,
+        } = self;
+        run.history
+            .tick(probes.take_netns_exits(), &run.context.counter_names, false);
+        let mut after = snapshot(run.counters);
+        // A namespace torn down after the reading above: its counters at
+        // teardown include everything read there.
+        let late = probes.take_netns_exits();
+        for exit in &late {
+            after.remove(&u64::from(exit.netns));
+        }
+        run.history.tick(late, &run.context.counter_names, false);
+        let elapsed = run.started.elapsed();
+        // Detaches every program before the (slower) reporting.
+        let stopping = Instant::now();
+        let readings = probes.finish(&run.context.kallsyms)?;
+        log::debug!("stop: read and detached in {:?}", stopping.elapsed());
+        run.book.poll();
+        let report = run.assemble(readings, &after, plutos.finish(), elapsed);
+        log::debug!("stop: report assembled in {:?}", stopping.elapsed());
+        let xfrm_stat = run.counter_evidence(&report, &after);
+        let xfrm_state = report
+            .netns
+            .iter()
+            .filter_map(|n| Some((n.label.clone(), run.book.current(n.inode)?)))
+            .filter(|(_, state)| {
+                !state.sas.is_empty() || !state.policies.is_empty() || !state.interfaces.is_empty()
+            })
+            .collect();
+        Ok(Outcome {
+            report,
+            xfrm_stat,
+            xfrm_state,
+        })
+    }
+}
+
+impl Run<'_> {
+    /// Publishes a refreshed report to the metrics endpoint and the terminal.
+    fn show(&self, report: &Report) {
+        if let Some((_, text)) = &self.metrics {
+            *text.lock().unwrap_or_else(|e| e.into_inner()) = prometheus::render(report);
+        }
+        if self.live {
+            // Not print!: it panics once the terminal is gone (SIGHUP), and
+            // the run must still report.
+            let _ = std::io::Write::write_all(
+                &mut std::io::stdout(),
+                render::live(self.started.elapsed(), &report.counters).as_bytes(),
+            );
+        }
+    }
+
+    /// The report at one moment, narrowed as asked.
+    fn assemble(
+        &self,
+        readings: probes::Readings,
+        after: &Snapshot,
+        plutos: Vec<pluto::session::Observed>,
+        elapsed: Duration,
+    ) -> Report {
+        let mut report = assemble::report(
+            &self.context,
+            assemble::Moment {
+                readings,
+                before: &self.before,
+                after,
+                history: &self.history,
+                book: &self.book,
+                plutos,
+                elapsed,
+            },
+        );
+        self.options.filter.apply(&mut report);
+        report
+    }
+
+    /// `/proc/net/xfrm_stat` before and after, per namespace the report
+    /// kept (deleted ones as of their teardown).
+    fn counter_evidence(
+        &self,
+        report: &Report,
+        after: &Snapshot,
+    ) -> BTreeMap<String, (CounterValues, CounterValues)> {
+        let kept = |label: &str| report.netns.iter().any(|n| n.label == label);
+        let mut xfrm_stat = BTreeMap::new();
+        let readings = self
+            .history
+            .deleted
+            .iter()
+            .map(|gone| (&gone.netns, &gone.counters))
+            .chain(after.values().map(|(ns, now)| (ns, now)));
+        for (ns, now) in readings.filter(|(ns, _)| kept(&ns.label)) {
+            let then = self
+                .before
+                .get(&ns.inode)
+                .map(|(_, s)| s.0.clone())
+                .unwrap_or_default();
+            xfrm_stat
+                .entry(ns.label.clone())
+                .or_insert((then, now.0.clone()));
+        }
+        xfrm_stat
+    }
 }
 
 /// Fails before anything is attached when what the user named does not
