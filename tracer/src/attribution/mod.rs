@@ -16,6 +16,7 @@ use crate::{
     ebpf::{attach_fentry, attach_fexit, attach_kprobe, program},
     hooks::HookChoice,
     kallsyms::{Kallsyms, Presence},
+    model::Names,
 };
 
 /// A bracket: the function and its programs, named `<prefix>_entry`,
@@ -403,14 +404,40 @@ pub struct SampleReport {
 /// Samples shown per counter (the counts stay exact regardless).
 pub const SAMPLES_PER_COUNTER: usize = 16;
 
-/// The kept samples in report form, with symbolized stacks (read while the
-/// programs' maps are still open), by counter index. `kallsyms` must know
-/// our programs and their trampolines (`with_current_bpf_symbols`).
-pub fn sample_reports(
-    ebpf: &Ebpf,
-    samples: &[Sample],
-    kallsyms: &Kallsyms,
-) -> Vec<(u32, SampleReport)> {
+/// A kept sample with its symbolized stack (read while the programs' maps
+/// are still open), before it is named.
+#[derive(Clone, Debug)]
+pub struct StackSample {
+    pub counter: u32,
+    key: SourceKey,
+    count: u64,
+    time_ms: u64,
+    time_ns: u64,
+    captured: Option<crate::model::Captured>,
+    seq: Option<u32>,
+    stack: Vec<String>,
+    own_frames_left_out: usize,
+}
+
+impl StackSample {
+    /// The sample as the report has it, its source named.
+    pub fn report(self, names: &Names) -> SampleReport {
+        SampleReport {
+            time_ms: self.time_ms,
+            time_ns: self.time_ns,
+            captured: self.captured,
+            source: source(&self.key, self.count, names),
+            seq: self.seq,
+            stack: self.stack,
+            own_frames_left_out: self.own_frames_left_out,
+        }
+    }
+}
+
+/// The kept samples with symbolized stacks, at most `SAMPLES_PER_COUNTER`
+/// per counter. `kallsyms` must know our programs and their trampolines
+/// (`with_current_bpf_symbols`).
+pub fn stack_samples(ebpf: &Ebpf, samples: &[Sample], kallsyms: &Kallsyms) -> Vec<StackSample> {
     let first = samples.iter().map(|s| s.time_ns).min().unwrap_or(0);
     let mut shown: std::collections::HashMap<u32, usize> = std::collections::HashMap::new();
     samples
@@ -421,22 +448,22 @@ pub fn sample_reports(
             *n <= SAMPLES_PER_COUNTER
         })
         .map(|s| {
-            let key = SourceKey {
-                counter: s.counter,
-                hook: s.hook,
-                flow: s.flow,
-            };
             let (stack, own_frames_left_out) = stack(ebpf, s.stack_id, kallsyms);
-            let report = SampleReport {
+            StackSample {
+                counter: s.counter,
+                key: SourceKey {
+                    counter: s.counter,
+                    hook: s.hook,
+                    flow: s.flow,
+                },
+                count: s.count,
                 time_ms: (s.time_ns - first) / 1_000_000,
                 time_ns: s.time_ns,
                 captured: crate::model::Captured::from_headers(s.time_ns, &s.headers),
-                source: source(&key, s.count),
                 seq: (s.seq != 0).then(|| u32::from_be(s.seq)),
                 stack,
                 own_frames_left_out,
-            };
-            (s.counter, report)
+            }
         })
         .collect()
 }
@@ -447,7 +474,7 @@ pub struct Source {
     pub count: u64,
     pub function: &'static str,
     pub netns: u64,
-    /// `ip netns` name, `host`, or `pid N` (filled in by the report).
+    /// `host`, the `ip netns` name, or `netns:<inode>`.
     pub netns_label: String,
     pub dir: &'static str,
     pub family: &'static str,
@@ -508,7 +535,9 @@ fn proto_name(proto: u8) -> String {
 }
 
 /// Turns a table row into its report form (the counter is the caller's).
-pub fn source(key: &SourceKey, count: u64) -> Source {
+/// The joins with the SAs' policies and pluto come later
+/// (`policy_selector`, `connection`, `pluto_state`).
+pub fn source(key: &SourceKey, count: u64, names: &Names) -> Source {
     let flow = &key.flow;
     let (family, src, dst) = match flow.family {
         2 => (
@@ -527,7 +556,7 @@ pub fn source(key: &SourceKey, count: u64) -> Source {
         count,
         function: function_name(key.hook),
         netns: u64::from(flow.netns),
-        netns_label: String::new(),
+        netns_label: names.label(u64::from(flow.netns)),
         dir: dir_name(flow.dir),
         family,
         src,
@@ -548,7 +577,7 @@ pub fn source(key: &SourceKey, count: u64) -> Source {
             dir_name((flow.policy_index & 7) as u8)
         },
         ifindex: flow.ifindex,
-        ifname: String::new(),
+        ifname: names.ifname(u64::from(flow.netns), flow.ifindex),
         policy_selector: String::new(),
         connection: String::new(),
         pluto_state: 0,
@@ -599,6 +628,12 @@ ffffffffc0040000 t bpf_prog_ffff_in_module\t[esp4]
         flow.spi = 0x1001u32.to_be();
         flow.policy_index = 0x1a; // index 3, direction fwd (2)
         flow.dport = 4500u16.to_be();
+        flow.ifindex = 2;
+        let netns = [crate::model::NetnsInfo::with_interfaces(
+            7,
+            "east",
+            &[(2, "wan0")],
+        )];
         let s = source(
             &SourceKey {
                 counter: 4,
@@ -606,6 +641,11 @@ ffffffffc0040000 t bpf_prog_ffff_in_module\t[esp4]
                 flow,
             },
             5,
+            &Names::new(&netns),
+        );
+        assert_eq!(
+            (s.netns_label.as_str(), s.ifname.as_str()),
+            ("east", "wan0")
         );
         assert_eq!(
             (s.src.as_str(), s.dst.as_str(), s.proto.as_str()),

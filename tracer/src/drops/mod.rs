@@ -14,7 +14,7 @@ use tracer_common::{
     drops::{DropKey, DropSample},
 };
 
-use crate::kallsyms::Kallsyms;
+use crate::{kallsyms::Kallsyms, model::Names};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DropsError {
@@ -80,7 +80,7 @@ pub struct DropRow {
     /// Kernel function that freed the packet (`module:function` for modules).
     pub function: String,
     pub netns: u32,
-    /// `ip netns` name, `host`, or `pid N` (filled in by the report).
+    /// `host`, the `ip netns` name, or `netns:<inode>`.
     pub netns_label: String,
     pub ifindex: u32,
     pub ifname: String,
@@ -97,6 +97,7 @@ pub fn summarize(
     rows: &[(DropKey, u64)],
     kallsyms: &Kallsyms,
     reasons: &HashMap<u32, String>,
+    names: &Names,
 ) -> Vec<DropRow> {
     let mut grouped: BTreeMap<(u32, String, String, u32, u16), u64> = BTreeMap::new();
     for (key, count) in rows {
@@ -118,8 +119,8 @@ pub fn summarize(
                 netns,
                 ifindex,
                 protocol: protocol_name(protocol),
-                netns_label: String::new(),
-                ifname: String::new(),
+                netns_label: names.label(u64::from(netns)),
+                ifname: names.ifname(u64::from(netns), ifindex),
             },
         )
         .collect();
@@ -258,8 +259,17 @@ mod tests {
             (key(0xffffffff81000020, 18), 3),
             (key(0xffffffff81000410, 2), 1),
         ];
-        let out = summarize(&rows, &syms, &reasons);
+        let netns = [crate::model::NetnsInfo::with_interfaces(
+            7,
+            "router",
+            &[(3, "r-east")],
+        )];
+        let out = summarize(&rows, &syms, &reasons, &Names::new(&netns));
         assert_eq!(out.len(), 2);
+        assert_eq!(
+            (out[0].netns_label.as_str(), out[0].ifname.as_str()),
+            ("router", "r-east")
+        );
         assert_eq!(
             (
                 out[0].count,

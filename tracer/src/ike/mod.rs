@@ -12,7 +12,11 @@ use aya::{Ebpf, maps::PerCpuHashMap, programs::TracePoint};
 use serde::Serialize;
 use tracer_common::ike::{IkeKey, event};
 
-use crate::{drops, ebpf, kallsyms::Kallsyms, model::HookList};
+use crate::{
+    drops, ebpf,
+    kallsyms::Kallsyms,
+    model::{HookList, Names},
+};
 
 /// The tracepoints of the watch (kfree_skb is attached by `drops`).
 const TRACEPOINTS: [(&str, &str); 2] = [("net", "net_dev_queue"), ("net", "netif_receive_skb")];
@@ -58,7 +62,7 @@ pub fn read(ebpf: &Ebpf) -> Result<Vec<(IkeKey, u64)>, aya::maps::MapError> {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct IkePath {
     pub netns: u64,
-    /// `ip netns` name, `host`, or `pid N` (filled in by the report).
+    /// `host`, the `ip netns` name, or `netns:<inode>`.
     pub netns_label: String,
     pub local: String,
     pub peer: String,
@@ -95,6 +99,7 @@ pub fn summarize(
     rows: &[(IkeKey, u64)],
     kallsyms: &Kallsyms,
     reasons: &HashMap<u32, String>,
+    names: &Names,
 ) -> Vec<IkePath> {
     let mut paths: BTreeMap<(u64, IpAddr, IpAddr), IkePath> = BTreeMap::new();
     for (key, count) in rows {
@@ -106,6 +111,7 @@ pub fn summarize(
             .entry((u64::from(key.netns), local, peer))
             .or_insert_with(|| IkePath {
                 netns: u64::from(key.netns),
+                netns_label: names.label(u64::from(key.netns)),
                 local: local.to_string(),
                 peer: peer.to_string(),
                 ..IkePath::default()
@@ -189,9 +195,10 @@ mod tests {
             (key(event::DROPPED, 0xffffffff81000410, 2, 0), 1),
             (key(event::PORT_UNREACHABLE, 0, 0, 0), 2),
         ];
-        let paths = summarize(&rows, &syms, &reasons);
+        let paths = summarize(&rows, &syms, &reasons, &Names::new(&[]));
         assert_eq!(paths.len(), 1);
         let path = &paths[0];
+        assert_eq!(path.netns_label, format!("netns:{}", path.netns));
         assert_eq!(
             (path.local.as_str(), path.peer.as_str()),
             ("192.0.2.1", "203.0.113.1")

@@ -20,7 +20,7 @@ use crate::{
     ebpf::{attach_fentry, attach_fexit, attach_kprobe},
     hooks::HookChoice,
     kallsyms::{Kallsyms, Presence},
-    model::Finding,
+    model::{Finding, Names},
 };
 
 pub const FINDING_KIND: &str = "masquerade_before_policy";
@@ -344,9 +344,8 @@ fn proto_name(proto: u8) -> String {
     }
 }
 
-/// The report rows, most packets first. Labels and interface names are
-/// filled in with `label`.
-pub fn leaks(counted: &Counted, coverage: &MasqCoverage) -> Vec<Leak> {
+/// The report rows, most packets first.
+pub fn leaks(counted: &Counted, coverage: &MasqCoverage, names: &Names) -> Vec<Leak> {
     let mut rows: Vec<Leak> = counted
         .leaks
         .iter()
@@ -394,9 +393,9 @@ pub fn leaks(counted: &Counted, coverage: &MasqCoverage) -> Vec<Leak> {
                 policy_dst: selector
                     .map_or_else(String::new, |s| cidr(&s.daddr, s.prefixlen_d, s.family)),
                 netns: u64::from(k.netns),
-                netns_label: String::new(),
+                netns_label: names.label(u64::from(k.netns)),
                 ifindex: k.ifindex,
-                ifname: String::new(),
+                ifname: names.ifname(u64::from(k.netns), k.ifindex),
                 captured: counted
                     .samples
                     .iter()

@@ -10,5 +10,5 @@ mod packet;
 
 pub use finding::Finding;
 pub use hooks::HookList;
-pub use names::NetnsInfo;
+pub use names::{Names, NetnsInfo};
 pub use packet::{CaptureCounts, Captured};

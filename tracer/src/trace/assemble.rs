@@ -13,7 +13,7 @@ use crate::{
     diagnosis, drops, ike,
     kallsyms::Kallsyms,
     masquerade,
-    model::{HookList, NetnsInfo},
+    model::{HookList, Names, NetnsInfo},
     mtu,
     netns::{self, Netns},
     pluto::session::{Observed, owner_of_spi_text},
@@ -59,13 +59,21 @@ pub fn report(context: &Context, moment: Moment) -> Report {
         mut plutos,
         elapsed,
     } = moment;
-    let mut drops = drops::summarize(&readings.drops, &context.kallsyms, &context.reasons);
+    // Namespaces where something happened: their interface names are read
+    // afresh, then every row is named from that one list.
+    let netns = netns_list(before, after, history, &active(&readings, before, after));
+    let names = Names::new(&netns);
+    let mut drops = drops::summarize(&readings.drops, &context.kallsyms, &context.reasons, &names);
     drops::attach_samples(
         &mut drops,
         &readings.drop_samples,
         &context.kallsyms,
         &context.reasons,
     );
+    for pluto in &mut plutos {
+        // The pluto watch runs before the names are known.
+        pluto.netns_label = names.label(pluto.netns);
+    }
     let mut counters = counter_report(
         before,
         after,
@@ -73,72 +81,24 @@ pub fn report(context: &Context, moment: Moment) -> Report {
         &readings.sources,
         &context.counter_names,
         &context.coverage,
+        &names,
     );
-    let mut leaks = masquerade::leaks(&readings.masquerade, &context.masquerade);
-    let mut ike_paths = ike::summarize(&readings.ike, &context.kallsyms, &context.reasons);
-    // Namespaces where something happened: their interface names are read afresh.
-    let mut active: Vec<u64> = drops.iter().map(|d| u64::from(d.netns)).collect();
-    active.extend(readings.mtu.iter().map(|(k, _)| u64::from(k.netns)));
-    active.extend(leaks.iter().map(|l| l.netns));
-    active.extend(ike_paths.iter().map(|p| p.netns));
-    active.extend(
-        counters
-            .iter()
-            .flat_map(|c| c.by_netns.iter().map(|n| n.netns)),
-    );
-    let netns = netns_list(before, after, history, &active);
-    // By inode: the namespace alive at the end, else the first deleted.
-    let by_inode = |inode: u64| {
-        let mut candidates = netns.iter().filter(|n| n.inode == inode);
-        candidates
-            .clone()
-            .find(|n| !n.deleted)
-            .or_else(|| candidates.next())
-    };
-    let label_of =
-        |inode: u64| by_inode(inode).map_or_else(|| format!("netns:{inode}"), |n| n.label.clone());
-    let ifname_of =
-        |inode: u64, ifindex: u32| match by_inode(inode).and_then(|n| n.interfaces.get(&ifindex)) {
-            Some(name) => name.clone(),
-            None if ifindex == 0 => "-".into(),
-            None => format!("if{ifindex}"),
-        };
-    for pluto in &mut plutos {
-        pluto.netns_label = label_of(pluto.netns);
-    }
-    let esp_sizes = esp_sizes(&readings.mtu, book, &netns);
-    for drop in &mut drops {
-        drop.netns_label = label_of(u64::from(drop.netns));
-        drop.ifname = ifname_of(u64::from(drop.netns), drop.ifindex);
-    }
-    let name_source = |source: &mut attribution::Source| {
-        source.ifname = ifname_of(source.netns, source.ifindex);
-        source.netns_label = label_of(source.netns);
-        if let Some(policy) = book.policy(source.netns, source.policy_index) {
-            source.policy_selector = format!("{} -> {}", policy.selector.src, policy.selector.dst);
-        }
-        if let Some((connection, state)) = owner_of_spi_text(&plutos, source.netns, &source.spi) {
-            source.connection = connection.to_string();
-            source.pluto_state = state;
-        }
-    };
-    for (index, mut sample) in readings.samples {
-        let name = context.counter_names.name(index);
+    for sample in readings.samples {
+        let name = context.counter_names.name(sample.counter);
         if let Some(counter) = counters.iter_mut().find(|c| c.name == name) {
-            name_source(&mut sample.source);
-            counter.samples.push(sample);
+            counter.samples.push(sample.report(&names));
         }
     }
     for counter in &mut counters {
-        counter.sources.iter_mut().for_each(name_source);
+        let sources = counter.sources.iter_mut();
+        let samples = counter.samples.iter_mut().map(|s| &mut s.source);
+        for source in sources.chain(samples) {
+            join_policy_and_connection(source, book, &plutos);
+        }
     }
-    for leak in &mut leaks {
-        leak.netns_label = label_of(leak.netns);
-        leak.ifname = ifname_of(leak.netns, leak.ifindex);
-    }
-    for path in &mut ike_paths {
-        path.netns_label = label_of(path.netns);
-    }
+    let leaks = masquerade::leaks(&readings.masquerade, &context.masquerade, &names);
+    let ike_paths = ike::summarize(&readings.ike, &context.kallsyms, &context.reasons, &names);
+    let esp_sizes = esp_sizes(&readings.mtu, book, &netns);
     let mut findings = masquerade::findings(&leaks, &netns);
     findings.extend(mtu::findings(&esp_sizes));
     let findings = diagnosis::diagnose(
@@ -184,6 +144,45 @@ pub fn report(context: &Context, moment: Moment) -> Report {
             table_full: readings.masquerade.table_full,
             unseen: readings.masquerade.unseen,
         },
+    }
+}
+
+/// Namespaces where something happened (a drop, a leak, an oversize or IKE
+/// packet, a counter that moved or an attributed increment).
+fn active(readings: &Readings, before: &Snapshot, after: &Snapshot) -> Vec<u64> {
+    let mut active: Vec<u64> = readings
+        .drops
+        .iter()
+        .map(|(k, _)| k.netns)
+        .chain(readings.mtu.iter().map(|(k, _)| k.netns))
+        .chain(readings.masquerade.leaks.iter().map(|(k, _)| k.netns))
+        .chain(readings.ike.iter().map(|(k, _)| k.netns))
+        .chain(readings.sources.iter().map(|(k, _)| k.flow.netns))
+        .map(u64::from)
+        .collect();
+    let zero = XfrmStat::default();
+    active.extend(after.iter().filter_map(|(inode, (_, now))| {
+        let then = before.get(inode).map_or(&zero, |(_, s)| s);
+        (!now.delta_since(then).is_empty()).then_some(*inode)
+    }));
+    active.sort_unstable();
+    active.dedup();
+    active
+}
+
+/// The policy's selector from the SAs and policies seen during the run,
+/// and the libreswan connection and state that own the SA.
+fn join_policy_and_connection(
+    source: &mut attribution::Source,
+    book: &XfrmBook,
+    plutos: &[Observed],
+) {
+    if let Some(policy) = book.policy(source.netns, source.policy_index) {
+        source.policy_selector = format!("{} -> {}", policy.selector.src, policy.selector.dst);
+    }
+    if let Some((connection, state)) = owner_of_spi_text(plutos, source.netns, &source.spi) {
+        source.connection = connection.to_string();
+        source.pluto_state = state;
     }
 }
 
@@ -280,8 +279,9 @@ pub fn counter_report(
     after: &Snapshot,
     deleted: &[netns::Deleted],
     sources: &[(SourceKey, u64)],
-    names: &Counters,
+    counter_names: &Counters,
     coverage: &Coverage,
+    names: &Names,
 ) -> Vec<Counter> {
     let mut by_counter: BTreeMap<String, Counter> = BTreeMap::new();
     let kind = if coverage.complete {
@@ -326,14 +326,16 @@ pub fn counter_report(
         .collect();
     let mut unknown_attributed: BTreeMap<String, u64> = BTreeMap::new();
     for (key, count) in sources {
-        let name = names.name(key.counter);
+        let name = counter_names.name(key.counter);
         let counter = counter_entry(&mut by_counter, &name, kind);
         counter.attributed += count;
         let netns = u64::from(key.flow.netns);
         if !known.contains(&netns) {
             *unknown_attributed.entry(name.clone()).or_default() += count;
         }
-        counter.sources.push(attribution::source(key, *count));
+        counter
+            .sources
+            .push(attribution::source(key, *count, names));
     }
     by_counter
         .into_values()

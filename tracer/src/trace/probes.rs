@@ -62,8 +62,8 @@ pub struct Readings {
     pub capture: crate::model::CaptureCounts,
     pub sources: Vec<(SourceKey, u64)>,
     pub attribution_errors: AttributionErrors,
-    /// Sampled increments with stacks, by counter index.
-    pub samples: Vec<(u32, attribution::SampleReport)>,
+    /// Sampled increments with stacks.
+    pub samples: Vec<attribution::StackSample>,
     pub mtu: Vec<(MtuKey, MtuStats)>,
     pub masquerade: masquerade::Counted,
     pub ike: Vec<(IkeKey, u64)>,
@@ -239,7 +239,7 @@ impl Probes {
             },
             sources,
             attribution_errors,
-            samples: attribution::sample_reports(
+            samples: attribution::stack_samples(
                 &self.object,
                 &self.samples,
                 self.stack_symbols(kallsyms),
