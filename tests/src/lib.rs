@@ -43,6 +43,12 @@ pub fn require_root() {
     );
 }
 
+/// `sh` with the command written as one line (split on whitespace: for
+/// arguments without spaces).
+pub fn sh_line(line: &str) -> Output {
+    sh(&line.split_whitespace().collect::<Vec<_>>())
+}
+
 /// Runs a command; panics with its output unless it succeeds.
 pub fn sh(args: &[&str]) -> Output {
     let out = Command::new(args[0])
@@ -74,9 +80,9 @@ impl Namespaces {
         let mut created = Self { names: Vec::new() };
         for name in &names {
             let _ = Command::new("ip").args(["netns", "del", name]).output();
-            sh(&["ip", "netns", "add", name]);
+            sh_line(&format!("ip netns add {name}"));
             created.names.push(name.clone());
-            sh(&["ip", "-n", name, "link", "set", "lo", "up"]);
+            sh_line(&format!("ip -n {name} link set lo up"));
         }
         created
     }
@@ -151,9 +157,9 @@ impl Namespaces {
 pub fn blocked_pair(prefix: &str) -> Namespaces {
     let ns = Namespaces::create(prefix, &["a", "b"]);
     let (a, b) = (ns.name("a").to_string(), ns.name("b").to_string());
-    sh(&[
-        "ip", "link", "add", "ia", "netns", &a, "type", "veth", "peer", "name", "ib", "netns", &b,
-    ]);
+    sh_line(&format!(
+        "ip link add ia netns {a} type veth peer name ib netns {b}"
+    ));
     ns.ip_line("a", "addr add 198.51.100.2/24 dev ia");
     ns.ip_line("a", "link set ia up");
     ns.ip_line("b", "addr add 198.51.100.3/24 dev ib");
@@ -405,21 +411,9 @@ pub const STORM_TARGET: &str = "203.0.113.1:9";
 pub fn block_storm_path(lab: &xfrm_trace::lab::Lab) {
     use xfrm_trace::lab::{Host, WEST_SUBNET};
     let target = STORM_TARGET.split(':').next().unwrap_or_default();
-    lab.ip(
+    lab.ip_line(
         Host::Router,
-        &[
-            "xfrm",
-            "policy",
-            "add",
-            "src",
-            WEST_SUBNET,
-            "dst",
-            &format!("{target}/32"),
-            "dir",
-            "fwd",
-            "action",
-            "block",
-        ],
+        &format!("xfrm policy add src {WEST_SUBNET} dst {target}/32 dir fwd action block"),
     )
     .expect("router block policy");
 }

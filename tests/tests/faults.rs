@@ -16,7 +16,7 @@ use nix::sys::signal::Signal;
 use serde_json::Value;
 use tests::{
     Namespaces, Tracer, assert_no_panic, assert_one_error_line, assert_reported, binary,
-    blocked_pair, output_within, require_root, scratch, send_blocked, sh, wait_blocked,
+    blocked_pair, output_within, require_root, scratch, send_blocked, sh, sh_line, wait_blocked,
 };
 
 /// Runs of the tracer, one at a time: they look at kernel-wide BPF objects.
@@ -77,7 +77,7 @@ fn held_by_anyone() -> BTreeSet<Bpf> {
 fn loaded() -> BTreeMap<Bpf, String> {
     let mut all = BTreeMap::new();
     for kind in ["prog", "map", "link"] {
-        let out = sh(&["bpftool", "--json", kind, "show"]);
+        let out = sh_line(&format!("bpftool --json {kind} show"));
         let list: Value = serde_json::from_slice(&out.stdout).expect("bpftool json");
         for object in list.as_array().expect("bpftool list") {
             let id = object["id"].as_u64().expect("id");
@@ -320,29 +320,7 @@ fn a_netns_deleted_mid_run_is_let_go_and_still_reported() {
     let (b, b_name) = (ns.inode("b"), ns.name("b").to_string());
     // Some XFRM state to watch: a policy with a template, and an SA where
     // the kernel has ESP (the VMs; the host has none).
-    ns.ip(
-        "b",
-        &[
-            "xfrm",
-            "policy",
-            "add",
-            "src",
-            "10.0.2.0/24",
-            "dst",
-            "10.0.1.0/24",
-            "dir",
-            "out",
-            "tmpl",
-            "src",
-            "198.51.100.3",
-            "dst",
-            "198.51.100.2",
-            "proto",
-            "esp",
-            "mode",
-            "tunnel",
-        ],
-    );
+    ns.ip_line("b", "xfrm policy add src 10.0.2.0/24 dst 10.0.1.0/24 dir out tmpl src 198.51.100.3 dst 198.51.100.2 proto esp mode tunnel");
     let _ = Command::new("ip")
         .args([
             "-n",
@@ -377,7 +355,7 @@ fn a_netns_deleted_mid_run_is_let_go_and_still_reported() {
     // Where the teardown cannot be hooked (the host) the run reads every
     // namespace's counters each second: let one reading see the drops.
     std::thread::sleep(Duration::from_millis(1500));
-    sh(&["ip", "netns", "del", &b_name]);
+    sh_line(&format!("ip netns del {b_name}"));
     // The run looks for vanished namespaces every 5 s.
     let deadline = Instant::now() + Duration::from_secs(15);
     while Command::new("ip")

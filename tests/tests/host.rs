@@ -10,7 +10,9 @@ use std::{
 };
 
 use serde_json::Value;
-use tests::{Namespaces, PcapPacket, Tracer, binary, pcap_packets, require_root, scratch, sh};
+use tests::{
+    Namespaces, PcapPacket, Tracer, binary, pcap_packets, require_root, scratch, sh, sh_line,
+};
 
 /// The tests below look at programs loaded kernel-wide: one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -21,7 +23,7 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 
 /// Programs named `name` loaded in the kernel right now (needs bpftool).
 fn loaded_programs(name: &str) -> usize {
-    let out = sh(&["bpftool", "--json", "prog", "show"]);
+    let out = sh_line("bpftool --json prog show");
     let progs: Value = serde_json::from_slice(&out.stdout).expect("bpftool json");
     progs
         .as_array()
@@ -38,64 +40,32 @@ fn blocked_topology() -> Namespaces {
         ns.name("r").to_string(),
         ns.name("b").to_string(),
     );
-    sh(&[
-        "ip", "link", "add", "va", "netns", &a, "type", "veth", "peer", "name", "ra", "netns", &r,
-    ]);
-    sh(&[
-        "ip", "link", "add", "vb", "netns", &b, "type", "veth", "peer", "name", "rb", "netns", &r,
-    ]);
-    ns.ip("a", &["addr", "add", "198.51.100.2/24", "dev", "va"]);
-    ns.ip("a", &["link", "set", "va", "up"]);
-    ns.ip("a", &["route", "add", "default", "via", "198.51.100.1"]);
-    ns.ip("b", &["addr", "add", "203.0.113.2/24", "dev", "vb"]);
-    ns.ip("b", &["link", "set", "vb", "up"]);
-    ns.ip("b", &["route", "add", "default", "via", "203.0.113.1"]);
-    ns.ip("r", &["addr", "add", "198.51.100.1/24", "dev", "ra"]);
-    ns.ip("r", &["addr", "add", "203.0.113.1/24", "dev", "rb"]);
-    ns.ip("r", &["link", "set", "ra", "up"]);
-    ns.ip("r", &["link", "set", "rb", "up"]);
-    sh(&[
-        "ip",
-        "netns",
-        "exec",
-        &r,
-        "sysctl",
-        "-qw",
-        "net.ipv4.ip_forward=1",
-    ]);
-    ns.ip(
+    sh_line(&format!(
+        "ip link add va netns {a} type veth peer name ra netns {r}"
+    ));
+    sh_line(&format!(
+        "ip link add vb netns {b} type veth peer name rb netns {r}"
+    ));
+    ns.ip_line("a", "addr add 198.51.100.2/24 dev va");
+    ns.ip_line("a", "link set va up");
+    ns.ip_line("a", "route add default via 198.51.100.1");
+    ns.ip_line("b", "addr add 203.0.113.2/24 dev vb");
+    ns.ip_line("b", "link set vb up");
+    ns.ip_line("b", "route add default via 203.0.113.1");
+    ns.ip_line("r", "addr add 198.51.100.1/24 dev ra");
+    ns.ip_line("r", "addr add 203.0.113.1/24 dev rb");
+    ns.ip_line("r", "link set ra up");
+    ns.ip_line("r", "link set rb up");
+    sh_line(&format!(
+        "ip netns exec {r} sysctl -qw net.ipv4.ip_forward=1"
+    ));
+    ns.ip_line(
         "r",
-        &[
-            "xfrm",
-            "policy",
-            "add",
-            "src",
-            "198.51.100.0/24",
-            "dst",
-            "203.0.113.0/24",
-            "dir",
-            "fwd",
-            "action",
-            "block",
-        ],
+        "xfrm policy add src 198.51.100.0/24 dst 203.0.113.0/24 dir fwd action block",
     );
-    ns.ip(
+    ns.ip_line(
         "a",
-        &[
-            "xfrm",
-            "policy",
-            "add",
-            "src",
-            "198.51.100.2/32",
-            "dst",
-            "198.51.100.1/32",
-            "proto",
-            "udp",
-            "dir",
-            "out",
-            "action",
-            "block",
-        ],
+        "xfrm policy add src 198.51.100.2/32 dst 198.51.100.1/32 proto udp dir out action block",
     );
     ns
 }
@@ -445,7 +415,7 @@ fn doctor_matches_what_loads() {
     let report: Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(report["btf"]["ok"], true);
     assert_eq!(report["xfrm_stat"]["ok"], true);
-    let release = sh(&["uname", "-r"]);
+    let release = sh_line("uname -r");
     assert_eq!(
         report["kernel_release"],
         String::from_utf8_lossy(&release.stdout).trim()
@@ -495,15 +465,15 @@ fn doctor_matches_what_loads() {
 fn two_hosts(prefix: &str, b_addresses: &[&str]) -> Namespaces {
     let ns = Namespaces::create(prefix, &["a", "b"]);
     let (a, b) = (ns.name("a").to_string(), ns.name("b").to_string());
-    sh(&[
-        "ip", "link", "add", "ia", "netns", &a, "type", "veth", "peer", "name", "ib", "netns", &b,
-    ]);
-    ns.ip("a", &["addr", "add", "198.51.100.2/24", "dev", "ia"]);
-    ns.ip("a", &["link", "set", "ia", "up"]);
+    sh_line(&format!(
+        "ip link add ia netns {a} type veth peer name ib netns {b}"
+    ));
+    ns.ip_line("a", "addr add 198.51.100.2/24 dev ia");
+    ns.ip_line("a", "link set ia up");
     for address in b_addresses {
-        ns.ip("b", &["addr", "add", address, "dev", "ib"]);
+        ns.ip_line("b", &format!("addr add {address} dev ib"));
     }
-    ns.ip("b", &["link", "set", "ib", "up"]);
+    ns.ip_line("b", "link set ib up");
     ns
 }
 
@@ -565,65 +535,23 @@ fn ike_watch_counts_each_peer_exactly() {
     let (a, b) = (ns.name("a").to_string(), ns.name("b").to_string());
     // .5 answers ARP nowhere: a static neighbour lets the firewall, not
     // ARP, stop the packets.
-    ns.ip(
+    ns.ip_line(
         "a",
-        &[
-            "neigh",
-            "add",
-            "198.51.100.5",
-            "lladdr",
-            "02:00:00:00:00:05",
-            "dev",
-            "ia",
-        ],
+        "neigh add 198.51.100.5 lladdr 02:00:00:00:00:05 dev ia",
     );
-    sh(&[
-        "ip",
-        "netns",
-        "exec",
-        &a,
-        "iptables",
-        "-A",
-        "OUTPUT",
-        "-p",
-        "udp",
-        "-d",
-        "198.51.100.5",
-        "--dport",
-        "500",
-        "-j",
-        "DROP",
-    ]);
-    sh(&[
-        "ip",
-        "netns",
-        "exec",
-        &b,
-        "iptables",
-        "-A",
-        "INPUT",
-        "-p",
-        "udp",
-        "-d",
-        "198.51.100.6",
-        "--dport",
-        "500",
-        "-j",
-        "DROP",
-    ]);
+    sh_line(&format!(
+        "ip netns exec {a} iptables -A OUTPUT -p udp -d 198.51.100.5 --dport 500 -j DROP"
+    ));
+    sh_line(&format!(
+        "ip netns exec {b} iptables -A INPUT -p udp -d 198.51.100.6 --dport 500 -j DROP"
+    ));
     // The peer answers every request to .4 with port unreachable: its
     // per-destination ICMP rate limit (1/s, burst 6, the warm-up's answer
     // included) would otherwise drop some depending on how fast the tracer
     // starts.
-    sh(&[
-        "ip",
-        "netns",
-        "exec",
-        &b,
-        "sysctl",
-        "-qw",
-        "net.ipv4.icmp_ratelimit=0",
-    ]);
+    sh_line(&format!(
+        "ip netns exec {b} sysctl -qw net.ipv4.icmp_ratelimit=0"
+    ));
     let bind = |role: &str, address: &'static str| {
         ns.run_in(role, move || {
             let socket = UdpSocket::bind(address).expect("bind");
@@ -821,7 +749,7 @@ fn prometheus_metrics_equal_the_report() {
     const LOCAL: u64 = 4;
     let ns = blocked_topology();
     let metrics_ns = Namespaces::create("xp", &["m"]);
-    metrics_ns.ip("m", &["link", "set", "lo", "up"]);
+    metrics_ns.ip_line("m", "link set lo up");
     send_udp(&ns, "a", "203.0.113.2:9", 1);
     std::thread::sleep(Duration::from_millis(300));
     let router_before = ns.xfrm_stat("r");
@@ -1029,7 +957,7 @@ fn report_bundle_has_every_file_and_is_written_whole() {
         "{stat:#}"
     );
     let kernel = std::fs::read_to_string(root.join("kernel.txt")).unwrap();
-    let release = String::from_utf8_lossy(&sh(&["uname", "-r"]).stdout)
+    let release = String::from_utf8_lossy(&sh_line("uname -r").stdout)
         .trim()
         .to_string();
     assert!(kernel.contains(&release), "{kernel}");

@@ -14,6 +14,7 @@ use nix::sys::signal::{Signal, kill};
 use serde_json::Value;
 use tests::{
     Namespaces, Tracer, assert_one_error_line, assert_reported, binary, require_root, scratch, sh,
+    sh_line,
 };
 
 /// Runs of the tracer, one at a time: the metrics test measures CPU time.
@@ -315,7 +316,7 @@ fn cli_idle_metrics_connections_neither_starve_a_scrape_nor_spin() {
     let pid = tracer.child.id();
     // The tracer gets the usual default limit; this process holds the
     // idle connections and needs more.
-    sh(&["prlimit", "--pid", &pid.to_string(), "--nofile=1024:1024"]);
+    sh_line(&format!("prlimit --pid {pid} --nofile=1024:1024"));
     sh(&[
         "prlimit",
         "--pid",
@@ -375,7 +376,7 @@ fn cli_metrics_out_of_descriptors_backs_off_and_recovers() {
         .unwrap()
         .count();
     let limit = format!("--nofile={0}:{0}", held + 16);
-    sh(&["prlimit", "--pid", &pid.to_string(), &limit]);
+    sh_line(&format!("prlimit --pid {pid} {limit}"));
     let (cpu, took, head) = ns.run_in("m", move || {
         let idle: Vec<TcpStream> = (0..IDLE)
             .map(|_| TcpStream::connect(("127.0.0.1", PORT)).expect("idle connection"))

@@ -45,30 +45,13 @@ fn degraded_kernel_summary_is_one_short_line_per_capability() {
     // One namespace whose out policy blocks UDP to a neighbour on its
     // link: each send is refused and counted as XfrmOutPolBlock.
     let ns = Namespaces::create("xd", &["a"]);
-    ns.ip(
+    ns.ip_line("a", "link add v0 type veth peer name v1");
+    ns.ip_line("a", "addr add 192.0.2.1/24 dev v0");
+    ns.ip_line("a", "link set v0 up");
+    ns.ip_line("a", "link set v1 up");
+    ns.ip_line(
         "a",
-        &["link", "add", "v0", "type", "veth", "peer", "name", "v1"],
-    );
-    ns.ip("a", &["addr", "add", "192.0.2.1/24", "dev", "v0"]);
-    ns.ip("a", &["link", "set", "v0", "up"]);
-    ns.ip("a", &["link", "set", "v1", "up"]);
-    ns.ip(
-        "a",
-        &[
-            "xfrm",
-            "policy",
-            "add",
-            "src",
-            "192.0.2.1/32",
-            "dst",
-            "192.0.2.2/32",
-            "proto",
-            "udp",
-            "dir",
-            "out",
-            "action",
-            "block",
-        ],
+        "xfrm policy add src 192.0.2.1/32 dst 192.0.2.2/32 proto udp dir out action block",
     );
     let before = ns.xfrm_stat("a")["XfrmOutPolBlock"];
     let json = scratch("degraded.json");

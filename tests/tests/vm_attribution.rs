@@ -217,12 +217,9 @@ fn in_no_states(hooks: Hooks) {
     lab.send_udp(Host::Whost, udp(EHOST), 1, 64).unwrap();
     assert_eq!(sink.receive(1, Duration::from_secs(10)), 1);
     // East forgets its inbound SA: west's ESP with SPI 0x1001 finds no state.
-    lab.ip(
+    lab.ip_line(
         Host::East,
-        &[
-            "xfrm", "state", "delete", "src", WEST_WAN, "dst", EAST_WAN, "proto", "esp", "spi",
-            "0x1001",
-        ],
+        &format!("xfrm state delete src {WEST_WAN} dst {EAST_WAN} proto esp spi 0x1001"),
     )
     .unwrap();
     let before = lab.xfrm_stat(Host::East).unwrap();
@@ -270,23 +267,9 @@ fn in_no_states(hooks: Hooks) {
 #[test]
 fn out_pol_block_names_the_blocking_policy() {
     let lab = lab("ob");
-    lab.ip(
+    lab.ip_line(
         Host::West,
-        &[
-            "xfrm",
-            "policy",
-            "add",
-            "src",
-            "192.0.2.1/32",
-            "dst",
-            "203.0.113.1/32",
-            "proto",
-            "udp",
-            "dir",
-            "out",
-            "action",
-            "block",
-        ],
+        "xfrm policy add src 192.0.2.1/32 dst 203.0.113.1/32 proto udp dir out action block",
     )
     .unwrap();
     let index = policy_index(
@@ -339,23 +322,9 @@ fn out_pol_block_names_the_blocking_policy() {
 #[test]
 fn in_pol_block_names_the_blocking_policy() {
     let lab = lab("ib");
-    lab.ip(
+    lab.ip_line(
         Host::East,
-        &[
-            "xfrm",
-            "policy",
-            "add",
-            "src",
-            "192.0.2.1/32",
-            "dst",
-            "203.0.113.1/32",
-            "proto",
-            "udp",
-            "dir",
-            "in",
-            "action",
-            "block",
-        ],
+        "xfrm policy add src 192.0.2.1/32 dst 203.0.113.1/32 proto udp dir in action block",
     )
     .unwrap();
     let index = policy_index(
@@ -406,31 +375,7 @@ fn in_tmpl_mismatch_and_no_pols_name_the_sa() {
     lab.send_udp(Host::Whost, udp(EHOST), 1, 64).unwrap();
     assert_eq!(sink.receive(1, Duration::from_secs(10)), 1);
     // East's fwd policy now wants reqid 9; the SA has reqid 1.
-    lab.ip(
-        Host::East,
-        &[
-            "xfrm",
-            "policy",
-            "update",
-            "src",
-            "10.0.2.0/24",
-            "dst",
-            "192.168.0.0/16",
-            "dir",
-            "fwd",
-            "tmpl",
-            "src",
-            WEST_WAN,
-            "dst",
-            EAST_WAN,
-            "proto",
-            "esp",
-            "reqid",
-            "9",
-            "mode",
-            "tunnel",
-        ],
-    )
+    lab.ip_line(Host::East, &format!("xfrm policy update src 10.0.2.0/24 dst 192.168.0.0/16 dir fwd tmpl src {WEST_WAN} dst {EAST_WAN} proto esp reqid 9 mode tunnel"))
     .unwrap();
     let before = lab.xfrm_stat(Host::East).unwrap();
     let report = traced("tmpl", || {
@@ -457,19 +402,9 @@ fn in_tmpl_mismatch_and_no_pols_name_the_sa() {
         assert!(s["policy_index"].as_u64().unwrap() > 0, "{s}");
     }
     // Without any fwd policy, decapsulated traffic has no policy at all.
-    lab.ip(
+    lab.ip_line(
         Host::East,
-        &[
-            "xfrm",
-            "policy",
-            "delete",
-            "src",
-            "10.0.2.0/24",
-            "dst",
-            "192.168.0.0/16",
-            "dir",
-            "fwd",
-        ],
+        "xfrm policy delete src 10.0.2.0/24 dst 192.168.0.0/16 dir fwd",
     )
     .unwrap();
     let before = lab.xfrm_stat(Host::East).unwrap();
@@ -611,12 +546,9 @@ fn out_no_states(hooks: Hooks) {
     let lab = lab(&format!("on{}", hooks as u8));
     // West keeps its out policy but loses the SA it points at; no IKE
     // daemon listens, so no SA can be acquired.
-    lab.ip(
+    lab.ip_line(
         Host::West,
-        &[
-            "xfrm", "state", "delete", "src", WEST_WAN, "dst", EAST_WAN, "proto", "esp", "spi",
-            "0x1001",
-        ],
+        &format!("xfrm state delete src {WEST_WAN} dst {EAST_WAN} proto esp spi 0x1001"),
     )
     .unwrap();
     let index = policy_index(

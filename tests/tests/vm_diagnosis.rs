@@ -201,21 +201,9 @@ fn diagnosis_of_network_and_ikev1_failures_names_cause_and_connection() {
             name: "rfw",
             setup: |lab| {
                 healthy(lab);
-                lab.exec(
+                lab.exec_line(
                     Host::Router,
-                    "iptables",
-                    &[
-                        "-A",
-                        "FORWARD",
-                        "-p",
-                        "udp",
-                        "-m",
-                        "multiport",
-                        "--dports",
-                        "500,4500",
-                        "-j",
-                        "DROP",
-                    ],
+                    "iptables -A FORWARD -p udp -m multiport --dports 500,4500 -j DROP",
                 )
                 .unwrap();
             },
@@ -225,21 +213,9 @@ fn diagnosis_of_network_and_ikev1_failures_names_cause_and_connection() {
             name: "lfw",
             setup: |lab| {
                 healthy(lab);
-                lab.exec(
+                lab.exec_line(
                     Host::West,
-                    "iptables",
-                    &[
-                        "-A",
-                        "OUTPUT",
-                        "-p",
-                        "udp",
-                        "-m",
-                        "multiport",
-                        "--dports",
-                        "500,4500",
-                        "-j",
-                        "DROP",
-                    ],
+                    "iptables -A OUTPUT -p udp -m multiport --dports 500,4500 -j DROP",
                 )
                 .unwrap();
             },
@@ -305,26 +281,14 @@ fn diagnosis_names_the_connection_of_nat_and_mtu_findings_and_down_tunnels() {
     }
     labs[0].masquerade_everything(Host::West).unwrap();
     labs[1]
-        .ip(Host::Router, &["link", "set", "r-east", "mtu", "1400"])
+        .ip_line(Host::Router, "link set r-east mtu 1400")
         .unwrap();
     // A gateway whose key manager is gone: a static policy, no SA.
     let mut down = Lab::create(&format!("xd{}dn", std::process::id() % 1000)).expect("lab");
     down.static_ipsec(&StaticIpsec::default()).unwrap();
-    down.ip(
+    down.ip_line(
         Host::West,
-        &[
-            "xfrm",
-            "state",
-            "delete",
-            "src",
-            "192.0.2.1",
-            "dst",
-            "203.0.113.1",
-            "proto",
-            "esp",
-            "spi",
-            "0x00001001",
-        ],
+        "xfrm state delete src 192.0.2.1 dst 203.0.113.1 proto esp spi 0x00001001",
     )
     .unwrap();
     let to: SocketAddr = format!("{EHOST}:7000").parse().unwrap();
@@ -412,10 +376,7 @@ fn diagnosis_drops_after_a_rekey_still_name_their_connection_and_state() {
         // Until east has deleted the replaced inbound SA.
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         while lab
-            .ip(
-                Host::East,
-                &["xfrm", "state", "list", "spi", &format!("0x{old_spi}")],
-            )
+            .ip_line(Host::East, &format!("xfrm state list spi 0x{old_spi}"))
             .unwrap()
             .contains("proto esp")
         {

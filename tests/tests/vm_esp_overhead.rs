@@ -16,7 +16,7 @@ const PAYLOADS: [u32; 5] = [1, 50, 101, 333, 1000];
 
 /// Every `0x…` key `ip xfrm state` shows for `host` (root can read them).
 fn keys(lab: &Lab, host: Host) -> Vec<String> {
-    lab.ip(host, &["xfrm", "state"])
+    lab.ip_line(host, "xfrm state")
         .unwrap()
         .split_whitespace()
         .filter(|w| w.starts_with("0x") && w.len() > 12)

@@ -175,7 +175,7 @@ fn report_bundle_holds_the_sas_but_no_key_and_exit_code_tells_findings() {
     // The keys, as `ip xfrm state` shows them (0x + hex), on both gateways.
     let mut keys = Vec::new();
     for gw in [Host::West, Host::East] {
-        let state = lab.ip(gw, &["xfrm", "state"]).unwrap();
+        let state = lab.ip_line(gw, "xfrm state").unwrap();
         keys.extend(
             state
                 .split_whitespace()
@@ -185,21 +185,9 @@ fn report_bundle_holds_the_sas_but_no_key_and_exit_code_tells_findings() {
         );
     }
     assert!(keys.len() >= 4, "keys not found in `ip xfrm state`");
-    lab.ip(
+    lab.ip_line(
         Host::West,
-        &[
-            "xfrm",
-            "state",
-            "delete",
-            "src",
-            WEST_WAN,
-            "dst",
-            EAST_WAN,
-            "proto",
-            "esp",
-            "spi",
-            "0x00001001",
-        ],
+        &format!("xfrm state delete src {WEST_WAN} dst {EAST_WAN} proto esp spi 0x00001001"),
     )
     .unwrap();
     let dir = tests::scratch("vm-bundle");

@@ -113,20 +113,9 @@ fn send_both(lab: &Lab) {
 
 fn out_policy_index(lab: &Lab) -> u64 {
     let out = lab
-        .ip(
+        .ip_line(
             Host::West,
-            &[
-                "-s",
-                "xfrm",
-                "policy",
-                "get",
-                "src",
-                WEST_SUBNET,
-                "dst",
-                EAST_SUBNET,
-                "dir",
-                "out",
-            ],
+            &format!("-s xfrm policy get src {WEST_SUBNET} dst {EAST_SUBNET} dir out"),
         )
         .unwrap();
     out.split_whitespace()
@@ -390,11 +379,7 @@ fn ipv6_tunnel(lab: &Lab) {
 /// Packets counted by the router's raw PREROUTING rule for `proto`.
 fn router_v6_count(lab: &Lab, proto: &str) -> u64 {
     let out = lab
-        .exec(
-            Host::Router,
-            "ip6tables",
-            &["-t", "raw", "-nvxL", "PREROUTING"],
-        )
+        .exec_line(Host::Router, "ip6tables -t raw -nvxL PREROUTING")
         .unwrap();
     // No target: the columns are pkts bytes prot ...; prot by name or number.
     let number = if proto == "udp" { "17" } else { "50" };
@@ -449,19 +434,9 @@ fn ipv6_masquerade_leak_is_reported_and_fixed() {
     // Neighbour discovery and the tunnel, before anything is traced.
     assert_eq!(send_v6(&lab, 1), 1);
     assert_eq!(received(&sink, 1), 1, "IPv6 tunnel must work");
-    lab.exec(
+    lab.exec_line(
         Host::West,
-        "ip6tables",
-        &[
-            "-t",
-            "nat",
-            "-A",
-            "POSTROUTING",
-            "-o",
-            "wan0",
-            "-j",
-            "MASQUERADE",
-        ],
+        "ip6tables -t nat -A POSTROUTING -o wan0 -j MASQUERADE",
     )
     .unwrap();
     let (udp_before, esp_before) = (router_v6_count(&lab, "udp"), router_v6_count(&lab, "esp"));

@@ -9,7 +9,8 @@ use std::{
 
 use serde_json::Value;
 use tests::{
-    Namespaces, Tracer, blocked_pair, require_root, scratch, send_blocked, sh, wait_blocked,
+    Namespaces, Tracer, blocked_pair, require_root, scratch, send_blocked, sh, sh_line,
+    wait_blocked,
 };
 
 /// Sends `count` blocked datagrams from `a` to `b` and waits until `b`
@@ -181,7 +182,7 @@ fn every_counter_that_moved_ends_in_a_finding() {
     let ns = blocked_pair("xfx");
     let (a, b) = (ns.name("a").to_string(), ns.name("b").to_string());
     for extra in ["198.51.100.12/24", "198.51.100.13/24"] {
-        ns.ip("a", &["addr", "add", extra, "dev", "ia"]);
+        ns.ip_line("a", &format!("addr add {extra} dev ia"));
     }
     let key = "0x0102030405060708090a0b0c0d0e0f1011121314";
     let sa = |role: &str, spi: &str| {
@@ -211,16 +212,7 @@ fn every_counter_that_moved_ends_in_a_finding() {
         "xfrm policy add dst 198.51.100.99/32 dir out action block",
     );
     // Resolve the neighbours before the run.
-    sh(&[
-        "ip",
-        "netns",
-        "exec",
-        &a,
-        "ping",
-        "-c1",
-        "-W2",
-        "198.51.100.3",
-    ]);
+    sh_line(&format!("ip netns exec {a} ping -c1 -W2 198.51.100.3"));
     let json = scratch("every-counter.json");
     let mut tracer = Tracer::start_in(
         Some(&b),

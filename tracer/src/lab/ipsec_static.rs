@@ -194,8 +194,8 @@ impl Lab {
             };
             if let Some((interface, link_type)) = interface {
                 self.ip(gw, &[&["link", "add", interface][..], link_type].concat())?;
-                self.ip(gw, &["link", "set", interface, "up"])?;
-                self.ip(gw, &["route", "add", remote_net, "dev", interface])?;
+                self.ip_line(gw, &format!("link set {interface} up"))?;
+                self.ip_line(gw, &format!("route add {remote_net} dev {interface}"))?;
             }
             let reqid = REQID.to_string();
             let policy = |dir: &str, src: &str, dst: &str, tmpl_src: &str, tmpl_dst: &str| {
@@ -247,11 +247,11 @@ impl Lab {
     /// the NAT-T sockets), so the same topology can carry another configuration.
     pub fn clear_ipsec(&mut self) -> Result<()> {
         for gw in [Host::West, Host::East] {
-            self.ip(gw, &["xfrm", "state", "flush"])?;
-            self.ip(gw, &["xfrm", "policy", "flush"])?;
+            self.ip_line(gw, "xfrm state flush")?;
+            self.ip_line(gw, "xfrm policy flush")?;
             // Only a route-based configuration has one.
-            let _ = self.ip(gw, &["link", "del", XFRM_INTERFACE]);
-            let _ = self.ip(gw, &["link", "del", VTI_INTERFACE]);
+            let _ = self.ip_line(gw, &format!("link del {XFRM_INTERFACE}"));
+            let _ = self.ip_line(gw, &format!("link del {VTI_INTERFACE}"));
         }
         self.encap_sockets.clear();
         Ok(())

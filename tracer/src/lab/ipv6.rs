@@ -46,7 +46,7 @@ impl Lab {
             (Host::East, "fd00:168::1/64", "lan0"),
             (Host::Ehost, "fd00:168::10/64", "eth0"),
         ] {
-            self.ip(host, &["-6", "addr", "add", address, "dev", dev, "nodad"])?;
+            self.ip_line(host, &format!("-6 addr add {address} dev {dev} nodad"))?;
         }
         for (host, via) in [
             (Host::Whost, WEST_LAN),
@@ -54,7 +54,7 @@ impl Lab {
             (Host::East, ROUTER_EAST),
             (Host::Ehost, EAST_LAN),
         ] {
-            self.ip(host, &["-6", "route", "add", "default", "via", via])?;
+            self.ip_line(host, &format!("-6 route add default via {via}"))?;
         }
         for host in [Host::West, Host::Router, Host::East] {
             self.sysctl(host, "net.ipv6.conf.all.forwarding", "1")?;
@@ -98,26 +98,11 @@ impl Lab {
                 _ => (EAST_WAN, WEST_WAN, EAST_SUBNET, WEST_SUBNET),
             };
             if over_vti {
-                self.ip(
+                self.ip_line(gw, &format!("link add {VTI_INTERFACE} type vti6 local {local} remote {remote} key {vti_key}"))?;
+                self.ip_line(gw, &format!("link set {VTI_INTERFACE} up"))?;
+                self.ip_line(
                     gw,
-                    &[
-                        "link",
-                        "add",
-                        VTI_INTERFACE,
-                        "type",
-                        "vti6",
-                        "local",
-                        local,
-                        "remote",
-                        remote,
-                        "key",
-                        &vti_key,
-                    ],
-                )?;
-                self.ip(gw, &["link", "set", VTI_INTERFACE, "up"])?;
-                self.ip(
-                    gw,
-                    &["-6", "route", "add", remote_net, "dev", VTI_INTERFACE],
+                    &format!("-6 route add {remote_net} dev {VTI_INTERFACE}"),
                 )?;
             }
             for (dir, src, dst, tsrc, tdst) in [

@@ -151,7 +151,7 @@ impl Lab {
             .map_err(io(format!("creating {}", lab.run_dir.display())))?;
         for host in Host::ALL {
             run("ip", &["netns", "add", &lab.ns(host)])?;
-            lab.ip(host, &["link", "set", "lo", "up"])?;
+            lab.ip_line(host, "link set lo up")?;
         }
         lab.veth(Host::West, "lan0", Host::Whost, "eth0")?;
         lab.veth(Host::West, "wan0", Host::Router, "r-west")?;
@@ -167,13 +167,13 @@ impl Lab {
             (Host::East, "192.168.0.1/16", "lan0"),
             (Host::Ehost, "192.168.1.10/16", "eth0"),
         ] {
-            lab.ip(host, &["addr", "add", address, "dev", dev])?;
-            lab.ip(host, &["link", "set", dev, "up"])?;
+            lab.ip_line(host, &format!("addr add {address} dev {dev}"))?;
+            lab.ip_line(host, &format!("link set {dev} up"))?;
         }
-        lab.ip(Host::Whost, &["route", "add", "default", "via", WEST_LAN])?;
-        lab.ip(Host::West, &["route", "add", "default", "via", ROUTER_WEST])?;
-        lab.ip(Host::East, &["route", "add", "default", "via", ROUTER_EAST])?;
-        lab.ip(Host::Ehost, &["route", "add", "default", "via", EAST_LAN])?;
+        lab.ip_line(Host::Whost, &format!("route add default via {WEST_LAN}"))?;
+        lab.ip_line(Host::West, &format!("route add default via {ROUTER_WEST}"))?;
+        lab.ip_line(Host::East, &format!("route add default via {ROUTER_EAST}"))?;
+        lab.ip_line(Host::Ehost, &format!("route add default via {EAST_LAN}"))?;
         for host in [Host::West, Host::Router, Host::East] {
             lab.sysctl(host, "net.ipv4.ip_forward", "1")?;
         }
@@ -195,6 +195,22 @@ impl Lab {
         let mut full = vec!["-n", ns.as_str()];
         full.extend_from_slice(args);
         run("ip", &full)
+    }
+
+    /// `ip -n <ns> ...`, the command written as one line (split on
+    /// whitespace: for arguments without spaces).
+    pub fn ip_line(&self, host: Host, line: &str) -> Result<String> {
+        self.ip(host, &line.split_whitespace().collect::<Vec<_>>())
+    }
+
+    /// A program run inside the host's namespace, written as one line
+    /// (split on whitespace: for arguments without spaces).
+    pub fn exec_line(&self, host: Host, line: &str) -> Result<String> {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let (program, args) = words
+            .split_first()
+            .ok_or_else(|| LabError::Other(format!("no command to run in {}", self.ns(host))))?;
+        self.exec(host, program, args)
     }
 
     /// Runs a program inside the namespace.
@@ -224,7 +240,7 @@ impl Lab {
     }
 
     pub fn sysctl(&self, host: Host, key: &str, value: &str) -> Result<()> {
-        self.exec(host, "sysctl", &["-qw", &format!("{key}={value}")])
+        self.exec_line(host, &format!("sysctl -qw {key}={value}"))
             .map(drop)
     }
 

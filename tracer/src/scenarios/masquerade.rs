@@ -248,7 +248,7 @@ pub fn run() -> anyhow::Result<()> {
         bail!("the fix did not restore the tunnel: {}", wire_line(&wire));
     }
     let nat = lab
-        .exec(Host::West, "iptables", &["-t", "nat", "-S", "POSTROUTING"])
+        .exec_line(Host::West, "iptables -t nat -S POSTROUTING")
         .unwrap_or_default();
     say(&format!(
         "   west's nat POSTROUTING now:\n{}",

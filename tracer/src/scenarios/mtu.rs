@@ -105,36 +105,15 @@ pub fn run(hooks: HookChoice) -> anyhow::Result<()> {
         .find_map(|s| s.max_inner_fitting)
         .context("no MTU to prescribe")?;
     let mss = inner - 40;
-    lab.ip(
+    lab.ip_line(
         Host::West,
-        &[
-            "route",
-            "add",
-            EAST_SUBNET,
-            "via",
-            ROUTER_WEST,
-            "mtu",
-            &inner.to_string(),
-        ],
+        &format!("route add {EAST_SUBNET} via {ROUTER_WEST} mtu {inner}"),
     )?;
-    lab.exec(
+    lab.exec_line(
         Host::West,
-        "iptables",
-        &[
-            "-t",
-            "mangle",
-            "-A",
-            "FORWARD",
-            "-p",
-            "tcp",
-            "--tcp-flags",
-            "SYN,RST",
-            "SYN",
-            "-j",
-            "TCPMSS",
-            "--set-mss",
-            &mss.to_string(),
-        ],
+        &format!(
+            "iptables -t mangle -A FORWARD -p tcp --tcp-flags SYN,RST SYN -j TCPMSS --set-mss {mss}"
+        ),
     )?;
     step.say(&format!(
         "fix applied on west: route to {EAST_SUBNET} with mtu {inner} (libreswan: mtu={inner}) and TCP MSS clamped to {mss}"
