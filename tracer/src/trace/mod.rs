@@ -158,12 +158,9 @@ pub fn run(options: &Options) -> anyhow::Result<Outcome> {
         started.elapsed()
     );
     let started = Instant::now();
-    let metrics = options.prometheus.map(|address| {
-        (
-            address,
-            std::sync::Arc::new(std::sync::Mutex::new(String::new())),
-        )
-    });
+    let metrics = options
+        .prometheus
+        .map(|address| (address, prometheus::Shared::default()));
 
     let live = options.live && std::io::IsTerminal::is_terminal(&std::io::stdout());
     let refresh_every = options.interval.as_secs_f64().round().max(1.0) as u64;
@@ -221,7 +218,7 @@ pub fn run(options: &Options) -> anyhow::Result<Outcome> {
                     Ok(report) => {
                         if let Some((_, text)) = &metrics {
                             *text.lock().unwrap_or_else(|e| e.into_inner()) =
-                                prometheus::render(&report);
+                                prometheus::render(&report).into();
                         }
                         if live {
                             // Not print!: it panics once the terminal is
