@@ -3,6 +3,7 @@
 mod bench;
 mod fuzz;
 mod kernels;
+mod lint;
 mod setup;
 mod util;
 mod vm;
@@ -23,9 +24,12 @@ enum Command {
     Setup,
     /// Set up, build xfrm-trace (release) and run the built-in demo.
     Demo,
-    /// Set up, build, and run every test: on the host kernel, then inside
-    /// a VM for each kernel of the matrix.
+    /// Set up, check formatting and clippy (`lint`), build, and run every
+    /// test: on the host kernel, then inside a VM for each kernel of the
+    /// matrix.
     Test(vm_test::Options),
+    /// `cargo fmt --check` and clippy with warnings as errors.
+    Lint,
     /// Run the integration tests inside VMs only (kernel matrix).
     VmTest(vm_test::Options),
     /// Measure the tracer's cost in VMs (throughput, per-program time,
@@ -42,6 +46,7 @@ fn main() {
         Command::Setup => setup::all(),
         Command::Demo => demo(),
         Command::Test(options) => test(&options),
+        Command::Lint => lint::run(),
         Command::VmTest(options) => vm_only(&options),
         Command::Bench(options) => bench::run(&options),
         Command::Fuzz(options) => fuzz::main(&options),
@@ -139,6 +144,7 @@ set -e
 
 fn test(options: &vm_test::Options) -> anyhow::Result<()> {
     setup::all()?;
+    lint::run()?;
     setup::vm_tools()?;
     let binary = util::build_release()?;
     let host = host_tests(&binary)?;
