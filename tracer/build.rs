@@ -6,8 +6,9 @@ use std::{env, fs, path::PathBuf};
 use anyhow::{Context as _, anyhow};
 use aya_build::{Package, Toolchain};
 
-/// Keep in sync with `xtask setup` (it installs this toolchain).
-const EBPF_TOOLCHAIN: &str = "nightly-2026-10-29";
+/// The eBPF crate's toolchain file, whose `channel` is the nightly to use
+/// (`cargo xtask setup` installs the same).
+const EBPF_TOOLCHAIN_FILE: &str = include_str!("../tracer-ebpf/rust-toolchain.toml");
 
 fn main() -> anyhow::Result<()> {
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").context("OUT_DIR not set")?);
@@ -35,6 +36,21 @@ fn main() -> anyhow::Result<()> {
             root_dir: root_dir.as_str(),
             ..Default::default()
         }],
-        Toolchain::Custom(EBPF_TOOLCHAIN),
+        Toolchain::Custom(ebpf_toolchain()?),
     )
+}
+
+/// The `channel = "..."` value of [`EBPF_TOOLCHAIN_FILE`].
+fn ebpf_toolchain() -> anyhow::Result<&'static str> {
+    EBPF_TOOLCHAIN_FILE
+        .lines()
+        .find_map(|line| {
+            let value = line.trim().strip_prefix("channel")?.trim_start();
+            value
+                .strip_prefix('=')?
+                .trim()
+                .strip_prefix('"')?
+                .strip_suffix('"')
+        })
+        .context("tracer-ebpf/rust-toolchain.toml names no channel")
 }

@@ -342,7 +342,7 @@ impl Drop for Tracer {
     /// hang (the VM runner reports the stuck task's stack).
     fn drop(&mut self) {
         let _ = self.child.kill();
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         while started.elapsed() < EXIT_LIMIT {
             if !matches!(self.child.try_wait(), Ok(None)) {
                 return;

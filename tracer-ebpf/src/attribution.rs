@@ -429,7 +429,7 @@ fn sample<C: StackIdContext>(ctx: &C, counter: u32, hook_id: u32, frame: &Frame,
         (*sample)._pad = 0;
         probe_read_raw(
             core::ptr::addr_of_mut!((*sample).headers).cast(),
-            core::mem::size_of::<Headers>() as u32,
+            size_of::<Headers>() as u32,
             core::ptr::addr_of!(frame.headers).cast(),
         );
     }
@@ -452,7 +452,7 @@ fn record(counter: u32, hook_id: u32, flow: &Flow, count: u64) {
 
 /// The innermost open bracket on this CPU, if any.
 #[inline(always)]
-fn open_frame() -> Option<&'static mut tracer_common::attribution::Frame> {
+fn open_frame() -> Option<&'static mut Frame> {
     let stack = unsafe { &mut *FRAMES.get_ptr_mut(0)? };
     if stack.depth == 0 {
         return None;

@@ -58,7 +58,7 @@ fn count_error(index: u32) {
 #[inline(always)]
 fn zeroed<T>(value: &mut core::mem::MaybeUninit<T>) -> &mut T {
     let words = value.as_mut_ptr() as *mut u64;
-    for i in 0..core::mem::size_of::<T>() / 8 {
+    for i in 0..size_of::<T>() / 8 {
         unsafe { core::ptr::write_volatile(words.add(i), 0) };
     }
     // SAFETY: every byte is written; the types are plain integers/arrays.
@@ -259,7 +259,7 @@ fn sample_leak(skb: u64, key: &LeakKey) {
         (*sample).time_ns = aya_ebpf::helpers::bpf_ktime_get_ns();
         probe_read_raw(
             core::ptr::addr_of_mut!((*sample).key).cast(),
-            core::mem::size_of::<LeakKey>() as u32,
+            size_of::<LeakKey>() as u32,
             (key as *const LeakKey).cast(),
         );
         capture::copy_headers(skb, core::ptr::addr_of_mut!((*sample).headers));

@@ -11,11 +11,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::{
-    kernels,
-    setup::{self, EBPF_TOOLCHAIN},
-    util,
-};
+use crate::{kernels, setup, util};
 
 #[derive(clap::Args, Debug)]
 pub struct Options {
@@ -77,11 +73,11 @@ fn fuzz_dir() -> PathBuf {
 
 /// `cargo fuzz SUBCOMMAND` with the eBPF nightly and the build options
 /// that `build` and `run` must share (or `run` would rebuild).
-fn cargo_fuzz(subcommand: &str) -> Command {
+fn cargo_fuzz(subcommand: &str) -> anyhow::Result<Command> {
     let mut cmd = Command::new("cargo");
     cmd.current_dir(fuzz_dir())
         // cargo-fuzz needs a nightly: the one already installed for eBPF.
-        .env("RUSTUP_TOOLCHAIN", EBPF_TOOLCHAIN)
+        .env("RUSTUP_TOOLCHAIN", setup::ebpf_toolchain()?)
         // The cargo of the pinned stable that runs us must not be used.
         .env_remove("CARGO")
         // The parsers need no eBPF object (tracer/build.rs embeds an empty one).
@@ -95,7 +91,7 @@ fn cargo_fuzz(subcommand: &str) -> Command {
             .arg("--target-dir")
             .arg(target_dir());
     }
-    cmd
+    Ok(cmd)
 }
 
 /// `$CARGO_TARGET_DIR/fuzz` when set, else a folder kept between checkouts
@@ -147,7 +143,7 @@ fn disk_usage(dir: &Path) -> u64 {
 
 /// Every target of `tracer/fuzz`, or those asked for (which must exist).
 fn selected(wanted: &[String]) -> anyhow::Result<Vec<String>> {
-    let out = util::output(&mut cargo_fuzz("list"))?;
+    let out = util::output(&mut cargo_fuzz("list")?)?;
     if !out.status.success() {
         bail!(
             "cargo fuzz list failed: {}",
@@ -176,7 +172,7 @@ fn selected(wanted: &[String]) -> anyhow::Result<Vec<String>> {
 fn build() -> anyhow::Result<()> {
     prune_cache()?;
     let started = Instant::now();
-    util::run(&mut cargo_fuzz("build"))?;
+    util::run(&mut cargo_fuzz("build")?)?;
     eprintln!(
         "fuzz: targets built in {:.0} s",
         started.elapsed().as_secs_f64()
@@ -210,7 +206,7 @@ fn run(target: &str, seconds: u64) -> anyhow::Result<TargetRun> {
         log_path.display()
     );
     let started = Instant::now();
-    let status = cargo_fuzz("run")
+    let status = cargo_fuzz("run")?
         .arg(target)
         .args(&dirs)
         .arg("--")

@@ -3,6 +3,7 @@
 mod bench;
 mod fuzz;
 mod kernels;
+mod lint;
 mod placement;
 mod setup;
 mod util;
@@ -24,9 +25,12 @@ enum Command {
     Setup,
     /// Set up, build xfrm-trace (release) and run the built-in demo.
     Demo,
-    /// Set up, build, and run every test: on the host kernel, then inside
-    /// a VM for each kernel of the matrix.
+    /// Set up, check formatting and clippy (`lint`), build, and run every
+    /// test: on the host kernel, then inside a VM for each kernel of the
+    /// matrix.
     Test(vm_test::Options),
+    /// `cargo fmt --check` and clippy with warnings as errors.
+    Lint,
     /// Run the integration tests inside VMs only (kernel matrix).
     VmTest(vm_test::Options),
     /// Measure the tracer's cost in VMs (throughput, per-program time,
@@ -43,6 +47,7 @@ fn main() {
         Command::Setup => setup::all(),
         Command::Demo => demo(),
         Command::Test(options) => test(&options),
+        Command::Lint => lint::run(),
         Command::VmTest(options) => vm_only(&options),
         Command::Bench(options) => bench::run(&options),
         Command::Fuzz(options) => fuzz::main(&options),
@@ -140,6 +145,7 @@ set -e
 
 fn test(options: &vm_test::Options) -> anyhow::Result<()> {
     setup::all()?;
+    lint::run()?;
     setup::vm_tools()?;
     let binary = util::build_release()?;
     let host = host_tests(&binary)?;

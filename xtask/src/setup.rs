@@ -11,8 +11,9 @@ use anyhow::{Context as _, bail};
 
 use crate::util::{output, run};
 
-/// The nightly that builds the eBPF programs (`tracer/build.rs` uses it).
-pub const EBPF_TOOLCHAIN: &str = "nightly-2026-10-29";
+/// The eBPF crate's toolchain file: its `channel` is the nightly that
+/// builds the eBPF programs (`tracer/build.rs` reads it too).
+const EBPF_TOOLCHAIN_FILE: &str = include_str!("../../tracer-ebpf/rust-toolchain.toml");
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// `cargo xtask fuzz` drives the fuzz targets with it.
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
@@ -87,7 +88,25 @@ fn rustup() -> Command {
     cmd
 }
 
+/// The nightly that builds the eBPF programs.
+pub fn ebpf_toolchain() -> anyhow::Result<&'static str> {
+    channel(EBPF_TOOLCHAIN_FILE).context("tracer-ebpf/rust-toolchain.toml names no channel")
+}
+
+/// The `channel = "..."` value of a rust-toolchain.toml.
+fn channel(toolchain_file: &str) -> Option<&str> {
+    toolchain_file.lines().find_map(|line| {
+        let value = line.trim().strip_prefix("channel")?.trim_start();
+        value
+            .strip_prefix('=')?
+            .trim()
+            .strip_prefix('"')?
+            .strip_suffix('"')
+    })
+}
+
 fn install_ebpf_toolchain() -> anyhow::Result<()> {
+    let toolchain = ebpf_toolchain()?;
     let sysroot = ebpf_sysroot();
     let has_rust_src = sysroot
         .as_ref()
@@ -95,12 +114,12 @@ fn install_ebpf_toolchain() -> anyhow::Result<()> {
     if has_rust_src {
         return Ok(());
     }
-    eprintln!("setup: installing {EBPF_TOOLCHAIN} with rust-src");
+    eprintln!("setup: installing {toolchain} with rust-src");
     run(rustup().args([
         "toolchain",
         "install",
         "--no-self-update",
-        EBPF_TOOLCHAIN,
+        toolchain,
         "--profile",
         "minimal",
         "--component",
@@ -109,9 +128,10 @@ fn install_ebpf_toolchain() -> anyhow::Result<()> {
 }
 
 fn ebpf_sysroot() -> anyhow::Result<PathBuf> {
-    let out = output(rustup().args(["run", EBPF_TOOLCHAIN, "rustc", "--print", "sysroot"]))?;
+    let toolchain = ebpf_toolchain()?;
+    let out = output(rustup().args(["run", toolchain, "rustc", "--print", "sysroot"]))?;
     if !out.status.success() {
-        bail!("{EBPF_TOOLCHAIN} is not installed");
+        bail!("{toolchain} is not installed");
     }
     Ok(PathBuf::from(String::from_utf8(out.stdout)?.trim()))
 }
@@ -189,4 +209,24 @@ pub fn cargo_fuzz() -> anyhow::Result<()> {
             CARGO_FUZZ_VERSION,
         ])
         .current_dir(std::env::temp_dir()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ebpf_toolchain_is_a_dated_nightly() {
+        let toolchain = ebpf_toolchain().unwrap();
+        let date = toolchain.strip_prefix("nightly-").unwrap();
+        assert_eq!(date.len(), "2026-10-29".len(), "{toolchain}");
+        assert!(date.bytes().all(|b| b.is_ascii_digit() || b == b'-'));
+    }
+
+    #[test]
+    fn the_channel_is_read_from_its_line_only() {
+        let file = "# channel = \"no\"\n[toolchain]\nchannel = \"nightly-2026-01-02\"\n";
+        assert_eq!(channel(file), Some("nightly-2026-01-02"));
+        assert_eq!(channel("[toolchain]\nchannels = 1\n"), None);
+    }
 }

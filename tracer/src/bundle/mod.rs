@@ -84,7 +84,7 @@ pub fn write(path: &Path, outcome: &Outcome) -> anyhow::Result<()> {
             crate::pcap::encode(
                 &crate::pcap::packets(&outcome.report),
                 crate::pcap::wall_clock_offset_ns(),
-            ),
+            )?,
         ),
     ];
     let command: Vec<String> = std::env::args().collect();

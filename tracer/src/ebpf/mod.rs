@@ -192,7 +192,7 @@ pub fn drain_ring<T: aya::Pod>(
 ) -> u64 {
     let mut received = 0;
     while let Some(item) = ring.next() {
-        if item.len() < std::mem::size_of::<T>() {
+        if item.len() < size_of::<T>() {
             continue;
         }
         received += 1;
@@ -208,7 +208,7 @@ pub fn drain_ring<T: aya::Pod>(
 /// A program of the object, as its type (`FEntry`, `TracePoint`, ...).
 pub fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, String>
 where
-    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+    &'a mut T: TryFrom<&'a mut Program, Error = aya::programs::ProgramError>,
 {
     ebpf.program_mut(name)
         .ok_or_else(|| format!("program {name} missing from the object"))?

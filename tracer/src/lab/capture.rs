@@ -94,7 +94,7 @@ impl Lab {
                 libc::bind(
                     socket.as_raw_fd(),
                     std::ptr::from_ref(&address).cast(),
-                    std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+                    size_of::<libc::sockaddr_ll>() as libc::socklen_t,
                 )
             };
             if ret != 0 {
@@ -112,7 +112,7 @@ impl Lab {
                     libc::SOL_SOCKET,
                     libc::SO_RCVTIMEO,
                     std::ptr::from_ref(&timeout).cast(),
-                    std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+                    size_of::<libc::timeval>() as libc::socklen_t,
                 )
             };
             Ok(socket)
@@ -178,7 +178,7 @@ impl Lab {
                         frame.len(),
                         0,
                         std::ptr::from_ref(&address).cast(),
-                        std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+                        size_of::<libc::sockaddr_ll>() as libc::socklen_t,
                     )
                 };
                 if n >= 0 {

@@ -277,7 +277,7 @@ impl Lab {
                     libc::SOL_UDP,
                     100, // UDP_ENCAP
                     std::ptr::from_ref(&encap).cast(),
-                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                    size_of::<libc::c_int>() as libc::socklen_t,
                 )
             };
             if ret != 0 {

@@ -174,7 +174,7 @@ impl Lab {
             args.extend_from_slice(algorithm);
             for attempt in 0..3 {
                 if attempt > 0 {
-                    std::thread::sleep(std::time::Duration::from_secs(2));
+                    std::thread::sleep(Duration::from_secs(2));
                 }
                 result = run("ip", &args);
                 if result.is_ok() {

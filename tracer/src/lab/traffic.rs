@@ -83,7 +83,7 @@ impl Lab {
                     level,
                     option,
                     std::ptr::from_ref(&mode).cast(),
-                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                    size_of::<libc::c_int>() as libc::socklen_t,
                 )
             };
             if ret != 0 {

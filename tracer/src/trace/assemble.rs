@@ -285,7 +285,7 @@ pub fn counter_report(
 ) -> Vec<Counter> {
     let mut by_counter: BTreeMap<String, Counter> = BTreeMap::new();
     let kind = if coverage.complete {
-        crate::report::ATTRIBUTED
+        report::ATTRIBUTED
     } else {
         "counted"
     };

@@ -196,12 +196,9 @@ impl<'a> Session<'a> {
                 counters,
                 before,
                 started: Instant::now(),
-                metrics: options.prometheus.map(|address| {
-                    (
-                        address,
-                        std::sync::Arc::new(std::sync::Mutex::new(String::new())),
-                    )
-                }),
+                metrics: options
+                    .prometheus
+                    .map(|address| (address, prometheus::Shared::default())),
                 live: options.live && std::io::IsTerminal::is_terminal(&std::io::stdout()),
                 ticks: 0,
             },
@@ -308,7 +305,7 @@ impl Run<'_> {
     /// Publishes a refreshed report to the metrics endpoint and the terminal.
     fn show(&self, report: &Report) {
         if let Some((_, text)) = &self.metrics {
-            *text.lock().unwrap_or_else(|e| e.into_inner()) = prometheus::render(report);
+            *text.lock().unwrap_or_else(|e| e.into_inner()) = prometheus::render(report).into();
         }
         if self.live {
             // Not print!: it panics once the terminal is gone (SIGHUP), and

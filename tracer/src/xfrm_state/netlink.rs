@@ -89,7 +89,7 @@ impl Socket {
             libc::bind(
                 socket.0.as_raw_fd(),
                 (&raw const address).cast(),
-                std::mem::size_of::<libc::sockaddr_nl>() as u32,
+                size_of::<libc::sockaddr_nl>() as u32,
             )
         };
         if ret < 0 {
