@@ -46,3 +46,6 @@ pub enum Role {
 /// Functions a probe program may be attached to while testing whether a
 /// program type works: common to every kernel we support.
 pub const PROBE_TARGETS: &[&str] = &["xfrm_input", "ip_forward", "ip_rcv"];
+
+#[cfg(test)]
+mod tests;
