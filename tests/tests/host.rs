@@ -458,6 +458,56 @@ fn doctor_matches_what_loads() {
             expected
         }
     );
+    doctor_plan_is_what_a_run_attaches(&report);
+}
+
+/// A run attaches exactly the hooks the doctor planned, each with the
+/// planned method, and reports the doctor's mode.
+fn doctor_plan_is_what_a_run_attaches(doctor: &Value) {
+    let json = scratch("doctor-vs-run.json");
+    let out = Command::new(binary())
+        .args(["--duration", "1s", "--json"])
+        .arg(&json)
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let _ = std::fs::remove_file(&json);
+    assert_eq!(report["kernel"]["mode"], doctor["mode"], "{doctor:#}");
+    let strings = |list: &Value| -> Vec<String> {
+        list.as_array()
+            .expect("a list")
+            .iter()
+            .map(|s| s.as_str().expect("a string").to_string())
+            .collect()
+    };
+    let mut attached: Vec<String> = [
+        &report["coverage"]["attached"],
+        &report["esp_sizes_hooks"]["attached"],
+        &report["ike_hooks"]["attached"],
+        &report["masquerade"]["coverage"]["attached"],
+        &report["netns_teardown_hooks"]["attached"],
+    ]
+    .into_iter()
+    .flat_map(strings)
+    // Attached by the drops capability, which the doctor does not plan.
+    .filter(|hook| hook != "skb:kfree_skb")
+    .collect();
+    let mut planned: Vec<String> = doctor["hooks"]
+        .as_array()
+        .expect("hooks")
+        .iter()
+        .filter_map(|h| h["listed_as"].as_str().map(str::to_string))
+        .collect();
+    attached.sort();
+    planned.sort();
+    assert_eq!(attached, planned, "{doctor:#}");
+    // Every kernel has the IKE watch's tracepoints.
+    assert!(planned.contains(&"net:net_dev_queue".to_string()));
 }
 
 /// Two namespaces on one link: `a` is 198.51.100.2 on `ia`, `b` has

@@ -172,7 +172,7 @@ fn degraded_kernel_summary_is_one_short_line_per_capability() {
     );
     assert!(
         doctor.lines().any(|l| l.starts_with("ip_do_fragment ")
-            && l.ends_with("none: neither fentry nor kprobes work here")),
+            && l.ends_with("none: fentry: does not work here; kprobe: does not work here")),
         "{doctor}"
     );
 }

@@ -89,7 +89,7 @@ fn local_kernel_cannot_host_the_lab(binary: &std::path::Path) -> Option<String> 
         .and_then(|o| serde_json::from_slice::<serde_json::Value>(&o.stdout).ok())
         .and_then(|v| v["mode"].as_str().map(str::to_string))
         .unwrap_or_default();
-    if !matches!(mode.as_str(), "fentry" | "fentry-kprobe" | "kprobe") {
+    if !matches!(mode.as_str(), "fentry" | "fentry+kprobe" | "kprobe") {
         return Some(format!(
             "this kernel cannot hook XFRM functions (mode {mode})"
         ));

@@ -1,80 +1,126 @@
-//! Attribution of XFRM counter increments to packets: attaching the bracket
-//! and enrichment programs, and reading what they recorded.
+//! Attribution of XFRM counter increments to packets: the bracket and
+//! enrichment hooks, and reading what they recorded.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use aya::{
-    Btf, Ebpf,
+    Ebpf,
     maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf, StackTraceMap},
-    programs::{FExit, KProbe},
 };
 use serde::Serialize;
 use tracer_common::attribution::{Sample, SourceKey, dir, error, hook};
 
 use crate::{
     btf::KernelBtf,
-    ebpf::{attach_fentry, attach_fexit, attach_kprobe, program},
-    hooks::HookChoice,
-    kallsyms::{Kallsyms, Presence},
-    model::Names,
+    hooks::{self, HookOutcome, HookSpec, Method, Mode, Needs, Prototype, Role, Variant},
+    kallsyms::Kallsyms,
+    model::{HookList, Names},
 };
 
-/// A bracket: the function and its programs, named `<prefix>_entry`,
-/// `_exit` (fentry/fexit) and `_kprobe`, `_kretprobe`.
-struct Bracket {
-    function: &'static str,
-    prefix: &'static str,
-}
-
-const fn bracket(function: &'static str, prefix: &'static str) -> Bracket {
-    Bracket { function, prefix }
-}
-
-const BRACKETS: &[Bracket] = &[
-    bracket("xfrm_input", "xfrm_input"),
-    bracket("__xfrm_policy_check", "policy_check"),
-    bracket("__xfrm_route_forward", "route_forward"),
-    bracket("xfrm_lookup_with_ifid", "lookup"),
-    bracket("xfrm_output", "output"),
-];
-
-/// xfrm_output_resume gained an `sk` argument in 5.14. The programs read
-/// the skb at a fixed position, so pick the set that matches this kernel's
-/// prototype.
-fn output_resume(btf: &KernelBtf) -> Result<Bracket, String> {
-    let params = btf
-        .function_params("xfrm_output_resume")
-        .unwrap_or_default();
-    match params.iter().position(|p| p == "skb") {
-        Some(1) => Ok(bracket("xfrm_output_resume", "output_resume")),
-        Some(0) => Ok(bracket("xfrm_output_resume", "output_resume_old")),
-        _ => Err(format!(
-            "unexpected prototype xfrm_output_resume({})",
-            params.join(", ")
-        )),
-    }
-}
-
-/// (function, fexit program, kretprobe program): name the SA and the
-/// policy. Only the functions this kernel has are attached
-/// (xfrm_input_state_lookup is 6.12+); the fexit programs read the return
-/// value after six arguments.
-const ENRICHMENT: &[(&str, &str, &str)] = &[
-    (
+/// The brackets (fentry/fexit, else kprobe/kretprobe) and the enrichment
+/// exits that name the SA and the policy.
+pub const HOOKS: &[HookSpec] = &[
+    HookSpec::new(
+        "xfrm_input",
+        Role::Bracket,
+        &[Variant::bracket(
+            "xfrm_input_entry",
+            "xfrm_input_exit",
+            "xfrm_input_kprobe",
+            "xfrm_input_kretprobe",
+        )],
+    ),
+    HookSpec::new(
+        "__xfrm_policy_check",
+        Role::Bracket,
+        &[Variant::bracket(
+            "policy_check_entry",
+            "policy_check_exit",
+            "policy_check_kprobe",
+            "policy_check_kretprobe",
+        )],
+    ),
+    HookSpec::new(
+        "__xfrm_route_forward",
+        Role::Bracket,
+        &[Variant::bracket(
+            "route_forward_entry",
+            "route_forward_exit",
+            "route_forward_kprobe",
+            "route_forward_kretprobe",
+        )],
+    ),
+    HookSpec::new(
+        "xfrm_lookup_with_ifid",
+        Role::Bracket,
+        &[Variant::bracket(
+            "lookup_entry",
+            "lookup_exit",
+            "lookup_kprobe",
+            "lookup_kretprobe",
+        )],
+    ),
+    HookSpec::new(
+        "xfrm_output",
+        Role::Bracket,
+        &[Variant::bracket(
+            "output_entry",
+            "output_exit",
+            "output_kprobe",
+            "output_kretprobe",
+        )],
+    ),
+    // xfrm_output_resume gained an `sk` argument in 5.14; the programs read
+    // the skb at a fixed position, one set per prototype.
+    HookSpec::new(
+        "xfrm_output_resume",
+        Role::Bracket,
+        &[
+            Variant::bracket(
+                "output_resume_entry",
+                "output_resume_exit",
+                "output_resume_kprobe",
+                "output_resume_kretprobe",
+            )
+            .prototype(Prototype::SkbAt(1)),
+            Variant::bracket(
+                "output_resume_old_entry",
+                "output_resume_old_exit",
+                "output_resume_old_kprobe",
+                "output_resume_old_kretprobe",
+            )
+            .prototype(Prototype::SkbAt(0)),
+        ],
+    ),
+    // The fexit programs read the return value after six arguments.
+    HookSpec::new(
         "xfrm_state_lookup",
-        "state_lookup_exit",
-        "state_lookup_kretprobe",
-    ),
-    (
+        Role::Enrichment,
+        &[
+            Variant::exit("state_lookup_exit", Some("state_lookup_kretprobe"))
+                .prototype(Prototype::ExitAfterArgs(ENRICHMENT_ARGS)),
+        ],
+    )
+    .needs(Needs::InBtf),
+    // 6.12+.
+    HookSpec::new(
         "xfrm_input_state_lookup",
-        "input_state_lookup_exit",
-        "state_lookup_kretprobe",
-    ),
-    (
+        Role::Enrichment,
+        &[
+            Variant::exit("input_state_lookup_exit", Some("state_lookup_kretprobe"))
+                .prototype(Prototype::ExitAfterArgs(ENRICHMENT_ARGS)),
+        ],
+    )
+    .needs(Needs::InBtf),
+    HookSpec::new(
         "xfrm_policy_lookup_bytype",
-        "policy_lookup_exit",
-        "policy_lookup_kretprobe",
-    ),
+        Role::Enrichment,
+        &[
+            Variant::exit("policy_lookup_exit", Some("policy_lookup_kretprobe"))
+                .prototype(Prototype::ExitAfterArgs(ENRICHMENT_ARGS)),
+        ],
+    )
+    .needs(Needs::InBtf),
 ];
 const ENRICHMENT_ARGS: usize = 6;
 
@@ -92,188 +138,48 @@ pub struct Coverage {
 }
 
 impl Coverage {
+    /// The published form of what `HOOKS` got.
+    pub fn of(outcomes: &[HookOutcome]) -> Self {
+        let HookList { attached, missing } = hooks::hook_list(outcomes, "all brackets");
+        let brackets: Vec<Option<Method>> = outcomes
+            .iter()
+            .filter(|o| o.role() == Role::Bracket)
+            .map(|o| o.via)
+            .collect();
+        let hooked_by = |method| brackets.iter().filter(|via| **via == Some(method)).count();
+        Self {
+            complete: !brackets.is_empty() && brackets.iter().all(Option::is_some),
+            fentry_brackets: hooked_by(Method::Fentry),
+            kprobe_brackets: hooked_by(Method::Kprobe),
+            attached,
+            missing,
+        }
+    }
+
+    /// No bracket attached, for the one reason given.
+    pub fn none(why: String) -> Self {
+        Self {
+            missing: vec![("all brackets".into(), why)],
+            ..Self::default()
+        }
+    }
+
     /// The mode as the report names it.
-    pub fn mode(&self) -> String {
-        let method = match (self.fentry_brackets, self.kprobe_brackets) {
-            (0, 0) => return "tracepoint-only".into(),
-            (_, 0) => "fentry",
-            (0, _) => "kprobe",
-            _ => "fentry+kprobe",
-        };
-        if self.complete {
-            method.into()
-        } else {
-            format!("{method} (partial)")
-        }
+    pub fn mode(&self) -> Mode {
+        Mode::of_brackets(self.fentry_brackets, self.kprobe_brackets, self.complete)
     }
 }
 
-/// fexit before fentry, kretprobe before kprobe: an exit without its entry
-/// is ignored, an entry without its exit would leave a frame open.
-fn attach_bracket(
-    ebpf: &mut Ebpf,
-    bracket: &Bracket,
-    kprobe: bool,
-    btf: &Btf,
-) -> Result<(), String> {
-    let name = |suffix: &str| format!("{}_{suffix}", bracket.prefix);
-    if kprobe {
-        let exit = attach_kprobe(ebpf, &name("kretprobe"), bracket.function)?;
-        if let Err(e) = attach_kprobe(ebpf, &name("kprobe"), bracket.function) {
-            let prog: &mut KProbe = program(ebpf, &name("kretprobe"))?;
-            let _ = prog.detach(exit);
-            return Err(e);
-        }
-        return Ok(());
-    }
-    attach_fexit(ebpf, &name("exit"), bracket.function, btf)?;
-    if let Err(e) = attach_fentry(ebpf, &name("entry"), bracket.function, btf) {
-        // Unload the fexit (and its link) so a kprobe pair can take over.
-        let prog: &mut FExit = program(ebpf, &name("exit"))?;
-        let _ = prog.unload();
-        return Err(e);
-    }
-    Ok(())
-}
-
-/// The fentry/fexit programs `attach` will try, with their functions (to
-/// verify them beforehand, in parallel).
-pub fn fentry_programs(kernel_btf: &KernelBtf) -> Vec<(String, &'static str)> {
-    let mut programs = Vec::new();
-    for bracket in BRACKETS
-        .iter()
-        .chain(output_resume(kernel_btf).as_ref().ok())
-    {
-        for suffix in ["exit", "entry"] {
-            programs.push((format!("{}_{suffix}", bracket.prefix), bracket.function));
-        }
-    }
-    for (function, fexit, _) in ENRICHMENT {
-        if kernel_btf
-            .function_params(function)
-            .is_some_and(|params| params.len() == ENRICHMENT_ARGS)
-        {
-            programs.push((fexit.to_string(), *function));
-        }
-    }
-    programs
-}
-
-/// Attaches every bracket and enrichment program this kernel allows:
-/// fentry/fexit first, kprobes for what fentry cannot reach (unless
-/// `choice` says otherwise). The links live as long as `ebpf`.
-pub fn attach(
-    ebpf: &mut Ebpf,
-    kernel_btf: &KernelBtf,
-    btf: &Result<Btf, String>,
-    kallsyms: &Kallsyms,
-    has_per_cpu_offset: bool,
-    choice: HookChoice,
-) -> Coverage {
-    let mut coverage = Coverage::default();
-    if choice == HookChoice::Tracepoint {
-        coverage
-            .missing
-            .push(("all brackets".into(), "--hooks tracepoint".into()));
-        return coverage;
-    }
-    if !has_per_cpu_offset {
-        // The brackets cannot read counters without it, but when no
-        // function can be hooked at all, that is the reason to give.
-        let why = match crate::capabilities::function_hooks(ebpf, kernel_btf, kallsyms) {
+/// Why no bracket is attached on a kernel without `__per_cpu_offset` in
+/// kallsyms (the brackets cannot read counters without it); but when no
+/// function can be hooked at all, that is the reason to give.
+pub fn without_per_cpu_offset(ebpf: &mut Ebpf, btf: &KernelBtf, kallsyms: &Kallsyms) -> Coverage {
+    Coverage::none(
+        match crate::capabilities::function_hooks(ebpf, btf, kallsyms) {
             Ok(()) => "__per_cpu_offset is not in /proc/kallsyms (kernel without CONFIG_KALLSYMS_ALL?): counters cannot be read per packet".into(),
             Err(no_hooks) => no_hooks,
-        };
-        coverage.missing.push(("all brackets".into(), why));
-        return coverage;
-    }
-    let mut all = true;
-    let resume = output_resume(kernel_btf);
-    if let Err(why) = &resume {
-        all = false;
-        coverage
-            .missing
-            .push(("xfrm_output_resume".into(), why.clone()));
-    }
-    let kprobe_target = |function: &str| match kallsyms.presence(function) {
-        Presence::Exact { .. } => Ok(()),
-        Presence::CloneOnly(clone) => Err(format!("only the compiler clone {clone} exists")),
-        Presence::Absent => Err("not in /proc/kallsyms (inlined?)".to_string()),
-    };
-    for bracket in BRACKETS.iter().chain(resume.as_ref().ok()) {
-        let mut errors = Vec::new();
-        let mut method = None;
-        if choice != HookChoice::Kprobe {
-            match btf
-                .as_ref()
-                .map_err(Clone::clone)
-                .and_then(|btf| attach_bracket(ebpf, bracket, false, btf))
-            {
-                Ok(()) => method = Some("fentry"),
-                Err(e) => errors.push(format!("fentry: {e}")),
-            }
-        }
-        if method.is_none() && choice != HookChoice::Fentry {
-            let attached = kprobe_target(bracket.function).and_then(|()| {
-                // kprobes need no BTF; any loaded `Btf` will do for the call.
-                let empty = Btf::new();
-                attach_bracket(ebpf, bracket, true, btf.as_ref().unwrap_or(&empty))
-            });
-            match attached {
-                Ok(()) => method = Some("kprobe"),
-                Err(e) => errors.push(format!("kprobe: {e}")),
-            }
-        }
-        match method {
-            Some(method) => {
-                if method == "fentry" {
-                    coverage.fentry_brackets += 1;
-                } else {
-                    coverage.kprobe_brackets += 1;
-                }
-                coverage
-                    .attached
-                    .push(format!("{} ({method})", bracket.function));
-            }
-            None => {
-                all = false;
-                coverage
-                    .missing
-                    .push((bracket.function.to_string(), errors.join("; ")));
-            }
-        }
-    }
-    for (function, fexit, kretprobe) in ENRICHMENT {
-        let Some(params) = kernel_btf.function_params(function) else {
-            continue;
-        };
-        let fexit_result = if choice == HookChoice::Kprobe {
-            Err("--hooks kprobe".to_string())
-        } else if params.len() != ENRICHMENT_ARGS {
-            Err(format!(
-                "unexpected prototype ({} arguments, expected {ENRICHMENT_ARGS})",
-                params.len()
-            ))
-        } else {
-            btf.as_ref()
-                .map_err(Clone::clone)
-                .and_then(|btf| attach_fexit(ebpf, fexit, function, btf))
-        };
-        let result = match fexit_result {
-            Ok(()) => Ok("fexit"),
-            Err(_) if choice == HookChoice::Fentry => Err("fexit failed".to_string()),
-            Err(fexit_error) => kprobe_target(function)
-                .and_then(|()| attach_kprobe(ebpf, kretprobe, function).map(drop))
-                .map(|()| "kretprobe")
-                .map_err(|e| format!("fexit: {fexit_error}; kretprobe: {e}")),
-        };
-        match result {
-            Ok(method) => coverage.attached.push(format!("{function} ({method})")),
-            Err(e) => coverage.missing.push((function.to_string(), e)),
-        }
-    }
-    coverage.complete = all;
-    coverage
+        },
+    )
 }
 
 /// The raw attribution table, summed over CPUs, and the error counts.

@@ -5,14 +5,27 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use crate::{
+    attribution::{self, Coverage},
     btf::{self, KernelBtf},
-    capabilities::{self, Attach, HookMode, HookPlan, ProgramSupport},
+    capabilities::{self, ProgramSupport},
     ebpf,
-    hooks::Role,
-    kallsyms::Kallsyms,
+    hooks::{self, HookChoice, HookMode, HookOutcome, HookSpec, KernelFacts, Mode, Needs, Role},
+    ike,
+    kallsyms::{Kallsyms, Presence},
+    masquerade, mtu,
+    netns::exits,
     tracefs,
     xfrm_stat::XfrmStat,
 };
+
+/// Every capability's hooks, in the order a run attaches them.
+const ALL: [&[HookSpec]; 5] = [
+    ike::HOOKS,
+    attribution::HOOKS,
+    mtu::HOOKS,
+    masquerade::HOOKS,
+    exits::HOOKS,
+];
 
 #[derive(Debug, Serialize)]
 pub struct Report {
@@ -25,8 +38,41 @@ pub struct Report {
     /// Number of `enum skb_drop_reason` values (0 before 5.17).
     pub drop_reasons: usize,
     pub programs: Option<ProgramSupport>,
-    pub hooks: Vec<HookPlan>,
-    pub mode: HookMode,
+    /// The plan a run (`--hooks auto`) follows here.
+    pub hooks: Vec<HookRow>,
+    /// The report's `kernel.mode` of that run.
+    pub mode: Mode,
+}
+
+/// One planned hook and how it will be attached here.
+#[derive(Debug, Serialize)]
+pub struct HookRow {
+    /// The function, tracepoint (`net:net_dev_queue`) or completing exit
+    /// (`__xfrm4_output (fexit)`), as the report lists it when missing.
+    pub function: String,
+    pub role: Role,
+    pub in_btf: bool,
+    /// `vmlinux`, a module name, `clone-only`, `absent`, or `-` for a
+    /// tracepoint.
+    pub kallsyms: String,
+    pub attach: Attach,
+    /// As the report lists it once attached (`xfrm_input (fentry)`).
+    pub listed_as: Option<String>,
+    /// Only some kernels have it (an alternative exists on the others).
+    pub version_dependent: bool,
+    /// The hook column: `fentry`, `fexit`, `kretprobe`, ... or `none: why`.
+    #[serde(skip)]
+    shown: String,
+}
+
+/// How one hook will be attached.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "method", content = "detail", rename_all = "snake_case")]
+pub enum Attach {
+    Fentry,
+    Kprobe,
+    Tracepoint,
+    Unavailable(String),
 }
 
 #[derive(Debug, Serialize)]
@@ -76,20 +122,19 @@ pub fn run() -> Report {
                 Ok(mut object) => capabilities::probe_programs(&mut object, btf, &kallsyms),
                 Err(e) => all_failed(&e.to_string()),
             };
-            let hooks = capabilities::plan_hooks(btf, &kallsyms, &programs);
+            let hooks = dry_run(btf, &kallsyms, &programs);
             (Some(programs), hooks, btf::drop_reason_names(btf).len())
         }
         Err(_) => (None, Vec::new(), 0),
     };
-    let brackets: Vec<Attach> = hooks
-        .iter()
-        .filter(|h| h.role == Role::Bracket)
-        .map(|h| h.attach.clone())
-        .collect();
     let mode = match &programs {
-        Some(p) => capabilities::choose_mode(&brackets, p),
-        None => HookMode::CountersOnly,
+        Some(programs) => mode(&hooks, programs),
+        None => Mode::COUNTERS_ONLY,
     };
+    let hooks = hooks
+        .iter()
+        .map(|outcome| row(outcome, btf.as_ref().ok(), &kallsyms))
+        .collect();
     Report {
         kernel_release,
         btf: Check::from(&btf.as_ref().map(|_| ()), btf::VMLINUX_BTF),
@@ -100,6 +145,63 @@ pub fn run() -> Report {
         programs,
         hooks,
         mode,
+    }
+}
+
+/// What a run would attach here, by the run's own planner, told which
+/// program types work.
+fn dry_run(btf: &KernelBtf, kallsyms: &Kallsyms, programs: &ProgramSupport) -> Vec<HookOutcome> {
+    let mut facts = KernelFacts::of(btf, kallsyms, &ALL);
+    facts.fentry = capabilities::works(&programs.fentry);
+    facts.kprobe = capabilities::works(&programs.kprobe);
+    facts.tracepoint = capabilities::works(&programs.tracepoint);
+    ALL.iter()
+        .flat_map(|specs| hooks::plan(&facts, HookChoice::Auto, specs))
+        .map(|planned| HookOutcome::expected(&planned))
+        .collect()
+}
+
+/// The run's mode, from the planned brackets as the report counts them.
+fn mode(hooks: &[HookOutcome], programs: &ProgramSupport) -> Mode {
+    let brackets: Vec<HookOutcome> = hooks
+        .iter()
+        .filter(|o| matches!(o.role(), Role::Bracket | Role::Enrichment))
+        .cloned()
+        .collect();
+    let mode = Coverage::of(&brackets).mode();
+    if mode.hooks == HookMode::TracepointOnly && programs.tracepoint.is_err() {
+        return Mode::COUNTERS_ONLY;
+    }
+    mode
+}
+
+fn row(outcome: &HookOutcome, btf: Option<&KernelBtf>, kallsyms: &Kallsyms) -> HookRow {
+    let function = outcome.function();
+    let tracepoint = outcome.programs.tracepoint.is_some();
+    let kallsyms = match kallsyms.presence(function) {
+        _ if tracepoint => "-".into(),
+        Presence::Exact { module: None } => "vmlinux".into(),
+        Presence::Exact { module: Some(m) } => m,
+        Presence::CloneOnly(_) => "clone-only".into(),
+        Presence::Absent => "absent".into(),
+    };
+    HookRow {
+        function: outcome.name(),
+        role: outcome.role(),
+        in_btf: !tracepoint && btf.is_some_and(|btf| btf.has_function(function)),
+        kallsyms,
+        attach: match outcome.via {
+            Some(hooks::Method::Fentry) => Attach::Fentry,
+            Some(hooks::Method::Kprobe) => Attach::Kprobe,
+            Some(hooks::Method::Tracepoint) => Attach::Tracepoint,
+            None => Attach::Unavailable(outcome.why()),
+        },
+        listed_as: outcome.via.map(|method| outcome.listed_as(method)),
+        shown: match outcome.via {
+            Some(method) => outcome.programs.method_name(method).to_string(),
+            None => format!("none: {}", outcome.why()),
+        },
+        version_dependent: outcome.spec.needs == Needs::InBtf || outcome.spec.variants.len() > 1,
     }
 }
 
@@ -171,11 +273,6 @@ pub fn render(report: &Report) -> String {
                 .ok()
                 .and_then(|v| v.as_str().map(str::to_owned))
                 .unwrap_or_default();
-            let attach = match &h.attach {
-                Attach::Fentry => "fentry".to_string(),
-                Attach::Kprobe => "kprobe".to_string(),
-                Attach::Unavailable(why) => format!("none: {why}"),
-            };
             let _ = writeln!(
                 out,
                 "{:<32} {:<11} {:<4} {:<11} {}",
@@ -183,12 +280,18 @@ pub fn render(report: &Report) -> String {
                 role,
                 if h.in_btf { "yes" } else { "no" },
                 h.kallsyms,
-                attach
+                h.shown
             );
         }
     }
-    let _ = writeln!(out, "\nhook mode      {}", report.mode.name());
-    let _ = writeln!(out, "{}", mode_explanation(report.mode));
+    let _ = writeln!(out, "\nhook mode      {}", report.mode);
+    let _ = writeln!(out, "{}", mode_explanation(report.mode.hooks));
+    if report.mode.partial {
+        let _ = writeln!(
+            out,
+            "some brackets cannot be hooked (above): their increments are counted, not tied to packets"
+        );
+    }
     out
 }
 

@@ -2,7 +2,7 @@
 
 use aya::{
     Btf, Ebpf, EbpfLoader,
-    programs::{FEntry, FExit, KProbe, Program, kprobe::KProbeLinkId},
+    programs::{FEntry, FExit, KProbe, Program, TracePoint, kprobe::KProbeLinkId},
 };
 use tracer_common::{
     ike::NetRecords,
@@ -17,7 +17,7 @@ use crate::{
 };
 
 /// Built by `tracer/build.rs` from `tracer-ebpf`, so the binary is one file.
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
+pub(crate) static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -221,11 +221,8 @@ where
 /// under emulation verifying is most of a start. What fails here is left
 /// for the attach that follows, which loads what is not loaded yet and
 /// reports why.
-pub fn preload(ebpf: &mut Ebpf, programs: &[(String, &str)], btf: &Btf) {
-    let mut wanted: std::collections::HashMap<&str, &str> = programs
-        .iter()
-        .map(|(program, function)| (program.as_str(), *function))
-        .collect();
+pub fn preload(ebpf: &mut Ebpf, programs: &[(&str, &str)], btf: &Btf) {
+    let mut wanted: std::collections::HashMap<&str, &str> = programs.iter().copied().collect();
     let jobs: Vec<(&str, &mut Program, &str)> = ebpf
         .programs_mut()
         .filter_map(|(name, program)| Some((name, program, wanted.remove(name)?)))
@@ -293,42 +290,18 @@ pub fn attach_kprobe(ebpf: &mut Ebpf, name: &str, function: &str) -> Result<KPro
     Ok(link)
 }
 
-/// Attaches `function` with the `<prefix>_fentry` program where fentry is
-/// allowed and attaches, else with `<prefix>_kprobe` where kprobes are
-/// allowed: the method used, or each method's error
-/// (`fentry: ...; kprobe: ...`; empty when neither was allowed).
-pub fn attach_fentry_else_kprobe(
+/// Loads a classic tracepoint program and attaches it to `category:name`.
+pub fn attach_tracepoint(
     ebpf: &mut Ebpf,
-    btf: &Result<Btf, String>,
-    kallsyms: &Kallsyms,
-    function: &str,
-    prefix: &str,
-    (fentry, kprobe): (bool, bool),
-) -> Result<&'static str, String> {
-    let mut errors = Vec::new();
-    if fentry {
-        let result = btf
-            .as_ref()
-            .map_err(Clone::clone)
-            .and_then(|btf| attach_fentry(ebpf, &format!("{prefix}_fentry"), function, btf));
-        match result {
-            Ok(()) => return Ok("fentry"),
-            Err(e) => errors.push(format!("fentry: {e}")),
-        }
-    }
-    if kprobe {
-        let result = match kallsyms.presence(function) {
-            crate::kallsyms::Presence::Exact { .. } => {
-                attach_kprobe(ebpf, &format!("{prefix}_kprobe"), function).map(drop)
-            }
-            _ => Err("not in /proc/kallsyms".into()),
-        };
-        match result {
-            Ok(()) => return Ok("kprobe"),
-            Err(e) => errors.push(format!("kprobe: {e}")),
-        }
-    }
-    Err(errors.join("; "))
+    program_name: &str,
+    category: &str,
+    name: &str,
+) -> Result<(), String> {
+    let prog: &mut TracePoint = program(ebpf, program_name)?;
+    prog.load().map_err(|e| describe(&e))?;
+    prog.attach(category, name)
+        .map(drop)
+        .map_err(|e| describe(&e))
 }
 
 /// What a program cost to start (`-vv`): verifying, then attaching.

@@ -8,38 +8,39 @@ use std::{
     net::IpAddr,
 };
 
-use aya::{Ebpf, maps::PerCpuHashMap, programs::TracePoint};
+use aya::{Ebpf, maps::PerCpuHashMap};
 use serde::Serialize;
 use tracer_common::ike::{IkeKey, event};
 
 use crate::{
-    drops, ebpf,
+    drops,
+    hooks::{self, HookOutcome, HookSpec, Role, Variant},
     kallsyms::Kallsyms,
     model::{HookList, Names},
 };
 
-/// The tracepoints of the watch (kfree_skb is attached by `drops`).
-const TRACEPOINTS: [(&str, &str); 2] = [("net", "net_dev_queue"), ("net", "netif_receive_skb")];
+/// The interface tracepoints of the watch (kfree_skb is attached by
+/// `drops`). Classic tracepoints: every kernel has them.
+pub const HOOKS: &[HookSpec] = &[
+    HookSpec::new(
+        "net_dev_queue",
+        Role::IkeWatch,
+        &[Variant::tracepoint("net", "net_dev_queue")],
+    ),
+    HookSpec::new(
+        "netif_receive_skb",
+        Role::IkeWatch,
+        &[Variant::tracepoint("net", "netif_receive_skb")],
+    ),
+];
 
-/// Attaches the interface tracepoints; what cannot attach is listed with
-/// the reason (the rest of the tool works without it).
-pub fn attach(ebpf: &mut Ebpf) -> HookList {
-    let mut hooks = HookList::default();
-    for (category, name) in TRACEPOINTS {
-        let result = ebpf::program::<TracePoint>(ebpf, name).and_then(|prog| {
-            prog.load().map_err(|e| ebpf::describe(&e))?;
-            prog.attach(category, name)
-                .map(drop)
-                .map_err(|e| ebpf::describe(&e))
-        });
-        let hook = format!("{category}:{name}");
-        match result {
-            Ok(()) => hooks.attached.push(hook),
-            Err(why) => hooks.missing.push((hook, why)),
-        }
-    }
-    hooks.attached.push("skb:kfree_skb".into());
-    hooks
+/// The published form of what `HOOKS` got, with the drops' kfree_skb the
+/// watch reads too (what cannot attach is listed with the reason: the rest
+/// of the tool works without it).
+pub fn hook_list(outcomes: &[HookOutcome]) -> HookList {
+    let mut list = hooks::hook_list(outcomes, "IKE watch");
+    list.attached.push("skb:kfree_skb".into());
+    list
 }
 
 /// The in-kernel table, summed over CPUs.

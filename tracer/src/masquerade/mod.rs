@@ -1,7 +1,7 @@
 //! MASQUERADE/SNAT before the IPsec policy lookup (docs/kernel.md §2): packets
 //! routed into IPsec whose source POSTROUTING NAT rewrote, so that the
-//! policy re-lookup matched nothing and they left unencrypted. Attaching
-//! the detector, reading what it counted, and the finding with its fix.
+//! policy re-lookup matched nothing and they left unencrypted. The
+//! detector's hooks, reading what it counted, and the finding with its fix.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -9,50 +9,66 @@ use std::{
 };
 
 use aya::{
-    Btf, Ebpf,
+    Ebpf,
     maps::{HashMap as BpfHashMap, PerCpuArray, PerCpuHashMap},
 };
 use serde::Serialize;
 use tracer_common::masquerade::{LeakCount, LeakKey, LeakSample, PolicyKey, Selector, error};
 
 use crate::{
-    btf::KernelBtf,
-    ebpf::{attach_fentry, attach_fexit, attach_kprobe},
-    hooks::HookChoice,
-    kallsyms::{Kallsyms, Presence},
-    model::{Finding, Names},
+    hooks::{self, HookOutcome, HookSpec, Needs, Prototype, Role, Variant},
+    model::{Finding, HookList, Names},
 };
 
 pub const FINDING_KIND: &str = "masquerade_before_policy";
 
-/// The functions, per family: the bundle's `output` (POSTROUTING starts)
-/// and its okfn (POSTROUTING ended).
-struct Family {
-    name: &'static str,
-    output: &'static str,
-    okfn: &'static str,
-    output_fentry: &'static str,
-    okfn_fentry: &'static str,
-    okfn_fexit: &'static str,
-}
+/// Per family: the bundle's `output` (POSTROUTING starts) and its okfn
+/// (POSTROUTING ended); `skb` is the third argument of both.
+const FAMILIES: [(&str, &str, &str); 2] = [
+    ("ipv4", "xfrm4_output", "__xfrm4_output"),
+    ("ipv6", "xfrm6_output", "__xfrm6_output"),
+];
 
-const FAMILIES: &[Family] = &[
-    Family {
-        name: "ipv4",
-        output: "xfrm4_output",
-        okfn: "__xfrm4_output",
-        output_fentry: "masq_xfrm4_output",
-        okfn_fentry: "masq_xfrm4_okfn",
-        okfn_fexit: "masq_xfrm4_okfn_exit",
-    },
-    Family {
-        name: "ipv6",
-        output: "xfrm6_output",
-        okfn: "__xfrm6_output",
-        output_fentry: "masq_xfrm6_output",
-        okfn_fentry: "masq_xfrm6_okfn",
-        okfn_fexit: "masq_xfrm6_okfn_exit",
-    },
+const SKB: Prototype = Prototype::SkbAtOrNoBtf(2);
+
+/// Per family: the okfn (detection), its fexit (sent or dropped: fentry
+/// only), then the output (the pre-NAT flow, SA and policy). The kprobe
+/// forms serve both families.
+pub const HOOKS: &[HookSpec] = &[
+    HookSpec::new(
+        "__xfrm4_output",
+        Role::Nat,
+        &[Variant::entry("masq_xfrm4_okfn", "masq_okfn_kprobe").prototype(SKB)],
+    ),
+    HookSpec::new(
+        "__xfrm4_output",
+        Role::Nat,
+        &[Variant::exit("masq_xfrm4_okfn_exit", None).prototype(SKB)],
+    )
+    .needs(Needs::HookedByFentry("__xfrm4_output")),
+    HookSpec::new(
+        "xfrm4_output",
+        Role::Nat,
+        &[Variant::entry("masq_xfrm4_output", "masq_output_kprobe").prototype(SKB)],
+    )
+    .needs(Needs::Hooked("__xfrm4_output")),
+    HookSpec::new(
+        "__xfrm6_output",
+        Role::Nat,
+        &[Variant::entry("masq_xfrm6_okfn", "masq_okfn_kprobe").prototype(SKB)],
+    ),
+    HookSpec::new(
+        "__xfrm6_output",
+        Role::Nat,
+        &[Variant::exit("masq_xfrm6_okfn_exit", None).prototype(SKB)],
+    )
+    .needs(Needs::HookedByFentry("__xfrm6_output")),
+    HookSpec::new(
+        "xfrm6_output",
+        Role::Nat,
+        &[Variant::entry("masq_xfrm6_output", "masq_output_kprobe").prototype(SKB)],
+    )
+    .needs(Needs::Hooked("__xfrm6_output")),
 ];
 
 /// What the detector covers on this kernel.
@@ -69,147 +85,31 @@ pub struct MasqCoverage {
     pub missing: Vec<(String, String)>,
 }
 
-fn skb_is_third(btf: &KernelBtf, function: &str) -> Result<(), String> {
-    match btf.function_params(function) {
-        Some(params) if params.iter().position(|p| p == "skb") == Some(2) => Ok(()),
-        Some(params) => Err(format!(
-            "unexpected prototype {function}({})",
-            params.join(", ")
-        )),
-        // Not in BTF: kprobes read registers, trust the (net, sk, skb)
-        // prototype every kernel since 4.4 has.
-        None => Ok(()),
-    }
-}
-
-/// The fentry/fexit programs `attach` will try, with their functions.
-pub fn fentry_programs(kernel_btf: &KernelBtf) -> Vec<(String, &'static str)> {
-    let mut programs = Vec::new();
-    for family in FAMILIES {
-        for (program, function) in [
-            (family.okfn_fentry, family.okfn),
-            (family.okfn_fexit, family.okfn),
-            (family.output_fentry, family.output),
-        ] {
-            if kernel_btf.has_function(function) && skb_is_third(kernel_btf, function).is_ok() {
-                programs.push((program.to_string(), function));
-            }
-        }
-    }
-    programs
-}
-
-/// Attaches what this kernel allows: fentry (+ fexit for the outcome) on
-/// each function, else a kprobe on its exact symbol.
-pub fn attach(
-    ebpf: &mut Ebpf,
-    kernel_btf: &KernelBtf,
-    btf: &Result<Btf, String>,
-    kallsyms: &Kallsyms,
-    choice: HookChoice,
-) -> MasqCoverage {
-    let mut coverage = MasqCoverage::default();
-    if choice == HookChoice::Tracepoint {
-        coverage
-            .missing
-            .push(("MASQUERADE detection".into(), "--hooks tracepoint".into()));
-        return coverage;
-    }
-    let fentry_not_tried = Err("fentry not tried (--hooks kprobe)".to_string());
-    let btf = if choice == HookChoice::Kprobe {
-        &fentry_not_tried
-    } else {
-        btf
-    };
-    for family in FAMILIES {
-        let hooked = |ebpf: &mut Ebpf,
-                      function: &str,
-                      fentry_prog: &str,
-                      kprobe_prog: &str,
-                      coverage: &mut MasqCoverage|
-         -> Option<&'static str> {
-            if let Err(why) = skb_is_third(kernel_btf, function) {
-                coverage.missing.push((function.into(), why));
-                return None;
-            }
-            let via_fentry = match btf {
-                Ok(btf) if kernel_btf.has_function(function) => {
-                    attach_fentry(ebpf, fentry_prog, function, btf)
-                }
-                Ok(_) => Err("not in BTF".into()),
-                Err(e) => Err(e.clone()),
-            };
-            let fentry_error = match via_fentry {
-                Ok(()) => {
-                    coverage.attached.push(format!("{function} (fentry)"));
-                    return Some("fentry");
-                }
-                Err(e) => e,
-            };
-            if !matches!(
-                kallsyms.presence(function),
-                Presence::Exact { module: None }
-            ) {
-                coverage.missing.push((
-                    function.into(),
-                    format!("fentry: {fentry_error}; kprobe: no exact vmlinux symbol"),
-                ));
-                return None;
-            }
-            match attach_kprobe(ebpf, kprobe_prog, function).map(drop) {
-                Ok(()) => {
-                    coverage.attached.push(format!("{function} (kprobe)"));
-                    Some("kprobe")
-                }
-                Err(e) => {
-                    coverage.missing.push((
-                        function.into(),
-                        format!("fentry: {fentry_error}; kprobe: {e}"),
-                    ));
-                    None
-                }
-            }
+impl MasqCoverage {
+    /// The published form of what `HOOKS` got (the okfn's fexit listed as
+    /// `__xfrm4_output (fexit)`).
+    pub fn of(outcomes: &[HookOutcome]) -> Self {
+        let is_exit = |o: &HookOutcome| o.programs.fentry.is_none();
+        let HookList { attached, missing } = hooks::hook_list(outcomes, "MASQUERADE detection");
+        let families = |hooked: &dyn Fn(&HookOutcome, &str, &str) -> bool| {
+            FAMILIES
+                .iter()
+                .filter(|(_, output, okfn)| {
+                    outcomes
+                        .iter()
+                        .any(|o| o.via.is_some() && hooked(o, output, okfn))
+                })
+                .map(|(name, _, _)| name.to_string())
+                .collect::<Vec<_>>()
         };
-        let okfn = hooked(
-            ebpf,
-            family.okfn,
-            family.okfn_fentry,
-            "masq_okfn_kprobe",
-            &mut coverage,
-        );
-        let Some(okfn) = okfn else { continue };
-        coverage.detected.push(family.name.into());
-        if okfn == "fentry"
-            && let Ok(btf) = btf
-        {
-            match attach_fexit(ebpf, family.okfn_fexit, family.okfn, btf) {
-                Ok(()) => {
-                    coverage.attached.push(format!("{} (fexit)", family.okfn));
-                    coverage.outcome.push(family.name.into());
-                }
-                Err(e) => coverage
-                    .missing
-                    .push((format!("{} (fexit)", family.okfn), e)),
-            }
-        } else {
-            coverage.missing.push((
-                format!("{} (fexit)", family.okfn),
-                "kprobe mode: whether the packet was sent or dropped after the re-route is not known".into(),
-            ));
-        }
-        if hooked(
-            ebpf,
-            family.output,
-            family.output_fentry,
-            "masq_output_kprobe",
-            &mut coverage,
-        )
-        .is_some()
-        {
-            coverage.explained.push(family.name.into());
+        Self {
+            detected: families(&|o, _, okfn| o.function() == okfn && !is_exit(o)),
+            explained: families(&|o, output, _| o.function() == output),
+            outcome: families(&|o, _, okfn| o.function() == okfn && is_exit(o)),
+            attached,
+            missing,
         }
     }
-    coverage
 }
 
 /// What the kernel side counted.

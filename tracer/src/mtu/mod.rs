@@ -7,57 +7,60 @@ use std::{
     net::{IpAddr, Ipv4Addr},
 };
 
-use aya::{Btf, Ebpf, maps::PerCpuHashMap};
+use aya::{Ebpf, maps::PerCpuHashMap};
 use serde::Serialize;
 use tracer_common::mtu::{MtuKey, MtuStats, kind};
 
 use crate::{
-    ebpf::attach_fentry_else_kprobe,
-    hooks::HookChoice,
-    kallsyms::Kallsyms,
-    model::Finding,
+    hooks::{self, HookOutcome, HookSpec, Role, Variant},
+    model::{Finding, HookList},
     xfrm_state::{EspGeometry, Sa, VpnInterface, VpnInterfaceKind, XfrmState},
 };
 
-/// (function, program prefix): `<prefix>_fentry` / `<prefix>_kprobe`.
-const HOOKS: &[(&str, &str)] = &[
-    ("ip_do_fragment", "mtu_fragment"),
-    ("ip6_fragment", "mtu_fragment6"),
-    ("__icmp_send", "mtu_icmp"),
-    ("icmp6_send", "mtu_icmp6"),
-    ("xfrm_local_error", "mtu_local_error"),
-    ("xfrm_output", "mtu_output"),
+/// Where oversize packets show: fragmented, refused with ICMP, refused
+/// locally (EMSGSIZE), and each ESP packet's size.
+pub const HOOKS: &[HookSpec] = &[
+    HookSpec::new(
+        "ip_do_fragment",
+        Role::Mtu,
+        &[Variant::entry("mtu_fragment_fentry", "mtu_fragment_kprobe")],
+    ),
+    HookSpec::new(
+        "ip6_fragment",
+        Role::Mtu,
+        &[Variant::entry(
+            "mtu_fragment6_fentry",
+            "mtu_fragment6_kprobe",
+        )],
+    ),
+    HookSpec::new(
+        "__icmp_send",
+        Role::Mtu,
+        &[Variant::entry("mtu_icmp_fentry", "mtu_icmp_kprobe")],
+    ),
+    HookSpec::new(
+        "icmp6_send",
+        Role::Mtu,
+        &[Variant::entry("mtu_icmp6_fentry", "mtu_icmp6_kprobe")],
+    ),
+    HookSpec::new(
+        "xfrm_local_error",
+        Role::Mtu,
+        &[Variant::entry(
+            "mtu_local_error_fentry",
+            "mtu_local_error_kprobe",
+        )],
+    ),
+    HookSpec::new(
+        "xfrm_output",
+        Role::Mtu,
+        &[Variant::entry("mtu_output_fentry", "mtu_output_kprobe")],
+    ),
 ];
 
-/// The fentry programs `attach` will try, with their functions.
-pub fn fentry_programs() -> Vec<(String, &'static str)> {
-    HOOKS
-        .iter()
-        .map(|(function, prefix)| (format!("{prefix}_fentry"), *function))
-        .collect()
-}
-
-/// Attaches the oversize-ESP hooks; returns what is attached and what not.
-pub fn attach(
-    ebpf: &mut Ebpf,
-    btf: &Result<Btf, String>,
-    kallsyms: &Kallsyms,
-    choice: HookChoice,
-) -> (Vec<String>, Vec<(String, String)>) {
-    let mut attached = Vec::new();
-    let mut missing = Vec::new();
-    if choice == HookChoice::Tracepoint {
-        missing.push(("oversize ESP hooks".into(), "--hooks tracepoint".into()));
-        return (attached, missing);
-    }
-    let methods = (choice != HookChoice::Kprobe, choice != HookChoice::Fentry);
-    for (function, prefix) in HOOKS {
-        match attach_fentry_else_kprobe(ebpf, btf, kallsyms, function, prefix, methods) {
-            Ok(method) => attached.push(format!("{function} ({method})")),
-            Err(why) => missing.push((function.to_string(), why)),
-        }
-    }
-    (attached, missing)
+/// The published form of what `HOOKS` got.
+pub fn hook_list(outcomes: &[HookOutcome]) -> HookList {
+    hooks::hook_list(outcomes, "oversize ESP hooks")
 }
 
 /// The table, summed over CPUs.

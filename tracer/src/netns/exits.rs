@@ -3,46 +3,42 @@
 //! namespace's increments would be lost with it.
 
 use aya::{
-    Btf, Ebpf,
+    Ebpf,
     maps::{MapData, RingBuf},
 };
 use tracer_common::netns::NetnsExit;
 
-use crate::{counters::Counters, ebpf, hooks::HookChoice, kallsyms::Kallsyms, xfrm_stat::XfrmStat};
+use crate::{
+    counters::Counters,
+    ebpf,
+    hooks::{self, HookOutcome, HookSpec, Role, Variant},
+    model::HookList,
+    xfrm_stat::XfrmStat,
+};
 
 /// The kernel function that tears down a namespace's XFRM state.
-pub const FUNCTION: &str = "xfrm_net_exit";
+pub const HOOKS: &[HookSpec] = &[HookSpec::new(
+    "xfrm_net_exit",
+    Role::Teardown,
+    &[Variant::entry("netns_exit_fentry", "netns_exit_kprobe")],
+)];
 
 /// The ring the teardown program writes to.
 pub struct Exits {
     ring: RingBuf<MapData>,
 }
 
-/// Attaches the teardown program (fentry, else kprobe): how, or why not.
-pub fn attach(
-    ebpf: &mut Ebpf,
-    btf: &Result<Btf, String>,
-    kallsyms: &Kallsyms,
-    choice: HookChoice,
-) -> Result<(Exits, String), String> {
-    let methods = (
-        matches!(choice, HookChoice::Auto | HookChoice::Fentry),
-        matches!(choice, HookChoice::Auto | HookChoice::Kprobe),
-    );
-    let method =
-        ebpf::attach_fentry_else_kprobe(ebpf, btf, kallsyms, FUNCTION, "netns_exit", methods)
-            .map_err(|why| {
-                if why.is_empty() {
-                    format!("--hooks {choice:?}").to_lowercase()
-                } else {
-                    why
-                }
-            })?;
-    let ring = ebpf
-        .take_map("NETNS_EXITS")
+/// The published form of what `HOOKS` got.
+pub fn hook_list(outcomes: &[HookOutcome]) -> HookList {
+    hooks::hook_list(outcomes, HOOKS[0].function)
+}
+
+/// The ring of the teardown program, once it is attached.
+pub fn take_ring(ebpf: &mut Ebpf) -> Result<Exits, String> {
+    ebpf.take_map("NETNS_EXITS")
         .and_then(|map| RingBuf::try_from(map).ok())
-        .ok_or("the NETNS_EXITS ring is missing from the object")?;
-    Ok((Exits { ring }, format!("{FUNCTION} ({method})")))
+        .map(|ring| Exits { ring })
+        .ok_or_else(|| "the NETNS_EXITS ring is missing from the object".to_string())
 }
 
 impl Exits {

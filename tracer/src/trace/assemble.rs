@@ -116,7 +116,7 @@ pub fn report(context: &Context, moment: Moment) -> Report {
         schema: report::SCHEMA,
         kernel: Kernel {
             release: context.release.clone(),
-            mode: context.coverage.mode(),
+            mode: context.coverage.mode().to_string(),
         },
         filter: Vec::new(),
         duration_secs: elapsed.as_secs_f64(),

@@ -16,10 +16,10 @@ use crate::{
     attribution::{self, AttributionErrors, Coverage},
     btf::KernelBtf,
     drops, ebpf,
-    hooks::HookChoice,
+    hooks::{self, HookChoice, KernelFacts, attach::attach, plan::trampolines},
     ike,
     kallsyms::Kallsyms,
-    masquerade,
+    masquerade::{self, MasqCoverage},
     model::HookList,
     mtu,
     netns::exits::{self, Exits},
@@ -47,7 +47,7 @@ pub struct Probes {
     pub coverage: Coverage,
     pub mtu_hooks: HookList,
     pub ike_hooks: HookList,
-    pub masquerade: masquerade::MasqCoverage,
+    pub masquerade: MasqCoverage,
     /// kallsyms with our programs and their trampolines, loaded after the
     /// start-up read: read again once, for the first stacks.
     stack_symbols: std::cell::OnceCell<Option<Kallsyms>>,
@@ -92,11 +92,37 @@ fn forced_method_attached(hooks: HookChoice, coverage: &Coverage) -> anyhow::Res
     )
 }
 
+/// The namespace teardown hook and its ring, or why not.
+fn teardown(
+    object: &mut aya::Ebpf,
+    btf: &Result<aya::Btf, String>,
+    plan: &[hooks::Planned],
+) -> (Option<Exits>, HookList) {
+    let hooks = exits::hook_list(&attach(object, btf, plan));
+    if hooks.attached.is_empty() {
+        return (None, hooks);
+    }
+    match exits::take_ring(object) {
+        Ok(exits) => (Some(exits), hooks),
+        Err(why) => (
+            None,
+            HookList {
+                attached: Vec::new(),
+                missing: vec![(exits::HOOKS[0].function.to_string(), why)],
+            },
+        ),
+    }
+}
+
 impl Probes {
     /// Loads the object with the running kernel's layout and attaches each
     /// capability with the best hook the kernel offers; what cannot be
     /// hooked is logged and listed in the report.
-    pub fn attach(btf: &KernelBtf, kallsyms: &Kallsyms, hooks: HookChoice) -> anyhow::Result<Self> {
+    pub fn attach(
+        btf: &KernelBtf,
+        kallsyms: &Kallsyms,
+        choice: HookChoice,
+    ) -> anyhow::Result<Self> {
         let started = std::time::Instant::now();
         // Needed while attaching only (record layouts, tracepoint ids).
         let _tracefs = crate::tracefs::mount()?;
@@ -114,65 +140,67 @@ impl Probes {
                 None
             }
         };
-        if let Ok(aya_btf) = &aya_btf
-            && matches!(hooks, HookChoice::Auto | HookChoice::Fentry)
-        {
-            let mut programs = mtu::fentry_programs();
-            programs.push(("netns_exit_fentry".into(), exits::FUNCTION));
-            programs.extend(masquerade::fentry_programs(btf));
-            if layout.offsets.per_cpu_offset != 0 {
-                programs.extend(attribution::fentry_programs(btf));
+        let per_packet = layout.offsets.per_cpu_offset != 0;
+        let facts = KernelFacts::of(
+            btf,
+            kallsyms,
+            &[
+                attribution::HOOKS,
+                mtu::HOOKS,
+                masquerade::HOOKS,
+                exits::HOOKS,
+                ike::HOOKS,
+            ],
+        );
+        let plan = |specs| hooks::plan(&facts, choice, specs);
+        let (bracket_plan, mtu_plan, masquerade_plan, exits_plan, ike_plan) = (
+            plan(attribution::HOOKS),
+            plan(mtu::HOOKS),
+            plan(masquerade::HOOKS),
+            plan(exits::HOOKS),
+            plan(ike::HOOKS),
+        );
+        if let Ok(aya_btf) = &aya_btf {
+            let mut programs = trampolines(&mtu_plan);
+            programs.extend(trampolines(&exits_plan));
+            programs.extend(trampolines(&masquerade_plan));
+            if per_packet {
+                programs.extend(trampolines(&bracket_plan));
             }
-            ebpf::preload(&mut object, &programs, aya_btf);
-            log::debug!("start: programs verified in {:?}", started.elapsed());
+            if !programs.is_empty() {
+                ebpf::preload(&mut object, &programs, aya_btf);
+                log::debug!("start: programs verified in {:?}", started.elapsed());
+            }
         }
         drops::attach(&mut object)?;
-        let ike_hooks = ike::attach(&mut object);
+        let ike_hooks = ike::hook_list(&attach(&mut object, &aya_btf, &ike_plan));
         let samples_ring = attribution::take_samples(&mut object);
         let leak_ring = masquerade::take_samples(&mut object);
         let drop_ring = drops::take_samples(&mut object);
         log::debug!("start: drops and IKE attached in {:?}", started.elapsed());
-        let coverage = attribution::attach(
-            &mut object,
-            btf,
-            &aya_btf,
-            kallsyms,
-            layout.offsets.per_cpu_offset != 0,
-            hooks,
-        );
+        // Without __per_cpu_offset the brackets cannot read the counters.
+        let coverage = if per_packet || choice == HookChoice::Tracepoint {
+            Coverage::of(&attach(&mut object, &aya_btf, &bracket_plan))
+        } else {
+            attribution::without_per_cpu_offset(&mut object, btf, kallsyms)
+        };
         log::debug!("start: brackets attached in {:?}", started.elapsed());
-        forced_method_attached(hooks, &coverage)?;
-        let (attached, missing) = mtu::attach(&mut object, &aya_btf, kallsyms, hooks);
+        forced_method_attached(choice, &coverage)?;
+        let mtu_hooks = mtu::hook_list(&attach(&mut object, &aya_btf, &mtu_plan));
         log::debug!("start: MTU hooks attached in {:?}", started.elapsed());
-        let masquerade = masquerade::attach(&mut object, btf, &aya_btf, kallsyms, hooks);
+        let masquerade = MasqCoverage::of(&attach(&mut object, &aya_btf, &masquerade_plan));
         log::debug!(
             "start: MASQUERADE hooks attached in {:?}",
             started.elapsed()
         );
-        let (exits, netns_teardown_hooks) =
-            match exits::attach(&mut object, &aya_btf, kallsyms, hooks) {
-                Ok((exits, how)) => (
-                    Some(exits),
-                    HookList {
-                        attached: vec![how],
-                        missing: Vec::new(),
-                    },
-                ),
-                Err(why) => (
-                    None,
-                    HookList {
-                        attached: Vec::new(),
-                        missing: vec![(exits::FUNCTION.to_string(), why)],
-                    },
-                ),
-            };
+        let (exits, netns_teardown_hooks) = teardown(&mut object, &aya_btf, &exits_plan);
         log::debug!("start: netns teardown hook in {:?}", started.elapsed());
         if coverage.fentry_brackets + coverage.kprobe_brackets == 0 {
             drops::sample_xfrm_drops(&mut object, &crate::btf::drop_reason_names(btf))?;
         }
         for (what, missing) in [
             ("", &coverage.missing),
-            ("oversize ESP: ", &missing),
+            ("oversize ESP: ", &mtu_hooks.missing),
             ("MASQUERADE detection: ", &masquerade.missing),
             ("IKE watch: ", &ike_hooks.missing),
         ] {
@@ -194,7 +222,7 @@ impl Probes {
             exits,
             netns_teardown_hooks,
             coverage,
-            mtu_hooks: HookList { attached, missing },
+            mtu_hooks,
             ike_hooks,
             masquerade,
             stack_symbols: std::cell::OnceCell::new(),
