@@ -388,7 +388,6 @@ fn sample<C: StackIdContext>(ctx: &C, counter: u32, hook_id: u32, frame: &Frame,
         (*sample).count = count;
         (*sample).flow = frame.flow;
         (*sample).seq = frame.seq;
-        (*sample)._pad = 0;
         probe_read_raw(
             core::ptr::addr_of_mut!((*sample).headers).cast(),
             core::mem::size_of::<Headers>() as u32,
