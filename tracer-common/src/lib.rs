@@ -12,4 +12,5 @@ pub mod ike;
 pub mod layout;
 pub mod masquerade;
 pub mod mtu;
+pub mod names;
 pub mod netns;

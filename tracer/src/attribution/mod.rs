@@ -10,6 +10,7 @@ use aya::{
 };
 use serde::Serialize;
 use tracer_common::attribution::{Sample, SourceKey, dir, error, hook};
+use tracer_common::names::maps;
 
 use crate::{
     btf::KernelBtf,
@@ -294,13 +295,13 @@ pub fn read(
         ebpf.map(name)
             .ok_or_else(|| aya::maps::MapError::InvalidName { name: name.into() })
     };
-    let table: PerCpuHashMap<_, SourceKey, u64> = PerCpuHashMap::try_from(map("SOURCES")?)?;
+    let table: PerCpuHashMap<_, SourceKey, u64> = PerCpuHashMap::try_from(map(maps::SOURCES)?)?;
     let mut rows = Vec::new();
     for entry in table.iter() {
         let (key, per_cpu) = entry?;
         rows.push((key, per_cpu.iter().sum()));
     }
-    let errors: PerCpuArray<_, u64> = PerCpuArray::try_from(map("ATTRIBUTION_ERRORS")?)?;
+    let errors: PerCpuArray<_, u64> = PerCpuArray::try_from(map(maps::ATTRIBUTION_ERRORS)?)?;
     let sum = |index: u32| -> Result<u64, aya::maps::MapError> {
         Ok(errors.get(&index, 0)?.iter().sum())
     };
@@ -331,14 +332,14 @@ pub const SAMPLES_KEPT: usize = 1000;
 /// The ring buffer of per-increment samples, taken out of the object so it
 /// can be drained while the programs run.
 pub fn take_samples(ebpf: &mut Ebpf) -> Option<RingBuf<MapData>> {
-    RingBuf::try_from(ebpf.take_map("SAMPLES")?).ok()
+    RingBuf::try_from(ebpf.take_map(maps::SAMPLES)?).ok()
 }
 
 /// The kernel stack of a sample, innermost first, as `function+0xoff` (the
 /// raw address where no symbol contains it), without the frames of
 /// xfrm-trace itself; and how many of those were left out.
 pub fn stack(ebpf: &Ebpf, stack_id: i64, kallsyms: &Kallsyms) -> (Vec<String>, usize) {
-    let (Ok(id), Some(map)) = (u32::try_from(stack_id), ebpf.map("STACKS")) else {
+    let (Ok(id), Some(map)) = (u32::try_from(stack_id), ebpf.map(maps::STACKS)) else {
         return (Vec::new(), 0);
     };
     let Ok(stacks) = StackTraceMap::try_from(map) else {

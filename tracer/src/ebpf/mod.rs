@@ -7,6 +7,7 @@ use aya::{
 use tracer_common::{
     ike::NetRecords,
     layout::{ABSENT, KernelOffsets, KfreeSkbRecord, OffsetSource},
+    names::globals,
 };
 
 use crate::{
@@ -119,10 +120,10 @@ pub fn load(layout: Option<&KernelLayout>, btf: Option<&Btf>) -> Result<Ebpf, Lo
     }
     if let Some(layout) = layout {
         loader
-            .override_global("KERNEL_OFFSETS", &layout.offsets, true)
-            .override_global("KFREE_SKB_RECORD", &layout.kfree_skb, true)
-            .override_global("NET_RECORDS", &layout.net, true)
-            .override_global("POSSIBLE_CPUS", &layout.possible_cpus, true);
+            .override_global(globals::KERNEL_OFFSETS, &layout.offsets, true)
+            .override_global(globals::KFREE_SKB_RECORD, &layout.kfree_skb, true)
+            .override_global(globals::NET_RECORDS, &layout.net, true)
+            .override_global(globals::POSSIBLE_CPUS, &layout.possible_cpus, true);
     }
     Ok(loader.load(OBJECT)?)
 }
@@ -316,6 +317,7 @@ pub fn describe(error: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tracer_common::names::{maps, programs};
 
     #[derive(Debug, thiserror::Error)]
     #[error("Operation not permitted (os error 1)")]
@@ -329,6 +331,56 @@ mod tests {
     #[derive(Debug, thiserror::Error)]
     #[error("loading the eBPF object")]
     struct Loading(#[source] MapError);
+
+    /// The embedded object, parsed as the loader parses it.
+    fn object() -> aya_obj::Object {
+        assert!(!OBJECT.is_empty(), "built without the eBPF object");
+        aya_obj::Object::parse(OBJECT).unwrap()
+    }
+
+    #[test]
+    fn every_map_named_in_tracer_common_is_in_the_object_and_back() {
+        let object = object();
+        for name in maps::ALL.iter().chain(maps::KERNEL_ONLY) {
+            assert!(
+                object.maps.contains_key(*name),
+                "map {name} not in the object"
+            );
+        }
+        // Data sections hold the globals; AYA_LOGS carries aya-log's records.
+        let internal = [".rodata", ".data", ".bss", "AYA_LOGS"];
+        let mut unlisted: Vec<&String> = object
+            .maps
+            .keys()
+            .filter(|name| {
+                let name = name.as_str();
+                !maps::ALL.contains(&name)
+                    && !maps::KERNEL_ONLY.contains(&name)
+                    && !internal.iter().any(|section| name.starts_with(section))
+            })
+            .collect();
+        unlisted.sort();
+        assert!(unlisted.is_empty(), "maps not in names::maps: {unlisted:?}");
+    }
+
+    #[test]
+    fn every_program_named_in_tracer_common_is_in_the_object_and_back() {
+        let object = object();
+        let mut in_object: Vec<&str> = object.programs.keys().map(String::as_str).collect();
+        in_object.sort_unstable();
+        let mut named = programs::ALL.to_vec();
+        named.sort_unstable();
+        assert_eq!(in_object, named);
+    }
+
+    #[test]
+    fn every_global_named_in_tracer_common_is_in_the_object() {
+        let btf = object().btf.expect("the object has BTF");
+        for name in globals::ALL {
+            let found = btf.id_by_type_name_kind(name, aya_obj::btf::BtfKind::Var);
+            assert!(found.is_ok(), "global {name} not in the object's BTF");
+        }
+    }
 
     #[test]
     fn every_offset_resolves_from_this_kernels_btf() {

@@ -11,6 +11,7 @@ use std::{
 use aya::{Ebpf, maps::PerCpuHashMap, programs::TracePoint};
 use serde::Serialize;
 use tracer_common::ike::{IkeKey, event};
+use tracer_common::names::maps;
 
 use crate::{drops, ebpf, kallsyms::Kallsyms, report::HookList};
 
@@ -41,9 +42,9 @@ pub fn attach(ebpf: &mut Ebpf) -> HookList {
 /// The in-kernel table, summed over CPUs.
 pub fn read(ebpf: &Ebpf) -> Result<Vec<(IkeKey, u64)>, aya::maps::MapError> {
     let map = ebpf
-        .map("IKE_EVENTS")
+        .map(maps::IKE_EVENTS)
         .ok_or_else(|| aya::maps::MapError::InvalidName {
-            name: "IKE_EVENTS".into(),
+            name: maps::IKE_EVENTS.into(),
         })?;
     let table: PerCpuHashMap<_, IkeKey, u64> = PerCpuHashMap::try_from(map)?;
     let mut rows = Vec::new();

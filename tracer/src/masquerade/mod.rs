@@ -14,6 +14,7 @@ use aya::{
 };
 use serde::Serialize;
 use tracer_common::masquerade::{LeakCount, LeakKey, LeakSample, PolicyKey, Selector, error};
+use tracer_common::names::maps;
 
 use crate::{
     attribution::HookChoice,
@@ -227,7 +228,7 @@ pub struct Counted {
 
 /// The leak samples' ring buffer, taken out to be drained while running.
 pub fn take_samples(ebpf: &mut Ebpf) -> Option<aya::maps::RingBuf<aya::maps::MapData>> {
-    aya::maps::RingBuf::try_from(ebpf.take_map("LEAK_SAMPLES")?).ok()
+    aya::maps::RingBuf::try_from(ebpf.take_map(maps::LEAK_SAMPLES)?).ok()
 }
 
 /// Reads the leak table (summed over CPUs), the selectors and the errors.
@@ -236,7 +237,8 @@ pub fn read(ebpf: &Ebpf) -> Result<Counted, aya::maps::MapError> {
         ebpf.map(name)
             .ok_or_else(|| aya::maps::MapError::InvalidName { name: name.into() })
     };
-    let table: PerCpuHashMap<_, LeakKey, LeakCount> = PerCpuHashMap::try_from(map("MASQ_LEAKS")?)?;
+    let table: PerCpuHashMap<_, LeakKey, LeakCount> =
+        PerCpuHashMap::try_from(map(maps::MASQ_LEAKS)?)?;
     let mut counted = Counted::default();
     for entry in table.iter() {
         let (key, per_cpu) = entry?;
@@ -249,12 +251,13 @@ pub fn read(ebpf: &Ebpf) -> Result<Counted, aya::maps::MapError> {
         }
         counted.leaks.push((key, sum));
     }
-    let policies: BpfHashMap<_, PolicyKey, Selector> = BpfHashMap::try_from(map("MASQ_POLICIES")?)?;
+    let policies: BpfHashMap<_, PolicyKey, Selector> =
+        BpfHashMap::try_from(map(maps::MASQ_POLICIES)?)?;
     for entry in policies.iter() {
         let (key, selector) = entry?;
         counted.policies.insert(key, selector);
     }
-    let errors: PerCpuArray<_, u64> = PerCpuArray::try_from(map("MASQ_ERRORS")?)?;
+    let errors: PerCpuArray<_, u64> = PerCpuArray::try_from(map(maps::MASQ_ERRORS)?)?;
     counted.table_full = errors.get(&error::TABLE_FULL, 0)?.iter().sum();
     counted.unseen = errors.get(&error::UNSEEN, 0)?.iter().sum();
     counted.samples_lost = errors.get(&error::SAMPLES_LOST, 0)?.iter().sum();

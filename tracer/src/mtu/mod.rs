@@ -10,6 +10,7 @@ use std::{
 use aya::{Btf, Ebpf, maps::PerCpuHashMap};
 use serde::Serialize;
 use tracer_common::mtu::{MtuKey, MtuStats, kind};
+use tracer_common::names::maps;
 
 use crate::{
     attribution::HookChoice,
@@ -63,9 +64,9 @@ pub fn attach(
 /// The table, summed over CPUs.
 pub fn read(ebpf: &Ebpf) -> Result<Vec<(MtuKey, MtuStats)>, aya::maps::MapError> {
     let map = ebpf
-        .map("MTU_EVENTS")
+        .map(maps::MTU_EVENTS)
         .ok_or_else(|| aya::maps::MapError::InvalidName {
-            name: "MTU_EVENTS".into(),
+            name: maps::MTU_EVENTS.into(),
         })?;
     let table: PerCpuHashMap<_, MtuKey, MtuStats> = PerCpuHashMap::try_from(map)?;
     let mut rows = Vec::new();

@@ -6,6 +6,7 @@ use aya::{
     Btf, Ebpf,
     maps::{MapData, RingBuf},
 };
+use tracer_common::names::maps;
 use tracer_common::netns::NetnsExit;
 
 use crate::{
@@ -41,7 +42,7 @@ pub fn attach(
                 }
             })?;
     let ring = ebpf
-        .take_map("NETNS_EXITS")
+        .take_map(maps::NETNS_EXITS)
         .and_then(|map| RingBuf::try_from(map).ok())
         .ok_or("the NETNS_EXITS ring is missing from the object")?;
     Ok((Exits { ring }, format!("{FUNCTION} ({method})")))

@@ -10,6 +10,7 @@ use tracer_common::{
     ike::IkeKey,
     masquerade::LeakSample,
     mtu::{MtuKey, MtuStats},
+    names,
 };
 
 use crate::{
@@ -115,7 +116,7 @@ impl Probes {
             && matches!(hooks, HookChoice::Auto | HookChoice::Fentry)
         {
             let mut programs = mtu::fentry_programs();
-            programs.push(("netns_exit_fentry".into(), exits::FUNCTION));
+            programs.push((names::programs::netns_exit_fentry.into(), exits::FUNCTION));
             programs.extend(masquerade::fentry_programs(btf));
             if layout.offsets.per_cpu_offset != 0 {
                 programs.extend(attribution::fentry_programs(btf));
