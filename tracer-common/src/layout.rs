@@ -70,21 +70,27 @@ macro_rules! kernel_offsets {
     };
     (@source computed($unset:expr)) => { OffsetSource::Computed };
     ($($(#[$meta:meta])* $name:ident: $kind:ident($($arg:tt)*),)*) => {
+        /// How many `u32` fields: an odd number takes a padding field.
+        const U32_FIELDS: usize = [$(stringify!($name)),*].len();
+
         /// Byte offsets of kernel struct members (from BTF), and the few
         /// values the programs need that are not offsets.
         #[repr(C)]
         #[derive(Clone, Copy, Debug, PartialEq, Eq)]
         pub struct KernelOffsets {
             /// Address of `__per_cpu_offset` (from kallsyms; 0 = unknown).
-            /// First, so the `u32` fields that follow need no padding.
+            /// First, so the `u32` fields need at most one padding field.
             pub per_cpu_offset: u64,
             $($(#[$meta])* pub $name: u32,)*
+            /// Explicit, so no byte of the struct is implicit padding.
+            pub _pad: [u32; U32_FIELDS % 2],
         }
 
         impl KernelOffsets {
             pub const UNSET: Self = Self {
                 per_cpu_offset: 0,
                 $($name: kernel_offsets!(@unset $kind($($arg)*)),)*
+                _pad: [0; U32_FIELDS % 2],
             };
 
             /// Every `u32` field, in declaration order.
