@@ -52,30 +52,30 @@ pub struct Flow {
     pub dir: u8,
 }
 
-/// One open bracket on a CPU.
+/// One open bracket on a CPU. The 8-byte members come first: the rest
+/// then fills the size exactly, without padding.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct Frame {
-    pub hook: u32,
-    /// ESP sequence number of the packet (network order; 0 if none).
-    pub seq: u32,
     /// The first argument (skb or net): checked at exit to catch frames
     /// that do not belong together (a skipped entry, a migrated task).
     pub token: u64,
     /// A route lookup's `dst_orig` (its family names the flow's).
     pub dst_orig: u64,
+    /// Address of this CPU's counter array of the packet's netns (0 = none).
+    pub mib: u64,
+    pub before: [u64; MAX_COUNTERS],
+    /// Increments already claimed by brackets nested in this one.
+    pub nested: [u64; MAX_COUNTERS],
+    pub hook: u32,
+    /// ESP sequence number of the packet (network order; 0 if none).
+    pub seq: u32,
     /// 1 while the flow and headers are still to be read from the packet
     /// (done at exit, only when a counter moved: the packet is unchanged
     /// by these brackets and still alive at their exit).
     pub flow_pending: u32,
-    pub _pad: u32,
-    /// Address of this CPU's counter array of the packet's netns (0 = none).
-    pub mib: u64,
     pub flow: Flow,
     pub headers: Headers,
-    pub before: [u64; MAX_COUNTERS],
-    /// Increments already claimed by brackets nested in this one.
-    pub nested: [u64; MAX_COUNTERS],
 }
 
 /// The per-CPU stack of open brackets.
@@ -112,7 +112,6 @@ pub struct Sample {
     pub flow: Flow,
     /// ESP sequence number (network order; 0 if none).
     pub seq: u32,
-    pub _pad: u32,
     /// The packet's first bytes: copied when the bracket opened for the
     /// brackets that transform it, at exit for the others (none for a
     /// route lookup: no packet exists yet).
@@ -131,6 +130,17 @@ pub mod error {
     pub const SAMPLES_LOST: u32 = 3;
     pub const COUNT: u32 = 4;
 }
+
+// Sizes the eBPF and userspace compiles must agree on, every byte a
+// member (no implicit padding): a layout change updates them on purpose.
+const _: () = {
+    use core::mem::size_of;
+    assert!(size_of::<Flow>() == 60);
+    assert!(size_of::<Frame>() == 872);
+    assert!(size_of::<FrameStack>() == 5240);
+    assert!(size_of::<SourceKey>() == 68);
+    assert!(size_of::<Sample>() == 232);
+};
 
 #[cfg(feature = "user")]
 mod pod {

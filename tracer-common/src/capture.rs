@@ -58,6 +58,15 @@ pub struct DropSampling {
     pub reasons: [u32; DROP_REASONS_SAMPLED],
 }
 
+// Sizes the eBPF and userspace compiles must agree on, every byte a
+// member (no implicit padding): a layout change updates them on purpose.
+const _: () = {
+    use core::mem::size_of;
+    assert!(size_of::<Headers>() == 136);
+    assert!(size_of::<SampleBudget>() == 16);
+    assert!(size_of::<DropSampling>() == 36);
+};
+
 #[cfg(feature = "user")]
 mod pod {
     unsafe impl aya::Pod for super::Headers {}

@@ -31,6 +31,14 @@ pub struct DropSample {
     pub headers: crate::capture::Headers,
 }
 
+// Sizes the eBPF and userspace compiles must agree on, every byte a
+// member (no implicit padding): a layout change updates them on purpose.
+const _: () = {
+    use core::mem::size_of;
+    assert!(size_of::<DropKey>() == 24);
+    assert!(size_of::<DropSample>() == 168);
+};
+
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for DropKey {}
 #[cfg(feature = "user")]

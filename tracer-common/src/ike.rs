@@ -57,6 +57,14 @@ impl NetRecords {
     };
 }
 
+// Sizes the eBPF and userspace compiles must agree on, every byte a
+// member (no implicit padding): a layout change updates them on purpose.
+const _: () = {
+    use core::mem::size_of;
+    assert!(size_of::<IkeKey>() == 64);
+    assert!(size_of::<NetRecords>() == 8);
+};
+
 #[cfg(feature = "user")]
 mod pod {
     unsafe impl aya::Pod for super::IkeKey {}

@@ -16,80 +16,6 @@ pub struct KfreeSkbRecord {
     pub reason: u32,
 }
 
-/// Byte offsets of kernel struct members (from BTF).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct KernelOffsets {
-    pub sk_buff_dev: u32,
-    pub sk_buff_sk: u32,
-    pub sk_buff_head: u32,
-    pub sk_buff_network_header: u32,
-    pub sk_buff_refdst: u32,
-    pub net_device_ifindex: u32,
-    pub net_device_nd_net: u32,
-    pub sock_net: u32,
-    pub net_ns_inum: u32,
-    /// `net.mib.xfrm_statistics` (ABSENT without CONFIG_XFRM_STATISTICS).
-    pub net_xfrm_statistics: u32,
-    pub dst_entry_xfrm: u32,
-    pub dst_entry_ops: u32,
-    pub dst_ops_family: u32,
-    pub xfrm_state_spi: u32,
-    pub xfrm_state_reqid: u32,
-    pub xfrm_policy_index: u32,
-    pub flowi4_saddr: u32,
-    pub flowi4_daddr: u32,
-    pub flowi4_proto: u32,
-    pub flowi4_sport: u32,
-    pub flowi4_dport: u32,
-    pub flowi6_saddr: u32,
-    pub flowi6_daddr: u32,
-    pub flowi6_proto: u32,
-    pub flowi6_sport: u32,
-    pub flowi6_dport: u32,
-    pub sk_buff_transport_header: u32,
-    pub sk_buff_end: u32,
-    pub skb_shared_info_gso_size: u32,
-    pub net_device_mtu: u32,
-    /// Number of XFRM counters (`__LINUX_MIB_XFRMMAX`).
-    pub xfrm_counters: u32,
-    pub _pad: u32,
-    /// Address of `__per_cpu_offset` (from kallsyms; 0 = unknown).
-    pub per_cpu_offset: u64,
-    // MASQUERADE-before-IPsec detection (all optional).
-    pub sk_buff_len: u32,
-    pub dst_entry_dev: u32,
-    /// `xfrm_dst.pols` (its first element, `pols[0]`).
-    pub xfrm_dst_pols: u32,
-    pub xfrm_state_daddr: u32,
-    pub xfrm_state_family: u32,
-    pub xfrm_policy_sel_saddr: u32,
-    pub xfrm_policy_sel_daddr: u32,
-    pub xfrm_policy_sel_family: u32,
-    pub xfrm_policy_sel_prefixlen_s: u32,
-    pub xfrm_policy_sel_prefixlen_d: u32,
-    pub xfrm_policy_sel_proto: u32,
-    /// `sk_buff.data`: where a received packet's IP header starts.
-    pub sk_buff_data: u32,
-    /// `sk_buff.tail` (an offset from `head` on 64-bit kernels): where the
-    /// linear data ends, so header copies stop at the packet's end.
-    pub sk_buff_tail: u32,
-    // The SAs that decapsulated a received packet: its sec_path, an skb
-    // extension (all optional; ABSENT without CONFIG_SKB_EXTENSIONS).
-    pub sk_buff_active_extensions: u32,
-    pub sk_buff_extensions: u32,
-    pub skb_ext_offset: u32,
-    /// `SKB_EXT_SEC_PATH` (its value depends on the kernel's config).
-    pub skb_ext_sec_path: u32,
-    pub sec_path_len: u32,
-    pub sec_path_xvec: u32,
-    /// `net_device.rtnl_link_ops` and its `kind` ("xfrm" for an XFRM
-    /// interface).
-    pub net_device_rtnl_link_ops: u32,
-    pub rtnl_link_ops_kind: u32,
-    pub _pad2: u32,
-}
-
 impl KfreeSkbRecord {
     pub const UNSET: Self = Self {
         skbaddr: ABSENT,
@@ -99,65 +25,159 @@ impl KfreeSkbRecord {
     };
 }
 
-impl KernelOffsets {
-    pub const UNSET: Self = Self {
-        sk_buff_dev: ABSENT,
-        sk_buff_sk: ABSENT,
-        sk_buff_head: ABSENT,
-        sk_buff_network_header: ABSENT,
-        sk_buff_refdst: ABSENT,
-        net_device_ifindex: ABSENT,
-        net_device_nd_net: ABSENT,
-        sock_net: ABSENT,
-        net_ns_inum: ABSENT,
-        net_xfrm_statistics: ABSENT,
-        dst_entry_xfrm: ABSENT,
-        dst_entry_ops: ABSENT,
-        dst_ops_family: ABSENT,
-        xfrm_state_spi: ABSENT,
-        xfrm_state_reqid: ABSENT,
-        xfrm_policy_index: ABSENT,
-        flowi4_saddr: ABSENT,
-        flowi4_daddr: ABSENT,
-        flowi4_proto: ABSENT,
-        flowi4_sport: ABSENT,
-        flowi4_dport: ABSENT,
-        flowi6_saddr: ABSENT,
-        flowi6_daddr: ABSENT,
-        flowi6_proto: ABSENT,
-        flowi6_sport: ABSENT,
-        flowi6_dport: ABSENT,
-        sk_buff_transport_header: ABSENT,
-        sk_buff_end: ABSENT,
-        skb_shared_info_gso_size: ABSENT,
-        net_device_mtu: ABSENT,
-        xfrm_counters: 0,
-        _pad: 0,
-        per_cpu_offset: 0,
-        sk_buff_len: ABSENT,
-        dst_entry_dev: ABSENT,
-        xfrm_dst_pols: ABSENT,
-        xfrm_state_daddr: ABSENT,
-        xfrm_state_family: ABSENT,
-        xfrm_policy_sel_saddr: ABSENT,
-        xfrm_policy_sel_daddr: ABSENT,
-        xfrm_policy_sel_family: ABSENT,
-        xfrm_policy_sel_prefixlen_s: ABSENT,
-        xfrm_policy_sel_prefixlen_d: ABSENT,
-        xfrm_policy_sel_proto: ABSENT,
-        sk_buff_data: ABSENT,
-        sk_buff_tail: ABSENT,
-        sk_buff_active_extensions: ABSENT,
-        sk_buff_extensions: ABSENT,
-        skb_ext_offset: ABSENT,
-        skb_ext_sec_path: ABSENT,
-        sec_path_len: ABSENT,
-        sec_path_xvec: ABSENT,
-        net_device_rtnl_link_ops: ABSENT,
-        rtnl_link_ops_kind: ABSENT,
-        _pad2: 0,
+/// Where the value of a `KernelOffsets` field comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OffsetSource {
+    /// The byte offset of a member (a dotted path through nested members)
+    /// of a kernel struct that every supported kernel has: loading fails
+    /// without it.
+    Required {
+        ty: &'static str,
+        path: &'static str,
+    },
+    /// Like `Required`, for a member some kernels lack (by version or
+    /// config): `ABSENT` there, and the programs skip what needs it.
+    Optional {
+        ty: &'static str,
+        path: &'static str,
+    },
+    /// Not a member's offset: userspace computes it with its own code.
+    Computed,
+}
+
+/// One `KernelOffsets` field, as the `FIELDS` table lists it.
+#[derive(Clone, Copy, Debug)]
+pub struct OffsetField {
+    pub name: &'static str,
+    pub source: OffsetSource,
+    /// The field in a `KernelOffsets`.
+    pub slot: fn(&mut KernelOffsets) -> &mut u32,
+}
+
+/// Declares `KernelOffsets` from one list: its `u32` fields, their value
+/// in `UNSET`, and the `FIELDS` table userspace resolves them by. Each
+/// entry is `name: required("struct", "member.path")`,
+/// `optional("struct", "member.path")` or `computed(unset value)`.
+macro_rules! kernel_offsets {
+    (@unset required($ty:literal, $path:literal)) => { ABSENT };
+    (@unset optional($ty:literal, $path:literal)) => { ABSENT };
+    (@unset computed($unset:expr)) => { $unset };
+    (@source required($ty:literal, $path:literal)) => {
+        OffsetSource::Required { ty: $ty, path: $path }
+    };
+    (@source optional($ty:literal, $path:literal)) => {
+        OffsetSource::Optional { ty: $ty, path: $path }
+    };
+    (@source computed($unset:expr)) => { OffsetSource::Computed };
+    ($($(#[$meta:meta])* $name:ident: $kind:ident($($arg:tt)*),)*) => {
+        /// How many `u32` fields: an odd number takes a padding field.
+        const U32_FIELDS: usize = [$(stringify!($name)),*].len();
+
+        /// Byte offsets of kernel struct members (from BTF), and the few
+        /// values the programs need that are not offsets.
+        #[repr(C)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub struct KernelOffsets {
+            /// Address of `__per_cpu_offset` (from kallsyms; 0 = unknown).
+            /// First, so the `u32` fields need at most one padding field.
+            pub per_cpu_offset: u64,
+            $($(#[$meta])* pub $name: u32,)*
+            /// Explicit, so no byte of the struct is implicit padding.
+            pub _pad: [u32; U32_FIELDS % 2],
+        }
+
+        impl KernelOffsets {
+            pub const UNSET: Self = Self {
+                per_cpu_offset: 0,
+                $($name: kernel_offsets!(@unset $kind($($arg)*)),)*
+                _pad: [0; U32_FIELDS % 2],
+            };
+
+            /// Every `u32` field, in declaration order.
+            pub const FIELDS: &'static [OffsetField] = &[$(OffsetField {
+                name: stringify!($name),
+                source: kernel_offsets!(@source $kind($($arg)*)),
+                slot: |offsets| &mut offsets.$name,
+            },)*];
+        }
     };
 }
+
+kernel_offsets! {
+    sk_buff_dev: required("sk_buff", "dev"),
+    sk_buff_sk: required("sk_buff", "sk"),
+    sk_buff_head: required("sk_buff", "head"),
+    sk_buff_network_header: required("sk_buff", "network_header"),
+    sk_buff_refdst: required("sk_buff", "_skb_refdst"),
+    net_device_ifindex: required("net_device", "ifindex"),
+    net_device_nd_net: required("net_device", "nd_net"),
+    sock_net: required("sock", "__sk_common.skc_net"),
+    net_ns_inum: required("net", "ns.inum"),
+    /// ABSENT without CONFIG_XFRM_STATISTICS.
+    net_xfrm_statistics: optional("net", "mib.xfrm_statistics"),
+    dst_entry_xfrm: optional("dst_entry", "xfrm"),
+    dst_entry_ops: optional("dst_entry", "ops"),
+    dst_ops_family: optional("dst_ops", "family"),
+    xfrm_state_spi: optional("xfrm_state", "id.spi"),
+    xfrm_state_reqid: optional("xfrm_state", "props.reqid"),
+    xfrm_policy_index: optional("xfrm_policy", "index"),
+    flowi4_saddr: optional("flowi", "u.ip4.saddr"),
+    flowi4_daddr: optional("flowi", "u.ip4.daddr"),
+    flowi4_proto: optional("flowi", "u.ip4.__fl_common.flowic_proto"),
+    flowi4_sport: optional("flowi", "u.ip4.uli.ports.sport"),
+    flowi4_dport: optional("flowi", "u.ip4.uli.ports.dport"),
+    flowi6_saddr: optional("flowi", "u.ip6.saddr"),
+    flowi6_daddr: optional("flowi", "u.ip6.daddr"),
+    flowi6_proto: optional("flowi", "u.ip6.__fl_common.flowic_proto"),
+    flowi6_sport: optional("flowi", "u.ip6.uli.ports.sport"),
+    flowi6_dport: optional("flowi", "u.ip6.uli.ports.dport"),
+    sk_buff_transport_header: optional("sk_buff", "transport_header"),
+    sk_buff_end: optional("sk_buff", "end"),
+    skb_shared_info_gso_size: optional("skb_shared_info", "gso_size"),
+    net_device_mtu: optional("net_device", "mtu"),
+    /// Number of XFRM counters (`__LINUX_MIB_XFRMMAX`, from BTF; 0 =
+    /// unknown).
+    xfrm_counters: computed(0),
+    // MASQUERADE-before-IPsec detection.
+    sk_buff_len: optional("sk_buff", "len"),
+    dst_entry_dev: optional("dst_entry", "dev"),
+    /// `xfrm_dst.pols` (its first element, `pols[0]`).
+    xfrm_dst_pols: optional("xfrm_dst", "pols"),
+    xfrm_state_daddr: optional("xfrm_state", "id.daddr"),
+    xfrm_state_family: optional("xfrm_state", "props.family"),
+    xfrm_policy_sel_saddr: optional("xfrm_policy", "selector.saddr"),
+    xfrm_policy_sel_daddr: optional("xfrm_policy", "selector.daddr"),
+    xfrm_policy_sel_family: optional("xfrm_policy", "selector.family"),
+    xfrm_policy_sel_prefixlen_s: optional("xfrm_policy", "selector.prefixlen_s"),
+    xfrm_policy_sel_prefixlen_d: optional("xfrm_policy", "selector.prefixlen_d"),
+    xfrm_policy_sel_proto: optional("xfrm_policy", "selector.proto"),
+    /// `sk_buff.data`: where a received packet's IP header starts.
+    sk_buff_data: optional("sk_buff", "data"),
+    /// `sk_buff.tail` (an offset from `head` on 64-bit kernels): where the
+    /// linear data ends, so header copies stop at the packet's end.
+    sk_buff_tail: optional("sk_buff", "tail"),
+    // The SAs that decapsulated a received packet: its sec_path, an skb
+    // extension (ABSENT without CONFIG_SKB_EXTENSIONS).
+    sk_buff_active_extensions: optional("sk_buff", "active_extensions"),
+    sk_buff_extensions: optional("sk_buff", "extensions"),
+    skb_ext_offset: optional("skb_ext", "offset"),
+    /// `SKB_EXT_SEC_PATH` (its value depends on the kernel's config).
+    skb_ext_sec_path: computed(ABSENT),
+    sec_path_len: optional("sec_path", "len"),
+    sec_path_xvec: optional("sec_path", "xvec"),
+    /// `net_device.rtnl_link_ops` and its `kind` ("xfrm" for an XFRM
+    /// interface).
+    net_device_rtnl_link_ops: optional("net_device", "rtnl_link_ops"),
+    rtnl_link_ops_kind: optional("rtnl_link_ops", "kind"),
+}
+
+// Sizes the eBPF and userspace compiles must agree on, every byte a
+// member (no implicit padding): a layout change updates them on purpose.
+const _: () = {
+    use core::mem::size_of;
+    assert!(size_of::<KfreeSkbRecord>() == 16);
+    assert!(size_of::<KernelOffsets>() == 216);
+};
 
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for KfreeSkbRecord {}

@@ -136,6 +136,19 @@ pub mod error {
     pub const COUNT: u32 = 3;
 }
 
+// Sizes the eBPF and userspace compiles must agree on, every byte a
+// member (no implicit padding): a layout change updates them on purpose.
+const _: () = {
+    use core::mem::size_of;
+    assert!(size_of::<Seen>() == 64);
+    assert!(size_of::<Entered>() == 264);
+    assert!(size_of::<LeakKey>() == 112);
+    assert!(size_of::<LeakCount>() == 32);
+    assert!(size_of::<PolicyKey>() == 8);
+    assert!(size_of::<Selector>() == 40);
+    assert!(size_of::<LeakSample>() == 256);
+};
+
 #[cfg(feature = "user")]
 mod pod {
     unsafe impl aya::Pod for super::Seen {}

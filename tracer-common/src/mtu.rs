@@ -54,6 +54,14 @@ pub struct MtuStats {
     pub gso_packets: u64,
 }
 
+// Sizes the eBPF and userspace compiles must agree on, every byte a
+// member (no implicit padding): a layout change updates them on purpose.
+const _: () = {
+    use core::mem::size_of;
+    assert!(size_of::<MtuKey>() == 36);
+    assert!(size_of::<MtuStats>() == 24);
+};
+
 #[cfg(feature = "user")]
 mod pod {
     unsafe impl aya::Pod for super::MtuKey {}

@@ -19,5 +19,12 @@ pub struct NetnsExit {
     pub counters: [u64; MAX_COUNTERS],
 }
 
+// Sizes the eBPF and userspace compiles must agree on, every byte a
+// member (no implicit padding): a layout change updates them on purpose.
+const _: () = {
+    use core::mem::size_of;
+    assert!(size_of::<NetnsExit>() == 328);
+};
+
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for NetnsExit {}

@@ -20,7 +20,7 @@ use tracer_common::layout::ABSENT;
 use crate::{
     KERNEL_OFFSETS, capture,
     packet::{AF_INET6, skb_packet},
-    read_at,
+    skb::{read_at, skb_dst, skb_net},
 };
 
 #[map]
@@ -102,44 +102,6 @@ unsafe fn read_counters(mib: u64, out: &mut [u64; MAX_COUNTERS]) {
     if ret != 0 {
         zero(out);
     }
-}
-
-/// The netns of an skb: through its device, else its socket.
-#[inline(always)]
-pub unsafe fn skb_net(skb: u64) -> (u64, u32) {
-    let offsets = KERNEL_OFFSETS.load();
-    let dev: u64 = unsafe { read_at(skb, offsets.sk_buff_dev) }.unwrap_or(0);
-    if dev != 0 {
-        let ifindex: u32 = unsafe { read_at(dev, offsets.net_device_ifindex) }.unwrap_or(0);
-        let net: u64 = unsafe { read_at(dev, offsets.net_device_nd_net) }.unwrap_or(0);
-        return (net, ifindex);
-    }
-    let sk: u64 = unsafe { read_at(skb, offsets.sk_buff_sk) }.unwrap_or(0);
-    let net = if sk != 0 {
-        unsafe { read_at(sk, offsets.sock_net) }.unwrap_or(0)
-    } else {
-        0
-    };
-    (net, 0)
-}
-
-/// The netns inode and interface of an skb (as `skb_net` finds them).
-#[inline(always)]
-pub unsafe fn skb_netns_and_ifindex(skb: u64) -> (u32, u32) {
-    let (net, ifindex) = unsafe { skb_net(skb) };
-    let netns: u32 = if net != 0 {
-        unsafe { read_at(net, KERNEL_OFFSETS.load().net_ns_inum) }.unwrap_or(0)
-    } else {
-        0
-    };
-    (netns, ifindex)
-}
-
-/// The skb's route (`_skb_refdst` without the NOREF bit; 0 if none).
-#[inline(always)]
-pub unsafe fn skb_dst(skb: u64) -> u64 {
-    let refdst: u64 = unsafe { read_at(skb, KERNEL_OFFSETS.load().sk_buff_refdst) }.unwrap_or(0);
-    refdst & !1
 }
 
 /// Addresses, protocol, ports (or the ESP SPI and sequence number) from
@@ -426,7 +388,6 @@ fn sample<C: StackIdContext>(ctx: &C, counter: u32, hook_id: u32, frame: &Frame,
         (*sample).count = count;
         (*sample).flow = frame.flow;
         (*sample).seq = frame.seq;
-        (*sample)._pad = 0;
         probe_read_raw(
             core::ptr::addr_of_mut!((*sample).headers).cast(),
             size_of::<Headers>() as u32,

@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use tracer_common::capture::{HEADER_BYTES, Headers, SAMPLES_PER_SECOND, SampleBudget};
 
-use crate::{KERNEL_OFFSETS, read_at};
+use crate::{KERNEL_OFFSETS, skb::read_at};
 
 /// The shortest copy tried when the full one faults (the buffer may end
 /// close to a page boundary): an IPv6 header, or IPv4 with ports or SPI.

@@ -3,22 +3,48 @@
 //! for our IKE and ESP packets. Classic tracepoints only, so it works on
 //! every kernel, tracepoint-only hosts included.
 
-use aya_ebpf::{macros::map, maps::PerCpuHashMap};
+use aya_ebpf::{
+    Global,
+    macros::{map, tracepoint},
+    maps::PerCpuHashMap,
+    programs::TracePointContext,
+};
 use tracer_common::{
-    ike::{IkeKey, event},
+    ike::{IkeKey, NetRecords, event},
     mtu::{MtuKey, kind},
 };
 
 use crate::{
-    KERNEL_OFFSETS,
-    attribution::skb_netns_and_ifindex,
-    mtu,
+    KERNEL_OFFSETS, mtu,
     packet::{AF_INET, IpPacket, ip_at, quoted_at, skb_packet},
-    read_at,
+    skb::{read_at, skb_netns_and_ifindex},
 };
+
+/// Where `skbaddr` is in the two net tracepoints' records, written by
+/// userspace before loading (from tracefs).
+#[unsafe(no_mangle)]
+static NET_RECORDS: Global<NetRecords> = Global::new(NetRecords::UNSET);
 
 #[map]
 static IKE_EVENTS: PerCpuHashMap<IkeKey, u64> = PerCpuHashMap::with_max_entries(2048, 0);
+
+#[tracepoint]
+pub fn net_dev_queue(ctx: TracePointContext) -> u32 {
+    let offset = NET_RECORDS.load().dev_queue_skbaddr as usize;
+    if let Ok(skb) = unsafe { ctx.read_at::<u64>(offset) } {
+        unsafe { on_transmit(skb) };
+    }
+    0
+}
+
+#[tracepoint]
+pub fn netif_receive_skb(ctx: TracePointContext) -> u32 {
+    let offset = NET_RECORDS.load().receive_skbaddr as usize;
+    if let Ok(skb) = unsafe { ctx.read_at::<u64>(offset) } {
+        unsafe { on_receive(skb) };
+    }
+    0
+}
 
 /// Source and destination port of a UDP datagram if it is IKE: port 500,
 /// or 4500 with the 4-byte non-ESP marker (zero). ESP in UDP has its SPI
@@ -65,7 +91,7 @@ fn key(ip: &IpPacket, event: u8, outbound: bool, ports: (u16, u16)) -> IkeKey {
 
 /// `net:net_dev_queue`: a locally sent IKE packet leaves (forwarded
 /// packets have no socket and are not ours).
-pub unsafe fn on_transmit(skb: u64) {
+unsafe fn on_transmit(skb: u64) {
     let sk: u64 = unsafe { read_at(skb, KERNEL_OFFSETS.load().sk_buff_sk) }.unwrap_or(0);
     if sk == 0 {
         return;
@@ -83,7 +109,7 @@ pub unsafe fn on_transmit(skb: u64) {
 
 /// `net:netif_receive_skb` (`skb->data` is the IP header there): an IKE
 /// packet arrives, or an ICMP error about one of our IKE or ESP packets.
-pub unsafe fn on_receive(skb: u64) {
+unsafe fn on_receive(skb: u64) {
     let data: u64 = unsafe { read_at(skb, KERNEL_OFFSETS.load().sk_buff_data) }.unwrap_or(0);
     if data == 0 {
         return;

@@ -4,8 +4,9 @@
 
 use aya_ebpf::{
     helpers::generated::bpf_probe_read_kernel as probe_read_raw,
-    macros::map,
+    macros::{fentry, fexit, kprobe, map},
     maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    programs::{FEntryContext, FExitContext, ProbeContext},
 };
 use tracer_common::{
     capture::SampleBudget,
@@ -15,7 +16,11 @@ use tracer_common::{
     },
 };
 
-use crate::{KERNEL_OFFSETS, attribution::skb_dst, capture, packet::skb_packet, read_at};
+use crate::{
+    KERNEL_OFFSETS, capture,
+    packet::skb_packet,
+    skb::{read_at, skb_dst},
+};
 
 /// Skbs between POSTROUTING's two hooks, per CPU.
 #[map]
@@ -103,7 +108,7 @@ unsafe fn ip_header(skb: u64, src: &mut [u8; 16], dst: &mut [u8; 16]) -> (u16, u
 /// fentry/kprobe `xfrm4_output`/`xfrm6_output`: the skb enters POSTROUTING
 /// with its bundle; remember the flow the policy matched, the SA, the policy.
 #[inline(always)]
-pub fn entering_postrouting(skb: u64) {
+fn entering_postrouting(skb: u64) {
     let o = KERNEL_OFFSETS.load();
     let dst = unsafe { skb_dst(skb) };
     if dst == 0 {
@@ -137,7 +142,7 @@ pub fn entering_postrouting(skb: u64) {
 /// POSTROUTING): if the route has no SA any more, NAT re-routed the packet
 /// out of IPsec and it is about to leave in clear.
 #[inline(always)]
-pub fn leaving_postrouting(skb: u64, track_outcome: bool) {
+fn leaving_postrouting(skb: u64, track_outcome: bool) {
     let o = KERNEL_OFFSETS.load();
     let dst = unsafe { skb_dst(skb) };
     if dst == 0 {
@@ -269,7 +274,7 @@ fn sample_leak(skb: u64, key: &LeakKey) {
 
 /// fexit of the okfn: `dst_output` of the plain route returned `ret`.
 #[inline(always)]
-pub fn left_postrouting(skb: u64, ret: i32) {
+fn left_postrouting(skb: u64, ret: i32) {
     let Some(key) = MASQ_PENDING.get_ptr(&skb) else {
         return;
     };
@@ -292,4 +297,61 @@ pub fn left_postrouting(skb: u64, ret: i32) {
         }
     }
     let _ = MASQ_PENDING.remove(&skb);
+}
+
+// MASQUERADE before IPsec (docs/kernel.md §2). xfrm4_output, xfrm6_output
+// and their POSTROUTING okfns __xfrm4_output, __xfrm6_output all take
+// (net, sk, skb) (checked against BTF before attaching). One fentry program
+// per target; the kprobe fallbacks attach to both families.
+
+#[fentry(function = "xfrm4_output")]
+pub fn masq_xfrm4_output(ctx: FEntryContext) -> u32 {
+    entering_postrouting(ctx.arg(2));
+    0
+}
+
+#[fentry(function = "xfrm6_output")]
+pub fn masq_xfrm6_output(ctx: FEntryContext) -> u32 {
+    entering_postrouting(ctx.arg(2));
+    0
+}
+
+#[fentry(function = "__xfrm4_output")]
+pub fn masq_xfrm4_okfn(ctx: FEntryContext) -> u32 {
+    leaving_postrouting(ctx.arg(2), true);
+    0
+}
+
+#[fentry(function = "__xfrm6_output")]
+pub fn masq_xfrm6_okfn(ctx: FEntryContext) -> u32 {
+    leaving_postrouting(ctx.arg(2), true);
+    0
+}
+
+#[fexit(function = "__xfrm4_output")]
+pub fn masq_xfrm4_okfn_exit(ctx: FExitContext) -> u32 {
+    left_postrouting(ctx.arg(2), ctx.arg(3));
+    0
+}
+
+#[fexit(function = "__xfrm6_output")]
+pub fn masq_xfrm6_okfn_exit(ctx: FExitContext) -> u32 {
+    left_postrouting(ctx.arg(2), ctx.arg(3));
+    0
+}
+
+#[kprobe]
+pub fn masq_output_kprobe(ctx: ProbeContext) -> u32 {
+    if let Some(skb) = ctx.arg::<u64>(2) {
+        entering_postrouting(skb);
+    }
+    0
+}
+
+#[kprobe]
+pub fn masq_okfn_kprobe(ctx: ProbeContext) -> u32 {
+    if let Some(skb) = ctx.arg::<u64>(2) {
+        leaving_postrouting(skb, false);
+    }
+    0
 }

@@ -10,10 +10,10 @@ use aya_ebpf::{
 use tracer_common::mtu::{MtuKey, MtuStats, kind};
 
 use crate::{
-    Args, KERNEL_OFFSETS,
-    attribution::{skb_dst, skb_netns_and_ifindex},
+    KERNEL_OFFSETS,
+    args::Args,
     packet::{IpPacket, skb_packet},
-    read_at,
+    skb::{read_at, skb_dst, skb_netns_and_ifindex},
 };
 
 #[map]

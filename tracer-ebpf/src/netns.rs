@@ -16,7 +16,7 @@ use tracer_common::{
     netns::{MAX_CPUS, NetnsExit},
 };
 
-use crate::{Args, KERNEL_OFFSETS, read_at};
+use crate::{KERNEL_OFFSETS, args::Args, skb::read_at};
 
 /// How many CPUs the kernel may have (`/sys/devices/system/cpu/possible`),
 /// written by userspace before loading.

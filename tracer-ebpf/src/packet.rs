@@ -4,7 +4,7 @@
 
 use aya_ebpf::helpers::bpf_probe_read_kernel;
 
-use crate::{KERNEL_OFFSETS, read_at};
+use crate::{KERNEL_OFFSETS, skb::read_at};
 
 pub const AF_INET: u8 = 2;
 pub const AF_INET6: u8 = 10;

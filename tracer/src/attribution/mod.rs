@@ -2,6 +2,7 @@
 //! enrichment hooks, and reading what they recorded.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
+use tracer_common::names::programs;
 
 use aya::{
     Ebpf,
@@ -9,6 +10,7 @@ use aya::{
 };
 use serde::Serialize;
 use tracer_common::attribution::{Sample, SourceKey, dir, error, hook};
+use tracer_common::names::maps;
 
 use crate::{
     btf::KernelBtf,
@@ -24,50 +26,50 @@ pub const HOOKS: &[HookSpec] = &[
         "xfrm_input",
         Role::Bracket,
         &[Variant::bracket(
-            "xfrm_input_entry",
-            "xfrm_input_exit",
-            "xfrm_input_kprobe",
-            "xfrm_input_kretprobe",
+            programs::xfrm_input_entry,
+            programs::xfrm_input_exit,
+            programs::xfrm_input_kprobe,
+            programs::xfrm_input_kretprobe,
         )],
     ),
     HookSpec::new(
         "__xfrm_policy_check",
         Role::Bracket,
         &[Variant::bracket(
-            "policy_check_entry",
-            "policy_check_exit",
-            "policy_check_kprobe",
-            "policy_check_kretprobe",
+            programs::policy_check_entry,
+            programs::policy_check_exit,
+            programs::policy_check_kprobe,
+            programs::policy_check_kretprobe,
         )],
     ),
     HookSpec::new(
         "__xfrm_route_forward",
         Role::Bracket,
         &[Variant::bracket(
-            "route_forward_entry",
-            "route_forward_exit",
-            "route_forward_kprobe",
-            "route_forward_kretprobe",
+            programs::route_forward_entry,
+            programs::route_forward_exit,
+            programs::route_forward_kprobe,
+            programs::route_forward_kretprobe,
         )],
     ),
     HookSpec::new(
         "xfrm_lookup_with_ifid",
         Role::Bracket,
         &[Variant::bracket(
-            "lookup_entry",
-            "lookup_exit",
-            "lookup_kprobe",
-            "lookup_kretprobe",
+            programs::lookup_entry,
+            programs::lookup_exit,
+            programs::lookup_kprobe,
+            programs::lookup_kretprobe,
         )],
     ),
     HookSpec::new(
         "xfrm_output",
         Role::Bracket,
         &[Variant::bracket(
-            "output_entry",
-            "output_exit",
-            "output_kprobe",
-            "output_kretprobe",
+            programs::output_entry,
+            programs::output_exit,
+            programs::output_kprobe,
+            programs::output_kretprobe,
         )],
     ),
     // xfrm_output_resume gained an `sk` argument in 5.14; the programs read
@@ -77,17 +79,17 @@ pub const HOOKS: &[HookSpec] = &[
         Role::Bracket,
         &[
             Variant::bracket(
-                "output_resume_entry",
-                "output_resume_exit",
-                "output_resume_kprobe",
-                "output_resume_kretprobe",
+                programs::output_resume_entry,
+                programs::output_resume_exit,
+                programs::output_resume_kprobe,
+                programs::output_resume_kretprobe,
             )
             .prototype(Prototype::SkbAt(1)),
             Variant::bracket(
-                "output_resume_old_entry",
-                "output_resume_old_exit",
-                "output_resume_old_kprobe",
-                "output_resume_old_kretprobe",
+                programs::output_resume_old_entry,
+                programs::output_resume_old_exit,
+                programs::output_resume_old_kprobe,
+                programs::output_resume_old_kretprobe,
             )
             .prototype(Prototype::SkbAt(0)),
         ],
@@ -96,29 +98,32 @@ pub const HOOKS: &[HookSpec] = &[
     HookSpec::new(
         "xfrm_state_lookup",
         Role::Enrichment,
-        &[
-            Variant::exit("state_lookup_exit", Some("state_lookup_kretprobe"))
-                .prototype(Prototype::ExitAfterArgs(ENRICHMENT_ARGS)),
-        ],
+        &[Variant::exit(
+            programs::state_lookup_exit,
+            Some(programs::state_lookup_kretprobe),
+        )
+        .prototype(Prototype::ExitAfterArgs(ENRICHMENT_ARGS))],
     )
     .needs(Needs::InBtf),
     // 6.12+.
     HookSpec::new(
         "xfrm_input_state_lookup",
         Role::Enrichment,
-        &[
-            Variant::exit("input_state_lookup_exit", Some("state_lookup_kretprobe"))
-                .prototype(Prototype::ExitAfterArgs(ENRICHMENT_ARGS)),
-        ],
+        &[Variant::exit(
+            programs::input_state_lookup_exit,
+            Some(programs::state_lookup_kretprobe),
+        )
+        .prototype(Prototype::ExitAfterArgs(ENRICHMENT_ARGS))],
     )
     .needs(Needs::InBtf),
     HookSpec::new(
         "xfrm_policy_lookup_bytype",
         Role::Enrichment,
-        &[
-            Variant::exit("policy_lookup_exit", Some("policy_lookup_kretprobe"))
-                .prototype(Prototype::ExitAfterArgs(ENRICHMENT_ARGS)),
-        ],
+        &[Variant::exit(
+            programs::policy_lookup_exit,
+            Some(programs::policy_lookup_kretprobe),
+        )
+        .prototype(Prototype::ExitAfterArgs(ENRICHMENT_ARGS))],
     )
     .needs(Needs::InBtf),
 ];
@@ -190,13 +195,13 @@ pub fn read(
         ebpf.map(name)
             .ok_or_else(|| aya::maps::MapError::InvalidName { name: name.into() })
     };
-    let table: PerCpuHashMap<_, SourceKey, u64> = PerCpuHashMap::try_from(map("SOURCES")?)?;
+    let table: PerCpuHashMap<_, SourceKey, u64> = PerCpuHashMap::try_from(map(maps::SOURCES)?)?;
     let mut rows = Vec::new();
     for entry in table.iter() {
         let (key, per_cpu) = entry?;
         rows.push((key, per_cpu.iter().sum()));
     }
-    let errors: PerCpuArray<_, u64> = PerCpuArray::try_from(map("ATTRIBUTION_ERRORS")?)?;
+    let errors: PerCpuArray<_, u64> = PerCpuArray::try_from(map(maps::ATTRIBUTION_ERRORS)?)?;
     let sum = |index: u32| -> Result<u64, aya::maps::MapError> {
         Ok(errors.get(&index, 0)?.iter().sum())
     };
@@ -227,14 +232,14 @@ pub const SAMPLES_KEPT: usize = 1000;
 /// The ring buffer of per-increment samples, taken out of the object so it
 /// can be drained while the programs run.
 pub fn take_samples(ebpf: &mut Ebpf) -> Option<RingBuf<MapData>> {
-    RingBuf::try_from(ebpf.take_map("SAMPLES")?).ok()
+    RingBuf::try_from(ebpf.take_map(maps::SAMPLES)?).ok()
 }
 
 /// The kernel stack of a sample, innermost first, as `function+0xoff` (the
 /// raw address where no symbol contains it), without the frames of
 /// xfrm-trace itself; and how many of those were left out.
 pub fn stack(ebpf: &Ebpf, stack_id: i64, kallsyms: &Kallsyms) -> (Vec<String>, usize) {
-    let (Ok(id), Some(map)) = (u32::try_from(stack_id), ebpf.map("STACKS")) else {
+    let (Ok(id), Some(map)) = (u32::try_from(stack_id), ebpf.map(maps::STACKS)) else {
         return (Vec::new(), 0);
     };
     let Ok(stacks) = StackTraceMap::try_from(map) else {

@@ -3,6 +3,7 @@
 
 use super::*;
 use std::collections::HashMap;
+use tracer_common::layout::{KernelOffsets, OffsetSource};
 
 // These run against the BTF of the machine running the tests; the values
 // are checked against `bpftool btf dump` by the test that runs it.
@@ -208,57 +209,21 @@ fn offsets_enums_and_functions_agree_with_bpftool() {
         eprintln!("bpftool cannot dump {VMLINUX_BTF}: skipped");
         return;
     };
-    // Every path tracer/src/ebpf reads, and every member of their structs.
-    let mut paths: Vec<(&str, String)> = [
-        ("sk_buff", "dev"),
-        ("sk_buff", "sk"),
-        ("sk_buff", "head"),
-        ("sk_buff", "data"),
-        ("sk_buff", "network_header"),
-        ("sk_buff", "transport_header"),
-        ("sk_buff", "len"),
-        ("sk_buff", "_skb_refdst"),
-        ("sk_buff", "end"),
-        ("sk_buff", "tail"),
-        ("sk_buff", "cloned"),
-        ("net_device", "ifindex"),
-        ("net_device", "nd_net"),
-        ("net_device", "mtu"),
-        ("sock", "__sk_common.skc_net"),
-        ("net", "ns.inum"),
-        ("net", "mib.xfrm_statistics"),
-        ("dst_entry", "xfrm"),
-        ("dst_entry", "ops"),
-        ("dst_entry", "dev"),
-        ("dst_ops", "family"),
-        ("xfrm_state", "id.spi"),
-        ("xfrm_state", "id.daddr"),
-        ("xfrm_state", "props.reqid"),
-        ("xfrm_state", "props.family"),
-        ("xfrm_state", "props.saddr"),
-        ("xfrm_policy", "index"),
-        ("xfrm_policy", "selector.saddr"),
-        ("xfrm_policy", "selector.daddr"),
-        ("xfrm_policy", "selector.family"),
-        ("xfrm_policy", "selector.prefixlen_s"),
-        ("xfrm_policy", "selector.prefixlen_d"),
-        ("xfrm_policy", "selector.proto"),
-        ("flowi", "u.ip4.saddr"),
-        ("flowi", "u.ip4.daddr"),
-        ("flowi", "u.ip4.__fl_common.flowic_proto"),
-        ("flowi", "u.ip4.uli.ports.sport"),
-        ("flowi", "u.ip4.uli.ports.dport"),
-        ("flowi", "u.ip6.saddr"),
-        ("flowi", "u.ip6.daddr"),
-        ("flowi", "u.ip6.__fl_common.flowic_proto"),
-        ("flowi", "u.ip6.uli.ports.sport"),
-        ("flowi", "u.ip6.uli.ports.dport"),
-        ("skb_shared_info", "gso_size"),
-        ("xfrm_dst", "pols"),
-    ]
-    .iter()
-    .map(|(ty, path)| (*ty, path.to_string()))
-    .collect();
+    // Every member the programs read (the `KernelOffsets` table), a
+    // bitfield, one more nested member, and every member of their structs.
+    let mut paths: Vec<(&str, String)> = KernelOffsets::FIELDS
+        .iter()
+        .filter_map(|field| match field.source {
+            OffsetSource::Required { ty, path } | OffsetSource::Optional { ty, path } => {
+                Some((ty, path.to_string()))
+            }
+            OffsetSource::Computed => None,
+        })
+        .chain([
+            ("sk_buff", "cloned".to_string()),
+            ("xfrm_state", "props.saddr".to_string()),
+        ])
+        .collect();
     for ty in [
         "sk_buff",
         "net_device",

@@ -12,6 +12,7 @@ use serde::Serialize;
 use tracer_common::{
     capture::DropSampling,
     drops::{DropKey, DropSample},
+    names::{maps, programs},
 };
 
 use crate::{kallsyms::Kallsyms, model::Names};
@@ -28,7 +29,7 @@ pub enum DropsError {
 /// `ebpf`: dropping it detaches.
 pub fn attach(ebpf: &mut Ebpf) -> Result<(), DropsError> {
     let program: &mut TracePoint = ebpf
-        .program_mut("kfree_skb")
+        .program_mut(programs::kfree_skb)
         .ok_or_else(|| DropsError::Attach("program kfree_skb missing from the object".into()))?
         .try_into()
         .map_err(|e: aya::programs::ProgramError| DropsError::Attach(e.to_string()))?;
@@ -43,19 +44,21 @@ pub fn attach(ebpf: &mut Ebpf) -> Result<(), DropsError> {
 
 /// The in-kernel table, summed over CPUs, and drops that did not fit it.
 pub fn read(ebpf: &Ebpf) -> Result<(Vec<(DropKey, u64)>, u64), DropsError> {
-    let table: PerCpuHashMap<_, DropKey, u64> =
-        PerCpuHashMap::try_from(ebpf.map("DROPS").ok_or(aya::maps::MapError::InvalidName {
-            name: "DROPS".into(),
-        })?)?;
+    let table: PerCpuHashMap<_, DropKey, u64> = PerCpuHashMap::try_from(
+        ebpf.map(maps::DROPS)
+            .ok_or(aya::maps::MapError::InvalidName {
+                name: maps::DROPS.into(),
+            })?,
+    )?;
     let mut rows = Vec::new();
     for entry in table.iter() {
         let (key, per_cpu) = entry?;
         rows.push((key, per_cpu.iter().sum()));
     }
     let untracked: PerCpuArray<_, u64> = PerCpuArray::try_from(
-        ebpf.map("DROPS_UNTRACKED")
+        ebpf.map(maps::DROPS_UNTRACKED)
             .ok_or(aya::maps::MapError::InvalidName {
-                name: "DROPS_UNTRACKED".into(),
+                name: maps::DROPS_UNTRACKED.into(),
             })?,
     )?;
     let untracked = untracked.get(&0, 0)?.iter().sum();
@@ -64,11 +67,12 @@ pub fn read(ebpf: &Ebpf) -> Result<(Vec<(DropKey, u64)>, u64), DropsError> {
 
 /// XFRM drops the rate limit or a full ring kept out of the pcapng.
 pub fn samples_lost(ebpf: &Ebpf) -> Result<u64, DropsError> {
-    let lost: PerCpuArray<_, u64> = PerCpuArray::try_from(ebpf.map("DROP_SAMPLES_LOST").ok_or(
-        aya::maps::MapError::InvalidName {
-            name: "DROP_SAMPLES_LOST".into(),
-        },
-    )?)?;
+    let lost: PerCpuArray<_, u64> = PerCpuArray::try_from(
+        ebpf.map(maps::DROP_SAMPLES_LOST)
+            .ok_or(aya::maps::MapError::InvalidName {
+                name: maps::DROP_SAMPLES_LOST.into(),
+            })?,
+    )?;
     Ok(lost.get(&0, 0)?.iter().sum())
 }
 
@@ -146,9 +150,9 @@ pub fn sample_xfrm_drops(
         }
     }
     let map = ebpf
-        .map_mut("DROP_SAMPLING")
+        .map_mut(maps::DROP_SAMPLING)
         .ok_or(aya::maps::MapError::InvalidName {
-            name: "DROP_SAMPLING".into(),
+            name: maps::DROP_SAMPLING.into(),
         })?;
     Array::try_from(map)?.set(0, &sampling, 0)?;
     Ok(())
@@ -156,7 +160,7 @@ pub fn sample_xfrm_drops(
 
 /// The drop samples' ring buffer, taken out to be drained while running.
 pub fn take_samples(ebpf: &mut Ebpf) -> Option<RingBuf<MapData>> {
-    RingBuf::try_from(ebpf.take_map("DROP_SAMPLES")?).ok()
+    RingBuf::try_from(ebpf.take_map(maps::DROP_SAMPLES)?).ok()
 }
 
 /// Puts each sample's headers on the row it belongs to.

@@ -6,7 +6,8 @@ use aya::{
 };
 use tracer_common::{
     ike::NetRecords,
-    layout::{ABSENT, KernelOffsets, KfreeSkbRecord},
+    layout::{ABSENT, KernelOffsets, KfreeSkbRecord, OffsetSource},
+    names::globals,
 };
 
 use crate::{
@@ -47,72 +48,7 @@ pub struct KernelLayout {
 impl KernelLayout {
     /// Resolves offsets from BTF and the kfree_skb record from tracefs.
     pub fn resolve(btf: &KernelBtf, kallsyms: &Kallsyms) -> Result<Self, LoadError> {
-        // Members every kernel has are required; the rest may be ABSENT
-        // (the programs then skip what they cannot read).
-        let optional = |ty: &str, path: &str| btf.optional_offset(ty, path).unwrap_or(ABSENT);
-        let offsets = KernelOffsets {
-            sk_buff_dev: btf.member_offset("sk_buff", "dev")?,
-            sk_buff_sk: btf.member_offset("sk_buff", "sk")?,
-            sk_buff_head: btf.member_offset("sk_buff", "head")?,
-            sk_buff_network_header: btf.member_offset("sk_buff", "network_header")?,
-            sk_buff_refdst: btf.member_offset("sk_buff", "_skb_refdst")?,
-            net_device_ifindex: btf.member_offset("net_device", "ifindex")?,
-            net_device_nd_net: btf.member_offset("net_device", "nd_net")?,
-            sock_net: btf.member_offset("sock", "__sk_common.skc_net")?,
-            net_ns_inum: btf.member_offset("net", "ns.inum")?,
-            net_xfrm_statistics: optional("net", "mib.xfrm_statistics"),
-            dst_entry_xfrm: optional("dst_entry", "xfrm"),
-            dst_entry_ops: optional("dst_entry", "ops"),
-            dst_ops_family: optional("dst_ops", "family"),
-            xfrm_state_spi: optional("xfrm_state", "id.spi"),
-            xfrm_state_reqid: optional("xfrm_state", "props.reqid"),
-            xfrm_policy_index: optional("xfrm_policy", "index"),
-            flowi4_saddr: optional("flowi", "u.ip4.saddr"),
-            flowi4_daddr: optional("flowi", "u.ip4.daddr"),
-            flowi4_proto: optional("flowi", "u.ip4.__fl_common.flowic_proto"),
-            flowi4_sport: optional("flowi", "u.ip4.uli.ports.sport"),
-            flowi4_dport: optional("flowi", "u.ip4.uli.ports.dport"),
-            flowi6_saddr: optional("flowi", "u.ip6.saddr"),
-            flowi6_daddr: optional("flowi", "u.ip6.daddr"),
-            flowi6_proto: optional("flowi", "u.ip6.__fl_common.flowic_proto"),
-            flowi6_sport: optional("flowi", "u.ip6.uli.ports.sport"),
-            flowi6_dport: optional("flowi", "u.ip6.uli.ports.dport"),
-            sk_buff_transport_header: optional("sk_buff", "transport_header"),
-            sk_buff_end: optional("sk_buff", "end"),
-            skb_shared_info_gso_size: optional("skb_shared_info", "gso_size"),
-            net_device_mtu: optional("net_device", "mtu"),
-            xfrm_counters: Counters::from_btf(btf).map_or(0, |c| c.array_len),
-            _pad: 0,
-            per_cpu_offset: kallsyms.data_address("__per_cpu_offset").unwrap_or(0),
-            sk_buff_len: optional("sk_buff", "len"),
-            dst_entry_dev: optional("dst_entry", "dev"),
-            xfrm_dst_pols: optional("xfrm_dst", "pols"),
-            xfrm_state_daddr: optional("xfrm_state", "id.daddr"),
-            xfrm_state_family: optional("xfrm_state", "props.family"),
-            xfrm_policy_sel_saddr: optional("xfrm_policy", "selector.saddr"),
-            xfrm_policy_sel_daddr: optional("xfrm_policy", "selector.daddr"),
-            xfrm_policy_sel_family: optional("xfrm_policy", "selector.family"),
-            xfrm_policy_sel_prefixlen_s: optional("xfrm_policy", "selector.prefixlen_s"),
-            xfrm_policy_sel_prefixlen_d: optional("xfrm_policy", "selector.prefixlen_d"),
-            xfrm_policy_sel_proto: optional("xfrm_policy", "selector.proto"),
-            sk_buff_data: optional("sk_buff", "data"),
-            sk_buff_tail: optional("sk_buff", "tail"),
-            sk_buff_active_extensions: optional("sk_buff", "active_extensions"),
-            sk_buff_extensions: optional("sk_buff", "extensions"),
-            skb_ext_offset: optional("skb_ext", "offset"),
-            skb_ext_sec_path: btf
-                .enum_values("skb_ext_id")
-                .and_then(|values| {
-                    let (_, value) = values.into_iter().find(|(n, _)| n == "SKB_EXT_SEC_PATH")?;
-                    u32::try_from(value).ok().filter(|&v| v < 8)
-                })
-                .unwrap_or(ABSENT),
-            sec_path_len: optional("sec_path", "len"),
-            sec_path_xvec: optional("sec_path", "xvec"),
-            net_device_rtnl_link_ops: optional("net_device", "rtnl_link_ops"),
-            rtnl_link_ops_kind: optional("rtnl_link_ops", "kind"),
-            _pad2: 0,
-        };
+        let offsets = kernel_offsets(btf, kallsyms)?;
         let format = tracefs::format("skb", "kfree_skb")?;
         let field = |name: &str| {
             tracefs::field_offset(&format, name).ok_or_else(|| TracefsError::NoField {
@@ -147,6 +83,31 @@ impl KernelLayout {
     }
 }
 
+/// Every `KernelOffsets` field: the member offsets by the table (a missing
+/// required member fails, an optional one is ABSENT and the programs skip
+/// what needs it), then the values that are not member offsets.
+fn kernel_offsets(btf: &KernelBtf, kallsyms: &Kallsyms) -> Result<KernelOffsets, BtfError> {
+    let mut offsets = KernelOffsets::UNSET;
+    for field in KernelOffsets::FIELDS {
+        *(field.slot)(&mut offsets) = match field.source {
+            OffsetSource::Required { ty, path } => btf.member_offset(ty, path)?,
+            OffsetSource::Optional { ty, path } => btf.optional_offset(ty, path).unwrap_or(ABSENT),
+            OffsetSource::Computed => continue,
+        };
+    }
+    offsets.xfrm_counters = Counters::from_btf(btf).map_or(0, |c| c.array_len);
+    // skb_ext_find() indexes a u8 bitmap and offset array by this value.
+    offsets.skb_ext_sec_path = btf
+        .enum_values("skb_ext_id")
+        .and_then(|values| {
+            let (_, value) = values.into_iter().find(|(n, _)| n == "SKB_EXT_SEC_PATH")?;
+            u32::try_from(value).ok().filter(|&v| v < 8)
+        })
+        .unwrap_or(ABSENT);
+    offsets.per_cpu_offset = kallsyms.data_address("__per_cpu_offset").unwrap_or(0);
+    Ok(offsets)
+}
+
 /// Loads the object (maps created, no program loaded or attached yet).
 pub fn load(layout: Option<&KernelLayout>, btf: Option<&Btf>) -> Result<Ebpf, LoadError> {
     if OBJECT.is_empty() {
@@ -159,10 +120,10 @@ pub fn load(layout: Option<&KernelLayout>, btf: Option<&Btf>) -> Result<Ebpf, Lo
     }
     if let Some(layout) = layout {
         loader
-            .override_global("KERNEL_OFFSETS", &layout.offsets, true)
-            .override_global("KFREE_SKB_RECORD", &layout.kfree_skb, true)
-            .override_global("NET_RECORDS", &layout.net, true)
-            .override_global("POSSIBLE_CPUS", &layout.possible_cpus, true);
+            .override_global(globals::KERNEL_OFFSETS, &layout.offsets, true)
+            .override_global(globals::KFREE_SKB_RECORD, &layout.kfree_skb, true)
+            .override_global(globals::NET_RECORDS, &layout.net, true)
+            .override_global(globals::POSSIBLE_CPUS, &layout.possible_cpus, true);
     }
     Ok(loader.load(OBJECT)?)
 }
@@ -329,6 +290,7 @@ pub fn describe(error: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tracer_common::names::{maps, programs};
 
     #[derive(Debug, thiserror::Error)]
     #[error("Operation not permitted (os error 1)")]
@@ -342,6 +304,95 @@ mod tests {
     #[derive(Debug, thiserror::Error)]
     #[error("loading the eBPF object")]
     struct Loading(#[source] MapError);
+
+    /// The embedded object, parsed as the loader parses it.
+    fn object() -> aya_obj::Object {
+        assert!(!OBJECT.is_empty(), "built without the eBPF object");
+        aya_obj::Object::parse(OBJECT).unwrap()
+    }
+
+    #[test]
+    fn every_map_named_in_tracer_common_is_in_the_object_and_back() {
+        let object = object();
+        for name in maps::ALL.iter().chain(maps::KERNEL_ONLY) {
+            assert!(
+                object.maps.contains_key(*name),
+                "map {name} not in the object"
+            );
+        }
+        // Data sections hold the globals; AYA_LOGS carries aya-log's records.
+        let internal = [".rodata", ".data", ".bss", "AYA_LOGS"];
+        let mut unlisted: Vec<&String> = object
+            .maps
+            .keys()
+            .filter(|name| {
+                let name = name.as_str();
+                !maps::ALL.contains(&name)
+                    && !maps::KERNEL_ONLY.contains(&name)
+                    && !internal.iter().any(|section| name.starts_with(section))
+            })
+            .collect();
+        unlisted.sort();
+        assert!(unlisted.is_empty(), "maps not in names::maps: {unlisted:?}");
+    }
+
+    #[test]
+    fn every_program_named_in_tracer_common_is_in_the_object_and_back() {
+        let object = object();
+        let mut in_object: Vec<&str> = object.programs.keys().map(String::as_str).collect();
+        in_object.sort_unstable();
+        let mut named = programs::ALL.to_vec();
+        named.sort_unstable();
+        assert_eq!(in_object, named);
+    }
+
+    #[test]
+    fn every_global_named_in_tracer_common_is_in_the_object() {
+        let btf = object().btf.expect("the object has BTF");
+        for name in globals::ALL {
+            let found = btf.id_by_type_name_kind(name, aya_obj::btf::BtfKind::Var);
+            assert!(found.is_ok(), "global {name} not in the object's BTF");
+        }
+    }
+
+    #[test]
+    fn every_offset_resolves_from_this_kernels_btf() {
+        let btf = match KernelBtf::running() {
+            Ok(btf) => btf,
+            Err(e) => {
+                eprintln!("no kernel BTF ({e}): skipped");
+                return;
+            }
+        };
+        let kallsyms = Kallsyms::parse("ffffffff83a1b400 D __per_cpu_offset\n");
+        let mut offsets = kernel_offsets(&btf, &kallsyms).unwrap();
+        let mut unset = KernelOffsets::UNSET;
+        for field in KernelOffsets::FIELDS {
+            let value = *(field.slot)(&mut offsets);
+            let name = field.name;
+            match field.source {
+                OffsetSource::Required { ty, path } => {
+                    assert_ne!(value, ABSENT, "{name}");
+                    assert_eq!(Some(value), btf.member_offset(ty, path).ok(), "{name}");
+                }
+                OffsetSource::Optional { ty, path } => {
+                    assert_eq!(
+                        value,
+                        btf.optional_offset(ty, path).unwrap_or(ABSENT),
+                        "{name}"
+                    );
+                }
+                // A kernel with XFRM statistics and skb extensions has a
+                // value for each: one left UNSET has no code in resolve.
+                OffsetSource::Computed => {
+                    assert_ne!(value, *(field.slot)(&mut unset), "{name}");
+                }
+            }
+        }
+        // The same on every 64-bit kernel: after next and prev, then sk.
+        assert_eq!((offsets.sk_buff_dev, offsets.sk_buff_sk), (16, 24));
+        assert_eq!(offsets.per_cpu_offset, 0xffff_ffff_83a1_b400);
+    }
 
     #[test]
     fn each_cause_is_said_once() {

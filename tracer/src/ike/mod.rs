@@ -7,10 +7,12 @@ use std::{
     collections::{BTreeMap, HashMap},
     net::IpAddr,
 };
+use tracer_common::names::programs;
 
 use aya::{Ebpf, maps::PerCpuHashMap};
 use serde::Serialize;
 use tracer_common::ike::{IkeKey, event};
+use tracer_common::names::maps;
 
 use crate::{
     drops,
@@ -25,12 +27,12 @@ pub const HOOKS: &[HookSpec] = &[
     HookSpec::new(
         "net_dev_queue",
         Role::IkeWatch,
-        &[Variant::tracepoint("net", "net_dev_queue")],
+        &[Variant::tracepoint("net", programs::net_dev_queue)],
     ),
     HookSpec::new(
         "netif_receive_skb",
         Role::IkeWatch,
-        &[Variant::tracepoint("net", "netif_receive_skb")],
+        &[Variant::tracepoint("net", programs::netif_receive_skb)],
     ),
 ];
 
@@ -46,9 +48,9 @@ pub fn hook_list(outcomes: &[HookOutcome]) -> HookList {
 /// The in-kernel table, summed over CPUs.
 pub fn read(ebpf: &Ebpf) -> Result<Vec<(IkeKey, u64)>, aya::maps::MapError> {
     let map = ebpf
-        .map("IKE_EVENTS")
+        .map(maps::IKE_EVENTS)
         .ok_or_else(|| aya::maps::MapError::InvalidName {
-            name: "IKE_EVENTS".into(),
+            name: maps::IKE_EVENTS.into(),
         })?;
     let table: PerCpuHashMap<_, IkeKey, u64> = PerCpuHashMap::try_from(map)?;
     let mut rows = Vec::new();

@@ -7,6 +7,7 @@ use std::{
     collections::{BTreeMap, HashMap},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
+use tracer_common::names::programs;
 
 use aya::{
     Ebpf,
@@ -14,6 +15,7 @@ use aya::{
 };
 use serde::Serialize;
 use tracer_common::masquerade::{LeakCount, LeakKey, LeakSample, PolicyKey, Selector, error};
+use tracer_common::names::maps;
 
 use crate::{
     hooks::{self, HookOutcome, HookSpec, Needs, Prototype, Role, Variant},
@@ -38,35 +40,41 @@ pub const HOOKS: &[HookSpec] = &[
     HookSpec::new(
         "__xfrm4_output",
         Role::Nat,
-        &[Variant::entry("masq_xfrm4_okfn", "masq_okfn_kprobe").prototype(SKB)],
+        &[Variant::entry(programs::masq_xfrm4_okfn, programs::masq_okfn_kprobe).prototype(SKB)],
     ),
     HookSpec::new(
         "__xfrm4_output",
         Role::Nat,
-        &[Variant::exit("masq_xfrm4_okfn_exit", None).prototype(SKB)],
+        &[Variant::exit(programs::masq_xfrm4_okfn_exit, None).prototype(SKB)],
     )
     .needs(Needs::HookedByFentry("__xfrm4_output")),
     HookSpec::new(
         "xfrm4_output",
         Role::Nat,
-        &[Variant::entry("masq_xfrm4_output", "masq_output_kprobe").prototype(SKB)],
+        &[
+            Variant::entry(programs::masq_xfrm4_output, programs::masq_output_kprobe)
+                .prototype(SKB),
+        ],
     )
     .needs(Needs::Hooked("__xfrm4_output")),
     HookSpec::new(
         "__xfrm6_output",
         Role::Nat,
-        &[Variant::entry("masq_xfrm6_okfn", "masq_okfn_kprobe").prototype(SKB)],
+        &[Variant::entry(programs::masq_xfrm6_okfn, programs::masq_okfn_kprobe).prototype(SKB)],
     ),
     HookSpec::new(
         "__xfrm6_output",
         Role::Nat,
-        &[Variant::exit("masq_xfrm6_okfn_exit", None).prototype(SKB)],
+        &[Variant::exit(programs::masq_xfrm6_okfn_exit, None).prototype(SKB)],
     )
     .needs(Needs::HookedByFentry("__xfrm6_output")),
     HookSpec::new(
         "xfrm6_output",
         Role::Nat,
-        &[Variant::entry("masq_xfrm6_output", "masq_output_kprobe").prototype(SKB)],
+        &[
+            Variant::entry(programs::masq_xfrm6_output, programs::masq_output_kprobe)
+                .prototype(SKB),
+        ],
     )
     .needs(Needs::Hooked("__xfrm6_output")),
 ];
@@ -127,7 +135,7 @@ pub struct Counted {
 
 /// The leak samples' ring buffer, taken out to be drained while running.
 pub fn take_samples(ebpf: &mut Ebpf) -> Option<aya::maps::RingBuf<aya::maps::MapData>> {
-    aya::maps::RingBuf::try_from(ebpf.take_map("LEAK_SAMPLES")?).ok()
+    aya::maps::RingBuf::try_from(ebpf.take_map(maps::LEAK_SAMPLES)?).ok()
 }
 
 /// Reads the leak table (summed over CPUs), the selectors and the errors.
@@ -136,7 +144,8 @@ pub fn read(ebpf: &Ebpf) -> Result<Counted, aya::maps::MapError> {
         ebpf.map(name)
             .ok_or_else(|| aya::maps::MapError::InvalidName { name: name.into() })
     };
-    let table: PerCpuHashMap<_, LeakKey, LeakCount> = PerCpuHashMap::try_from(map("MASQ_LEAKS")?)?;
+    let table: PerCpuHashMap<_, LeakKey, LeakCount> =
+        PerCpuHashMap::try_from(map(maps::MASQ_LEAKS)?)?;
     let mut counted = Counted::default();
     for entry in table.iter() {
         let (key, per_cpu) = entry?;
@@ -149,12 +158,13 @@ pub fn read(ebpf: &Ebpf) -> Result<Counted, aya::maps::MapError> {
         }
         counted.leaks.push((key, sum));
     }
-    let policies: BpfHashMap<_, PolicyKey, Selector> = BpfHashMap::try_from(map("MASQ_POLICIES")?)?;
+    let policies: BpfHashMap<_, PolicyKey, Selector> =
+        BpfHashMap::try_from(map(maps::MASQ_POLICIES)?)?;
     for entry in policies.iter() {
         let (key, selector) = entry?;
         counted.policies.insert(key, selector);
     }
-    let errors: PerCpuArray<_, u64> = PerCpuArray::try_from(map("MASQ_ERRORS")?)?;
+    let errors: PerCpuArray<_, u64> = PerCpuArray::try_from(map(maps::MASQ_ERRORS)?)?;
     counted.table_full = errors.get(&error::TABLE_FULL, 0)?.iter().sum();
     counted.unseen = errors.get(&error::UNSEEN, 0)?.iter().sum();
     counted.samples_lost = errors.get(&error::SAMPLES_LOST, 0)?.iter().sum();

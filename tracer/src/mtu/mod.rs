@@ -6,10 +6,12 @@ use std::{
     collections::BTreeMap,
     net::{IpAddr, Ipv4Addr},
 };
+use tracer_common::names::programs;
 
 use aya::{Ebpf, maps::PerCpuHashMap};
 use serde::Serialize;
 use tracer_common::mtu::{MtuKey, MtuStats, kind};
+use tracer_common::names::maps;
 
 use crate::{
     hooks::{self, HookOutcome, HookSpec, Role, Variant},
@@ -23,38 +25,50 @@ pub const HOOKS: &[HookSpec] = &[
     HookSpec::new(
         "ip_do_fragment",
         Role::Mtu,
-        &[Variant::entry("mtu_fragment_fentry", "mtu_fragment_kprobe")],
+        &[Variant::entry(
+            programs::mtu_fragment_fentry,
+            programs::mtu_fragment_kprobe,
+        )],
     ),
     HookSpec::new(
         "ip6_fragment",
         Role::Mtu,
         &[Variant::entry(
-            "mtu_fragment6_fentry",
-            "mtu_fragment6_kprobe",
+            programs::mtu_fragment6_fentry,
+            programs::mtu_fragment6_kprobe,
         )],
     ),
     HookSpec::new(
         "__icmp_send",
         Role::Mtu,
-        &[Variant::entry("mtu_icmp_fentry", "mtu_icmp_kprobe")],
+        &[Variant::entry(
+            programs::mtu_icmp_fentry,
+            programs::mtu_icmp_kprobe,
+        )],
     ),
     HookSpec::new(
         "icmp6_send",
         Role::Mtu,
-        &[Variant::entry("mtu_icmp6_fentry", "mtu_icmp6_kprobe")],
+        &[Variant::entry(
+            programs::mtu_icmp6_fentry,
+            programs::mtu_icmp6_kprobe,
+        )],
     ),
     HookSpec::new(
         "xfrm_local_error",
         Role::Mtu,
         &[Variant::entry(
-            "mtu_local_error_fentry",
-            "mtu_local_error_kprobe",
+            programs::mtu_local_error_fentry,
+            programs::mtu_local_error_kprobe,
         )],
     ),
     HookSpec::new(
         "xfrm_output",
         Role::Mtu,
-        &[Variant::entry("mtu_output_fentry", "mtu_output_kprobe")],
+        &[Variant::entry(
+            programs::mtu_output_fentry,
+            programs::mtu_output_kprobe,
+        )],
     ),
 ];
 
@@ -66,9 +80,9 @@ pub fn hook_list(outcomes: &[HookOutcome]) -> HookList {
 /// The table, summed over CPUs.
 pub fn read(ebpf: &Ebpf) -> Result<Vec<(MtuKey, MtuStats)>, aya::maps::MapError> {
     let map = ebpf
-        .map("MTU_EVENTS")
+        .map(maps::MTU_EVENTS)
         .ok_or_else(|| aya::maps::MapError::InvalidName {
-            name: "MTU_EVENTS".into(),
+            name: maps::MTU_EVENTS.into(),
         })?;
     let table: PerCpuHashMap<_, MtuKey, MtuStats> = PerCpuHashMap::try_from(map)?;
     let mut rows = Vec::new();

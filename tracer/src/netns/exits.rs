@@ -6,6 +6,7 @@ use aya::{
     Ebpf,
     maps::{MapData, RingBuf},
 };
+use tracer_common::names::{maps, programs};
 use tracer_common::netns::NetnsExit;
 
 use crate::{
@@ -20,7 +21,10 @@ use crate::{
 pub const HOOKS: &[HookSpec] = &[HookSpec::new(
     "xfrm_net_exit",
     Role::Teardown,
-    &[Variant::entry("netns_exit_fentry", "netns_exit_kprobe")],
+    &[Variant::entry(
+        programs::netns_exit_fentry,
+        programs::netns_exit_kprobe,
+    )],
 )];
 
 /// The ring the teardown program writes to.
@@ -35,7 +39,7 @@ pub fn hook_list(outcomes: &[HookOutcome]) -> HookList {
 
 /// The ring of the teardown program, once it is attached.
 pub fn take_ring(ebpf: &mut Ebpf) -> Result<Exits, String> {
-    ebpf.take_map("NETNS_EXITS")
+    ebpf.take_map(maps::NETNS_EXITS)
         .and_then(|map| RingBuf::try_from(map).ok())
         .map(|ring| Exits { ring })
         .ok_or_else(|| "the NETNS_EXITS ring is missing from the object".to_string())
