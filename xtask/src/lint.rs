@@ -1,4 +1,5 @@
-//! `cargo xtask lint`: formatting and clippy (the workspace's
+//! `cargo xtask lint`: the module dependency rule (`modules`), formatting
+//! and clippy (the workspace's
 //! `[workspace.lints]`, warnings as errors), the first step of
 //! `cargo xtask test`. The eBPF crate is left out: it only builds for the
 //! bpf target, with the nightly (tracer/build.rs builds it).
@@ -8,6 +9,8 @@ use anyhow::Context as _;
 use crate::util;
 
 pub fn run() -> anyhow::Result<()> {
+    eprintln!("lint: no module cycle in tracer");
+    crate::modules::check_acyclic(&util::workspace_root().join("tracer/src"))?;
     eprintln!("lint: cargo fmt --all --check");
     util::run(util::cargo().args(["fmt", "--all", "--check"]))
         .context("lint: the code is not formatted as rustfmt would (run `cargo fmt --all`)")?;

@@ -4,6 +4,7 @@ mod bench;
 mod fuzz;
 mod kernels;
 mod lint;
+mod modules;
 mod placement;
 mod setup;
 mod util;
