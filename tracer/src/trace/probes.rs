@@ -114,33 +114,47 @@ fn teardown(
     }
 }
 
-impl Probes {
-    /// Loads the object with the running kernel's layout and attaches each
-    /// capability with the best hook the kernel offers; what cannot be
-    /// hooked is logged and listed in the report.
-    pub fn attach(
-        btf: &KernelBtf,
-        kallsyms: &Kallsyms,
-        choice: HookChoice,
-    ) -> anyhow::Result<Self> {
-        let started = std::time::Instant::now();
-        // Needed while attaching only (record layouts, tracepoint ids).
-        let _tracefs = crate::tracefs::mount()?;
-        let layout = ebpf::KernelLayout::resolve(btf, kallsyms)?;
-        // Parsed once for the loader and every fentry: under emulation
-        // each parse of vmlinux BTF costs seconds.
-        let aya_btf = aya::Btf::from_sys_fs().map_err(|e| ebpf::describe(&e));
-        log::debug!("start: layout and BTF in {:?}", started.elapsed());
-        let mut object = ebpf::load(Some(&layout), aya_btf.as_ref().ok())?;
-        log::debug!("start: object loaded in {:?}", started.elapsed());
-        let logger = match aya_log::EbpfLogger::init(&mut object) {
-            Ok(logger) => Some(logger),
-            Err(e) => {
-                log::debug!("eBPF logging unavailable: {e}");
-                None
-            }
-        };
-        let per_packet = layout.offsets.per_cpu_offset != 0;
+/// The object loaded with this kernel's layout, before anything attaches.
+struct Loaded {
+    object: aya::Ebpf,
+    logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    /// vmlinux BTF for aya, parsed once for the loader and every fentry
+    /// (under emulation each parse costs seconds).
+    aya_btf: Result<aya::Btf, String>,
+    /// `__per_cpu_offset` is known: the brackets can read the counters.
+    per_packet: bool,
+}
+
+fn load(btf: &KernelBtf, kallsyms: &Kallsyms) -> anyhow::Result<Loaded> {
+    let layout = ebpf::KernelLayout::resolve(btf, kallsyms)?;
+    let aya_btf = aya::Btf::from_sys_fs().map_err(|e| ebpf::describe(&e));
+    let mut object = ebpf::load(Some(&layout), aya_btf.as_ref().ok())?;
+    let logger = match aya_log::EbpfLogger::init(&mut object) {
+        Ok(logger) => Some(logger),
+        Err(e) => {
+            log::debug!("eBPF logging unavailable: {e}");
+            None
+        }
+    };
+    Ok(Loaded {
+        object,
+        logger,
+        aya_btf,
+        per_packet: layout.offsets.per_cpu_offset != 0,
+    })
+}
+
+/// Each capability's hooks as the planner decided them for this kernel.
+struct Plans {
+    brackets: Vec<hooks::Planned>,
+    mtu: Vec<hooks::Planned>,
+    masquerade: Vec<hooks::Planned>,
+    exits: Vec<hooks::Planned>,
+    ike: Vec<hooks::Planned>,
+}
+
+impl Plans {
+    fn new(btf: &KernelBtf, kallsyms: &Kallsyms, choice: HookChoice) -> Self {
         let facts = KernelFacts::of(
             btf,
             kallsyms,
@@ -153,25 +167,61 @@ impl Probes {
             ],
         );
         let plan = |specs| hooks::plan(&facts, choice, specs);
-        let (bracket_plan, mtu_plan, masquerade_plan, exits_plan, ike_plan) = (
-            plan(attribution::HOOKS),
-            plan(mtu::HOOKS),
-            plan(masquerade::HOOKS),
-            plan(exits::HOOKS),
-            plan(ike::HOOKS),
-        );
-        if let Ok(aya_btf) = &aya_btf {
-            let mut programs = trampolines(&mtu_plan);
-            programs.extend(trampolines(&exits_plan));
-            programs.extend(trampolines(&masquerade_plan));
-            if per_packet {
-                programs.extend(trampolines(&bracket_plan));
-            }
-            if !programs.is_empty() {
-                ebpf::preload(&mut object, &programs, aya_btf);
-                log::debug!("start: programs verified in {:?}", started.elapsed());
-            }
+        Self {
+            brackets: plan(attribution::HOOKS),
+            mtu: plan(mtu::HOOKS),
+            masquerade: plan(masquerade::HOOKS),
+            exits: plan(exits::HOOKS),
+            ike: plan(ike::HOOKS),
         }
+    }
+
+    /// Verifies every fentry/fexit program the plans attach, in one pass
+    /// over the kernel's BTF (the brackets only where they can count).
+    fn preload(&self, object: &mut aya::Ebpf, aya_btf: &aya::Btf, per_packet: bool) {
+        let mut programs = trampolines(&self.mtu);
+        programs.extend(trampolines(&self.exits));
+        programs.extend(trampolines(&self.masquerade));
+        if per_packet {
+            programs.extend(trampolines(&self.brackets));
+        }
+        if !programs.is_empty() {
+            ebpf::preload(object, &programs, aya_btf);
+        }
+    }
+}
+
+impl Probes {
+    /// Loads the object with the running kernel's layout and attaches each
+    /// capability with the best hook the kernel offers; what cannot be
+    /// hooked is logged and listed in the report.
+    pub fn attach(
+        btf: &KernelBtf,
+        kallsyms: &Kallsyms,
+        choice: HookChoice,
+    ) -> anyhow::Result<Self> {
+        let started = std::time::Instant::now();
+        // Needed while attaching only (record layouts, tracepoint ids).
+        let _tracefs = crate::tracefs::mount()?;
+        let Loaded {
+            mut object,
+            logger,
+            aya_btf,
+            per_packet,
+        } = load(btf, kallsyms)?;
+        log::debug!("start: object loaded in {:?}", started.elapsed());
+        let plans = Plans::new(btf, kallsyms, choice);
+        if let Ok(aya_btf) = &aya_btf {
+            plans.preload(&mut object, aya_btf, per_packet);
+            log::debug!("start: programs verified in {:?}", started.elapsed());
+        }
+        let Plans {
+            brackets: bracket_plan,
+            mtu: mtu_plan,
+            masquerade: masquerade_plan,
+            exits: exits_plan,
+            ike: ike_plan,
+        } = plans;
         drops::attach(&mut object)?;
         let ike_hooks = ike::hook_list(&attach(&mut object, &aya_btf, &ike_plan));
         let samples_ring = attribution::take_samples(&mut object);
