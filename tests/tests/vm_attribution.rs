@@ -69,19 +69,24 @@ fn counter<'a>(report: &'a Value, name: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("{name} missing: {:#}", report["counters"]))
 }
 
-/// The counter moved by exactly `expected` in `host`'s netns, the tool
-/// attributed every increment, and returns the sources in that netns.
+/// The counter moved by exactly `expected` in `host`'s netns since
+/// `before` (read before the tracer started), the tool attributed every
+/// increment, and returns the sources in that netns.
 fn assert_exact(
     report: &Value,
     lab: &Lab,
     host: Host,
     name: &str,
-    kernel_delta: u64,
+    before: &xfrm_trace::xfrm_stat::XfrmStat,
     expected: u64,
 ) -> Vec<Value> {
     use std::os::unix::fs::MetadataExt as _;
     let inode = std::fs::metadata(lab.ns_path(host)).expect("netns").ino();
-    assert_eq!(kernel_delta, expected, "kernel's own {name} delta");
+    assert_eq!(
+        delta(lab, host, name, before),
+        expected,
+        "kernel's own {name} delta"
+    );
     let c = counter(report, name);
     let in_ns = c["by_netns"]
         .as_array()
@@ -240,7 +245,7 @@ fn in_no_states(hooks: Hooks) {
         &lab,
         Host::East,
         "XfrmInNoStates",
-        delta(&lab, Host::East, "XfrmInNoStates", &before),
+        &before,
         COUNT as u64,
     );
     for s in &sources {
@@ -299,7 +304,7 @@ fn out_pol_block_names_the_blocking_policy() {
         &lab,
         Host::West,
         "XfrmOutPolBlock",
-        delta(&lab, Host::West, "XfrmOutPolBlock", &before),
+        &before,
         COUNT as u64,
     );
     for s in &sources {
@@ -353,7 +358,7 @@ fn in_pol_block_names_the_blocking_policy() {
         &lab,
         Host::East,
         "XfrmInPolBlock",
-        delta(&lab, Host::East, "XfrmInPolBlock", &before),
+        &before,
         COUNT as u64,
     );
     for s in &sources {
@@ -386,7 +391,7 @@ fn in_tmpl_mismatch_and_no_pols_name_the_sa() {
         &lab,
         Host::East,
         "XfrmInTmplMismatch",
-        delta(&lab, Host::East, "XfrmInTmplMismatch", &before),
+        &before,
         COUNT as u64,
     );
     for s in &sources {
@@ -416,7 +421,7 @@ fn in_tmpl_mismatch_and_no_pols_name_the_sa() {
         &lab,
         Host::East,
         "XfrmInNoPols",
-        delta(&lab, Host::East, "XfrmInNoPols", &before),
+        &before,
         COUNT as u64,
     );
     for s in &sources {
@@ -468,7 +473,7 @@ fn replay(hooks: Hooks) {
         &lab,
         Host::East,
         "XfrmInStateSeqError",
-        delta(&lab, Host::East, "XfrmInStateSeqError", &before),
+        &before,
         COUNT as u64,
     );
     for s in &sources {
@@ -567,7 +572,7 @@ fn out_no_states(hooks: Hooks) {
         &lab,
         Host::West,
         "XfrmOutNoStates",
-        delta(&lab, Host::West, "XfrmOutNoStates", &before),
+        &before,
         COUNT as u64,
     );
     for s in &sources {
@@ -609,7 +614,7 @@ fn out_state_mode_error_names_the_sa_of_oversize_packets() {
         &lab,
         Host::West,
         "XfrmOutStateModeError",
-        delta(&lab, Host::West, "XfrmOutStateModeError", &before),
+        &before,
         COUNT as u64,
     );
     for s in &sources {
@@ -637,25 +642,11 @@ fn in_state_expired_names_the_sa_that_reached_its_hard_limit() {
     );
     let before = lab.xfrm_stat(Host::East).unwrap();
     let report = traced("inexpired", || send_spaced(&lab, Host::Whost, EHOST, 6));
-    let expired = assert_exact(
-        &report,
-        &lab,
-        Host::East,
-        "XfrmInStateExpired",
-        delta(&lab, Host::East, "XfrmInStateExpired", &before),
-        1,
-    );
+    let expired = assert_exact(&report, &lab, Host::East, "XfrmInStateExpired", &before, 1);
     assert_west_to_east_sa(&expired);
     assert_eq!(expired[0]["function"], "xfrm_input");
     assert_eq!(expired[0]["src"], WEST_WAN);
-    let gone = assert_exact(
-        &report,
-        &lab,
-        Host::East,
-        "XfrmInNoStates",
-        delta(&lab, Host::East, "XfrmInNoStates", &before),
-        2,
-    );
+    let gone = assert_exact(&report, &lab, Host::East, "XfrmInNoStates", &before, 2);
     for s in &gone {
         assert_eq!(s["spi"], "0x00001001", "{s}");
     }
@@ -672,14 +663,7 @@ fn out_state_expired_names_the_sa_that_reached_its_hard_limit() {
     );
     let before = lab.xfrm_stat(Host::West).unwrap();
     let report = traced("outexpired", || send_spaced(&lab, Host::Whost, EHOST, 6));
-    let expired = assert_exact(
-        &report,
-        &lab,
-        Host::West,
-        "XfrmOutStateExpired",
-        delta(&lab, Host::West, "XfrmOutStateExpired", &before),
-        1,
-    );
+    let expired = assert_exact(&report, &lab, Host::West, "XfrmOutStateExpired", &before, 1);
     assert_west_to_east_sa(&expired);
     assert_eq!(
         (expired[0]["src"].as_str(), expired[0]["dst"].as_str()),
@@ -687,14 +671,7 @@ fn out_state_expired_names_the_sa_that_reached_its_hard_limit() {
     );
     assert_eq!(expired[0]["dir"], "out");
     // Then the policy has no SA left.
-    assert_exact(
-        &report,
-        &lab,
-        Host::West,
-        "XfrmOutNoStates",
-        delta(&lab, Host::West, "XfrmOutNoStates", &before),
-        2,
-    );
+    assert_exact(&report, &lab, Host::West, "XfrmOutNoStates", &before, 2);
 }
 
 #[test]
@@ -744,7 +721,7 @@ fn in_state_proto_error_names_the_sa_of_corrupted_esp() {
         &lab,
         Host::East,
         "XfrmInStateProtoError",
-        delta(&lab, Host::East, "XfrmInStateProtoError", &before),
+        &before,
         COUNT as u64,
     );
     assert_west_to_east_sa(&sources);
