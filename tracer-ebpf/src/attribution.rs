@@ -367,11 +367,7 @@ unsafe fn decapsulating_sa(skb: u64) -> u64 {
 /// Sends a sample if this CPU's budget for the current second allows.
 #[inline(always)]
 fn sample<C: StackIdContext>(ctx: &C, counter: u32, hook_id: u32, frame: &Frame, count: u64) {
-    if !capture::within_budget(&SAMPLE_BUDGET) {
-        count_error(error::SAMPLES_LOST);
-        return;
-    }
-    let Some(mut entry) = SAMPLES.reserve::<Sample>(0) else {
+    let Some(mut entry) = capture::reserve::<Sample>(&SAMPLES, &SAMPLE_BUDGET) else {
         count_error(error::SAMPLES_LOST);
         return;
     };

@@ -3,7 +3,7 @@
 
 use aya_ebpf::{
     helpers::{bpf_ktime_get_ns, generated::bpf_probe_read_kernel as probe_read_raw},
-    maps::PerCpuArray,
+    maps::{PerCpuArray, RingBuf, ring_buf::RingBufEntry},
 };
 use tracer_common::capture::{HEADER_BYTES, Headers, SAMPLES_PER_SECOND, SampleBudget};
 
@@ -46,9 +46,25 @@ pub unsafe fn copy_headers(skb: u64, out: *mut Headers) {
     };
 }
 
+/// A slot for one sample in `ring`, if this CPU's budget for the current
+/// second allows one more and the ring has room; `None` is a lost sample,
+/// which the caller counts (every sample channel has this one shape: a
+/// ring, a per-CPU budget, a lost count).
+#[inline(always)]
+pub fn reserve<T: 'static>(
+    ring: &RingBuf,
+    budget: &PerCpuArray<SampleBudget>,
+) -> Option<RingBufEntry<T>> {
+    if within_budget(budget) {
+        ring.reserve::<T>(0)
+    } else {
+        None
+    }
+}
+
 /// Whether this CPU may send one more sample this second (counts it).
 #[inline(always)]
-pub fn within_budget(budget: &PerCpuArray<SampleBudget>) -> bool {
+fn within_budget(budget: &PerCpuArray<SampleBudget>) -> bool {
     let Some(budget) = budget.get_ptr_mut(0) else {
         return false;
     };

@@ -73,12 +73,7 @@ fn sample_drop(skb: u64, key: &DropKey) {
     if !wanted {
         return;
     }
-    let reserved = if capture::within_budget(&DROP_BUDGET) {
-        DROP_SAMPLES.reserve::<DropSample>(0)
-    } else {
-        None
-    };
-    let Some(mut entry) = reserved else {
+    let Some(mut entry) = capture::reserve::<DropSample>(&DROP_SAMPLES, &DROP_BUDGET) else {
         if let Some(lost) = DROP_SAMPLES_LOST.get_ptr_mut(0) {
             unsafe { *lost += 1 };
         }

@@ -250,11 +250,7 @@ fn entered_slot(skb: u64) -> Option<&'static tracer_common::masquerade::Seen> {
 /// Sends the leaked packet's headers, as it leaves, if the budget allows.
 #[inline(always)]
 fn sample_leak(skb: u64, key: &LeakKey) {
-    if !capture::within_budget(&LEAK_BUDGET) {
-        count_error(error::SAMPLES_LOST);
-        return;
-    }
-    let Some(mut entry) = LEAK_SAMPLES.reserve::<LeakSample>(0) else {
+    let Some(mut entry) = capture::reserve::<LeakSample>(&LEAK_SAMPLES, &LEAK_BUDGET) else {
         count_error(error::SAMPLES_LOST);
         return;
     };

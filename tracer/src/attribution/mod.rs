@@ -6,7 +6,7 @@ use tracer_common::names::programs;
 
 use aya::{
     Ebpf,
-    maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf, StackTraceMap},
+    maps::{PerCpuArray, PerCpuHashMap, StackTraceMap},
 };
 use serde::Serialize;
 use tracer_common::attribution::{Sample, SourceKey, dir, error, hook};
@@ -228,12 +228,6 @@ pub struct AttributionErrors {
 
 /// Most samples kept for the report (the counts stay exact regardless).
 pub const SAMPLES_KEPT: usize = 1000;
-
-/// The ring buffer of per-increment samples, taken out of the object so it
-/// can be drained while the programs run.
-pub fn take_samples(ebpf: &mut Ebpf) -> Option<RingBuf<MapData>> {
-    RingBuf::try_from(ebpf.take_map(maps::SAMPLES)?).ok()
-}
 
 /// The kernel stack of a sample, innermost first, as `function+0xoff` (the
 /// raw address where no symbol contains it), without the frames of

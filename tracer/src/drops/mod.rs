@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use aya::{
     Ebpf,
-    maps::{Array, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, PerCpuArray, PerCpuHashMap},
     programs::TracePoint,
 };
 use serde::Serialize;
@@ -156,11 +156,6 @@ pub fn sample_xfrm_drops(
         })?;
     Array::try_from(map)?.set(0, &sampling, 0)?;
     Ok(())
-}
-
-/// The drop samples' ring buffer, taken out to be drained while running.
-pub fn take_samples(ebpf: &mut Ebpf) -> Option<RingBuf<MapData>> {
-    RingBuf::try_from(ebpf.take_map(maps::DROP_SAMPLES)?).ok()
 }
 
 /// Puts each sample's headers on the row it belongs to.

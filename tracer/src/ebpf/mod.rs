@@ -144,26 +144,77 @@ fn raise_memlock_limit() {
     }
 }
 
-/// Moves what a ring buffer of `T` records holds into `kept`, up to
-/// `limit` records (the rest are let go); returns how many it held.
-pub fn drain_ring<T: aya::Pod>(
-    ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
-    kept: &mut Vec<T>,
+/// One sample channel as userspace sees it: the ring the programs send to
+/// (a per-CPU budget and a lost count on their side, `capture::reserve`),
+/// drained every tick; the first `limit` samples are kept, every one is
+/// counted.
+pub struct Sampler<T> {
+    ring: Option<aya::maps::RingBuf<aya::maps::MapData>>,
+    kept: Vec<T>,
+    received: u64,
     limit: usize,
-) -> u64 {
-    let mut received = 0;
-    while let Some(item) = ring.next() {
-        if item.len() < size_of::<T>() {
-            continue;
+}
+
+impl<T: aya::Pod> Sampler<T> {
+    /// Takes the ring `map` out of the object (`None` inside if the object
+    /// has no such ring: nothing is ever received).
+    pub fn take(ebpf: &mut Ebpf, map: &str, limit: usize) -> Self {
+        let ring = ebpf
+            .take_map(map)
+            .and_then(|m| aya::maps::RingBuf::try_from(m).ok());
+        Self {
+            ring,
+            kept: Vec::new(),
+            received: 0,
+            limit,
         }
-        received += 1;
-        if kept.len() >= limit {
-            continue;
-        }
-        // SAFETY: T is plain repr(C) data and the item is at least that long.
-        kept.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<T>()) });
     }
-    received
+
+    /// Reads what the programs sent since the last call.
+    pub fn drain(&mut self) {
+        let Some(ring) = self.ring.as_mut() else {
+            return;
+        };
+        while let Some(item) = ring.next() {
+            if item.len() < size_of::<T>() {
+                continue;
+            }
+            self.received += 1;
+            if self.kept.len() >= self.limit {
+                continue;
+            }
+            // SAFETY: T is plain repr(C) data and the item is at least that long.
+            self.kept
+                .push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<T>()) });
+        }
+    }
+
+    /// Drains, and hands over what was kept (a channel read as a stream).
+    pub fn take_kept(&mut self) -> Vec<T> {
+        self.drain();
+        std::mem::take(&mut self.kept)
+    }
+
+    /// Whether the object had the ring.
+    pub fn is_open(&self) -> bool {
+        self.ring.is_some()
+    }
+
+    /// Drains a last time and lets go of the ring.
+    pub fn close(&mut self) {
+        self.drain();
+        self.ring = None;
+    }
+
+    /// The samples kept (the first `limit`).
+    pub fn kept(&self) -> &[T] {
+        &self.kept
+    }
+
+    /// Every sample received, kept or not.
+    pub fn received(&self) -> u64 {
+        self.received
+    }
 }
 
 /// A program of the object, as its type (`FEntry`, `TracePoint`, ...).

@@ -133,11 +133,6 @@ pub struct Counted {
     pub samples: Vec<LeakSample>,
 }
 
-/// The leak samples' ring buffer, taken out to be drained while running.
-pub fn take_samples(ebpf: &mut Ebpf) -> Option<aya::maps::RingBuf<aya::maps::MapData>> {
-    aya::maps::RingBuf::try_from(ebpf.take_map(maps::LEAK_SAMPLES)?).ok()
-}
-
 /// Reads the leak table (summed over CPUs), the selectors and the errors.
 pub fn read(ebpf: &Ebpf) -> Result<Counted, aya::maps::MapError> {
     let map = |name: &str| {

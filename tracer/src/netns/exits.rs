@@ -2,16 +2,13 @@
 //! `xfrm_net_exit` (see `tracer-ebpf/src/netns.rs`): without it a deleted
 //! namespace's increments would be lost with it.
 
-use aya::{
-    Ebpf,
-    maps::{MapData, RingBuf},
-};
+use aya::Ebpf;
 use tracer_common::names::{maps, programs};
 use tracer_common::netns::NetnsExit;
 
 use crate::{
     counters::Counters,
-    ebpf,
+    ebpf::Sampler,
     hooks::{self, HookOutcome, HookSpec, Role, Variant},
     model::HookList,
     xfrm_stat::XfrmStat,
@@ -29,7 +26,7 @@ pub const HOOKS: &[HookSpec] = &[HookSpec::new(
 
 /// The ring the teardown program writes to.
 pub struct Exits {
-    ring: RingBuf<MapData>,
+    ring: Sampler<NetnsExit>,
 }
 
 /// The published form of what `HOOKS` got.
@@ -39,18 +36,17 @@ pub fn hook_list(outcomes: &[HookOutcome]) -> HookList {
 
 /// The ring of the teardown program, once it is attached.
 pub fn take_ring(ebpf: &mut Ebpf) -> Result<Exits, String> {
-    ebpf.take_map(maps::NETNS_EXITS)
-        .and_then(|map| RingBuf::try_from(map).ok())
-        .map(|ring| Exits { ring })
-        .ok_or_else(|| "the NETNS_EXITS ring is missing from the object".to_string())
+    let ring = Sampler::take(ebpf, maps::NETNS_EXITS, usize::MAX);
+    if !ring.is_open() {
+        return Err("the NETNS_EXITS ring is missing from the object".to_string());
+    }
+    Ok(Exits { ring })
 }
 
 impl Exits {
     /// The namespaces torn down since the last call.
     pub fn drain(&mut self) -> Vec<NetnsExit> {
-        let mut exits = Vec::new();
-        ebpf::drain_ring(&mut self.ring, &mut exits, usize::MAX);
-        exits
+        self.ring.take_kept()
     }
 }
 

@@ -3,19 +3,21 @@
 //! links).
 
 use anyhow::Context as _;
-use aya::maps::{MapData, RingBuf};
+
 use tracer_common::{
     attribution::SourceKey,
     drops::{DropKey, DropSample},
     ike::IkeKey,
     masquerade::LeakSample,
     mtu::{MtuKey, MtuStats},
+    names::maps,
 };
 
 use crate::{
     attribution::{self, AttributionErrors, Coverage},
     btf::KernelBtf,
     drops, ebpf,
+    ebpf::Sampler,
     hooks::{self, HookChoice, KernelFacts, attach::attach, plan::trampolines},
     ike,
     kallsyms::Kallsyms,
@@ -31,15 +33,10 @@ const PACKETS_KEPT: usize = 256;
 pub struct Probes {
     object: aya::Ebpf,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
-    samples_ring: Option<RingBuf<MapData>>,
-    samples: Vec<tracer_common::attribution::Sample>,
-    leak_ring: Option<RingBuf<MapData>>,
-    leak_samples: Vec<LeakSample>,
-    drop_ring: Option<RingBuf<MapData>>,
-    drop_samples: Vec<DropSample>,
-    /// Leak and drop samples received, kept or not.
-    leaks_received: u64,
-    drops_received: u64,
+    /// Sampled increments with stacks, MASQUERADE leaks and XFRM drops.
+    samples: Sampler<tracer_common::attribution::Sample>,
+    leak_samples: Sampler<LeakSample>,
+    drop_samples: Sampler<DropSample>,
     /// Counters of namespaces torn down during the run.
     exits: Option<Exits>,
     /// The namespace teardown hook, attached or why not.
@@ -224,9 +221,9 @@ impl Probes {
         } = plans;
         drops::attach(&mut object)?;
         let ike_hooks = ike::hook_list(&attach(&mut object, &aya_btf, &ike_plan));
-        let samples_ring = attribution::take_samples(&mut object);
-        let leak_ring = masquerade::take_samples(&mut object);
-        let drop_ring = drops::take_samples(&mut object);
+        let samples = Sampler::take(&mut object, maps::SAMPLES, attribution::SAMPLES_KEPT);
+        let leak_samples = Sampler::take(&mut object, maps::LEAK_SAMPLES, PACKETS_KEPT);
+        let drop_samples = Sampler::take(&mut object, maps::DROP_SAMPLES, PACKETS_KEPT);
         log::debug!("start: drops and IKE attached in {:?}", started.elapsed());
         // Without __per_cpu_offset the brackets cannot read the counters.
         let coverage = if per_packet || choice == HookChoice::Tracepoint {
@@ -261,14 +258,9 @@ impl Probes {
         Ok(Self {
             object,
             logger,
-            samples_ring,
-            samples: Vec::new(),
-            leak_ring,
-            leak_samples: Vec::new(),
-            drop_ring,
-            drop_samples: Vec::new(),
-            leaks_received: 0,
-            drops_received: 0,
+            samples,
+            leak_samples,
+            drop_samples,
             exits,
             netns_teardown_hooks,
             coverage,
@@ -284,15 +276,9 @@ impl Probes {
         if let Some(logger) = self.logger.as_mut() {
             logger.flush();
         }
-        if let Some(ring) = self.samples_ring.as_mut() {
-            ebpf::drain_ring(ring, &mut self.samples, attribution::SAMPLES_KEPT);
-        }
-        if let Some(ring) = self.leak_ring.as_mut() {
-            self.leaks_received += ebpf::drain_ring(ring, &mut self.leak_samples, PACKETS_KEPT);
-        }
-        if let Some(ring) = self.drop_ring.as_mut() {
-            self.drops_received += ebpf::drain_ring(ring, &mut self.drop_samples, PACKETS_KEPT);
-        }
+        self.samples.drain();
+        self.leak_samples.drain();
+        self.drop_samples.drain();
     }
 
     /// Namespaces torn down since the last call, with their final counters.
@@ -308,23 +294,23 @@ impl Probes {
         Ok(Readings {
             drops,
             drops_untracked,
-            drop_samples: self.drop_samples.clone(),
+            drop_samples: self.drop_samples.kept().to_vec(),
             capture: crate::model::CaptureCounts {
-                drops_captured: self.drops_received,
+                drops_captured: self.drop_samples.received(),
                 drops_not_captured: drops::samples_lost(&self.object)?,
-                leaks_captured: self.leaks_received,
+                leaks_captured: self.leak_samples.received(),
                 leaks_not_captured: masquerade.samples_lost,
             },
             sources,
             attribution_errors,
             samples: attribution::stack_samples(
                 &self.object,
-                &self.samples,
+                self.samples.kept(),
                 self.stack_symbols(kallsyms),
             ),
             mtu: mtu::read(&self.object)?,
             masquerade: masquerade::Counted {
-                samples: self.leak_samples.clone(),
+                samples: self.leak_samples.kept().to_vec(),
                 ..masquerade
             },
             ike: ike::read(&self.object).context("reading the IKE table")?,
@@ -334,7 +320,7 @@ impl Probes {
     /// The symbols for sample stacks (the start-up ones until a sample
     /// needs more).
     fn stack_symbols<'a>(&'a self, kallsyms: &'a Kallsyms) -> &'a Kallsyms {
-        if self.samples.is_empty() {
+        if self.samples.kept().is_empty() {
             return kallsyms;
         }
         self.stack_symbols
@@ -351,9 +337,9 @@ impl Probes {
     /// Reads every table a last time, then detaches everything.
     pub fn finish(mut self, kallsyms: &Kallsyms) -> anyhow::Result<Readings> {
         self.tick();
-        drop(self.samples_ring.take());
-        drop(self.leak_ring.take());
-        drop(self.drop_ring.take());
+        self.samples.close();
+        self.leak_samples.close();
+        self.drop_samples.close();
         let readings = self.read(kallsyms);
         let detaching = std::time::Instant::now();
         drop(self);
