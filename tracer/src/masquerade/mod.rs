@@ -20,10 +20,8 @@ use crate::{
     ebpf::{attach_fentry, attach_fexit, attach_kprobe},
     hooks::HookChoice,
     kallsyms::{Kallsyms, Presence},
-    model::Finding,
+    model::{Finding, FindingKind},
 };
-
-pub const FINDING_KIND: &str = "masquerade_before_policy";
 
 /// The functions, per family: the bundle's `output` (POSTROUTING starts)
 /// and its okfn (POSTROUTING ended).
@@ -531,13 +529,14 @@ pub fn findings(leaks: &[Leak], netns: &[crate::model::NetnsInfo]) -> Vec<Findin
                 "no /proc/net/xfrm_stat counter moves for this, and nothing is logged".into(),
             );
             Finding {
-                kind: FINDING_KIND.into(),
-                summary,
-                fix: fix(first, &enter_command(netns, first)),
-                evidence,
                 netns_label: first.netns_label.clone(),
                 spi: first.spi.clone(),
-                ..Finding::default()
+                ..Finding::new(
+                    FindingKind::MasqueradeBeforePolicy,
+                    summary,
+                    fix(first, &enter_command(netns, first)),
+                    evidence,
+                )
             }
         })
         .collect()
@@ -579,7 +578,7 @@ mod tests {
     fn finding_reads_at_a_glance_and_fix_is_exact() {
         let f = findings(&[leak()], &[]);
         assert_eq!(f.len(), 1);
-        assert_eq!(f[0].kind, "masquerade_before_policy");
+        assert_eq!(f[0].kind, FindingKind::MasqueradeBeforePolicy);
         assert_eq!(
             f[0].summary,
             "6 packets from 10.0.2.0/24 to 192.168.0.0/16 were SNATed to 192.0.2.1 before IPsec and sent in clear on wan0 (netns west)"

@@ -15,7 +15,7 @@ use crate::{
     ebpf::attach_fentry_else_kprobe,
     hooks::HookChoice,
     kallsyms::Kallsyms,
-    model::Finding,
+    model::{Finding, FindingKind},
     xfrm_state::{EspGeometry, Sa, VpnInterface, VpnInterfaceKind, XfrmState},
 };
 
@@ -413,13 +413,9 @@ pub fn findings(sizes: &[SaSizes]) -> Vec<Finding> {
                 ));
             }
             Finding {
-                kind: "esp_oversize".into(),
-                summary,
-                fix,
-                evidence,
                 netns_label: sa.sa_netns.clone(),
                 spi: sa.spi.clone(),
-                ..Finding::default()
+                ..Finding::new(FindingKind::EspOversize, summary, fix, evidence)
             }
         })
         .collect()

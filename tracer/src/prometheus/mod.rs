@@ -194,7 +194,7 @@ pub fn render(report: &Report) -> String {
     );
     for f in &report.findings {
         let labels = vec![
-            ("kind", f.kind.clone()),
+            ("kind", f.kind.to_string()),
             ("connection", f.connection.clone()),
             ("netns", f.netns_label.clone()),
         ];
