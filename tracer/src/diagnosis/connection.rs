@@ -582,3 +582,434 @@ fn tunnel_down(cx: &ConnectionContext, earlier: &[Finding]) -> Option<Finding> {
         lines,
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        attribution::Source,
+        ike::IkeDrop,
+        pluto::{log::parse_line, status::parse_status},
+        report::Counter,
+        xfrm_state::{Lifetime, Mode, Sa, Selector, XfrmBook, XfrmState},
+    };
+
+    /// West's `ipsec whack --status` in the lab (libreswan 4.10): "lab",
+    /// 10.0.2.0/24===192.0.2.1[@west]...192.0.2.2[@east]===192.168.0.0/16,
+    /// Child SA #2 with ESP SPIs 0x9e9e96db (out) and 0xcd0255de (in).
+    const STATUS: &str = include_str!("../pluto/testdata/status-healthy-west.txt");
+
+    // Log lines pluto 4.10 wrote in the lab (west, the initiator).
+    const AUTH_REJECTED: &str = "Nov 29 07:49:32.170524: \"lab\" #1: IKE SA authentication request rejected by peer: AUTHENTICATION_FAILED";
+    const IKE_NO_PROPOSAL: &str = "Nov 29 07:50:06.091271: \"lab\" #1: dropping unexpected IKE_SA_INIT message containing NO_PROPOSAL_CHOSEN notification; message payloads: N; missing payloads: SA,KE,Ni";
+    const CHILD_NO_PROPOSAL: &str = "Nov 29 07:46:15.731668: \"lab\" #2: IKE_AUTH response rejected Child SA with NO_PROPOSAL_CHOSEN";
+    const TS_REFUSED: &str = "Nov 29 07:49:49.276933: \"lab\" #2: IKE_AUTH response rejected Child SA with TS_UNACCEPTABLE";
+    const CHILD_UP: &str = "Nov 29 07:44:44.944183: \"lab\" #2: initiator established Child SA using #1; IPsec tunnel [10.0.2.0-10.0.2.255:0-65535 0] -> [192.168.0.0-192.168.255.255:0-65535 0] {ESP/ESN=>0x9e9e96db <0xcd0255de xfrm=AES_GCM_16_128-NONE DPD=passive}";
+    const RETRANSMIT: &str = "Nov 29 07:50:43.400957: \"lab\" #1: STATE_V2_PARENT_I1: retransmission; will wait 0.5 seconds for response";
+    const SEND_FAILED: &str = "Nov 29 07:51:13.326598: ERROR: \"lab\" #1: send on wan0 from 192.0.2.1:500 to 192.0.2.2:500 using UDP failed in STATE_V2_PARENT_I0: Operation not permitted (errno 1)";
+    const INITIATING: &str = "Nov 29 07:44:44.428773: \"lab\" #1: initiating IKEv2 connection";
+    /// A whole run against a peer with no IKE daemon.
+    const NO_PEER_LOG: &str = include_str!("../pluto/testdata/nopeer-west.log");
+
+    /// West with these log lines; with its Child SA up or not.
+    fn west(lines: &[&str], up: bool) -> Observed {
+        let status = parse_status(STATUS).unwrap();
+        Observed {
+            pid: 7,
+            netns: 11,
+            netns_label: "west".into(),
+            ctl_socket: "/run/pluto/pluto.ctl".into(),
+            log: "/var/log/pluto.log".into(),
+            connections: status.connections,
+            up_at_start: Vec::new(),
+            states: if up { status.states } else { Vec::new() },
+            events: lines.iter().filter_map(|l| parse_line(l)).collect(),
+            problems: Vec::new(),
+        }
+    }
+
+    /// IKE between west and east as the kernel saw it in west.
+    fn path(sent: u64, received: u64) -> IkePath {
+        IkePath {
+            netns: 11,
+            netns_label: "west".into(),
+            local: "192.0.2.1".into(),
+            peer: "192.0.2.2".into(),
+            sent,
+            received,
+            ..IkePath::default()
+        }
+    }
+
+    /// Everything but the pluto, which `run` adds.
+    struct Seen<'a> {
+        ike: &'a [IkePath],
+        counters: &'a [Counter],
+        book: XfrmBook,
+    }
+
+    impl Default for Seen<'_> {
+        fn default() -> Self {
+            Self {
+                ike: &[],
+                counters: &[],
+                book: XfrmBook::default(),
+            }
+        }
+    }
+
+    /// What `rule` finds for west's "lab", after the `earlier` findings.
+    fn run(rule: Rule, west: &Observed, seen: &Seen, earlier: &[Finding]) -> Option<Finding> {
+        let evidence = Evidence {
+            counters: seen.counters,
+            ike: seen.ike,
+            plutos: std::slice::from_ref(west),
+            book: &seen.book,
+            netns: &[],
+            ike_watched: true,
+        };
+        let cx = ConnectionContext::new(&evidence, west, "lab", west.connections.first());
+        rule(&cx, earlier)
+    }
+
+    /// (kind, summary, fix) of what `rule` finds for west alone.
+    fn found(rule: Rule, lines: &[&str], seen: &Seen) -> Option<(FindingKind, String, String)> {
+        run(rule, &west(lines, false), seen, &[]).map(|f| (f.kind, f.summary, f.fix))
+    }
+
+    fn expect(
+        kind: FindingKind,
+        summary: &str,
+        fix: &str,
+    ) -> Option<(FindingKind, String, String)> {
+        Some((kind, summary.into(), fix.into()))
+    }
+
+    #[test]
+    fn auth_failed_names_the_ids_whose_psk_differs() {
+        assert_eq!(
+            found(auth_failed, &[INITIATING, AUTH_REJECTED], &Seen::default()),
+            expect(
+                FindingKind::AuthFailed,
+                "connection \"lab\" (west): IKE authentication with 192.0.2.2 failed: the pre-shared keys (or IDs) differ",
+                "make the PSK for `@west @east` identical in ipsec.secrets on both gateways, then `ipsec auto --rereadsecrets` and `ipsec whack --initiate --name lab`",
+            )
+        );
+        // The responder's echo of the notification is not a second cause.
+        let echo = "Nov 29 07:49:32.152967: \"lab\" #1: responding to IKE_AUTH message (ID 1) from 192.0.2.1:500 with encrypted notification AUTHENTICATION_FAILED";
+        assert_eq!(found(auth_failed, &[echo], &Seen::default()), None);
+    }
+
+    #[test]
+    fn ike_proposal_mismatch_quotes_our_ike_algorithms() {
+        assert_eq!(
+            found(ike_proposal_mismatch, &[IKE_NO_PROPOSAL], &Seen::default()),
+            expect(
+                FindingKind::IkeProposalMismatch,
+                "connection \"lab\" (west): no common IKE algorithms with 192.0.2.2 (NO_PROPOSAL_CHOSEN)",
+                "set the same ike= on both sides (ours: AES_GCM_16_256-HMAC_SHA2_256-DH19); the peer's proposals are in its pluto log",
+            )
+        );
+        // A refused Child SA is ESP's.
+        assert_eq!(
+            found(
+                ike_proposal_mismatch,
+                &[CHILD_NO_PROPOSAL],
+                &Seen::default()
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn esp_proposal_mismatch_quotes_our_esp_algorithms() {
+        let run = found(
+            esp_proposal_mismatch,
+            &[CHILD_NO_PROPOSAL],
+            &Seen::default(),
+        );
+        assert_eq!(
+            run,
+            expect(
+                FindingKind::EspProposalMismatch,
+                "connection \"lab\" (west): the IKE SA with 192.0.2.2 is up but no common ESP algorithms for the Child SA (NO_PROPOSAL_CHOSEN)",
+                "set the same esp= (and PFS group) on both sides (ours: AES_GCM_16_128-NONE)",
+            )
+        );
+        assert_eq!(
+            found(esp_proposal_mismatch, &[IKE_NO_PROPOSAL], &Seen::default()),
+            None
+        );
+    }
+
+    #[test]
+    fn ts_mismatch_says_who_refused_and_our_subnets() {
+        assert_eq!(
+            found(ts_mismatch, &[TS_REFUSED], &Seen::default()),
+            expect(
+                FindingKind::TsMismatch,
+                "connection \"lab\" (west): 192.0.2.2 refused our traffic selectors (TS_UNACCEPTABLE)",
+                "leftsubnet/rightsubnet must mirror the peer's rightsubnet/leftsubnet (ours: 10.0.2.0/24 <-> 192.168.0.0/16)",
+            )
+        );
+        assert_eq!(
+            found(ts_mismatch, &[INITIATING, CHILD_UP], &Seen::default()),
+            None
+        );
+    }
+
+    #[test]
+    fn peer_not_running_ike_from_the_log_or_the_kernel() {
+        let log: Vec<&str> = NO_PEER_LOG.lines().collect();
+        let expected = expect(
+            FindingKind::PeerNotRunningIke,
+            "connection \"lab\" (west): nothing listens for IKE at 192.0.2.2: it answers UDP 500/4500 with ICMP port unreachable",
+            "start the IKE daemon on 192.0.2.2 (`systemctl start ipsec`), or correct right= if 192.0.2.2 is the wrong address",
+        );
+        assert_eq!(
+            found(peer_not_running_ike, &log, &Seen::default()),
+            expected
+        );
+        let mut refused = path(5, 0);
+        refused.port_unreachable = 5;
+        let seen = Seen {
+            ike: &[refused],
+            ..Seen::default()
+        };
+        let finding = run(peer_not_running_ike, &west(&log, false), &seen, &[]).unwrap();
+        assert_eq!(
+            finding.evidence,
+            [
+                "5 ICMP port unreachable from 192.0.2.2 for our IKE packets (kernel: net:netif_receive_skb)",
+                "pluto: Nov 29 07:45:01.408411 ERROR: asynchronous network error report on wan0 (192.0.2.1:500), complainant 192.0.2.2: Connection refused [errno 111, origin ICMP type 3 code 3 (not authenticated)]",
+                "pluto: Nov 29 07:45:01.890747 ERROR: asynchronous network error report on wan0 (192.0.2.1:500), complainant 192.0.2.2: Connection refused [errno 111, origin ICMP type 3 code 3 (not authenticated)]",
+                "pluto: Nov 29 07:45:02.391154 ERROR: asynchronous network error report on wan0 (192.0.2.1:500), complainant 192.0.2.2: Connection refused [errno 111, origin ICMP type 3 code 3 (not authenticated)]",
+                "... 5 such lines in all",
+            ]
+        );
+        // Retransmits into silence are not a refusal.
+        let seen = Seen {
+            ike: &[path(4, 0)],
+            ..Seen::default()
+        };
+        assert_eq!(found(peer_not_running_ike, &[RETRANSMIT], &seen), None);
+    }
+
+    #[test]
+    fn ike_blocked_locally_counts_the_netfilter_drops_here() {
+        let mut blocked = path(0, 0);
+        blocked.dropped = vec![IkeDrop {
+            count: 3,
+            direction: "out",
+            function: "nf_hook_slow".into(),
+            reason: "NETFILTER_DROP".into(),
+            firewall: true,
+        }];
+        let seen = Seen {
+            ike: std::slice::from_ref(&blocked),
+            ..Seen::default()
+        };
+        let finding = run(
+            ike_blocked_locally,
+            &west(&[SEND_FAILED], false),
+            &seen,
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            (finding.kind, finding.summary.as_str(), finding.fix.as_str()),
+            (
+                FindingKind::IkeBlockedLocally,
+                "connection \"lab\" (west): this gateway's own firewall drops IKE between 192.0.2.1 and 192.0.2.2",
+                "allow UDP 500 and 4500 (and ESP, protocol 50) between 192.0.2.1 and 192.0.2.2 in the netns's firewall, e.g. `iptables -I OUTPUT -p udp -d 192.0.2.2 -m multiport --dports 500,4500 -j ACCEPT` and `iptables -I INPUT -p udp -s 192.0.2.2 -m multiport --dports 500,4500 -j ACCEPT`",
+            )
+        );
+        assert_eq!(
+            finding.evidence,
+            [
+                "3 IKE packets to the peer dropped by a netfilter rule at nf_hook_slow (reason NETFILTER_DROP)",
+                "pluto: Nov 29 07:51:13.326598 send on wan0 from 192.0.2.1:500 to 192.0.2.2:500 using UDP failed in STATE_V2_PARENT_I0: Operation not permitted (errno 1)",
+            ]
+        );
+        // A drop that is not a firewall's (no route, a full queue) is not.
+        blocked.dropped[0].firewall = false;
+        let seen = Seen {
+            ike: std::slice::from_ref(&blocked),
+            ..Seen::default()
+        };
+        assert_eq!(found(ike_blocked_locally, &[SEND_FAILED], &seen), None);
+    }
+
+    #[test]
+    fn ike_unanswered_when_nothing_came_back_and_nothing_else_explains_it() {
+        let silent = Seen {
+            ike: &[path(4, 0)],
+            ..Seen::default()
+        };
+        assert_eq!(
+            found(ike_unanswered, &[RETRANSMIT], &silent),
+            expect(
+                FindingKind::IkeUnanswered,
+                "connection \"lab\" (west): IKE requests to 192.0.2.2 go out and nothing comes back: a firewall between the peers drops UDP 500/4500, or 192.0.2.2 is down",
+                "open UDP 500 and 4500 (and ESP, protocol 50) from this gateway to 192.0.2.2 and back on every firewall on the path; check that 192.0.2.2 is up",
+            )
+        );
+        // Answers came back (a slow peer).
+        let answered = Seen {
+            ike: &[path(4, 2)],
+            ..Seen::default()
+        };
+        assert_eq!(found(ike_unanswered, &[RETRANSMIT], &answered), None);
+        // A cause found before explains the silence.
+        let earlier = run(auth_failed, &west(&[AUTH_REJECTED], false), &silent, &[]).unwrap();
+        let retransmitting = west(&[RETRANSMIT], false);
+        assert!(run(ike_unanswered, &retransmitting, &silent, &[earlier]).is_none());
+    }
+
+    /// The kernel's SA of west's Child SA #2 with this SPI.
+    fn sa(spi: u32, src: &str, dst: &str) -> Sa {
+        Sa {
+            src: src.parse().unwrap(),
+            dst: dst.parse().unwrap(),
+            spi,
+            proto: 50,
+            reqid: 16389,
+            mode: Mode::Tunnel,
+            replay_window: 0,
+            selector: Selector::default(),
+            aead: None,
+            cipher: None,
+            auth: None,
+            encap: None,
+            lifetime: Lifetime::default(),
+            bytes: 0,
+            packets: 0,
+            replay_errors: 0,
+            integrity_failures: 0,
+            mark: None,
+            if_id: None,
+        }
+    }
+
+    /// `count` ESP packets for `spi` dropped in west for want of an SA.
+    fn no_state(spi: &str, count: u64) -> Counter {
+        Counter {
+            name: "XfrmInNoStates".into(),
+            kernel_delta: count,
+            attributed: count,
+            gap: 0,
+            coverage: "attributed",
+            by_netns: Vec::new(),
+            sources: vec![Source {
+                count,
+                function: "xfrm_input",
+                netns: 11,
+                netns_label: "west".into(),
+                dir: "in",
+                family: "ipv4",
+                src: "192.0.2.2".into(),
+                dst: "192.0.2.1".into(),
+                proto: "esp".into(),
+                sport: 0,
+                dport: 0,
+                spi: spi.into(),
+                reqid: 0,
+                policy_index: 0,
+                policy_dir: "in",
+                ifindex: 2,
+                ifname: "wan0".into(),
+                policy_selector: String::new(),
+                connection: String::new(),
+                pluto_state: 0,
+            }],
+            samples: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn sa_missing_in_kernel_when_pluto_has_it_and_packets_died_for_it() {
+        // `ip xfrm state deleteall` took the inbound SA; the outbound is left.
+        let book = XfrmBook::seen(
+            11,
+            XfrmState {
+                sas: vec![sa(0x9e9e96db, "192.0.2.1", "192.0.2.2")],
+                ..XfrmState::default()
+            },
+        );
+        let counters = [no_state("0xcd0255de", 7)];
+        let seen = Seen {
+            counters: &counters,
+            book,
+            ..Seen::default()
+        };
+        let finding = run(sa_missing_in_kernel, &west(&[CHILD_UP], true), &seen, &[]).unwrap();
+        assert_eq!(
+            (
+                finding.kind,
+                finding.summary.as_str(),
+                finding.fix.as_str(),
+                finding.spi.as_str()
+            ),
+            (
+                FindingKind::SaMissingInKernel,
+                "connection \"lab\" (west): pluto's Child SA #2 is established, but the kernel has no SA 0xcd0255de: it was removed behind pluto's back, and 7 packets were dropped for want of it",
+                "`ipsec whack --ctlsocket /run/pluto/pluto.ctl --rekey-ipsec --name lab` installs a new Child SA at both ends; then find what removes SAs outside pluto (`ip xfrm state flush` or `deleteall` in a script, a second IKE daemon, a container restart): `ip xfrm monitor` shows the deletions as they happen",
+                "0xcd0255de",
+            )
+        );
+        assert_eq!(
+            finding.evidence,
+            [
+                "7 ESP packets for SA 0xcd0255de from 192.0.2.2 dropped at xfrm_input on wan0: XfrmInNoStates",
+                "pluto: Child SA #2 (STATE_V2_ESTABLISHED_CHILD_SA) established with ESP SPIs 0x9e9e96db to 192.0.2.2, 0xcd0255de to 192.0.2.1",
+                "kernel (west): 1 SAs, none with SPI 0xcd0255de",
+            ]
+        );
+        // Missing, but nothing died for it: a moment between two looks.
+        let quiet = Seen {
+            book: XfrmBook::seen(11, XfrmState::default()),
+            ..Seen::default()
+        };
+        assert!(run(sa_missing_in_kernel, &west(&[CHILD_UP], true), &quiet, &[]).is_none());
+    }
+
+    #[test]
+    fn tunnel_down_when_it_tried_and_nothing_else_says_why() {
+        assert_eq!(
+            found(tunnel_down, &[INITIATING], &Seen::default()),
+            expect(
+                FindingKind::TunnelDown,
+                "connection \"lab\" (west): no Child SA is established, so its traffic is dropped",
+                "`ipsec whack --ctlsocket /run/pluto/pluto.ctl --initiate --name lab` and read pluto's log for the reason it went down",
+            )
+        );
+        // Up: not down.
+        let up = west(&[INITIATING, CHILD_UP], true);
+        assert!(run(tunnel_down, &up, &Seen::default(), &[]).is_none());
+        // Idle and never up: nothing to say.
+        assert_eq!(found(tunnel_down, &[], &Seen::default()), None);
+    }
+
+    #[test]
+    fn the_rules_run_in_report_order() {
+        // Refused selectors, then retransmits: the refusal explains them.
+        let west = west(&[INITIATING, TS_REFUSED, RETRANSMIT], false);
+        let seen = Seen {
+            ike: &[path(4, 0)],
+            ..Seen::default()
+        };
+        let evidence = Evidence {
+            counters: &[],
+            ike: seen.ike,
+            plutos: std::slice::from_ref(&west),
+            book: &seen.book,
+            netns: &[],
+            ike_watched: true,
+        };
+        let kinds: Vec<FindingKind> = findings(&evidence, &west, "lab", west.connections.first())
+            .into_iter()
+            .map(|f| f.kind)
+            .collect();
+        assert_eq!(kinds, [FindingKind::TsMismatch]);
+    }
+}
