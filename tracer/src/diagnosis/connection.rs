@@ -642,20 +642,11 @@ mod tests {
     }
 
     /// Everything but the pluto, which `run` adds.
+    #[derive(Default)]
     struct Seen<'a> {
         ike: &'a [IkePath],
         counters: &'a [Counter],
         book: XfrmBook,
-    }
-
-    impl Default for Seen<'_> {
-        fn default() -> Self {
-            Self {
-                ike: &[],
-                counters: &[],
-                book: XfrmBook::default(),
-            }
-        }
     }
 
     /// What `rule` finds for west's "lab", after the `earlier` findings.
