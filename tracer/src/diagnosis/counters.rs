@@ -404,11 +404,11 @@ mod tests {
     fn source(netns: &str, spi: &str, policy_index: u32, count: u64) -> Source {
         Source {
             count,
-            function: "xfrm_input",
+            function: "xfrm_input".into(),
             netns: 4026532001,
             netns_label: netns.into(),
-            dir: "in",
-            family: "ipv4",
+            dir: "in".into(),
+            family: "ipv4".into(),
             src: "192.0.2.1".into(),
             dst: "192.0.2.2".into(),
             proto: "esp".into(),
@@ -417,7 +417,7 @@ mod tests {
             spi: spi.into(),
             reqid: 0,
             policy_index,
-            policy_dir: "in",
+            policy_dir: "in".into(),
             ifindex: 2,
             ifname: "wan0".into(),
             policy_selector: String::new(),
@@ -432,7 +432,7 @@ mod tests {
             kernel_delta: delta,
             attributed: sources.iter().map(|s| s.count).sum(),
             gap: 0,
-            coverage: "attributed",
+            coverage: "attributed".into(),
             by_netns: vec![NetnsDelta {
                 netns: 4026532001,
                 label: netns.into(),

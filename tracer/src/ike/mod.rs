@@ -9,7 +9,7 @@ use std::{
 };
 
 use aya::{Ebpf, maps::PerCpuHashMap, programs::TracePoint};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tracer_common::ike::{IkeKey, event};
 
 use crate::{drops, ebpf, kallsyms::Kallsyms, model::HookList};
@@ -55,7 +55,7 @@ pub fn read(ebpf: &Ebpf) -> Result<Vec<(IkeKey, u64)>, aya::maps::MapError> {
 }
 
 /// IKE between one local address and one peer, in one netns.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IkePath {
     pub netns: u64,
     /// `ip netns` name, `host`, or `pid N` (filled in by the report).
@@ -73,11 +73,11 @@ pub struct IkePath {
     pub ports: Vec<u16>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IkeDrop {
     pub count: u64,
     /// `out` (sent by a local socket) or `in`.
-    pub direction: &'static str,
+    pub direction: String,
     pub function: String,
     pub reason: String,
     /// Dropped by a netfilter rule (iptables/nftables).
@@ -130,7 +130,7 @@ pub fn summarize(
                     Some(drop) => drop.count += count,
                     None => path.dropped.push(IkeDrop {
                         count: *count,
-                        direction,
+                        direction: direction.into(),
                         firewall: is_firewall(&reason, &function),
                         function,
                         reason,

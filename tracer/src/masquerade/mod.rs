@@ -12,7 +12,7 @@ use aya::{
     Btf, Ebpf,
     maps::{HashMap as BpfHashMap, PerCpuArray, PerCpuHashMap},
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tracer_common::masquerade::{LeakCount, LeakKey, LeakSample, PolicyKey, Selector, error};
 
 use crate::{
@@ -54,7 +54,7 @@ const FAMILIES: &[Family] = &[
 ];
 
 /// What the detector covers on this kernel.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct MasqCoverage {
     /// Families whose re-routes out of IPsec are counted (`ipv4`, `ipv6`).
     pub detected: Vec<String>,
@@ -260,7 +260,7 @@ pub fn read(ebpf: &Ebpf) -> Result<Counted, aya::maps::MapError> {
 }
 
 /// The detector's part of the report.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct MasqueradeReport {
     pub coverage: MasqCoverage,
     /// Packets re-routed out of IPsec, per flow.
@@ -272,7 +272,7 @@ pub struct MasqueradeReport {
 }
 
 /// One pre-NAT flow that POSTROUTING NAT took out of its IPsec bundle.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Leak {
     pub packets: u64,
     pub bytes: u64,
@@ -282,9 +282,9 @@ pub struct Leak {
     pub dropped: u64,
     /// Whether `sent`/`dropped` are known (fexit attached).
     pub outcome_known: bool,
-    pub family: &'static str,
+    pub family: String,
     /// `forwarded` or `local` (the skb belonged to a local socket).
-    pub origin: &'static str,
+    pub origin: String,
     /// The flow the IPsec policy matched (empty if not seen).
     pub pre_src: String,
     pub pre_dst: String,
@@ -364,8 +364,8 @@ pub fn leaks(counted: &Counted, coverage: &MasqCoverage) -> Vec<Leak> {
                 sent: c.sent,
                 dropped: c.failed,
                 outcome_known: coverage.outcome.iter().any(|f| f == family_name),
-                family: family_name,
-                origin: if k.local != 0 { "local" } else { "forwarded" },
+                family: family_name.into(),
+                origin: if k.local != 0 { "local" } else { "forwarded" }.into(),
                 pre_src: if k.seen != 0 {
                     text(k.family, &k.pre_src)
                 } else {
@@ -446,7 +446,7 @@ pub fn findings(leaks: &[Leak], netns: &[crate::model::NetnsInfo]) -> Vec<Findin
                 leak.policy_index,
                 leak.post_src.clone(),
                 leak.ifindex,
-                leak.family,
+                leak.family.as_str(),
             ))
             .or_default()
             .push(leak);
@@ -553,8 +553,8 @@ mod tests {
             sent: 6,
             dropped: 0,
             outcome_known: true,
-            family: "ipv4",
-            origin: "forwarded",
+            family: "ipv4".into(),
+            origin: "forwarded".into(),
             pre_src: "10.0.2.10".into(),
             pre_dst: "192.168.1.10".into(),
             post_src: "192.0.2.1".into(),
@@ -596,7 +596,7 @@ mod tests {
     #[test]
     fn ipv6_and_unknown_policy() {
         let mut l = leak();
-        l.family = "ipv6";
+        l.family = "ipv6".into();
         l.policy_src.clear();
         l.policy_dst.clear();
         l.pre_src = "fd00:2::10".into();
