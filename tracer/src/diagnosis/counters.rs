@@ -127,17 +127,23 @@ const COUNTER_RULES: &[Rule] = &[
     policy_removed_in_use,
 ];
 
+impl<'a> CounterContext<'a> {
+    fn new(evidence: &'a Evidence, counter: &'a Counter, label: &str, moved: &Moved<'a>) -> Self {
+        let top = moved.sources.first().copied();
+        Self {
+            counter,
+            n: moved.count,
+            top,
+            policy: top.and_then(|s| evidence.book.policy(s.netns, s.policy_index)),
+            flow: top.map_or_else(String::new, |s| format!(" {} -> {}", s.src, s.dst)),
+            enter: crate::netns::enter_command(label, &pids(evidence, label)),
+        }
+    }
+}
+
 fn finding(evidence: &Evidence, counter: &Counter, label: &str, moved: &Moved) -> Finding {
-    let n = moved.count;
-    let top = moved.sources.first().copied();
-    let cx = CounterContext {
-        counter,
-        n,
-        top,
-        policy: top.and_then(|s| evidence.book.policy(s.netns, s.policy_index)),
-        flow: top.map_or_else(String::new, |s| format!(" {} -> {}", s.src, s.dst)),
-        enter: crate::netns::enter_command(label, &pids(evidence, label)),
-    };
+    let (n, top) = (moved.count, moved.sources.first().copied());
+    let cx = CounterContext::new(evidence, counter, label, moved);
     let Explanation { kind, summary, fix } = COUNTER_RULES
         .iter()
         .find_map(|rule| rule(&cx))
@@ -567,5 +573,86 @@ mod tests {
         assert_eq!(found[0].kind, FindingKind::EspForReplacedSa);
         assert_eq!(found[0].connection, "lab");
         assert!(found[0].summary.contains("informational"));
+    }
+
+    /// What `rule` says about `counter` in netns `host`.
+    fn explain(rule: Rule, counter: &Counter) -> Option<(FindingKind, String, String)> {
+        let book = XfrmBook::default();
+        let evidence = Evidence {
+            counters: std::slice::from_ref(counter),
+            ike: &[],
+            plutos: &[],
+            book: &book,
+            netns: &[],
+            ike_watched: true,
+        };
+        let moved = &by_netns(counter)["host"];
+        rule(&CounterContext::new(&evidence, counter, "host", moved))
+            .map(|e| (e.kind, e.summary, e.fix))
+    }
+
+    #[test]
+    fn each_counter_rule_knows_its_counters_only() {
+        let esp = |name: &str| counter(name, "host", 2, vec![source("host", "0x00001001", 10, 2)]);
+        let other = esp("XfrmInIptfsError");
+        let cases: [(Rule, &str, FindingKind); 8] = [
+            (
+                esp_for_replaced_sa,
+                "XfrmInNoStates",
+                FindingKind::EspForReplacedSa,
+            ),
+            (no_sa_for_spi, "XfrmInNoStates", FindingKind::NoSaForSpi),
+            (policy_block, "XfrmOutPolBlock", FindingKind::PolicyBlock),
+            (no_policy, "XfrmInNoPols", FindingKind::NoPolicy),
+            (
+                template_mismatch,
+                "XfrmInTmplMismatch",
+                FindingKind::TemplateMismatch,
+            ),
+            (sa_expired, "XfrmOutStateExpired", FindingKind::SaExpired),
+            (
+                no_sa_for_policy,
+                "XfrmOutNoStates",
+                FindingKind::NoSaForPolicy,
+            ),
+            (
+                policy_removed_in_use,
+                "XfrmOutPolDead",
+                FindingKind::PolicyRemovedInUse,
+            ),
+        ];
+        for (rule, name, kind) in cases {
+            let mut moved = esp(name);
+            moved.sources[0].connection = "lab".into();
+            assert_eq!(explain(rule, &moved).map(|e| e.0), Some(kind), "{name}");
+            assert_eq!(explain(rule, &other), None, "{kind} for XfrmInIptfsError");
+        }
+        // Without a connection, ESP for an unknown SPI is not a rekey's.
+        assert_eq!(explain(esp_for_replaced_sa, &esp("XfrmInNoStates")), None);
+    }
+
+    #[test]
+    fn no_policy_sa_expired_and_no_sa_for_policy_name_the_flow() {
+        let one =
+            |name: &str, spi: &str| counter(name, "host", 2, vec![source("host", spi, 10, 2)]);
+        assert_eq!(
+            explain(no_policy, &one("XfrmInNoPols", "")),
+            Some((
+                FindingKind::NoPolicy,
+                "2 packets 192.0.2.1 -> 192.0.2.2 arrived through IPsec (or under a default-block policy) but no inbound or forward policy accepts them".into(),
+                "add the `dir in` and `dir fwd` policies for 192.0.2.1 -> 192.0.2.2 with the template of their SA (an IKE daemon installs them with the tunnel: check the connection's subnets on both ends), or, if `ip xfrm policy getdefault` says block, allow the default".into(),
+            ))
+        );
+        assert_eq!(
+            explain(sa_expired, &one("XfrmInStateExpired", "0x00001001")).map(|e| e.1),
+            Some(
+                "2 packets 192.0.2.1 -> 192.0.2.2 met an SA (0x00001001) past its hard lifetime"
+                    .into()
+            )
+        );
+        assert_eq!(
+            explain(no_sa_for_policy, &one("XfrmOutNoStates", "")).map(|e| e.1),
+            Some("2 packets 192.0.2.1 -> 192.0.2.2 matched a policy (policy 10, dir in) that requires an SA the kernel does not have".into())
+        );
     }
 }
