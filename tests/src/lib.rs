@@ -13,6 +13,7 @@ use std::{
 };
 
 use nix::sched::{CloneFlags, setns};
+use xfrm_trace::report::Report;
 
 /// The `xfrm-trace` binary: `$XFRM_TRACE_BIN` (set by `cargo xtask test`),
 /// else the release build, else the debug build.
@@ -215,7 +216,21 @@ pub fn traced_report(name: &str, args: &[&str], action: impl FnOnce()) -> serde_
     );
     let report = serde_json::from_slice(&std::fs::read(&json).expect("report")).expect("json");
     let _ = std::fs::remove_file(&json);
+    typed(&report);
     report
+}
+
+/// `traced_report`, read into the library's own type.
+pub fn traced(name: &str, args: &[&str], action: impl FnOnce()) -> Report {
+    typed(&traced_report(name, args, action))
+}
+
+/// The JSON report as `xfrm_trace::report::Report`: a field the binary
+/// renamed or left out fails here, by name (the helpers that return the
+/// JSON check it too).
+pub fn typed(report: &serde_json::Value) -> Report {
+    serde_json::from_value(report.clone())
+        .unwrap_or_else(|e| panic!("the JSON report is not an xfrm-trace/1 Report: {e}"))
 }
 
 /// How long a tracer may take to exit once its run is over (the slowest
@@ -465,6 +480,6 @@ pub fn assert_reported(out: &Output, json: &Path) -> serde_json::Value {
         serde_json::from_slice(&std::fs::read(json).expect("JSON report written"))
             .expect("valid JSON");
     let _ = std::fs::remove_file(json);
-    assert_eq!(report["schema"], "xfrm-trace/1");
+    assert_eq!(typed(&report).schema, "xfrm-trace/1");
     report
 }

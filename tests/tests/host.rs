@@ -13,6 +13,7 @@ use serde_json::Value;
 use tests::{
     Namespaces, PcapPacket, Tracer, binary, pcap_packets, require_root, scratch, sh, sh_line,
 };
+use xfrm_trace::ike::IkePath;
 
 /// The tests below look at programs loaded kernel-wide: one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -637,7 +638,7 @@ fn ike_watch_counts_each_peer_exactly() {
     };
     // A pluto that is not there is said plainly; everything else works.
     let no_pluto = "/run/xfrm-trace-test-no-such-pluto.ctl";
-    let report = tests::traced_report("ike-watch", &["--pluto-socket", no_pluto], || {
+    let report = tests::traced("ike-watch", &["--pluto-socket", no_pluto], || {
         // IKE_SA_INIT-like on 500; NAT-T IKE (zero marker) and ESP-in-UDP
         // (an SPI where the marker would be) on 4500.
         echo(&a500, &b500, b"ike-sa-init", 5);
@@ -679,90 +680,69 @@ fn ike_watch_counts_each_peer_exactly() {
         }
         std::thread::sleep(Duration::from_millis(500));
     });
-    let problems = report["pluto"]["problems"]
-        .as_array()
-        .expect("pluto problems");
     assert!(
-        problems.len() == 1 && problems[0].as_str().unwrap().contains(no_pluto),
-        "{:#}",
-        report["pluto"]
+        report.pluto.problems.len() == 1 && report.pluto.problems[0].contains(no_pluto),
+        "{:#?}",
+        report.pluto
     );
-    assert_eq!(report["pluto"]["instances"], serde_json::json!([]));
-    let path = |role: &str, local: &str, peer: &str| -> Value {
-        report["ike"]
-            .as_array()
-            .expect("ike rows")
+    assert!(report.pluto.instances.is_empty(), "{:#?}", report.pluto);
+    let path = |role: &str, local: &str, peer: &str| {
+        report
+            .ike
             .iter()
-            .find(|p| p["netns"] == ns.inode(role) && p["local"] == local && p["peer"] == peer)
-            .cloned()
-            .unwrap_or_else(|| panic!("no IKE row {role} {local} -> {peer}: {:#}", report["ike"]))
+            .find(|p| p.netns == ns.inode(role) && p.local == local && p.peer == peer)
+            .unwrap_or_else(|| panic!("no IKE row {role} {local} -> {peer}: {:#?}", report.ike))
     };
-    let counts = |p: &Value| {
-        let dropped: Vec<(u64, String, bool)> = p["dropped"]
-            .as_array()
-            .unwrap()
+    let counts = |p: &IkePath| {
+        let dropped: Vec<(u64, String, bool)> = p
+            .dropped
             .iter()
-            .map(|d| {
-                (
-                    d["count"].as_u64().unwrap(),
-                    d["direction"].as_str().unwrap().to_string(),
-                    d["firewall"].as_bool().unwrap(),
-                )
-            })
+            .map(|d| (d.count, d.direction.clone(), d.firewall))
             .collect();
-        (
-            p["sent"].as_u64().unwrap(),
-            p["received"].as_u64().unwrap(),
-            p["port_unreachable"].as_u64().unwrap(),
-            dropped,
-        )
+        (p.sent, p.received, p.port_unreachable, dropped)
     };
     // The answered peer: 5 on 500 + 3 on 4500 each way; ESP-in-UDP not IKE.
     assert_eq!(
-        counts(&path("a", "198.51.100.2", "198.51.100.3")),
+        counts(path("a", "198.51.100.2", "198.51.100.3")),
         (8, 8, 0, vec![])
     );
     assert_eq!(
-        counts(&path("b", "198.51.100.3", "198.51.100.2")),
+        counts(path("b", "198.51.100.3", "198.51.100.2")),
         (8, 8, 0, vec![])
     );
     // Nothing listens at .4: every request (4 on 500, 2 on 4500) comes
     // back as port unreachable, and the peer drops each for want of a
     // socket; the ESP in UDP refused there is not IKE.
     assert_eq!(
-        counts(&path("a", "198.51.100.2", "198.51.100.4")),
+        counts(path("a", "198.51.100.2", "198.51.100.4")),
         (6, 0, 6, vec![])
     );
     assert_eq!(
-        counts(&path("b", "198.51.100.4", "198.51.100.2")),
+        counts(path("b", "198.51.100.4", "198.51.100.2")),
         (0, 6, 0, vec![(6, "in".into(), false)])
     );
     // Short quotes: on 500 IKE, on 4500 nothing to tell, so no path.
     assert_eq!(
-        counts(&path("a", "198.51.100.2", "198.51.100.7")),
+        counts(path("a", "198.51.100.2", "198.51.100.7")),
         (0, 0, 2, vec![])
     );
     assert!(
-        !report["ike"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|p| p["peer"] == "198.51.100.8"),
-        "{:#}",
-        report["ike"]
+        !report.ike.iter().any(|p| p.peer == "198.51.100.8"),
+        "{:#?}",
+        report.ike
     );
     // Our firewall: never sent.
     assert_eq!(
-        counts(&path("a", "198.51.100.2", "198.51.100.5")),
+        counts(path("a", "198.51.100.2", "198.51.100.5")),
         (0, 0, 0, vec![(3, "out".into(), true)])
     );
     // The peer's firewall: sent, received there, dropped there.
     assert_eq!(
-        counts(&path("a", "198.51.100.2", "198.51.100.6")),
+        counts(path("a", "198.51.100.2", "198.51.100.6")),
         (2, 0, 0, vec![])
     );
     assert_eq!(
-        counts(&path("b", "198.51.100.6", "198.51.100.2")),
+        counts(path("b", "198.51.100.6", "198.51.100.2")),
         (0, 2, 0, vec![(2, "in".into(), true)])
     );
 }

@@ -14,7 +14,7 @@ use nix::sys::signal::{Signal, kill};
 use serde_json::Value;
 use tests::{
     Namespaces, Tracer, assert_one_error_line, assert_reported, binary, require_root, scratch, sh,
-    sh_line,
+    sh_line, typed,
 };
 
 /// Runs of the tracer, one at a time: the metrics test measures CPU time.
@@ -43,8 +43,8 @@ fn cli_sighup_ends_the_run_with_its_report() {
     let pid = nix::unistd::Pid::from_raw(tracer.child.id() as i32);
     kill(pid, Signal::SIGHUP).expect("SIGHUP");
     let out = tracer.take_output();
-    let report = assert_reported(&out, &json);
-    assert!(report["duration_secs"].as_f64().unwrap() > 0.0, "{report}");
+    let report = typed(&assert_reported(&out, &json));
+    assert!(report.duration_secs > 0.0, "{report:?}");
 }
 
 /// The pid of the process whose command line holds `needle`.
@@ -188,13 +188,8 @@ fn cli_unknown_netns_is_an_error_naming_those_that_exist() {
         "--json",
         json.to_str().unwrap(),
     ]);
-    let report = assert_reported(&out, &json);
-    let labels: Vec<&str> = report["netns"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|n| n["label"].as_str())
-        .collect();
+    let report = typed(&assert_reported(&out, &json));
+    let labels: Vec<&str> = report.netns.iter().map(|n| n.label.as_str()).collect();
     assert_eq!(labels, [ns.name("a")]);
 }
 

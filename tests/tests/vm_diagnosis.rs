@@ -8,8 +8,9 @@
 use std::{collections::BTreeSet, net::SocketAddr, time::Duration};
 
 use serde_json::Value;
-use tests::traced_report;
+use tests::{traced_report, typed};
 use xfrm_trace::lab::{Df, EHOST, Host, Lab, PlutoConfig, StaticIpsec, WHOST};
+use xfrm_trace::model::Finding;
 
 /// One lab: its name, how its gateways are set up, and the findings
 /// (kind, gateway) it must produce.
@@ -85,23 +86,18 @@ fn trace(name: &str, labs: &[Lab], window: Duration) -> Value {
 }
 
 fn check(report: &Value, scenarios: &[Scenario], labs: &[Lab]) {
-    let findings = report["findings"].as_array().expect("findings");
+    let report = typed(report);
     let mut problems = Vec::new();
     for (scenario, lab) in scenarios.iter().zip(labs) {
-        let gateways = [Host::West, Host::East].map(|gw| (gw, lab.ns(gw)));
-        let found: BTreeSet<(String, String)> = findings
+        let gateways = [Host::West, Host::East].map(|gw| lab.ns(gw));
+        let here: Vec<&Finding> = report
+            .findings
             .iter()
-            .filter(|f| {
-                gateways
-                    .iter()
-                    .any(|(_, ns)| f["netns_label"] == ns.as_str())
-            })
-            .map(|f| {
-                (
-                    f["kind"].as_str().unwrap().to_string(),
-                    f["netns_label"].as_str().unwrap().to_string(),
-                )
-            })
+            .filter(|f| gateways.contains(&f.netns_label))
+            .collect();
+        let found: BTreeSet<(String, String)> = here
+            .iter()
+            .map(|f| (f.kind.to_string(), f.netns_label.clone()))
             .collect();
         let expected: BTreeSet<(String, String)> = scenario
             .expected
@@ -114,25 +110,19 @@ fn check(report: &Value, scenarios: &[Scenario], labs: &[Lab]) {
                 scenario.name
             ));
         }
-        for f in findings.iter().filter(|f| {
-            gateways
-                .iter()
-                .any(|(_, ns)| f["netns_label"] == ns.as_str())
-        }) {
-            if f["connection"] != "lab" {
-                problems.push(format!(
-                    "{}: finding without its connection: {f:#}",
-                    scenario.name
-                ));
-            }
+        for f in here.iter().filter(|f| f.connection != "lab") {
+            problems.push(format!(
+                "{}: finding without its connection: {f:#?}",
+                scenario.name
+            ));
         }
     }
     assert!(
         problems.is_empty(),
-        "{}\nfindings: {:#}\npluto: {:#}",
+        "{}\nfindings: {:#?}\npluto: {:#?}",
         problems.join("\n"),
-        report["findings"],
-        report["pluto"]
+        report.findings,
+        report.pluto
     );
 }
 

@@ -8,7 +8,7 @@ use aya::{
     Ebpf,
     maps::{PerCpuArray, PerCpuHashMap, StackTraceMap},
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tracer_common::attribution::{Sample, SourceKey, dir, error, hook};
 use tracer_common::names::maps;
 
@@ -130,7 +130,7 @@ pub const HOOKS: &[HookSpec] = &[
 const ENRICHMENT_ARGS: usize = 6;
 
 /// What got attached.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Coverage {
     /// Every bracket attached: every increment can be tied to its packet.
     pub complete: bool,
@@ -217,7 +217,7 @@ pub fn read(
 }
 
 /// Events the attribution could not account for (shown, never hidden).
-#[derive(Clone, Copy, Debug, Default, Serialize)]
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
 pub struct AttributionErrors {
     pub unbalanced: u64,
     pub too_deep: u64,
@@ -285,7 +285,7 @@ fn is_own_frame(symbol: &crate::kallsyms::Symbol<'_>, ours: &[&str]) -> bool {
 }
 
 /// One sampled increment as the report has it.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SampleReport {
     /// Milliseconds since the first sample of the run.
     pub time_ms: u64,
@@ -374,15 +374,15 @@ pub fn stack_samples(ebpf: &Ebpf, samples: &[Sample], kallsyms: &Kallsyms) -> Ve
 }
 
 /// One source of increments of a counter, as the JSON report has it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Source {
     pub count: u64,
-    pub function: &'static str,
+    pub function: String,
     pub netns: u64,
     /// `host`, the `ip netns` name, or `netns:<inode>`.
     pub netns_label: String,
-    pub dir: &'static str,
-    pub family: &'static str,
+    pub dir: String,
+    pub family: String,
     pub src: String,
     pub dst: String,
     pub proto: String,
@@ -393,7 +393,7 @@ pub struct Source {
     pub reqid: u32,
     pub policy_index: u32,
     /// `in`, `out` or `fwd` from the policy index (its low 3 bits).
-    pub policy_dir: &'static str,
+    pub policy_dir: String,
     pub ifindex: u32,
     pub ifname: String,
     /// The policy's selector, `src -> dst` (from the kernel's policies as
@@ -459,11 +459,11 @@ pub fn source(key: &SourceKey, count: u64, names: &Names) -> Source {
     };
     Source {
         count,
-        function: function_name(key.hook),
+        function: function_name(key.hook).into(),
         netns: u64::from(flow.netns),
         netns_label: names.label(u64::from(flow.netns)),
-        dir: dir_name(flow.dir),
-        family,
+        dir: dir_name(flow.dir).into(),
+        family: family.into(),
         src,
         dst,
         proto: proto_name(flow.proto),
@@ -480,7 +480,8 @@ pub fn source(key: &SourceKey, count: u64, names: &Names) -> Source {
             ""
         } else {
             dir_name((flow.policy_index & 7) as u8)
-        },
+        }
+        .into(),
         ifindex: flow.ifindex,
         ifname: names.ifname(u64::from(flow.netns), flow.ifindex),
         policy_selector: String::new(),
@@ -557,9 +558,9 @@ ffffffffc0040000 t bpf_prog_ffff_in_module\t[esp4]
             ("192.0.2.1", "203.0.113.1", "esp")
         );
         assert_eq!(
-            (s.spi.as_str(), s.function, s.dir, s.count),
+            (s.spi.as_str(), s.function.as_str(), s.dir.as_str(), s.count),
             ("0x00001001", "xfrm_input", "in", 5)
         );
-        assert_eq!((s.policy_dir, s.dport), ("fwd", 4500));
+        assert_eq!((s.policy_dir.as_str(), s.dport), ("fwd", 4500));
     }
 }

@@ -8,12 +8,17 @@
 use std::collections::BTreeMap;
 
 use super::{Evidence, KERNEL_ERROR_COUNTERS};
-use crate::{attribution::Source, model::Finding, report::Counter, xfrm_state::Policy};
+use crate::{
+    attribution::Source,
+    model::{Finding, FindingKind},
+    report::Counter,
+    xfrm_state::Policy,
+};
 
 /// Which counters a finding kind already explains, in its namespace.
 fn explained_by(finding: &Finding) -> &'static [&'static str] {
-    match finding.kind.as_str() {
-        "kernel_xfrm_errors" => &KERNEL_ERROR_COUNTERS,
+    match finding.kind {
+        FindingKind::KernelXfrmErrors => &KERNEL_ERROR_COUNTERS,
         // A connection that is down, or never came up, is why its
         // traffic meets no SA, a drop shunt or a policy it does not fit.
         _ if !finding.connection.is_empty() => &[
@@ -24,7 +29,7 @@ fn explained_by(finding: &Finding) -> &'static [&'static str] {
             "XfrmInTmplMismatch",
             "XfrmInNoPols",
         ],
-        "tunnel_down" => &["XfrmOutNoStates"],
+        FindingKind::TunnelDown => &["XfrmOutNoStates"],
         _ => &[],
     }
 }
@@ -83,93 +88,66 @@ fn by_netns(counter: &Counter) -> BTreeMap<String, Moved<'_>> {
     out
 }
 
-fn finding(evidence: &Evidence, counter: &Counter, label: &str, moved: &Moved) -> Finding {
-    let n = moved.count;
-    let top = moved.sources.first().copied();
-    let enter = crate::netns::enter_command(label, &pids(evidence, label));
-    let policy = top.and_then(|s| evidence.book.policy(s.netns, s.policy_index));
-    let flow = top.map_or_else(String::new, |s| format!(" {} -> {}", s.src, s.dst));
-    let (kind, summary, fix) = match counter.name.as_str() {
-        "XfrmInNoStates" if top.is_some_and(|s| !s.connection.is_empty()) => {
-            let s = top.expect("checked");
-            (
-                "esp_for_replaced_sa",
-                format!(
-                    "{n} ESP packets for SPI {} of connection \"{}\" (Child SA #{}, replaced since) arrived after the kernel had deleted its SA: late packets of a rekey, informational",
-                    s.spi, s.connection, s.pluto_state
-                ),
-                "nothing if they stop; if they go on, the peer still sends on the old SA (its rekey did not finish): restart the connection on both ends".into(),
-            )
+/// What one counter's increments in one namespace look like to the rules.
+struct CounterContext<'a> {
+    counter: &'a Counter,
+    /// The increments in this namespace.
+    n: u64,
+    /// The most frequent source, if any was attributed.
+    top: Option<&'a Source>,
+    /// Its policy, as `ip xfrm policy` had it.
+    policy: Option<&'a Policy>,
+    /// ` src -> dst` of the top source (empty if none).
+    flow: String,
+    /// The prefix that runs a command in the namespace (`ip netns exec gw `).
+    enter: String,
+}
+
+/// A rule's reading of one counter: the finding's kind, summary and fix.
+struct Explanation {
+    kind: FindingKind,
+    summary: String,
+    fix: String,
+}
+
+/// A rule: its explanation when the counter (and its top source) is one it
+/// knows.
+type Rule = fn(&CounterContext) -> Option<Explanation>;
+
+/// The rules, most specific first: the first that knows the counter wins
+/// (`xfrm_counter` for those none knows).
+const COUNTER_RULES: &[Rule] = &[
+    esp_for_replaced_sa,
+    no_sa_for_spi,
+    policy_block,
+    no_policy,
+    template_mismatch,
+    sa_expired,
+    no_sa_for_policy,
+    policy_removed_in_use,
+];
+
+impl<'a> CounterContext<'a> {
+    fn new(evidence: &'a Evidence, counter: &'a Counter, label: &str, moved: &Moved<'a>) -> Self {
+        let top = moved.sources.first().copied();
+        Self {
+            counter,
+            n: moved.count,
+            top,
+            policy: top.and_then(|s| evidence.book.policy(s.netns, s.policy_index)),
+            flow: top.map_or_else(String::new, |s| format!(" {} -> {}", s.src, s.dst)),
+            enter: crate::netns::enter_command(label, &pids(evidence, label)),
         }
-        "XfrmInNoStates" => no_sa(n, top, &enter),
-        "XfrmInPolBlock" | "XfrmOutPolBlock" => (
-            "policy_block",
-            format!(
-                "{n} packets{flow} dropped by a blocking policy{}",
-                describe(policy, top)
-            ),
-            match top.filter(|s| s.policy_index != 0) {
-                Some(s) => format!(
-                    "if this traffic should pass, delete or narrow the policy: `{enter}ip xfrm policy delete dir {} index {}` (an IKE daemon's drop shunt goes when its connection comes up)",
-                    s.policy_dir, s.policy_index
-                ),
-                None => format!(
-                    "if this traffic should pass, find the block policy in `{enter}ip xfrm policy list` and delete or narrow it (an IKE daemon's drop shunt goes when its connection comes up)"
-                ),
-            },
-        ),
-        "XfrmInNoPols" => (
-            "no_policy",
-            format!(
-                "{n} packets{flow} arrived through IPsec (or under a default-block policy) but no inbound or forward policy accepts them"
-            ),
-            format!(
-                "add the `dir in` and `dir fwd` policies for{flow} with the template of their SA (an IKE daemon installs them with the tunnel: check the connection's subnets on both ends), or, if `{enter}ip xfrm policy getdefault` says block, allow the default"
-            ),
-        ),
-        "XfrmInTmplMismatch" => (
-            "template_mismatch",
-            format!(
-                "{n} packets{flow} matched a policy{} but did not arrive through the SA it requires ({})",
-                describe(policy, top),
-                top.map_or("unknown", |s| if s.spi.is_empty() {
-                    "they came in clear"
-                } else {
-                    "they came through another SA"
-                })
-            ),
-            format!(
-                "make the peer encrypt this traffic with the SA the policy requires (same mode, reqid, addresses and protocol), or correct the policy's template: `{enter}ip xfrm policy list` and `{enter}ip xfrm state list` show both"
-            ),
-        ),
-        "XfrmInStateExpired" | "XfrmOutStateExpired" => (
-            "sa_expired",
-            format!(
-                "{n} packets{flow} met an SA{} past its hard lifetime",
-                top.filter(|s| !s.spi.is_empty())
-                    .map_or_else(String::new, |s| format!(" ({})", s.spi))
-            ),
-            "the IKE daemon should rekey before the hard limit: check that it runs and that lifetimes and margins agree on both ends; a manual SA needs new limits (`limit time-hard ... byte-hard ...`) or replacing".into(),
-        ),
-        "XfrmOutNoStates" => (
-            "no_sa_for_policy",
-            format!(
-                "{n} packets{flow} matched a policy{} that requires an SA the kernel does not have",
-                describe(policy, top)
-            ),
-            "bring the tunnel that owns this policy up (its IKE daemon negotiates the SA on the kernel's ACQUIRE), or add the SA by hand if the tunnel is keyed manually".into(),
-        ),
-        "XfrmOutPolDead" => (
-            "policy_removed_in_use",
-            format!("{n} packets met a policy that was being deleted (informational)"),
-            "nothing, if it happened during a rekey or a reload; repeated, find what deletes policies (`ip xfrm monitor policy`)".into(),
-        ),
-        other => (
-            "xfrm_counter",
-            format!("{other} +{n}{flow}"),
-            "see `ip -s xfrm state` and `ip -s xfrm policy` for the SAs and policies involved; the samples and stacks in the report show where the kernel counted it".into(),
-        ),
-    };
+    }
+}
+
+fn finding(evidence: &Evidence, counter: &Counter, label: &str, moved: &Moved) -> Finding {
+    let (n, top) = (moved.count, moved.sources.first().copied());
+    let cx = CounterContext::new(evidence, counter, label, moved);
+    let Explanation { kind, summary, fix } = COUNTER_RULES
+        .iter()
+        .find_map(|rule| rule(&cx))
+        .unwrap_or_else(|| xfrm_counter(&cx));
     let mut lines: Vec<String> = moved
         .sources
         .iter()
@@ -190,13 +168,174 @@ fn finding(evidence: &Evidence, counter: &Counter, label: &str, moved: &Moved) -
         lines.push(sas_from_peer(evidence, s));
     }
     Finding {
-        kind: kind.into(),
-        summary: format!("{summary} (netns {label}, {} +{n})", counter.name),
-        fix,
-        evidence: lines,
-        netns_label: label.into(),
         connection: top.map_or_else(String::new, |s| s.connection.clone()),
+        netns_label: label.into(),
         spi: top.map_or_else(String::new, |s| s.spi.clone()),
+        ..Finding::new(
+            kind,
+            format!("{summary} (netns {label}, {} +{n})", counter.name),
+            fix,
+            lines,
+        )
+    }
+}
+
+/// Whether the counter is one of `names`.
+fn is(cx: &CounterContext, names: &[&str]) -> bool {
+    names.contains(&cx.counter.name.as_str())
+}
+
+/// ESP for an SA pluto replaced: late packets of a rekey.
+fn esp_for_replaced_sa(cx: &CounterContext) -> Option<Explanation> {
+    let s = cx
+        .top
+        .filter(|s| is(cx, &["XfrmInNoStates"]) && !s.connection.is_empty())?;
+    Some(Explanation {
+        kind: FindingKind::EspForReplacedSa,
+        summary: format!(
+            "{} ESP packets for SPI {} of connection \"{}\" (Child SA #{}, replaced since) arrived after the kernel had deleted its SA: late packets of a rekey, informational",
+            cx.n, s.spi, s.connection, s.pluto_state
+        ),
+        fix: "nothing if they stop; if they go on, the peer still sends on the old SA (its rekey did not finish): restart the connection on both ends".into(),
+    })
+}
+
+/// Inbound ESP for an SPI the gateway has no SA for.
+fn no_sa_for_spi(cx: &CounterContext) -> Option<Explanation> {
+    if !is(cx, &["XfrmInNoStates"]) {
+        return None;
+    }
+    let n = cx.n;
+    let summary = match cx.top.filter(|s| !s.spi.is_empty()) {
+        Some(s) => format!(
+            "{n} ESP packets from {} to {} for SPI {}, which this gateway has no SA for",
+            s.src, s.dst, s.spi
+        ),
+        None => format!("{n} IPsec packets for an SPI this gateway has no SA for"),
+    };
+    let enter = &cx.enter;
+    Some(Explanation {
+        kind: FindingKind::NoSaForSpi,
+        summary,
+        fix: format!(
+            "the peer and this gateway disagree on the SAs: with an IKE daemon, one side rekeyed or restarted without the other (restart the connection on both ends and compare `ipsec trafficstatus`); with manual keys, make each SA's SPI, addresses, algorithm and key identical on both gateways (`{enter}ip xfrm state` here, the same on the peer)"
+        ),
+    })
+}
+
+fn policy_block(cx: &CounterContext) -> Option<Explanation> {
+    if !is(cx, &["XfrmInPolBlock", "XfrmOutPolBlock"]) {
+        return None;
+    }
+    let (n, flow, enter) = (cx.n, &cx.flow, &cx.enter);
+    Some(Explanation {
+        kind: FindingKind::PolicyBlock,
+        summary: format!(
+            "{n} packets{flow} dropped by a blocking policy{}",
+            describe(cx.policy, cx.top)
+        ),
+        fix: match cx.top.filter(|s| s.policy_index != 0) {
+            Some(s) => format!(
+                "if this traffic should pass, delete or narrow the policy: `{enter}ip xfrm policy delete dir {} index {}` (an IKE daemon's drop shunt goes when its connection comes up)",
+                s.policy_dir, s.policy_index
+            ),
+            None => format!(
+                "if this traffic should pass, find the block policy in `{enter}ip xfrm policy list` and delete or narrow it (an IKE daemon's drop shunt goes when its connection comes up)"
+            ),
+        },
+    })
+}
+
+fn no_policy(cx: &CounterContext) -> Option<Explanation> {
+    if !is(cx, &["XfrmInNoPols"]) {
+        return None;
+    }
+    let (n, flow, enter) = (cx.n, &cx.flow, &cx.enter);
+    Some(Explanation {
+        kind: FindingKind::NoPolicy,
+        summary: format!(
+            "{n} packets{flow} arrived through IPsec (or under a default-block policy) but no inbound or forward policy accepts them"
+        ),
+        fix: format!(
+            "add the `dir in` and `dir fwd` policies for{flow} with the template of their SA (an IKE daemon installs them with the tunnel: check the connection's subnets on both ends), or, if `{enter}ip xfrm policy getdefault` says block, allow the default"
+        ),
+    })
+}
+
+fn template_mismatch(cx: &CounterContext) -> Option<Explanation> {
+    if !is(cx, &["XfrmInTmplMismatch"]) {
+        return None;
+    }
+    let (n, flow, enter) = (cx.n, &cx.flow, &cx.enter);
+    Some(Explanation {
+        kind: FindingKind::TemplateMismatch,
+        summary: format!(
+            "{n} packets{flow} matched a policy{} but did not arrive through the SA it requires ({})",
+            describe(cx.policy, cx.top),
+            cx.top.map_or("unknown", |s| if s.spi.is_empty() {
+                "they came in clear"
+            } else {
+                "they came through another SA"
+            })
+        ),
+        fix: format!(
+            "make the peer encrypt this traffic with the SA the policy requires (same mode, reqid, addresses and protocol), or correct the policy's template: `{enter}ip xfrm policy list` and `{enter}ip xfrm state list` show both"
+        ),
+    })
+}
+
+fn sa_expired(cx: &CounterContext) -> Option<Explanation> {
+    if !is(cx, &["XfrmInStateExpired", "XfrmOutStateExpired"]) {
+        return None;
+    }
+    let (n, flow) = (cx.n, &cx.flow);
+    Some(Explanation {
+        kind: FindingKind::SaExpired,
+        summary: format!(
+            "{n} packets{flow} met an SA{} past its hard lifetime",
+            cx.top
+                .filter(|s| !s.spi.is_empty())
+                .map_or_else(String::new, |s| format!(" ({})", s.spi))
+        ),
+        fix: "the IKE daemon should rekey before the hard limit: check that it runs and that lifetimes and margins agree on both ends; a manual SA needs new limits (`limit time-hard ... byte-hard ...`) or replacing".into(),
+    })
+}
+
+fn no_sa_for_policy(cx: &CounterContext) -> Option<Explanation> {
+    if !is(cx, &["XfrmOutNoStates"]) {
+        return None;
+    }
+    let (n, flow) = (cx.n, &cx.flow);
+    Some(Explanation {
+        kind: FindingKind::NoSaForPolicy,
+        summary: format!(
+            "{n} packets{flow} matched a policy{} that requires an SA the kernel does not have",
+            describe(cx.policy, cx.top)
+        ),
+        fix: "bring the tunnel that owns this policy up (its IKE daemon negotiates the SA on the kernel's ACQUIRE), or add the SA by hand if the tunnel is keyed manually".into(),
+    })
+}
+
+fn policy_removed_in_use(cx: &CounterContext) -> Option<Explanation> {
+    if !is(cx, &["XfrmOutPolDead"]) {
+        return None;
+    }
+    Some(Explanation {
+        kind: FindingKind::PolicyRemovedInUse,
+        summary: format!(
+            "{} packets met a policy that was being deleted (informational)",
+            cx.n
+        ),
+        fix: "nothing, if it happened during a rekey or a reload; repeated, find what deletes policies (`ip xfrm monitor policy`)".into(),
+    })
+}
+
+/// Any other counter: named, with where to look.
+fn xfrm_counter(cx: &CounterContext) -> Explanation {
+    Explanation {
+        kind: FindingKind::XfrmCounter,
+        summary: format!("{} +{}{}", cx.counter.name, cx.n, cx.flow),
+        fix: "see `ip -s xfrm state` and `ip -s xfrm policy` for the SAs and policies involved; the samples and stacks in the report show where the kernel counted it".into(),
     }
 }
 
@@ -206,22 +345,6 @@ fn pids(evidence: &Evidence, label: &str) -> Vec<u32> {
         .iter()
         .find(|n| n.label == label)
         .map_or_else(Vec::new, |n| n.pids.clone())
-}
-
-/// Inbound ESP for an SPI the gateway has no SA for.
-fn no_sa(n: u64, top: Option<&Source>, enter: &str) -> (&'static str, String, String) {
-    let spi = top.filter(|s| !s.spi.is_empty());
-    let summary = match spi {
-        Some(s) => format!(
-            "{n} ESP packets from {} to {} for SPI {}, which this gateway has no SA for",
-            s.src, s.dst, s.spi
-        ),
-        None => format!("{n} IPsec packets for an SPI this gateway has no SA for"),
-    };
-    let fix = format!(
-        "the peer and this gateway disagree on the SAs: with an IKE daemon, one side rekeyed or restarted without the other (restart the connection on both ends and compare `ipsec trafficstatus`); with manual keys, make each SA's SPI, addresses, algorithm and key identical on both gateways (`{enter}ip xfrm state` here, the same on the peer)"
-    );
-    ("no_sa_for_spi", summary, fix)
 }
 
 /// What `ip xfrm state` has between the peers, in place of the SPI asked for.
@@ -287,11 +410,11 @@ mod tests {
     fn source(netns: &str, spi: &str, policy_index: u32, count: u64) -> Source {
         Source {
             count,
-            function: "xfrm_input",
+            function: "xfrm_input".into(),
             netns: 4026532001,
             netns_label: netns.into(),
-            dir: "in",
-            family: "ipv4",
+            dir: "in".into(),
+            family: "ipv4".into(),
             src: "192.0.2.1".into(),
             dst: "192.0.2.2".into(),
             proto: "esp".into(),
@@ -300,7 +423,7 @@ mod tests {
             spi: spi.into(),
             reqid: 0,
             policy_index,
-            policy_dir: "in",
+            policy_dir: "in".into(),
             ifindex: 2,
             ifname: "wan0".into(),
             policy_selector: String::new(),
@@ -315,7 +438,7 @@ mod tests {
             kernel_delta: delta,
             attributed: sources.iter().map(|s| s.count).sum(),
             gap: 0,
-            coverage: "attributed",
+            coverage: "attributed".into(),
             by_netns: vec![NetnsDelta {
                 netns: 4026532001,
                 label: netns.into(),
@@ -354,7 +477,7 @@ mod tests {
         );
         assert_eq!(found.len(), 1);
         let f = &found[0];
-        assert_eq!(f.kind, "no_sa_for_spi");
+        assert_eq!(f.kind, FindingKind::NoSaForSpi);
         assert_eq!(
             f.summary,
             "37 ESP packets from 192.0.2.1 to 192.0.2.2 for SPI 0x00002002, which this gateway has no SA for (netns gwb, XfrmInNoStates +37)"
@@ -378,7 +501,7 @@ mod tests {
             )],
             &[],
         );
-        assert_eq!(found[0].kind, "policy_block");
+        assert_eq!(found[0].kind, FindingKind::PolicyBlock);
         assert!(
             found[0].summary.starts_with(
                 "5 packets 192.0.2.1 -> 192.0.2.2 dropped by a blocking policy (policy 10, dir in)"
@@ -398,10 +521,14 @@ mod tests {
     #[test]
     fn a_connection_finding_explains_its_namespace_only() {
         let earlier = [Finding {
-            kind: "ts_mismatch".into(),
             connection: "lab".into(),
             netns_label: "west".into(),
-            ..Finding::default()
+            ..Finding::new(
+                FindingKind::TsMismatch,
+                String::new(),
+                String::new(),
+                Vec::new(),
+            )
         }];
         let counters = [
             counter("XfrmOutNoStates", "west", 4, vec![]),
@@ -409,7 +536,7 @@ mod tests {
         ];
         let found = diagnose(&counters, &earlier);
         assert_eq!(found.len(), 1, "{found:#?}");
-        assert_eq!(found[0].kind, "template_mismatch");
+        assert_eq!(found[0].kind, FindingKind::TemplateMismatch);
         assert_eq!(found[0].netns_label, "east");
         assert_eq!(
             found[0].evidence,
@@ -429,8 +556,11 @@ mod tests {
             ],
             &[],
         );
-        let kinds: Vec<&str> = found.iter().map(|f| f.kind.as_str()).collect();
-        assert_eq!(kinds, ["policy_removed_in_use", "xfrm_counter"]);
+        let kinds: Vec<FindingKind> = found.iter().map(|f| f.kind).collect();
+        assert_eq!(
+            kinds,
+            [FindingKind::PolicyRemovedInUse, FindingKind::XfrmCounter]
+        );
         assert!(found[1].summary.starts_with("XfrmInIptfsError +3"));
     }
 
@@ -440,8 +570,89 @@ mod tests {
         late.connection = "lab".into();
         late.pluto_state = 2;
         let found = diagnose(&[counter("XfrmInNoStates", "east", 3, vec![late])], &[]);
-        assert_eq!(found[0].kind, "esp_for_replaced_sa");
+        assert_eq!(found[0].kind, FindingKind::EspForReplacedSa);
         assert_eq!(found[0].connection, "lab");
         assert!(found[0].summary.contains("informational"));
+    }
+
+    /// What `rule` says about `counter` in netns `host`.
+    fn explain(rule: Rule, counter: &Counter) -> Option<(FindingKind, String, String)> {
+        let book = XfrmBook::default();
+        let evidence = Evidence {
+            counters: std::slice::from_ref(counter),
+            ike: &[],
+            plutos: &[],
+            book: &book,
+            netns: &[],
+            ike_watched: true,
+        };
+        let moved = &by_netns(counter)["host"];
+        rule(&CounterContext::new(&evidence, counter, "host", moved))
+            .map(|e| (e.kind, e.summary, e.fix))
+    }
+
+    #[test]
+    fn each_counter_rule_knows_its_counters_only() {
+        let esp = |name: &str| counter(name, "host", 2, vec![source("host", "0x00001001", 10, 2)]);
+        let other = esp("XfrmInIptfsError");
+        let cases: [(Rule, &str, FindingKind); 8] = [
+            (
+                esp_for_replaced_sa,
+                "XfrmInNoStates",
+                FindingKind::EspForReplacedSa,
+            ),
+            (no_sa_for_spi, "XfrmInNoStates", FindingKind::NoSaForSpi),
+            (policy_block, "XfrmOutPolBlock", FindingKind::PolicyBlock),
+            (no_policy, "XfrmInNoPols", FindingKind::NoPolicy),
+            (
+                template_mismatch,
+                "XfrmInTmplMismatch",
+                FindingKind::TemplateMismatch,
+            ),
+            (sa_expired, "XfrmOutStateExpired", FindingKind::SaExpired),
+            (
+                no_sa_for_policy,
+                "XfrmOutNoStates",
+                FindingKind::NoSaForPolicy,
+            ),
+            (
+                policy_removed_in_use,
+                "XfrmOutPolDead",
+                FindingKind::PolicyRemovedInUse,
+            ),
+        ];
+        for (rule, name, kind) in cases {
+            let mut moved = esp(name);
+            moved.sources[0].connection = "lab".into();
+            assert_eq!(explain(rule, &moved).map(|e| e.0), Some(kind), "{name}");
+            assert_eq!(explain(rule, &other), None, "{kind} for XfrmInIptfsError");
+        }
+        // Without a connection, ESP for an unknown SPI is not a rekey's.
+        assert_eq!(explain(esp_for_replaced_sa, &esp("XfrmInNoStates")), None);
+    }
+
+    #[test]
+    fn no_policy_sa_expired_and_no_sa_for_policy_name_the_flow() {
+        let one =
+            |name: &str, spi: &str| counter(name, "host", 2, vec![source("host", spi, 10, 2)]);
+        assert_eq!(
+            explain(no_policy, &one("XfrmInNoPols", "")),
+            Some((
+                FindingKind::NoPolicy,
+                "2 packets 192.0.2.1 -> 192.0.2.2 arrived through IPsec (or under a default-block policy) but no inbound or forward policy accepts them".into(),
+                "add the `dir in` and `dir fwd` policies for 192.0.2.1 -> 192.0.2.2 with the template of their SA (an IKE daemon installs them with the tunnel: check the connection's subnets on both ends), or, if `ip xfrm policy getdefault` says block, allow the default".into(),
+            ))
+        );
+        assert_eq!(
+            explain(sa_expired, &one("XfrmInStateExpired", "0x00001001")).map(|e| e.1),
+            Some(
+                "2 packets 192.0.2.1 -> 192.0.2.2 met an SA (0x00001001) past its hard lifetime"
+                    .into()
+            )
+        );
+        assert_eq!(
+            explain(no_sa_for_policy, &one("XfrmOutNoStates", "")).map(|e| e.1),
+            Some("2 packets 192.0.2.1 -> 192.0.2.2 matched a policy (policy 10, dir in) that requires an SA the kernel does not have".into())
+        );
     }
 }

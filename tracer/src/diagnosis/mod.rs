@@ -3,17 +3,17 @@
 //! the kernel's evidence (counters and the packets behind them, the IKE
 //! path watch, MASQUERADE and MTU findings) with what pluto said.
 
-use std::{collections::BTreeSet, net::IpAddr};
+use std::collections::BTreeSet;
 
+mod connection;
 mod counters;
 
 use crate::{
     ike::IkePath,
-    model::{Finding, NetnsInfo},
+    model::{Finding, FindingKind, NetnsInfo},
     pluto::{
-        log::{EventKind, LogEvent},
+        log::LogEvent,
         session::{Observed, owner_of_spi_text},
-        status::Connection,
     },
     report::Counter,
     xfrm_state::XfrmBook,
@@ -67,7 +67,7 @@ pub fn diagnose(evidence: &Evidence, mut findings: Vec<Finding>) -> Vec<Finding>
         names.extend(pluto.events.iter().filter_map(|e| e.connection.as_deref()));
         for name in names {
             let connection = pluto.connections.iter().find(|c| c.name == name);
-            findings.extend(connection_findings(evidence, pluto, name, connection));
+            findings.extend(connection::findings(evidence, pluto, name, connection));
         }
     }
     findings.extend(unmanaged_tunnels_down(evidence));
@@ -88,427 +88,6 @@ fn quote(events: &[&LogEvent]) -> Vec<String> {
         lines.push(format!("... {} such lines in all", events.len()));
     }
     lines
-}
-
-fn matching<'a>(events: &[&'a LogEvent], wanted: impl Fn(&EventKind) -> bool) -> Vec<&'a LogEvent> {
-    events.iter().copied().filter(|e| wanted(&e.kind)).collect()
-}
-
-/// The findings of one connection of one pluto.
-fn connection_findings(
-    evidence: &Evidence,
-    pluto: &Observed,
-    name: &str,
-    connection: Option<&Connection>,
-) -> Vec<Finding> {
-    let events: Vec<&LogEvent> = pluto.events_of(name).collect();
-    let finding = |kind: &str, summary: String, fix: String, lines: Vec<String>| Finding {
-        kind: kind.into(),
-        summary: format!("connection \"{name}\" ({}): {summary}", pluto.netns_label),
-        fix,
-        evidence: lines,
-        connection: name.into(),
-        netns_label: pluto.netns_label.clone(),
-        spi: String::new(),
-    };
-    let peer = connection
-        .and_then(|c| c.remote_addr)
-        .map_or_else(|| "the peer".to_string(), |a| a.to_string());
-    let local = connection.and_then(|c| c.local_addr);
-    let path = connection.and_then(|c| {
-        let (local, remote) = (c.local_addr?.to_string(), c.remote_addr?.to_string());
-        evidence
-            .ike
-            .iter()
-            .find(|p| p.netns == pluto.netns && p.local == local && p.peer == remote)
-    });
-    let mut out = Vec::new();
-
-    // "Possible authentication failure": the peer answers but never
-    // accepts our first encrypted message (IKEv1 says no more with PSKs).
-    let auth = matching(&events, |k| {
-        matches!(
-            k,
-            EventKind::AuthFailed | EventKind::InvalidHash | EventKind::NoAuthResponseTimeout
-        )
-    });
-    if !auth.is_empty() {
-        let ids = connection.map_or_else(String::new, |c| {
-            format!(
-                " for `{} {}`",
-                c.local_id.as_deref().unwrap_or("%any"),
-                c.remote_id.as_deref().unwrap_or("%any")
-            )
-        });
-        out.push(finding(
-            "auth_failed",
-            format!("IKE authentication with {peer} failed: the pre-shared keys (or IDs) differ"),
-            format!("make the PSK{ids} identical in ipsec.secrets on both gateways, then `ipsec auto --rereadsecrets` and `ipsec whack --initiate --name {name}`"),
-            quote(&auth),
-        ));
-    }
-    // An IKEv1 initiator logs the peer's NO_PROPOSAL_CHOSEN the same way
-    // for Main Mode and Quick Mode: before its IKE SA is up, it is IKE's.
-    let ike_up_at = events
-        .iter()
-        .position(|e| matches!(e.kind, EventKind::IkeEstablished));
-    let v1_main_mode_refusal = |i: usize, e: &LogEvent| {
-        matches!(e.kind, EventKind::ChildProposalRejected)
-            && e.text.contains("ignoring informational payload")
-            && ike_up_at.is_none_or(|up| i < up)
-    };
-    let (mut ike, mut child) = (Vec::new(), Vec::new());
-    for (i, e) in events.iter().copied().enumerate() {
-        if matches!(e.kind, EventKind::IkeProposalRejected) || v1_main_mode_refusal(i, e) {
-            ike.push(e);
-        } else if matches!(e.kind, EventKind::ChildProposalRejected) {
-            child.push(e);
-        }
-    }
-    if !ike.is_empty() {
-        let ours = connection
-            .and_then(|c| c.ike_algorithms.clone())
-            .unwrap_or_else(|| "?".into());
-        out.push(finding(
-            "ike_proposal_mismatch",
-            format!("no common IKE algorithms with {peer} (NO_PROPOSAL_CHOSEN)"),
-            format!("set the same ike= on both sides (ours: {ours}); the peer's proposals are in its pluto log"),
-            quote(&ike),
-        ));
-    }
-    if !child.is_empty() {
-        let ours = connection
-            .and_then(|c| c.esp_algorithms.clone())
-            .unwrap_or_else(|| "?".into());
-        out.push(finding(
-            "esp_proposal_mismatch",
-            format!("the IKE SA with {peer} is up but no common ESP algorithms for the Child SA (NO_PROPOSAL_CHOSEN)"),
-            format!("set the same esp= (and PFS group) on both sides (ours: {ours})"),
-            quote(&child),
-        ));
-    }
-    let ts = matching(&events, |k| {
-        matches!(k, EventKind::TsUnacceptable | EventKind::QuickModeTimeout)
-    });
-    if !ts.is_empty() {
-        let (summary, fix) = selectors_refused(evidence, connection, &peer, &ts);
-        out.push(finding("ts_mismatch", summary, fix, quote(&ts)));
-    }
-    let refused = matching(&events, |k| {
-        matches!(k, EventKind::ConnectionRefused { .. })
-    });
-    let unreachable = path.map_or(0, |p| p.port_unreachable);
-    if !refused.is_empty() || unreachable > 0 {
-        let mut lines = quote(&refused);
-        if unreachable > 0 {
-            lines.insert(
-                0,
-                format!("{unreachable} ICMP port unreachable from {peer} for our IKE packets (kernel: net:netif_receive_skb)"),
-            );
-        }
-        out.push(finding(
-            "peer_not_running_ike",
-            format!("nothing listens for IKE at {peer}: it answers UDP 500/4500 with ICMP port unreachable"),
-            format!("start the IKE daemon on {peer} (`systemctl start ipsec`), or correct right= if {peer} is the wrong address"),
-            lines,
-        ));
-    }
-    let mut blocked: Vec<String> = path
-        .map(|p| {
-            p.dropped
-                .iter()
-                .filter(|d| d.firewall)
-                .map(|d| {
-                    format!(
-                        "{} IKE packets {} dropped by a netfilter rule at {} (reason {})",
-                        d.count,
-                        if d.direction == "out" {
-                            "to the peer"
-                        } else {
-                            "from the peer"
-                        },
-                        d.function,
-                        d.reason
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    if !blocked.is_empty() {
-        blocked.extend(quote(&matching(&events, |k| {
-            matches!(k, EventKind::SendFailed)
-        })));
-        let local = local.map_or_else(|| "this gateway".to_string(), |a| a.to_string());
-        out.push(finding(
-            "ike_blocked_locally",
-            format!("this gateway's own firewall drops IKE between {local} and {peer}"),
-            format!("allow UDP 500 and 4500 (and ESP, protocol 50) between {local} and {peer} in the netns's firewall, e.g. `iptables -I OUTPUT -p udp -d {peer} -m multiport --dports 500,4500 -j ACCEPT` and `iptables -I INPUT -p udp -s {peer} -m multiport --dports 500,4500 -j ACCEPT`"),
-            blocked,
-        ));
-    }
-    let answered = path.is_some_and(|p| p.received > 0);
-    let sent = path.map_or(0, |p| p.sent);
-    let retransmits = matching(&events, |k| {
-        matches!(k, EventKind::Retransmit | EventKind::NoResponseTimeout)
-    });
-    let silent_path = sent > 0 && !answered;
-    let silent_log = !evidence.ike_watched && !retransmits.is_empty();
-    if out.is_empty() && (silent_path || silent_log) {
-        let mut lines = Vec::new();
-        if silent_path {
-            lines.push(format!(
-                "{sent} IKE packets to {peer} left this gateway and none came back (kernel: net:net_dev_queue, net:netif_receive_skb)"
-            ));
-        }
-        for other in evidence.ike.iter().filter(|p| p.netns != pluto.netns) {
-            for d in other.dropped.iter().filter(|d| d.firewall) {
-                if [other.local.as_str(), other.peer.as_str()].contains(&peer.as_str()) {
-                    lines.push(format!(
-                        "{} IKE packets between {} and {} dropped by a netfilter rule in netns {} at {}",
-                        d.count, other.local, other.peer, other.netns_label, d.function
-                    ));
-                }
-            }
-        }
-        lines.extend(quote(&retransmits));
-        out.push(finding(
-            "ike_unanswered",
-            format!("IKE requests to {peer} go out and nothing comes back: a firewall between the peers drops UDP 500/4500, or {peer} is down"),
-            format!("open UDP 500 and 4500 (and ESP, protocol 50) from this gateway to {peer} and back on every firewall on the path; check that {peer} is up"),
-            lines,
-        ));
-    }
-    if let Some(missing) = sas_missing_in_kernel(evidence, pluto, connection) {
-        let spis = missing.spis.join(", ");
-        let mut found = finding(
-            "sa_missing_in_kernel",
-            format!(
-                "pluto's Child SA #{} is established, but the kernel has no SA {spis}: it was removed behind pluto's back, and {} packets were dropped for want of it",
-                missing.serial, missing.dropped
-            ),
-            format!(
-                "`ipsec whack --ctlsocket {} --rekey-ipsec --name {name}` installs a new Child SA at both ends; then find what removes SAs outside pluto (`ip xfrm state flush` or `deleteall` in a script, a second IKE daemon, a container restart): `ip xfrm monitor` shows the deletions as they happen",
-                pluto.ctl_socket.display()
-            ),
-            missing.lines,
-        );
-        found.spi = missing.spis[0].clone();
-        out.push(found);
-    }
-    if out.is_empty() && !pluto.is_up(name) {
-        let dropped = no_state_drops(evidence, pluto, connection);
-        let went_down = pluto.up_at_start.iter().any(|c| c == name);
-        let tried = events
-            .iter()
-            .any(|e| matches!(e.kind, EventKind::Initiating | EventKind::Deleting));
-        if dropped > 0 || went_down || tried {
-            let mut lines = Vec::new();
-            if dropped > 0 {
-                lines.push(format!(
-                    "{dropped} packets for this connection's subnets dropped for want of an SA (XfrmOutNoStates)"
-                ));
-            }
-            if went_down {
-                lines.push("its Child SA was up when the run began and is gone now".into());
-            }
-            lines.extend(quote(&events));
-            out.push(finding(
-                "tunnel_down",
-                "no Child SA is established, so its traffic is dropped".into(),
-                format!("`ipsec whack --ctlsocket {} --initiate --name {name}` and read pluto's log for the reason it went down", pluto.ctl_socket.display()),
-                lines,
-            ));
-        }
-    }
-    out
-}
-
-/// Who refused whose traffic selectors, and, where the peer's are known
-/// (its pluto is watched too, or our refusal quotes its proposal), which
-/// subnet differs.
-fn selectors_refused(
-    evidence: &Evidence,
-    connection: Option<&Connection>,
-    peer: &str,
-    events: &[&LogEvent],
-) -> (String, String) {
-    let refused_here = events.iter().any(|e| e.refused_here());
-    let ours = connection.map_or_else(String::new, |c| {
-        format!(
-            "{} <-> {}",
-            c.local_subnets.join(","),
-            c.remote_subnets.join(",")
-        )
-    });
-    // The peer's view: (its subnet, the subnet it expects on our side).
-    let theirs = peer_connection(evidence, connection)
-        .map(|c| (c.local_subnets.join(","), c.remote_subnets.join(",")))
-        .or_else(|| {
-            events
-                .iter()
-                .find_map(|e| e.proposed_selectors())
-                .map(|(on_our_side, theirs)| (theirs, on_our_side))
-        });
-    let summary = if refused_here {
-        format!("we refused the traffic selectors {peer} proposed (TS_UNACCEPTABLE)")
-    } else {
-        format!("{peer} refused our traffic selectors (TS_UNACCEPTABLE)")
-    };
-    let mut differences = Vec::new();
-    if let (Some(c), Some((their_subnet, expected_here))) = (connection, &theirs) {
-        let (our_subnet, expected_there) = (c.local_subnets.join(","), c.remote_subnets.join(","));
-        if *their_subnet != expected_there {
-            differences.push(format!(
-                "{peer} protects {their_subnet}, we expect {expected_there} (our rightsubnet)"
-            ));
-        }
-        if *expected_here != our_subnet {
-            differences.push(format!(
-                "{peer} expects {expected_here} on our side, we protect {our_subnet} (our leftsubnet)"
-            ));
-        }
-    }
-    let summary = if differences.is_empty() {
-        summary
-    } else {
-        format!("{summary}: {}", differences.join("; "))
-    };
-    let fix = if ours.is_empty() {
-        "leftsubnet/rightsubnet must mirror the peer's rightsubnet/leftsubnet".to_string()
-    } else {
-        format!(
-            "leftsubnet/rightsubnet must mirror the peer's rightsubnet/leftsubnet (ours: {ours})"
-        )
-    };
-    (summary, fix)
-}
-
-/// The peer's own connection to us, when its pluto is watched too.
-fn peer_connection<'a>(
-    evidence: &'a Evidence,
-    connection: Option<&Connection>,
-) -> Option<&'a Connection> {
-    let connection = connection?;
-    let (local, remote) = (connection.local_addr?, connection.remote_addr?);
-    evidence
-        .plutos
-        .iter()
-        .flat_map(|p| &p.connections)
-        .find(|c| c.local_addr == Some(remote) && c.remote_addr == Some(local))
-}
-
-/// The SAs of a connection's established Child SA that the kernel lacks.
-struct MissingSas {
-    serial: u32,
-    /// Hex, as `ip xfrm` shows them.
-    spis: Vec<String>,
-    dropped: u64,
-    lines: Vec<String>,
-}
-
-/// The SAs pluto lists for the connection's current Child SA that the
-/// kernel of its netns does not have, when packets were dropped for want
-/// of them (drops make it more than a moment between two looks).
-fn sas_missing_in_kernel(
-    evidence: &Evidence,
-    pluto: &Observed,
-    connection: Option<&Connection>,
-) -> Option<MissingSas> {
-    let connection = connection?;
-    let state = pluto.current_child(&connection.name)?;
-    let serial = state.serial;
-    let kernel = evidence.book.current(pluto.netns)?;
-    let missing: Vec<&(u32, IpAddr)> = state
-        .esp_spis
-        .iter()
-        .filter(|(spi, dst)| !kernel.sas.iter().any(|sa| sa.spi == *spi && sa.dst == *dst))
-        .collect();
-    if missing.is_empty() {
-        return None;
-    }
-    let spis: Vec<String> = missing
-        .iter()
-        .map(|(spi, _)| format!("0x{spi:08x}"))
-        .collect();
-    let mut lines = Vec::new();
-    let mut dropped = 0;
-    for source in evidence
-        .counters
-        .iter()
-        .filter(|c| c.name == "XfrmInNoStates")
-        .flat_map(|c| &c.sources)
-        .filter(|s| s.netns == pluto.netns && spis.contains(&s.spi))
-    {
-        dropped += source.count;
-        lines.push(format!(
-            "{} ESP packets for SA {} from {} dropped at {} on {}: XfrmInNoStates",
-            source.count, source.spi, source.src, source.function, source.ifname
-        ));
-    }
-    let outbound_missing = missing
-        .iter()
-        .any(|(_, dst)| Some(*dst) == connection.remote_addr);
-    let outbound = if outbound_missing {
-        no_state_drops(evidence, pluto, Some(connection))
-    } else {
-        0
-    };
-    if outbound > 0 {
-        dropped += outbound;
-        lines.push(format!(
-            "{outbound} packets for this connection's subnets dropped for want of an SA: XfrmOutNoStates"
-        ));
-    }
-    if dropped == 0 {
-        return None;
-    }
-    lines.push(format!(
-        "pluto: Child SA #{serial} ({}) established with ESP SPIs {}",
-        state.name,
-        state
-            .esp_spis
-            .iter()
-            .map(|(spi, dst)| format!("0x{spi:08x} to {dst}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    ));
-    lines.push(format!(
-        "kernel ({}): {} SAs, none with SPI {}",
-        pluto.netns_label,
-        kernel.sas.len(),
-        spis.join(" or ")
-    ));
-    Some(MissingSas {
-        serial,
-        spis,
-        dropped,
-        lines,
-    })
-}
-
-/// XfrmOutNoStates increments whose policy is this connection's.
-fn no_state_drops(evidence: &Evidence, pluto: &Observed, connection: Option<&Connection>) -> u64 {
-    let Some(connection) = connection else {
-        return 0;
-    };
-    evidence
-        .counters
-        .iter()
-        .filter(|c| c.name == "XfrmOutNoStates")
-        .flat_map(|c| &c.sources)
-        .filter(|s| s.netns == pluto.netns)
-        .filter(|s| {
-            evidence
-                .book
-                .policy(s.netns, s.policy_index)
-                .is_some_and(|p| {
-                    pluto
-                        .owner_of_selector(&p.selector.src, &p.selector.dst)
-                        .is_some_and(|c| c.name == connection.name)
-                })
-        })
-        .map(|s| s.count)
-        .sum()
 }
 
 /// Traffic dropped for want of an SA under a policy no pluto manages (a
@@ -537,19 +116,19 @@ fn unmanaged_tunnels_down(evidence: &Evidence) -> Vec<Finding> {
                 format!(" requires an SA to {} (reqid {})", t.dst, t.reqid)
             });
             out.push(Finding {
-                kind: "tunnel_down".into(),
-                summary: format!(
-                    "policy {} ({} -> {}, dir {}){wants} but there is none, and no running pluto manages it: {} packets dropped",
-                    policy.index, policy.selector.src, policy.selector.dst, policy.dir, source.count
-                ),
-                fix: "start the IKE daemon that owns this policy (`systemctl start ipsec`) and bring the connection up, or remove the stale policy (`ip xfrm policy delete ...`)".into(),
-                evidence: vec![format!(
-                    "{} XfrmOutNoStates at {} for {} -> {} in netns {}",
-                    source.count, source.function, source.src, source.dst, source.netns_label
-                )],
-                connection: String::new(),
                 netns_label: source.netns_label.clone(),
-                spi: String::new(),
+                ..Finding::new(
+                    FindingKind::TunnelDown,
+                    format!(
+                        "policy {} ({} -> {}, dir {}){wants} but there is none, and no running pluto manages it: {} packets dropped",
+                        policy.index, policy.selector.src, policy.selector.dst, policy.dir, source.count
+                    ),
+                    "start the IKE daemon that owns this policy (`systemctl start ipsec`) and bring the connection up, or remove the stale policy (`ip xfrm policy delete ...`)".into(),
+                    vec![format!(
+                        "{} XfrmOutNoStates at {} for {} -> {} in netns {}",
+                        source.count, source.function, source.src, source.dst, source.netns_label
+                    )],
+                )
             });
         }
     }
@@ -585,16 +164,15 @@ fn kernel_errors(evidence: &Evidence) -> Vec<Finding> {
         }
     }
     let names: Vec<&str> = moved.iter().map(|c| c.name.as_str()).collect();
-    vec![Finding {
-        kind: "kernel_xfrm_errors".into(),
-        summary: format!(
+    vec![Finding::new(
+        FindingKind::KernelXfrmErrors,
+        format!(
             "the kernel rejected IPsec packets for reasons that point at the SA or the kernel: {}",
             names.join(", ")
         ),
-        fix: "compare the SA on both ends (`ip -s xfrm state`: replay and integrity failures, same keys and algorithms); if they agree, report it to the kernel (netdev@vger.kernel.org) with this run's JSON (--json), the kernel release, `ip -s xfrm state` with the keys removed, and the stacks below".into(),
-        evidence: lines,
-        ..Finding::default()
-    }]
+        "compare the SA on both ends (`ip -s xfrm state`: replay and integrity failures, same keys and algorithms); if they agree, report it to the kernel (netdev@vger.kernel.org) with this run's JSON (--json), the kernel release, `ip -s xfrm state` with the keys removed, and the stacks below".into(),
+        lines,
+    )]
 }
 
 #[cfg(test)]
@@ -635,7 +213,7 @@ mod tests {
         }
     }
 
-    fn kinds(plutos: &[Observed], ike: &[IkePath]) -> Vec<String> {
+    fn kinds(plutos: &[Observed], ike: &[IkePath]) -> Vec<FindingKind> {
         let book = XfrmBook::default();
         let evidence = Evidence {
             counters: &[],
@@ -720,11 +298,11 @@ mod tests {
         let ike = [path(3, 3)];
         assert_eq!(
             kinds(&[west(&[V1_MAIN_MODE_REFUSED])], &ike),
-            ["ike_proposal_mismatch"]
+            [FindingKind::IkeProposalMismatch]
         );
         assert_eq!(
             kinds(&[west(&[V1_IKE_UP, V1_MAIN_MODE_REFUSED])], &ike),
-            ["esp_proposal_mismatch"]
+            [FindingKind::EspProposalMismatch]
         );
     }
 
@@ -733,7 +311,7 @@ mod tests {
         let retransmit = "Nov 29 07:52:01.400957: \"lab\" #1: STATE_V2_PARENT_I1: retransmission; will wait 0.5 seconds for response";
         assert_eq!(
             kinds(&[west(&[retransmit])], &[path(4, 0)]),
-            ["ike_unanswered"]
+            [FindingKind::IkeUnanswered]
         );
         // Answers arrive (a slow peer): not a firewall.
         assert!(kinds(&[west(&[retransmit])], &[path(4, 2)]).is_empty());
@@ -742,7 +320,7 @@ mod tests {
         refused.port_unreachable = 4;
         assert_eq!(
             kinds(&[west(&[retransmit])], &[refused]),
-            ["peer_not_running_ike"]
+            [FindingKind::PeerNotRunningIke]
         );
     }
 
@@ -751,7 +329,7 @@ mod tests {
         let initiating = "Nov 29 07:45:01.307048: \"lab\" #1: initiating IKEv2 connection";
         assert_eq!(
             kinds(&[west(&[initiating])], &[path(2, 2)]),
-            ["tunnel_down"]
+            [FindingKind::TunnelDown]
         );
         // Idle and never up: nothing to say.
         assert!(kinds(&[west(&[])], &[]).is_empty());

@@ -8,7 +8,7 @@ use aya::{
     maps::{Array, PerCpuArray, PerCpuHashMap},
     programs::TracePoint,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tracer_common::{
     capture::DropSampling,
     drops::{DropKey, DropSample},
@@ -77,7 +77,7 @@ pub fn samples_lost(ebpf: &Ebpf) -> Result<u64, DropsError> {
 }
 
 /// Drops with the same netns, reason, function and interface, added up.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DropRow {
     pub count: u64,
     pub reason: String,

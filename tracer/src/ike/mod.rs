@@ -10,7 +10,7 @@ use std::{
 use tracer_common::names::programs;
 
 use aya::{Ebpf, maps::PerCpuHashMap};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tracer_common::ike::{IkeKey, event};
 use tracer_common::names::maps;
 
@@ -62,7 +62,7 @@ pub fn read(ebpf: &Ebpf) -> Result<Vec<(IkeKey, u64)>, aya::maps::MapError> {
 }
 
 /// IKE between one local address and one peer, in one netns.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IkePath {
     pub netns: u64,
     /// `host`, the `ip netns` name, or `netns:<inode>`.
@@ -80,11 +80,11 @@ pub struct IkePath {
     pub ports: Vec<u16>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IkeDrop {
     pub count: u64,
     /// `out` (sent by a local socket) or `in`.
-    pub direction: &'static str,
+    pub direction: String,
     pub function: String,
     pub reason: String,
     /// Dropped by a netfilter rule (iptables/nftables).
@@ -139,7 +139,7 @@ pub fn summarize(
                     Some(drop) => drop.count += count,
                     None => path.dropped.push(IkeDrop {
                         count: *count,
-                        direction,
+                        direction: direction.into(),
                         firewall: is_firewall(&reason, &function),
                         function,
                         reason,

@@ -13,16 +13,14 @@ use aya::{
     Ebpf,
     maps::{HashMap as BpfHashMap, PerCpuArray, PerCpuHashMap},
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tracer_common::masquerade::{LeakCount, LeakKey, LeakSample, PolicyKey, Selector, error};
 use tracer_common::names::maps;
 
 use crate::{
     hooks::{self, HookOutcome, HookSpec, Needs, Prototype, Role, Variant},
-    model::{Finding, HookList, Names},
+    model::{Finding, FindingKind, HookList, Names},
 };
-
-pub const FINDING_KIND: &str = "masquerade_before_policy";
 
 /// Per family: the bundle's `output` (POSTROUTING starts) and its okfn
 /// (POSTROUTING ended); `skb` is the third argument of both.
@@ -80,7 +78,7 @@ pub const HOOKS: &[HookSpec] = &[
 ];
 
 /// What the detector covers on this kernel.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct MasqCoverage {
     /// Families whose re-routes out of IPsec are counted (`ipv4`, `ipv6`).
     pub detected: Vec<String>,
@@ -167,7 +165,7 @@ pub fn read(ebpf: &Ebpf) -> Result<Counted, aya::maps::MapError> {
 }
 
 /// The detector's part of the report.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct MasqueradeReport {
     pub coverage: MasqCoverage,
     /// Packets re-routed out of IPsec, per flow.
@@ -179,7 +177,7 @@ pub struct MasqueradeReport {
 }
 
 /// One pre-NAT flow that POSTROUTING NAT took out of its IPsec bundle.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Leak {
     pub packets: u64,
     pub bytes: u64,
@@ -189,9 +187,9 @@ pub struct Leak {
     pub dropped: u64,
     /// Whether `sent`/`dropped` are known (fexit attached).
     pub outcome_known: bool,
-    pub family: &'static str,
+    pub family: String,
     /// `forwarded` or `local` (the skb belonged to a local socket).
-    pub origin: &'static str,
+    pub origin: String,
     /// The flow the IPsec policy matched (empty if not seen).
     pub pre_src: String,
     pub pre_dst: String,
@@ -270,8 +268,8 @@ pub fn leaks(counted: &Counted, coverage: &MasqCoverage, names: &Names) -> Vec<L
                 sent: c.sent,
                 dropped: c.failed,
                 outcome_known: coverage.outcome.iter().any(|f| f == family_name),
-                family: family_name,
-                origin: if k.local != 0 { "local" } else { "forwarded" },
+                family: family_name.into(),
+                origin: if k.local != 0 { "local" } else { "forwarded" }.into(),
                 pre_src: if k.seen != 0 {
                     text(k.family, &k.pre_src)
                 } else {
@@ -352,7 +350,7 @@ pub fn findings(leaks: &[Leak], netns: &[crate::model::NetnsInfo]) -> Vec<Findin
                 leak.policy_index,
                 leak.post_src.clone(),
                 leak.ifindex,
-                leak.family,
+                leak.family.as_str(),
             ))
             .or_default()
             .push(leak);
@@ -435,13 +433,14 @@ pub fn findings(leaks: &[Leak], netns: &[crate::model::NetnsInfo]) -> Vec<Findin
                 "no /proc/net/xfrm_stat counter moves for this, and nothing is logged".into(),
             );
             Finding {
-                kind: FINDING_KIND.into(),
-                summary,
-                fix: fix(first, &enter_command(netns, first)),
-                evidence,
                 netns_label: first.netns_label.clone(),
                 spi: first.spi.clone(),
-                ..Finding::default()
+                ..Finding::new(
+                    FindingKind::MasqueradeBeforePolicy,
+                    summary,
+                    fix(first, &enter_command(netns, first)),
+                    evidence,
+                )
             }
         })
         .collect()
@@ -458,8 +457,8 @@ mod tests {
             sent: 6,
             dropped: 0,
             outcome_known: true,
-            family: "ipv4",
-            origin: "forwarded",
+            family: "ipv4".into(),
+            origin: "forwarded".into(),
             pre_src: "10.0.2.10".into(),
             pre_dst: "192.168.1.10".into(),
             post_src: "192.0.2.1".into(),
@@ -483,7 +482,7 @@ mod tests {
     fn finding_reads_at_a_glance_and_fix_is_exact() {
         let f = findings(&[leak()], &[]);
         assert_eq!(f.len(), 1);
-        assert_eq!(f[0].kind, "masquerade_before_policy");
+        assert_eq!(f[0].kind, FindingKind::MasqueradeBeforePolicy);
         assert_eq!(
             f[0].summary,
             "6 packets from 10.0.2.0/24 to 192.168.0.0/16 were SNATed to 192.0.2.1 before IPsec and sent in clear on wan0 (netns west)"
@@ -501,7 +500,7 @@ mod tests {
     #[test]
     fn ipv6_and_unknown_policy() {
         let mut l = leak();
-        l.family = "ipv6";
+        l.family = "ipv6".into();
         l.policy_src.clear();
         l.policy_dst.clear();
         l.pre_src = "fd00:2::10".into();

@@ -8,7 +8,7 @@ mod hooks;
 mod names;
 mod packet;
 
-pub use finding::Finding;
+pub use finding::{Finding, FindingKind};
 pub use hooks::HookList;
 pub use names::{Names, NetnsInfo};
 pub use packet::{CaptureCounts, Captured};

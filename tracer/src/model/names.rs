@@ -2,9 +2,9 @@
 
 use std::collections::BTreeMap;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct NetnsInfo {
     pub inode: u64,
     /// `host` (the initial namespace), the `ip netns` name, or `netns:<inode>`.

@@ -1,13 +1,13 @@
 //! Packets the eBPF programs copied, and how many they let go.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tracer_common::capture::Headers;
 
 /// Dropped and leaked packets the kernel copied for the pcapng, and those
 /// it let go (over the rate limit, or the ring full): exact counts, so the
 /// file's sample is known to be one. Increments attributed to counters
 /// have theirs in `attribution_errors.samples_lost`.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct CaptureCounts {
     pub drops_captured: u64,
     pub drops_not_captured: u64,

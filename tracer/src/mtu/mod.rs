@@ -9,13 +9,13 @@ use std::{
 use tracer_common::names::programs;
 
 use aya::{Ebpf, maps::PerCpuHashMap};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tracer_common::mtu::{MtuKey, MtuStats, kind};
 use tracer_common::names::maps;
 
 use crate::{
     hooks::{self, HookOutcome, HookSpec, Role, Variant},
-    model::{Finding, HookList},
+    model::{Finding, FindingKind, HookList},
     xfrm_state::{EspGeometry, Sa, VpnInterface, VpnInterfaceKind, XfrmState},
 };
 
@@ -101,10 +101,10 @@ pub fn read(ebpf: &Ebpf) -> Result<Vec<(MtuKey, MtuStats)>, aya::maps::MapError>
 }
 
 /// One kind of event of one SA, as the report has it.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SizeEvent {
     /// `fragmented`, `frag_needed`, `frag_needed_received` or `local_emsgsize`.
-    pub kind: &'static str,
+    pub kind: String,
     pub count: u64,
     pub netns: u64,
     pub netns_label: String,
@@ -123,7 +123,7 @@ pub struct SizeEvent {
 }
 
 /// The type of a route-based VPN's interface.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum InterfaceType {
     Xfrm,
@@ -157,7 +157,7 @@ impl InterfaceType {
 }
 
 /// Per SA: what it carried and what did not fit.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SaSizes {
     /// Hex, as `ip xfrm` shows it.
     pub spi: String,
@@ -304,7 +304,8 @@ pub fn summarize(rows: &[(MtuKey, MtuStats)], namespaces: &[NetnsView]) -> Vec<S
                 kind::FRAG_NEEDED => "frag_needed",
                 kind::FRAG_NEEDED_RECEIVED => "frag_needed_received",
                 _ => "local_emsgsize",
-            },
+            }
+            .into(),
             count: stats.count,
             netns: u64::from(key.netns),
             netns_label: ns.map_or_else(|| format!("netns:{}", key.netns), |n| n.label.into()),
@@ -353,7 +354,7 @@ pub fn findings(sizes: &[SaSizes]) -> Vec<Finding> {
                 .events
                 .iter()
                 .map(|e| {
-                    let action = match e.kind {
+                    let action = match e.kind.as_str() {
                         "fragmented" => "fragmented after encryption",
                         "frag_needed" => "refused with ICMP fragmentation needed",
                         "frag_needed_received" => {
@@ -430,13 +431,9 @@ pub fn findings(sizes: &[SaSizes]) -> Vec<Finding> {
                 ));
             }
             Finding {
-                kind: "esp_oversize".into(),
-                summary,
-                fix,
-                evidence,
                 netns_label: sa.sa_netns.clone(),
                 spi: sa.spi.clone(),
-                ..Finding::default()
+                ..Finding::new(FindingKind::EspOversize, summary, fix, evidence)
             }
         })
         .collect()

@@ -48,7 +48,7 @@ pub fn packets(report: &Report) -> Vec<Packet> {
 fn attribution_packet(counter: &str, sample: &SampleReport) -> Option<Packet> {
     let s = &sample.source;
     let mut comment = format!("{counter} +{} in {}", s.count, s.function);
-    push_place(&mut comment, s.dir, &s.netns_label, &s.ifname);
+    push_place(&mut comment, &s.dir, &s.netns_label, &s.ifname);
     if !s.spi.is_empty() {
         comment.push_str(&format!(", SA spi {} reqid {}", s.spi, s.reqid));
     }
@@ -189,11 +189,11 @@ mod tests {
     fn headers_are_rebuilt_from_a_lookup_flow() {
         let source = Source {
             count: 1,
-            function: "xfrm_lookup_with_ifid",
+            function: "xfrm_lookup_with_ifid".into(),
             netns: 1,
             netns_label: "a".into(),
-            dir: "out",
-            family: "ipv4",
+            dir: "out".into(),
+            family: "ipv4".into(),
             src: "10.0.1.1".into(),
             dst: "10.0.2.1".into(),
             proto: "udp".into(),
@@ -202,7 +202,7 @@ mod tests {
             spi: String::new(),
             reqid: 0,
             policy_index: 0,
-            policy_dir: "",
+            policy_dir: "".into(),
             ifindex: 0,
             ifname: String::new(),
             policy_selector: String::new(),

@@ -15,12 +15,12 @@ use std::{
     sync::mpsc::{Receiver, channel},
 };
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{Error, LogSource, split_connection};
 
 /// One pluto log line.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LogEvent {
     /// The timestamp as written (`Nov 29 07:44:44.603320`); empty if none.
     pub time: String,
@@ -57,7 +57,7 @@ impl LogEvent {
 
 /// What a log line tells about the negotiation: only what the diagnosis
 /// needs, `Other` for the rest. "I" = initiator, "R" = responder.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum EventKind {
     /// I starts an IKE SA or a Child SA (v1: Main/Aggressive/Quick Mode).
     Initiating,

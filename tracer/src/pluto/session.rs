@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{
     Instance, LogSource,
@@ -22,7 +22,7 @@ const STATUS_EVERY: Duration = Duration::from_secs(2);
 const EVENTS_KEPT: usize = 2000;
 
 /// What one pluto said during the run.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Observed {
     pub pid: u32,
     pub netns: u64,

@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{Error, check_socket, split_connection};
 
@@ -29,7 +29,7 @@ pub struct Status {
 }
 
 /// One loaded connection (`conn` section), as pluto resolved it.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Connection {
     /// The name within the quotes, plus `[N]` for an instance.
     pub name: String,
@@ -58,7 +58,7 @@ pub struct Connection {
 }
 
 /// Whether a state negotiates or holds an IKE (ISAKMP) SA or a Child (IPsec) SA.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum StateKind {
     #[default]
     Ike,
@@ -66,7 +66,7 @@ pub enum StateKind {
 }
 
 /// One pluto state (`#N`).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct State {
     pub serial: u32,
     pub connection: String,

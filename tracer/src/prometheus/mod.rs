@@ -172,7 +172,7 @@ fn findings(report: &Report) -> Family {
     for f in &report.findings {
         family.set(
             vec![
-                ("kind", f.kind.clone()),
+                ("kind", f.kind.to_string()),
                 ("connection", f.connection.clone()),
                 ("netns", f.netns_label.clone()),
             ],

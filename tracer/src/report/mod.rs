@@ -3,9 +3,12 @@
 //!
 //! Field names are a published interface: add fields, never rename them.
 
+#[cfg(test)]
+mod schema;
+
 use std::collections::BTreeMap;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{
     attribution::{AttributionErrors, Coverage, SampleReport, Source},
@@ -15,9 +18,9 @@ use crate::{
 
 pub const SCHEMA: &str = "xfrm-trace/1";
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Report {
-    pub schema: &'static str,
+    pub schema: String,
     pub kernel: Kernel,
     /// What `--netns`/`--filter` narrowed the report to (empty: all).
     pub filter: Vec<String>,
@@ -51,14 +54,14 @@ pub struct Report {
     pub masquerade: crate::masquerade::MasqueradeReport,
 }
 
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct PlutoReport {
     pub instances: Vec<crate::pluto::session::Observed>,
     /// Why plutos could not be found (none running is not a problem).
     pub problems: Vec<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Kernel {
     pub release: String,
     pub mode: String,
@@ -68,7 +71,7 @@ pub struct Kernel {
 pub const ATTRIBUTED: &str = "attributed";
 
 /// One `/proc/net/xfrm_stat` counter that moved during the run.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Counter {
     pub name: String,
     pub kernel_delta: u64,
@@ -77,14 +80,14 @@ pub struct Counter {
     pub gap: i128,
     /// `attributed` (every increment tied to its packet) or `counted` (the
     /// kernel's delta only, as in tracepoint-only mode).
-    pub coverage: &'static str,
+    pub coverage: String,
     pub by_netns: Vec<NetnsDelta>,
     pub sources: Vec<Source>,
     /// Sampled increments with their kernel stacks (rate-limited).
     pub samples: Vec<SampleReport>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct NetnsDelta {
     pub netns: u64,
     pub label: String,

@@ -15,6 +15,7 @@ use serde_json::Value;
 
 use crate::{
     lab::{EAST_SUBNET, EHOST, Host, Lab, StaticIpsec, WEST_SUBNET, WEST_WAN},
+    model::FindingKind,
     privilege,
 };
 
@@ -140,7 +141,7 @@ fn findings(report: &Value) -> Vec<&Value> {
         .as_array()
         .map(|f| {
             f.iter()
-                .filter(|f| f["kind"] == crate::masquerade::FINDING_KIND)
+                .filter(|f| f["kind"] == FindingKind::MasqueradeBeforePolicy.as_str())
                 .collect()
         })
         .unwrap_or_default()
@@ -197,12 +198,12 @@ pub fn run() -> anyhow::Result<()> {
     let Some(finding) = found.first() else {
         bail!(
             "the tool reported no {} finding",
-            crate::masquerade::FINDING_KIND
+            FindingKind::MasqueradeBeforePolicy
         );
     };
     say(&format!(
         "\n3. xfrm-trace finds it:\n   FINDING {}: {}",
-        crate::masquerade::FINDING_KIND,
+        FindingKind::MasqueradeBeforePolicy,
         finding["summary"].as_str().unwrap_or_default()
     ));
     let fix = finding["fix"].as_str().unwrap_or_default();

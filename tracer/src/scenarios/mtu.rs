@@ -83,7 +83,7 @@ pub fn run(hooks: HookChoice) -> anyhow::Result<()> {
     let finding = report
         .findings
         .iter()
-        .find(|f| f.kind == "esp_oversize")
+        .find(|f| f.kind == crate::model::FindingKind::EspOversize)
         .cloned();
     step.say("xfrm-trace watched the transfer:");
     let Some(finding) = finding else {

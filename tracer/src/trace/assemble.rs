@@ -113,7 +113,7 @@ pub fn report(context: &Context, moment: Moment) -> Report {
         findings,
     );
     Report {
-        schema: report::SCHEMA,
+        schema: report::SCHEMA.into(),
         kernel: Kernel {
             release: context.release.clone(),
             mode: context.coverage.mode().to_string(),
@@ -387,7 +387,7 @@ fn counter_entry<'a>(
             kernel_delta: 0,
             attributed: 0,
             gap: 0,
-            coverage,
+            coverage: coverage.into(),
             by_netns: Vec::new(),
             sources: Vec::new(),
             samples: Vec::new(),

@@ -124,6 +124,26 @@ impl XfrmBook {
     }
 }
 
+#[cfg(test)]
+impl XfrmBook {
+    /// A book that saw `state` in `netns` (for the tests of its readers).
+    pub fn seen(netns: u64, state: XfrmState) -> Self {
+        let ns = Namespace {
+            path: PathBuf::new(),
+            notifications: None,
+            sas: state.sas,
+            policies: state.policies,
+            interfaces: state.interfaces,
+            gone_sas: Vec::new(),
+            gone_policies: Vec::new(),
+        };
+        Self {
+            namespaces: BTreeMap::from([(netns, ns)]),
+            refreshes: 0,
+        }
+    }
+}
+
 impl Namespace {
     fn refresh(&mut self) {
         let state = match XfrmState::read_in(&self.path) {

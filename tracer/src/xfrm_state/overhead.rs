@@ -1,12 +1,12 @@
 //! What ESP adds to a packet, from an SA's real algorithms and mode, as the
 //! kernel computes it (`esp_init_state`, `xfrm_state_mtu`).
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{Mode, Sa};
 
 /// The fixed parts of an ESP SA's encapsulation, in bytes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EspGeometry {
     /// Outer IP header (tunnel mode) + UDP (NAT-T) + ESP header + IV.
     pub header: u32,
