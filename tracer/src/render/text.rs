@@ -344,3 +344,42 @@ fn losses(report: &Report, _: Style, out: &mut String) {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every section of a fully populated report, as a terminal shows it:
+    /// compared with the committed text, so a change of wording or layout
+    /// is seen in review (XFRM_TRACE_UPDATE_TEXT=1 rewrites the file).
+    #[test]
+    fn a_populated_report_renders_as_committed() {
+        let text = render(&crate::report::schema::populated());
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/render/populated.txt");
+        if std::env::var_os("XFRM_TRACE_UPDATE_TEXT").is_some() {
+            std::fs::write(&path, &text).unwrap();
+        }
+        let committed = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            text == committed,
+            "the text report changed; if on purpose, update {} (XFRM_TRACE_UPDATE_TEXT=1 cargo test --release -p tracer --lib render)\n--- now:\n{text}",
+            path.display()
+        );
+    }
+
+    #[test]
+    fn quiet_prints_the_diagnosis_only() {
+        let report = crate::report::schema::populated();
+        let quiet = render_with(
+            &report,
+            Style {
+                color: false,
+                findings_only: true,
+            },
+        );
+        assert!(quiet.starts_with("\nDiagnosis:\n"), "{quiet}");
+        assert!(!quiet.contains("XFRM counters"), "{quiet}");
+        assert!(render(&report).contains(&quiet), "{quiet}");
+    }
+}

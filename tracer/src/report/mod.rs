@@ -4,7 +4,7 @@
 //! Field names are a published interface: add fields, never rename them.
 
 #[cfg(test)]
-mod schema;
+pub(crate) mod schema;
 
 use std::collections::BTreeMap;
 
