@@ -74,19 +74,24 @@ fn record_exit(args: &impl Args) {
             core::ptr::write_volatile(value, 0);
         }
     }
+    // Kept in memory and read back (volatile) before each copy, then
+    // checked: the 5.10 verifier loses the bound of a value spilled across
+    // the loop's helper calls, and refuses an unbounded copy size.
+    let bytes = (count * 8) as u32;
     let mut cpu = 0u32;
     while cpu < MAX_CPUS && cpu < cpus {
         let cpu_offset: u64 = unsafe {
             bpf_probe_read_kernel((offsets.per_cpu_offset + u64::from(cpu) * 8) as *const u64)
         }
         .unwrap_or(0);
-        let read = if cpu_offset == 0 {
+        let size = unsafe { core::ptr::read_volatile(&bytes) };
+        let read = if cpu_offset == 0 || size == 0 || size > (MAX_COUNTERS * 8) as u32 {
             -1
         } else {
             unsafe {
                 probe_read_raw(
                     cpu_values.cast(),
-                    (count * 8) as u32,
+                    size,
                     percpu.wrapping_add(cpu_offset) as *const _,
                 )
             }
