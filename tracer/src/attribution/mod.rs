@@ -399,7 +399,8 @@ pub struct Source {
     /// The policy's selector, `src -> dst` (from the kernel's policies as
     /// seen during the run; empty if unknown).
     pub policy_selector: String,
-    /// The libreswan connection owning the SA (filled in by the report).
+    /// The libreswan connection owning the SA (joined from pluto when the
+    /// report is assembled).
     pub connection: String,
     /// pluto's Child SA state number (`#N`), 0 if unknown.
     pub pluto_state: u32,

@@ -26,7 +26,8 @@ const EVENTS_KEPT: usize = 2000;
 pub struct Observed {
     pub pid: u32,
     pub netns: u64,
-    /// `ip netns` name, `host`, or `pid N` (filled in by the report).
+    /// `host`, the `ip netns` name, or `netns:<inode>`: named when the report
+    /// is assembled (the watch starts before the names are known).
     pub netns_label: String,
     pub ctl_socket: PathBuf,
     /// The log file, `journal`, or `unknown`.
