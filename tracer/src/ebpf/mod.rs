@@ -338,6 +338,17 @@ pub fn describe(error: &dyn std::error::Error) -> String {
     text
 }
 
+/// The embedded object, parsed as the loader parses it (for unit tests that
+/// check names against it).
+#[cfg(test)]
+pub(crate) fn parsed_object() -> aya_obj::Object {
+    assert!(
+        !OBJECT.is_empty(),
+        "built without the eBPF object (AYA_BUILD_SKIP)"
+    );
+    aya_obj::Object::parse(OBJECT).expect("the embedded object parses")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -356,15 +367,9 @@ mod tests {
     #[error("loading the eBPF object")]
     struct Loading(#[source] MapError);
 
-    /// The embedded object, parsed as the loader parses it.
-    fn object() -> aya_obj::Object {
-        assert!(!OBJECT.is_empty(), "built without the eBPF object");
-        aya_obj::Object::parse(OBJECT).unwrap()
-    }
-
     #[test]
     fn every_map_named_in_tracer_common_is_in_the_object_and_back() {
-        let object = object();
+        let object = parsed_object();
         for name in maps::ALL.iter().chain(maps::KERNEL_ONLY) {
             assert!(
                 object.maps.contains_key(*name),
@@ -389,7 +394,7 @@ mod tests {
 
     #[test]
     fn every_program_named_in_tracer_common_is_in_the_object_and_back() {
-        let object = object();
+        let object = parsed_object();
         let mut in_object: Vec<&str> = object.programs.keys().map(String::as_str).collect();
         in_object.sort_unstable();
         let mut named = programs::ALL.to_vec();
@@ -399,7 +404,7 @@ mod tests {
 
     #[test]
     fn every_global_named_in_tracer_common_is_in_the_object() {
-        let btf = object().btf.expect("the object has BTF");
+        let btf = parsed_object().btf.expect("the object has BTF");
         for name in globals::ALL {
             let found = btf.id_by_type_name_kind(name, aya_obj::btf::BtfKind::Var);
             assert!(found.is_ok(), "global {name} not in the object's BTF");

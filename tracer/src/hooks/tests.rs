@@ -418,11 +418,7 @@ fn the_preload_list_is_the_fentry_part_of_the_plan() {
 #[test]
 fn every_program_in_the_tables_is_in_the_object() {
     use aya_obj::ProgramSection as S;
-    assert!(
-        !crate::ebpf::OBJECT.is_empty(),
-        "built without the eBPF object (AYA_BUILD_SKIP)"
-    );
-    let object = aya_obj::Object::parse(crate::ebpf::OBJECT).expect("the embedded object parses");
+    let object = crate::ebpf::parsed_object();
     let mut checked = 0;
     for spec in ALL.iter().flat_map(|specs| specs.iter()) {
         for variant in spec.variants {
