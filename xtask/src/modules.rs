@@ -45,28 +45,32 @@ pub fn check_acyclic(src: &Path) -> anyhow::Result<()> {
 
 /// Every dependency between two top-level modules of the crate at `src`.
 pub fn edges(src: &Path) -> anyhow::Result<Edges> {
-    let files = without_test_modules(rust_files(src)?)?;
+    let mut files = Vec::new();
+    for file in rust_files(src)? {
+        let text = std::fs::read_to_string(&file)
+            .with_context(|| format!("reading {}", file.display()))?;
+        let parsed =
+            syn::parse_file(&text).with_context(|| format!("parsing {}", file.display()))?;
+        files.push((file, parsed));
+    }
+    let files = without_test_modules(files);
     let modules: BTreeSet<String> = files
         .iter()
-        .filter_map(|f| module_path(f.strip_prefix(src).ok()?).first().cloned())
+        .filter_map(|(f, _)| module_path(f.strip_prefix(src).ok()?).first().cloned())
         .collect();
     let mut edges = Edges::new();
-    for file in files {
-        let relative = file.strip_prefix(src).unwrap_or(&file);
+    for (file, parsed) in &files {
+        let relative = file.strip_prefix(src).unwrap_or(file);
         let module = module_path(relative);
         // The crate roots: what they import is not a module's dependency.
         let Some(top) = module.first().cloned() else {
             continue;
         };
-        let text = std::fs::read_to_string(&file)
-            .with_context(|| format!("reading {}", file.display()))?;
-        let parsed =
-            syn::parse_file(&text).with_context(|| format!("parsing {}", file.display()))?;
         let mut paths = Paths {
             module: &module,
             found: Vec::new(),
         };
-        paths.visit_file(&parsed);
+        paths.visit_file(parsed);
         for (target, line) in paths.found {
             // `super::item` at the root names an item, not a module.
             if target != top && modules.contains(&target) {
@@ -81,13 +85,9 @@ pub fn edges(src: &Path) -> anyhow::Result<Edges> {
 
 /// Leaves out the files of modules declared under `#[cfg(test)]`
 /// (`#[cfg(test)] mod tests;` → `tests.rs` or `tests/mod.rs` beside it).
-fn without_test_modules(files: Vec<PathBuf>) -> anyhow::Result<Vec<PathBuf>> {
+fn without_test_modules(files: Vec<(PathBuf, syn::File)>) -> Vec<(PathBuf, syn::File)> {
     let mut test_only: BTreeSet<PathBuf> = BTreeSet::new();
-    for file in &files {
-        let text =
-            std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-        let parsed =
-            syn::parse_file(&text).with_context(|| format!("parsing {}", file.display()))?;
+    for (file, parsed) in &files {
         let stem = file.file_stem().unwrap_or_default();
         // Children of `a/mod.rs`, `lib.rs` live beside it; of `a.rs`, in `a/`.
         let dir = match file.parent() {
@@ -107,10 +107,10 @@ fn without_test_modules(files: Vec<PathBuf>) -> anyhow::Result<Vec<PathBuf>> {
             }
         }
     }
-    Ok(files
+    files
         .into_iter()
-        .filter(|f| !test_only.contains(f))
-        .collect())
+        .filter(|(f, _)| !test_only.contains(f))
+        .collect()
 }
 
 fn rust_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
