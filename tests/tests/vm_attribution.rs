@@ -45,6 +45,8 @@ enum Hooks {
     Auto,
     /// Forced kprobe/kretprobe: the fallback for kernels without fentry.
     Kprobe,
+    /// `--brackets`: per-packet brackets instead of the diff at the drop.
+    Brackets,
 }
 
 /// Runs `action` while the tracer watches; returns its JSON report.
@@ -53,12 +55,14 @@ fn traced(name: &str, action: impl FnOnce()) -> Value {
 }
 
 fn traced_with(hooks: Hooks, name: &str, action: impl FnOnce()) -> Value {
-    let (hooks, mode) = match hooks {
-        Hooks::Auto => ("auto", "fentry"),
-        Hooks::Kprobe => ("kprobe", "kprobe"),
+    let (args, mode, strategy): (&[&str], _, _) = match hooks {
+        Hooks::Auto => (&["--hooks", "auto"], "fentry", "drop_diff"),
+        Hooks::Kprobe => (&["--hooks", "kprobe"], "kprobe", "drop_diff"),
+        Hooks::Brackets => (&["--brackets"], "fentry", "brackets"),
     };
-    let report = traced_report(name, &["--hooks", hooks], action);
+    let report = traced_report(name, args, action);
     assert_eq!(report["kernel"]["mode"], mode, "{:#}", report["coverage"]);
+    assert_eq!(report["coverage"]["strategy"], strategy);
     report
 }
 
@@ -170,15 +174,6 @@ fn assert_frames_within_their_symbols(stack: &[&str], sizes: &HashMap<String, Ve
     }
 }
 
-fn kernel_before(major: u32, minor: u32) -> bool {
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
-    let mut parts = release
-        .trim()
-        .split(['.', '-'])
-        .map(|p| p.parse::<u32>().unwrap_or(0));
-    (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) < (major, minor)
-}
-
 fn delta(lab: &Lab, host: Host, name: &str, before: &xfrm_trace::xfrm_stat::XfrmStat) -> u64 {
     let now = lab.xfrm_stat(host).expect("xfrm_stat");
     now.0.get(name).copied().unwrap_or(0) - before.0.get(name).copied().unwrap_or(0)
@@ -212,6 +207,12 @@ fn in_no_states_names_the_missing_sa_and_ignores_healthy_traffic() {
 #[test]
 fn kprobe_in_no_states_names_the_missing_sa() {
     in_no_states(Hooks::Kprobe);
+}
+
+/// Runs on: 6.1 (the per-packet brackets of `--brackets`: the same functions on every kernel; the diff at the drop runs everywhere)
+#[test]
+fn brackets_in_no_states_names_the_missing_sa() {
+    in_no_states(Hooks::Brackets);
 }
 
 fn in_no_states(hooks: Hooks) {
@@ -503,35 +504,27 @@ fn replay(hooks: Hooks) {
             .iter()
             .filter_map(Value::as_str)
             .collect();
-        // Kernels before 5.14 cannot unwind a kretprobe's stack past its
-        // trampoline: there, that is all a kprobe-mode sample can show.
-        let truncated_kretprobe = matches!(hooks, Hooks::Kprobe)
-            && stack.as_slice() == ["kretprobe_trampoline+0x0"]
-            && kernel_before(5, 14);
         assert!(
-            stack.iter().any(|f| f.starts_with("ip_")) || truncated_kretprobe,
+            stack.iter().any(|f| f.starts_with("ip_")),
             "stack without the IP receive path: {stack:?}"
         );
         assert_frames_within_their_symbols(&stack, &symbol_sizes);
         let own = sample["own_frames_left_out"].as_u64().unwrap();
-        match hooks {
-            // fexit: without our program and the trampoline that called it
-            // (6.x unwinds through both, 5.10 starts past them), the stack
-            // starts in the hooked function, or, where the unwinder skips
-            // the traced function's own frame (7.x), in its caller on the
-            // ESP receive path.
-            Hooks::Auto => {
-                assert!(
-                    ["xfrm_input+", "xfrm4_esp_rcv+"]
-                        .iter()
-                        .any(|f| stack[0].starts_with(f)),
-                    "{stack:?}"
-                );
-                assert!(own <= 2, "{sample}");
-            }
-            // A kprobe's stack starts at the probed function's registers.
-            Hooks::Kprobe => assert_eq!(own, 0, "{sample}"),
-        }
+        // Sampled as the packet is dropped: the stack starts in the
+        // function that frees it (kfree_skb, kfree_skb_reason or
+        // sk_skb_reason_drop, by kernel), called from xfrm_input, which
+        // refused it. None of our frames: the tracepoint runs the program
+        // from the freeing function itself.
+        let free = ["kfree_skb", "sk_skb_reason_drop"];
+        assert!(free.iter().any(|f| stack[0].starts_with(f)), "{stack:?}");
+        let refused_in = stack
+            .iter()
+            .find(|f| !free.iter().any(|p| f.starts_with(p)));
+        assert!(
+            refused_in.is_some_and(|f| f.starts_with("xfrm_input+")),
+            "{stack:?}"
+        );
+        assert_eq!(own, 0, "{sample}");
     }
     assert_eq!(report["attribution_errors"]["samples_lost"], 0);
 }

@@ -118,6 +118,94 @@ pub struct Sample {
     pub headers: Headers,
 }
 
+/// Diff at the drop (`docs/drop-diff.md`): instead of bracketing every
+/// packet, a per-CPU, per-netns shadow of the counters is compared when a
+/// packet is freed as a drop (and at the exit of the few functions whose
+/// increments no drop follows). The stage that bumps a counter is its
+/// class; each place that claims takes only the classes it can own.
+pub mod class {
+    /// Only `xfrm_input`'s SA processing bumps it.
+    pub const IN_SA: u8 = 1;
+    /// Only the inbound policy check bumps it.
+    pub const IN_POLICY: u8 = 2;
+    /// Bumped by `xfrm_input` or the inbound policy check (InHdrError,
+    /// InBufferError, InStateMismatch): the drop's location tells which.
+    pub const IN_EITHER: u8 = 4;
+    /// The outbound policy and bundle lookup.
+    pub const OUT_LOOKUP: u8 = 8;
+    /// `__xfrm_route_forward` itself (XfrmFwdHdrError).
+    pub const OUT_FORWARD: u8 = 16;
+    /// The transformation (`xfrm_output`, `xfrm_output_one`, completions).
+    pub const OUT_XFORM: u8 = 32;
+    /// What a drop elsewhere than inside XFRM may claim (a policy-check
+    /// caller, the forwarding path, a netfilter re-route, a tunnel device).
+    pub const AT_CALLERS: u8 = IN_POLICY | IN_EITHER | OUT_LOOKUP | OUT_FORWARD;
+    pub const ALL_IN: u8 = IN_SA | IN_POLICY | IN_EITHER;
+}
+
+/// Where a drop happened, as far as claiming goes.
+pub mod site {
+    /// Anywhere not listed below.
+    pub const OTHER: u32 = 0;
+    /// Inside `xfrm_input`.
+    pub const INPUT: u32 = 1;
+    /// Inside `xfrm_output` itself.
+    pub const OUTPUT: u32 = 2;
+    /// Inside `xfrm_output_resume` (and `xfrm_output_one` where it is out
+    /// of line), the ESP output completion, the offload transmit.
+    pub const OUTPUT_RESUME: u32 = 3;
+    /// Inside `ip_forward`/`ip6_forward`: a FWD policy check or
+    /// `__xfrm_route_forward` refused the packet.
+    pub const FORWARD: u32 = 4;
+}
+
+/// A kernel function's text, with the site a drop inside it is.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SiteRange {
+    pub start: u64,
+    pub end: u64,
+    pub site: u32,
+    pub _pad: u32,
+}
+
+/// Functions whose drops are told apart (a few per kernel).
+pub const MAX_SITES: usize = 16;
+
+/// What userspace resolves at start: where drops are, and each counter's
+/// class (`class::*` by counter index; 0 = never claimed). The programs
+/// claim nothing until `armed` is 1: the shadows must first hold every
+/// CPU's counters as they were at the start.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ClaimTables {
+    pub sites: [SiteRange; MAX_SITES],
+    pub classes: [u8; MAX_COUNTERS],
+    pub armed: u32,
+    pub _pad: u32,
+}
+
+impl ClaimTables {
+    pub const EMPTY: Self = Self {
+        sites: [SiteRange {
+            start: 0,
+            end: 0,
+            site: 0,
+            _pad: 0,
+        }; MAX_SITES],
+        classes: [0; MAX_COUNTERS],
+        armed: 0,
+        _pad: 0,
+    };
+}
+
+/// The counters of one netns on one CPU as last claimed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Shadow {
+    pub values: [u64; MAX_COUNTERS],
+}
+
 /// Indexes into the `ATTRIBUTION_ERRORS` per-CPU array.
 pub mod error {
     /// Exit without a matching entry (skipped program, migration).
@@ -128,7 +216,9 @@ pub mod error {
     pub const TABLE_FULL: u32 = 2;
     /// Samples not sent (rate limit or full ring buffer).
     pub const SAMPLES_LOST: u32 = 3;
-    pub const COUNT: u32 = 4;
+    /// The shadow table was full: a netns's increments went unclaimed.
+    pub const SHADOWS_FULL: u32 = 4;
+    pub const COUNT: u32 = 5;
 }
 
 // Sizes the eBPF and userspace compiles must agree on, every byte a
@@ -140,6 +230,9 @@ const _: () = {
     assert!(size_of::<FrameStack>() == 5240);
     assert!(size_of::<SourceKey>() == 68);
     assert!(size_of::<Sample>() == 232);
+    assert!(size_of::<SiteRange>() == 24);
+    assert!(size_of::<ClaimTables>() == 24 * MAX_SITES + MAX_COUNTERS + 8);
+    assert!(size_of::<Shadow>() == 8 * MAX_COUNTERS);
 };
 
 #[cfg(feature = "user")]
@@ -147,4 +240,6 @@ mod pod {
     unsafe impl aya::Pod for super::Flow {}
     unsafe impl aya::Pod for super::SourceKey {}
     unsafe impl aya::Pod for super::Sample {}
+    unsafe impl aya::Pod for super::ClaimTables {}
+    unsafe impl aya::Pod for super::Shadow {}
 }

@@ -145,6 +145,10 @@ kernel_offsets! {
     xfrm_dst_pols: optional("xfrm_dst", "pols"),
     xfrm_state_daddr: optional("xfrm_state", "id.daddr"),
     xfrm_state_family: optional("xfrm_state", "props.family"),
+    /// The SA's protocol (ESP 50, AH 51, IPComp 108) and the bytes its
+    /// mode puts before the inner packet (outer IP header, ESP header, IV).
+    xfrm_state_proto: optional("xfrm_state", "id.proto"),
+    xfrm_state_header_len: optional("xfrm_state", "props.header_len"),
     xfrm_policy_sel_saddr: optional("xfrm_policy", "selector.saddr"),
     xfrm_policy_sel_daddr: optional("xfrm_policy", "selector.daddr"),
     xfrm_policy_sel_family: optional("xfrm_policy", "selector.family"),
@@ -169,6 +173,10 @@ kernel_offsets! {
     /// interface).
     net_device_rtnl_link_ops: optional("net_device", "rtnl_link_ops"),
     rtnl_link_ops_kind: optional("rtnl_link_ops", "kind"),
+    /// The calling task's netns (`current->nsproxy->net_ns`): how the
+    /// shadow set-up program finds the netns userspace entered.
+    task_struct_nsproxy: optional("task_struct", "nsproxy"),
+    nsproxy_net_ns: optional("nsproxy", "net_ns"),
 }
 
 // Sizes the eBPF and userspace compiles must agree on, every byte a
@@ -176,7 +184,7 @@ kernel_offsets! {
 const _: () = {
     use core::mem::size_of;
     assert!(size_of::<KfreeSkbRecord>() == 16);
-    assert!(size_of::<KernelOffsets>() == 216);
+    assert!(size_of::<KernelOffsets>() == 232);
 };
 
 #[cfg(feature = "user")]

@@ -18,6 +18,8 @@ pub mod maps {
         ALL:
         // Attribution (the brackets).
         SOURCES, ATTRIBUTION_ERRORS, SAMPLES, STACKS,
+        // Attribution (diff at the drop).
+        CLAIM_TABLES,
         // Drops at skb:kfree_skb.
         DROPS, DROPS_UNTRACKED, DROP_SAMPLING, DROP_SAMPLES, DROP_SAMPLES_LOST,
         IKE_EVENTS,
@@ -37,6 +39,9 @@ pub mod maps {
         "MASQ_PENDING",
         "LEAK_BUDGET",
         "NETNS_EXIT_CPU",
+        "SHADOWS",
+        "CLAIM_FRAME",
+        "OPEN_LOOKUPS",
     ];
 }
 
@@ -64,6 +69,8 @@ pub mod programs {
         // Enrichment: the SA and policy behind an increment.
         state_lookup_exit, input_state_lookup_exit, policy_lookup_exit,
         state_lookup_kretprobe, policy_lookup_kretprobe,
+        // Diff at the drop: the shadows' set-up, local route lookups.
+        shadow_init, lookup_route_exit, lookup_route_kprobe, lookup_route_kretprobe,
         // Drops and the IKE path watch (tracepoints).
         kfree_skb, net_dev_queue, netif_receive_skb,
         // MASQUERADE before IPsec.

@@ -19,7 +19,7 @@ use tracer_common::layout::ABSENT;
 
 use crate::{
     KERNEL_OFFSETS, capture,
-    packet::{AF_INET6, skb_packet},
+    packet::{AF_INET6, IpPacket, skb_packet},
     skb::{read_at, skb_dst, skb_net},
 };
 
@@ -50,14 +50,14 @@ static ATTRIBUTION_ERRORS: PerCpuArray<u64> = PerCpuArray::with_max_entries(erro
 /// Zeroes in place; volatile so LLVM does not turn it into a `memset`
 /// call, which older verifiers reject.
 #[inline(always)]
-fn zero(values: &mut [u64; MAX_COUNTERS]) {
+pub(crate) fn zero(values: &mut [u64; MAX_COUNTERS]) {
     for value in values.iter_mut() {
         unsafe { core::ptr::write_volatile(value, 0) };
     }
 }
 
 #[inline(always)]
-fn count_error(index: u32) {
+pub(crate) fn count_error(index: u32) {
     if let Some(count) = ATTRIBUTION_ERRORS.get_ptr_mut(index) {
         unsafe { *count += 1 };
     }
@@ -65,7 +65,7 @@ fn count_error(index: u32) {
 
 /// `net->ns.inum` and the address of this CPU's XFRM counters of `net`.
 #[inline(always)]
-unsafe fn netns_and_mib(net: u64) -> (u32, u64) {
+pub(crate) unsafe fn netns_and_mib(net: u64) -> (u32, u64) {
     let offsets = KERNEL_OFFSETS.load();
     if net == 0 {
         return (0, 0);
@@ -87,7 +87,7 @@ unsafe fn netns_and_mib(net: u64) -> (u32, u64) {
 
 /// Reads the counters at `mib` into `out` (zeros where unknown).
 #[inline(always)]
-unsafe fn read_counters(mib: u64, out: &mut [u64; MAX_COUNTERS]) {
+pub(crate) unsafe fn read_counters(mib: u64, out: &mut [u64; MAX_COUNTERS]) {
     let count = KERNEL_OFFSETS.load().xfrm_counters as usize;
     let count = if count > MAX_COUNTERS {
         MAX_COUNTERS
@@ -107,10 +107,16 @@ unsafe fn read_counters(mib: u64, out: &mut [u64; MAX_COUNTERS]) {
 /// Addresses, protocol, ports (or the ESP SPI and sequence number) from
 /// the skb's IP header.
 #[inline(always)]
-unsafe fn flow_from_skb(skb: u64, flow: &mut Flow, seq: &mut u32) {
-    let Some(packet) = (unsafe { skb_packet(skb) }) else {
-        return;
-    };
+pub(crate) unsafe fn flow_from_skb(skb: u64, flow: &mut Flow, seq: &mut u32) {
+    if let Some(packet) = unsafe { skb_packet(skb) } {
+        flow_from_packet(&packet, flow, seq);
+    }
+}
+
+/// Addresses, protocol, ports (or the ESP SPI and sequence number) of a
+/// parsed packet.
+#[inline(always)]
+pub(crate) fn flow_from_packet(packet: &IpPacket, flow: &mut Flow, seq: &mut u32) {
     flow.family = u16::from(packet.family);
     flow.proto = packet.proto;
     flow.src = packet.src;
@@ -130,7 +136,7 @@ unsafe fn flow_from_skb(skb: u64, flow: &mut Flow, seq: &mut u32) {
 
 /// The SA (SPI, reqid) an outgoing skb's route points at, if any.
 #[inline(always)]
-unsafe fn sa_of_route(skb: u64, flow: &mut Flow) {
+pub(crate) unsafe fn sa_of_route(skb: u64, flow: &mut Flow) {
     let offsets = KERNEL_OFFSETS.load();
     let dst = unsafe { skb_dst(skb) };
     if dst == 0 {
@@ -145,7 +151,7 @@ unsafe fn sa_of_route(skb: u64, flow: &mut Flow) {
 
 /// The flow a route lookup is made for.
 #[inline(always)]
-unsafe fn flow_from_flowi(fl: u64, family: u16, flow: &mut Flow) {
+pub(crate) unsafe fn flow_from_flowi(fl: u64, family: u16, flow: &mut Flow) {
     let o = KERNEL_OFFSETS.load();
     if fl == 0 {
         return;
@@ -313,13 +319,7 @@ pub fn exit<C: StackIdContext>(ctx: &C, hook_id: u32, token: Option<u64>) {
 unsafe fn read_pending_flow(frame: &mut Frame) {
     frame.flow_pending = 0;
     if frame.hook == hook::LOOKUP {
-        let o = KERNEL_OFFSETS.load();
-        let ops: u64 = unsafe { read_at(frame.dst_orig, o.dst_entry_ops) }.unwrap_or(0);
-        let family: u16 = if ops != 0 {
-            unsafe { read_at(ops, o.dst_ops_family) }.unwrap_or(0)
-        } else {
-            0
-        };
+        let family = unsafe { route_family(frame.dst_orig) };
         unsafe { flow_from_flowi(frame.token, family, &mut frame.flow) };
         return;
     }
@@ -336,10 +336,21 @@ unsafe fn read_pending_flow(frame: &mut Frame) {
     unsafe { capture::copy_headers(skb, &mut frame.headers) };
 }
 
+/// The address family of a route (what a lookup's flowi holds).
+#[inline(always)]
+pub(crate) unsafe fn route_family(dst: u64) -> u16 {
+    let o = KERNEL_OFFSETS.load();
+    let ops: u64 = unsafe { read_at(dst, o.dst_entry_ops) }.unwrap_or(0);
+    if ops == 0 {
+        return 0;
+    }
+    unsafe { read_at(ops, o.dst_ops_family) }.unwrap_or(0)
+}
+
 /// The last SA that decapsulated a received skb (0 if none): its
 /// sec_path, the skb extension the policy check itself reads.
 #[inline(always)]
-unsafe fn decapsulating_sa(skb: u64) -> u64 {
+pub(crate) unsafe fn decapsulating_sa(skb: u64) -> u64 {
     let o = KERNEL_OFFSETS.load();
     if o.skb_ext_sec_path == ABSENT || o.sec_path_xvec == ABSENT || o.skb_ext_offset == ABSENT {
         return 0;
@@ -366,7 +377,13 @@ unsafe fn decapsulating_sa(skb: u64) -> u64 {
 
 /// Sends a sample if this CPU's budget for the current second allows.
 #[inline(always)]
-fn sample<C: StackIdContext>(ctx: &C, counter: u32, hook_id: u32, frame: &Frame, count: u64) {
+pub(crate) fn sample<C: StackIdContext>(
+    ctx: &C,
+    counter: u32,
+    hook_id: u32,
+    frame: &Frame,
+    count: u64,
+) {
     let Some(mut entry) = capture::reserve::<Sample>(&SAMPLES, &SAMPLE_BUDGET) else {
         count_error(error::SAMPLES_LOST);
         return;
@@ -394,7 +411,7 @@ fn sample<C: StackIdContext>(ctx: &C, counter: u32, hook_id: u32, frame: &Frame,
 }
 
 #[inline(always)]
-fn record(counter: u32, hook_id: u32, flow: &Flow, count: u64) {
+pub(crate) fn record(counter: u32, hook_id: u32, flow: &Flow, count: u64) {
     let key = SourceKey {
         counter,
         hook: hook_id,

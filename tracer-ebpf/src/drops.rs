@@ -15,7 +15,10 @@ use tracer_common::{
     layout::{ABSENT, KfreeSkbRecord},
 };
 
-use crate::{capture, ike, skb::skb_netns_and_ifindex};
+use crate::{
+    capture, claims, ike,
+    skb::{skb_net, skb_netns_and_ifindex},
+};
 
 /// Where the fields are in the tracepoint's record, written by userspace
 /// before loading (from tracefs).
@@ -52,6 +55,14 @@ pub fn kfree_skb(ctx: TracePointContext) -> u32 {
     let key = unsafe { drop_key(&ctx, &record) }.unwrap_or_default();
     count_drop(&ctx, &key);
     if let Ok(skb) = unsafe { ctx.read_at::<u64>(record.skbaddr as usize) } {
+        let (net, _) = unsafe { skb_net(skb) };
+        let site = claims::site_of(key.location);
+        claims::claim(
+            &ctx,
+            net,
+            claims::drop_mask(site),
+            claims::Claimant::Drop { skb, site },
+        );
         unsafe { ike::on_drop(skb, key.location, key.reason, key.netns, key.ifindex) };
         sample_drop(skb, &key);
     }

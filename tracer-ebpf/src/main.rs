@@ -16,6 +16,7 @@ mod skb;
 // Concerns: their maps and programs.
 mod attribution;
 mod brackets;
+mod claims;
 mod doctor;
 mod drops;
 mod ike;

@@ -53,6 +53,7 @@ fn record_exit(args: &impl Args) {
     let Ok(netns) = (unsafe { read_at::<u32>(net, offsets.net_ns_inum) }) else {
         return;
     };
+    crate::claims::forget(netns);
     let Ok(percpu) = (unsafe { read_at::<u64>(net, offsets.net_xfrm_statistics) }) else {
         return;
     };

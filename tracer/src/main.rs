@@ -92,6 +92,7 @@ fn options(args: &TraceArgs, live: bool) -> trace::Options {
         ready_file: args.ready_file.clone(),
         live,
         hooks: args.hooks,
+        brackets: args.brackets,
         pluto_sockets: args.pluto_socket.clone(),
         filter: Filter {
             netns: args.netns.clone(),

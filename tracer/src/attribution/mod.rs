@@ -1,5 +1,8 @@
-//! Attribution of XFRM counter increments to packets: the bracket and
-//! enrichment hooks, and reading what they recorded.
+//! Attribution of XFRM counter increments to packets: at the drop
+//! (`claims`, the default) or with the bracket and enrichment hooks, and
+//! reading what they recorded.
+
+pub mod claims;
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 use tracer_common::names::programs;
@@ -17,6 +20,7 @@ use crate::{
     hooks::{self, HookOutcome, HookSpec, Method, Mode, Needs, Prototype, Role, Variant},
     kallsyms::Kallsyms,
     model::{HookList, Names},
+    xfrm_state::{FlowQuery, XfrmBook},
 };
 
 /// The brackets (fentry/fexit, else kprobe/kretprobe) and the enrichment
@@ -129,10 +133,26 @@ pub const HOOKS: &[HookSpec] = &[
 ];
 const ENRICHMENT_ARGS: usize = 6;
 
+/// How increments are tied to packets.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    /// Diff at the drop: the counters are compared only when a packet is
+    /// dropped (and after a failed local route lookup); a healthy packet
+    /// runs nothing.
+    #[default]
+    DropDiff,
+    /// Brackets around every call of the functions that bump counters
+    /// (`--brackets`): per packet, names the exact function.
+    Brackets,
+}
+
 /// What got attached.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Coverage {
-    /// Every bracket attached: every increment can be tied to its packet.
+    pub strategy: Strategy,
+    /// Every bracket (or claim hook) attached: every increment can be tied
+    /// to its packet.
     pub complete: bool,
     /// Brackets attached with fentry/fexit and with kprobe/kretprobe.
     pub fentry_brackets: usize,
@@ -148,11 +168,17 @@ impl Coverage {
         let HookList { attached, missing } = hooks::hook_list(outcomes, "all brackets");
         let brackets: Vec<Option<Method>> = outcomes
             .iter()
-            .filter(|o| o.role() == Role::Bracket)
+            .filter(|o| matches!(o.role(), Role::Bracket | Role::Claim))
             .map(|o| o.via)
             .collect();
+        let strategy = if outcomes.iter().any(|o| o.role() == Role::Bracket) {
+            Strategy::Brackets
+        } else {
+            Strategy::DropDiff
+        };
         let hooked_by = |method| brackets.iter().filter(|via| **via == Some(method)).count();
         Self {
+            strategy,
             complete: !brackets.is_empty() && brackets.iter().all(Option::is_some),
             fentry_brackets: hooked_by(Method::Fentry),
             kprobe_brackets: hooked_by(Method::Kprobe),
@@ -427,6 +453,19 @@ fn dir_name(direction: u8) -> &'static str {
     }
 }
 
+/// The protocol number of a name `proto_name` gave.
+fn proto_number(name: &str) -> u8 {
+    match name {
+        "icmp" => 1,
+        "tcp" => 6,
+        "udp" => 17,
+        "esp" => 50,
+        "ah" => 51,
+        "icmpv6" => 58,
+        other => other.parse().unwrap_or(0),
+    }
+}
+
 fn proto_name(proto: u8) -> String {
     match proto {
         0 => "-".into(),
@@ -437,6 +476,35 @@ fn proto_name(proto: u8) -> String {
         51 => "ah".into(),
         58 => "icmpv6".into(),
         other => other.to_string(),
+    }
+}
+
+/// Names the policy of an increment attributed at the drop, where the
+/// programs saw no policy: the one the kernel picks for the flow in the
+/// direction of the check or lookup that refused it. A counter that says
+/// no policy was found (XfrmInNoPols) names none.
+pub fn name_policy(source: &mut Source, counter: &str, book: &XfrmBook) {
+    let dir = match source.function.as_str() {
+        "__xfrm_policy_check" if counter != "XfrmInNoPols" => source.dir.as_str(),
+        "xfrm_lookup_with_ifid" | "__xfrm_route_forward" => "out",
+        _ => return,
+    };
+    if source.policy_index != 0 {
+        return;
+    }
+    let (Ok(src), Ok(dst)) = (source.src.parse(), source.dst.parse()) else {
+        return;
+    };
+    let flow = FlowQuery {
+        src,
+        dst,
+        proto: proto_number(&source.proto),
+        sport: source.sport,
+        dport: source.dport,
+    };
+    if let Some(policy) = book.policy_for(source.netns, dir, &flow) {
+        source.policy_index = policy.index;
+        source.policy_dir = policy.dir.to_string();
     }
 }
 

@@ -73,6 +73,12 @@ pub struct TraceArgs {
     /// kprobes per function; the others force one method.
     #[arg(long, value_enum, default_value_t, global = true)]
     pub hooks: crate::hooks::HookChoice,
+    /// Tie increments to packets with brackets around every call of the
+    /// XFRM functions instead of at the drop: costs every packet, names the
+    /// exact function; for cross-checks and paths not analysed for the
+    /// drop (IP-TFS, ESP in TCP).
+    #[arg(long, global = true)]
+    pub brackets: bool,
     /// Ask the pluto (libreswan) behind this control socket; repeatable.
     /// Default: every running pluto, found through /proc, with its log.
     #[arg(long, value_name = "PATH", global = true)]

@@ -21,7 +21,7 @@ use crate::{
 /// Every capability's hooks, in the order a run attaches them.
 const ALL: [&[HookSpec]; 5] = [
     ike::HOOKS,
-    attribution::HOOKS,
+    attribution::claims::HOOKS,
     mtu::HOOKS,
     masquerade::HOOKS,
     exits::HOOKS,
@@ -165,7 +165,7 @@ fn dry_run(btf: &KernelBtf, kallsyms: &Kallsyms, programs: &ProgramSupport) -> V
 fn mode(hooks: &[HookOutcome], programs: &ProgramSupport) -> Mode {
     let brackets: Vec<HookOutcome> = hooks
         .iter()
-        .filter(|o| matches!(o.role(), Role::Bracket | Role::Enrichment))
+        .filter(|o| matches!(o.role(), Role::Bracket | Role::Enrichment | Role::Claim))
         .cloned()
         .collect();
     let mode = Coverage::of(&brackets).mode();

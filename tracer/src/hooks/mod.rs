@@ -33,6 +33,8 @@ pub enum Role {
     Bracket,
     /// Names the SA, policy or exact cause while a bracket is open.
     Enrichment,
+    /// Claims the increments no drop follows (diff at the drop).
+    Claim,
     /// The MASQUERADE-before-IPsec path.
     Nat,
     /// Oversize ESP and path MTU.

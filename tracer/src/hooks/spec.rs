@@ -216,6 +216,24 @@ impl Variant {
         }
     }
 
+    /// An exit program as fexit, else as a kprobe/kretprobe pair (the
+    /// kprobe keeps the arguments the kretprobe cannot read).
+    pub const fn exit_or_kprobe_pair(
+        fexit: &'static str,
+        kprobe: &'static str,
+        kretprobe: &'static str,
+    ) -> Self {
+        Self {
+            prototype: Prototype::Any,
+            programs: Programs {
+                fexit: Some(fexit),
+                kprobe: Some(kprobe),
+                kretprobe: Some(kretprobe),
+                ..NO_PROGRAMS
+            },
+        }
+    }
+
     /// A classic tracepoint program of `category`.
     pub const fn tracepoint(category: &'static str, program: &'static str) -> Self {
         Self {

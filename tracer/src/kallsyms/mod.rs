@@ -218,6 +218,21 @@ impl Kallsyms {
         }
     }
 
+    /// The text of each function named exactly `name` (static functions
+    /// of several files or modules may share it): from its address to the
+    /// next symbol's.
+    pub fn function_ranges(&self, name: &str) -> Vec<(u64, u64)> {
+        self.text
+            .iter()
+            .enumerate()
+            .filter(|(_, entry)| entry.address != 0 && self.symbol(entry).name == name)
+            .filter_map(|(index, entry)| {
+                let next = self.text.get(index + 1)?;
+                (next.module == entry.module).then_some((entry.address, next.address))
+            })
+            .collect()
+    }
+
     /// The symbol containing a kernel text address, and the offset in it
     /// (`None` where no symbol plausibly contains it).
     pub fn symbolize(&self, address: u64) -> Option<(Symbol<'_>, u64)> {

@@ -260,6 +260,7 @@ pub fn populated() -> Report {
         filter: vec!["netns=west".into()],
         duration_secs: 1.5,
         coverage: Coverage {
+            strategy: Default::default(),
             complete: true,
             fentry_brackets: 12,
             kprobe_brackets: 0,

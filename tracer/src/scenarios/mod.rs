@@ -42,6 +42,7 @@ fn trace_during(hooks: HookChoice, action: impl FnOnce()) -> anyhow::Result<Repo
         ready_file: Some(ready.clone()),
         live: false,
         hooks,
+        brackets: false,
         pluto_sockets: Vec::new(),
         filter: Default::default(),
         interval: Duration::from_secs(1),

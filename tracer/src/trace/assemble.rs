@@ -8,7 +8,7 @@ use tracer_common::attribution::SourceKey;
 
 use super::{Snapshot, probes::Readings};
 use crate::{
-    attribution::{self, Coverage},
+    attribution::{self, Coverage, Strategy},
     counters::Counters,
     diagnosis, drops, ike,
     kallsyms::Kallsyms,
@@ -93,6 +93,9 @@ pub fn report(context: &Context, moment: Moment) -> Report {
         let sources = counter.sources.iter_mut();
         let samples = counter.samples.iter_mut().map(|s| &mut s.source);
         for source in sources.chain(samples) {
+            if context.coverage.strategy == Strategy::DropDiff {
+                attribution::name_policy(source, &counter.name, book);
+            }
             join_policy_and_connection(source, book, &plutos);
         }
     }

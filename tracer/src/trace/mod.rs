@@ -37,6 +37,8 @@ pub struct Options {
     /// Redraw the counters every `interval` while running (on a terminal).
     pub live: bool,
     pub hooks: crate::hooks::HookChoice,
+    /// Per-packet brackets instead of the diff at the drop.
+    pub brackets: bool,
     /// pluto control sockets to ask (default: every running pluto).
     pub pluto_sockets: Vec<PathBuf>,
     /// What the report is narrowed to.
@@ -146,7 +148,7 @@ impl<'a> Session<'a> {
             .map(|u| u.release().to_string_lossy().into_owned())
             .context("uname")?;
         let counter_names = Counters::from_btf(&btf).unwrap_or_default();
-        let probes = Probes::attach(&btf, &kallsyms, options.hooks)?;
+        let probes = Probes::attach(&btf, &kallsyms, options.hooks, options.brackets)?;
         // Without the teardown hook, a deleted namespace keeps the counters
         // last read (every second).
         let mut history =

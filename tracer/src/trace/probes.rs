@@ -14,8 +14,9 @@ use tracer_common::{
 };
 
 use crate::{
-    attribution::{self, AttributionErrors, Coverage},
+    attribution::{self, AttributionErrors, Coverage, Strategy, claims},
     btf::KernelBtf,
+    counters::Counters,
     drops, ebpf,
     ebpf::Sampler,
     hooks::{self, HookChoice, KernelFacts, attach::attach, plan::trampolines},
@@ -111,6 +112,23 @@ fn teardown(
     }
 }
 
+/// Diff at the drop: every CPU's shadow of each netns set up, then the
+/// claims armed.
+fn start_claims(
+    object: &mut aya::Ebpf,
+    counters: &Counters,
+    kallsyms: &Kallsyms,
+) -> Result<(), String> {
+    let namespaces = crate::netns::all();
+    let paths: Vec<&std::path::Path> = namespaces.values().map(|ns| ns.path.as_path()).collect();
+    let shadows = claims::start(object, claims::tables(counters, kallsyms), &paths)?;
+    log::debug!(
+        "start: {shadows} shadows set up in {} namespaces",
+        paths.len()
+    );
+    Ok(())
+}
+
 /// The object loaded with this kernel's layout, before anything attaches.
 struct Loaded {
     object: aya::Ebpf,
@@ -144,6 +162,7 @@ fn load(btf: &KernelBtf, kallsyms: &Kallsyms) -> anyhow::Result<Loaded> {
 /// Each capability's hooks as the planner decided them for this kernel.
 struct Plans {
     brackets: Vec<hooks::Planned>,
+    claims: Vec<hooks::Planned>,
     mtu: Vec<hooks::Planned>,
     masquerade: Vec<hooks::Planned>,
     exits: Vec<hooks::Planned>,
@@ -157,6 +176,7 @@ impl Plans {
             kallsyms,
             &[
                 attribution::HOOKS,
+                claims::HOOKS,
                 mtu::HOOKS,
                 masquerade::HOOKS,
                 exits::HOOKS,
@@ -166,6 +186,7 @@ impl Plans {
         let plan = |specs| hooks::plan(&facts, choice, specs);
         Self {
             brackets: plan(attribution::HOOKS),
+            claims: plan(claims::HOOKS),
             mtu: plan(mtu::HOOKS),
             masquerade: plan(masquerade::HOOKS),
             exits: plan(exits::HOOKS),
@@ -175,12 +196,14 @@ impl Plans {
 
     /// Verifies every fentry/fexit program the plans attach, in one pass
     /// over the kernel's BTF (the brackets only where they can count).
-    fn preload(&self, object: &mut aya::Ebpf, aya_btf: &aya::Btf, per_packet: bool) {
+    fn preload(&self, object: &mut aya::Ebpf, aya_btf: &aya::Btf, strategy: Option<Strategy>) {
         let mut programs = trampolines(&self.mtu);
         programs.extend(trampolines(&self.exits));
         programs.extend(trampolines(&self.masquerade));
-        if per_packet {
-            programs.extend(trampolines(&self.brackets));
+        match strategy {
+            Some(Strategy::Brackets) => programs.extend(trampolines(&self.brackets)),
+            Some(Strategy::DropDiff) => programs.extend(trampolines(&self.claims)),
+            None => {}
         }
         if !programs.is_empty() {
             ebpf::preload(object, &programs, aya_btf);
@@ -196,6 +219,7 @@ impl Probes {
         btf: &KernelBtf,
         kallsyms: &Kallsyms,
         choice: HookChoice,
+        brackets: bool,
     ) -> anyhow::Result<Self> {
         let started = std::time::Instant::now();
         // Needed while attaching only (record layouts, tracepoint ids).
@@ -208,12 +232,22 @@ impl Probes {
         } = load(btf, kallsyms)?;
         log::debug!("start: object loaded in {:?}", started.elapsed());
         let plans = Plans::new(btf, kallsyms, choice);
+        let counters = Counters::from_btf(btf).unwrap_or_default();
+        // Without __per_cpu_offset no counter can be read per CPU.
+        let strategy = if !per_packet || choice == HookChoice::Tracepoint {
+            None
+        } else if brackets || !claims::fits(&counters) {
+            Some(Strategy::Brackets)
+        } else {
+            Some(Strategy::DropDiff)
+        };
         if let Ok(aya_btf) = &aya_btf {
-            plans.preload(&mut object, aya_btf, per_packet);
+            plans.preload(&mut object, aya_btf, strategy);
             log::debug!("start: programs verified in {:?}", started.elapsed());
         }
         let Plans {
             brackets: bracket_plan,
+            claims: claim_plan,
             mtu: mtu_plan,
             masquerade: masquerade_plan,
             exits: exits_plan,
@@ -225,13 +259,33 @@ impl Probes {
         let leak_samples = Sampler::take(&mut object, maps::LEAK_SAMPLES, PACKETS_KEPT);
         let drop_samples = Sampler::take(&mut object, maps::DROP_SAMPLES, PACKETS_KEPT);
         log::debug!("start: drops and IKE attached in {:?}", started.elapsed());
-        // Without __per_cpu_offset the brackets cannot read the counters.
-        let coverage = if per_packet || choice == HookChoice::Tracepoint {
-            Coverage::of(&attach(&mut object, &aya_btf, &bracket_plan))
-        } else {
-            attribution::without_per_cpu_offset(&mut object, btf, kallsyms)
+        let coverage = match strategy {
+            Some(Strategy::DropDiff) => {
+                let coverage = Coverage::of(&attach(&mut object, &aya_btf, &claim_plan));
+                let claims_started = if coverage.fentry_brackets + coverage.kprobe_brackets == 0 {
+                    // No function can be hooked here: the brackets' report
+                    // says why.
+                    Err(None)
+                } else {
+                    start_claims(&mut object, &counters, kallsyms).map_err(Some)
+                };
+                match claims_started {
+                    Ok(()) => coverage,
+                    Err(why) => {
+                        if let Some(why) = why {
+                            log::warn!("diff at the drop unavailable ({why}): brackets instead");
+                        }
+                        Coverage::of(&attach(&mut object, &aya_btf, &bracket_plan))
+                    }
+                }
+            }
+            Some(Strategy::Brackets) => Coverage::of(&attach(&mut object, &aya_btf, &bracket_plan)),
+            None if choice == HookChoice::Tracepoint => {
+                Coverage::of(&attach(&mut object, &aya_btf, &bracket_plan))
+            }
+            None => attribution::without_per_cpu_offset(&mut object, btf, kallsyms),
         };
-        log::debug!("start: brackets attached in {:?}", started.elapsed());
+        log::debug!("start: attribution attached in {:?}", started.elapsed());
         forced_method_attached(choice, &coverage)?;
         let mtu_hooks = mtu::hook_list(&attach(&mut object, &aya_btf, &mtu_plan));
         log::debug!("start: MTU hooks attached in {:?}", started.elapsed());

@@ -113,6 +113,18 @@ impl XfrmBook {
             .find(|p| p.index == index)
     }
 
+    /// The policy the kernel would pick for `flow` in direction `dir`
+    /// among the netns's current ones: the lowest priority value whose
+    /// selector matches, the oldest (lowest index) among equals. Marks,
+    /// interface ids and socket policies are not considered.
+    pub fn policy_for(&self, netns: u64, dir: &str, flow: &super::FlowQuery) -> Option<&Policy> {
+        let ns = self.namespaces.get(&netns)?;
+        ns.policies
+            .iter()
+            .filter(|p| p.dir == dir && p.selector.matches(flow))
+            .min_by_key(|p| (p.priority, p.index))
+    }
+
     /// The current SAs, policies and VPN interfaces of the netns.
     pub fn current(&self, netns: u64) -> Option<XfrmState> {
         let ns = self.namespaces.get(&netns)?;

@@ -30,6 +30,47 @@ pub struct Selector {
     pub ifindex: i32,
 }
 
+/// A packet's flow, as a selector is matched against it.
+#[derive(Clone, Copy, Debug)]
+pub struct FlowQuery {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub proto: u8,
+    pub sport: u16,
+    pub dport: u16,
+}
+
+impl Selector {
+    /// Whether the selector covers `flow` (a zero protocol or port is any).
+    pub fn matches(&self, flow: &FlowQuery) -> bool {
+        covers(&self.src, flow.src)
+            && covers(&self.dst, flow.dst)
+            && (self.proto == 0 || self.proto == flow.proto)
+            && (self.sport == 0 || self.sport == flow.sport)
+            && (self.dport == 0 || self.dport == flow.dport)
+    }
+}
+
+/// Whether `prefix` (`address/length`) contains `address`.
+fn covers(prefix: &str, address: IpAddr) -> bool {
+    let Some((net, len)) = prefix.split_once('/') else {
+        return false;
+    };
+    let (Ok(net), Ok(len)) = (net.parse::<IpAddr>(), len.parse::<u32>()) else {
+        return false;
+    };
+    let within = |net: u128, address: u128, bits: u32| {
+        len == 0 || (len <= bits && (net ^ address) >> (bits - len) == 0)
+    };
+    match (net, address) {
+        (IpAddr::V4(net), IpAddr::V4(address)) => {
+            within(u32::from(net).into(), u32::from(address).into(), 32)
+        }
+        (IpAddr::V6(net), IpAddr::V6(address)) => within(net.into(), address.into(), 128),
+        _ => false,
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Algorithm {
     /// Kernel crypto name, e.g. `rfc4106(gcm(aes))`, `cbc(aes)`, `hmac(sha256)`.
@@ -273,5 +314,84 @@ fn address(bytes: &[u8], family: u16) -> IpAddr {
         IpAddr::V6(Ipv6Addr::from(raw))
     } else {
         IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn selector(src: &str, dst: &str, proto: u8, dport: u16) -> Selector {
+        Selector {
+            src: src.into(),
+            dst: dst.into(),
+            proto,
+            dport,
+            ..Selector::default()
+        }
+    }
+
+    fn policy(index: u32, dir: &'static str, priority: u32, selector: Selector) -> Policy {
+        Policy {
+            selector,
+            dir,
+            action: "allow",
+            index,
+            priority,
+            templates: Vec::new(),
+            mark: None,
+            if_id: None,
+        }
+    }
+
+    fn flow(src: &str, dst: &str, proto: u8, dport: u16) -> FlowQuery {
+        FlowQuery {
+            src: src.parse().unwrap(),
+            dst: dst.parse().unwrap(),
+            proto,
+            sport: 40000,
+            dport,
+        }
+    }
+
+    #[test]
+    fn selectors_match_by_prefix_protocol_and_port() {
+        let udp = flow("10.0.1.5", "10.0.2.9", 17, 5001);
+        assert!(selector("10.0.1.0/24", "10.0.2.0/24", 0, 0).matches(&udp));
+        assert!(selector("0.0.0.0/0", "10.0.2.9/32", 17, 5001).matches(&udp));
+        assert!(!selector("10.0.1.0/25", "10.0.3.0/24", 0, 0).matches(&udp));
+        assert!(!selector("10.0.1.0/24", "10.0.2.0/24", 6, 0).matches(&udp));
+        assert!(!selector("10.0.1.0/24", "10.0.2.0/24", 17, 500).matches(&udp));
+        assert!(!selector("::/0", "::/0", 0, 0).matches(&udp));
+        let v6 = flow("fd00:1::5", "fd00:2::9", 58, 0);
+        assert!(selector("fd00:1::/64", "fd00:2::/64", 0, 0).matches(&v6));
+        assert!(!selector("fd00:1::/64", "fd00:3::/64", 0, 0).matches(&v6));
+    }
+
+    #[test]
+    fn the_policy_for_a_flow_is_the_lowest_priority_then_the_oldest() {
+        let wide = selector("0.0.0.0/0", "0.0.0.0/0", 0, 0);
+        let narrow = selector("10.0.1.0/24", "10.0.2.0/24", 0, 0);
+        let state = XfrmState {
+            sas: Vec::new(),
+            policies: vec![
+                policy(0x11, "out", 100, wide.clone()),
+                policy(0x19, "out", 50, narrow.clone()),
+                policy(0x21, "out", 50, narrow.clone()),
+                policy(0x1a, "fwd", 10, narrow),
+            ],
+            interfaces: Vec::new(),
+        };
+        let book = XfrmBook::seen(7, state);
+        let udp = flow("10.0.1.5", "10.0.2.9", 17, 5001);
+        assert_eq!(book.policy_for(7, "out", &udp).map(|p| p.index), Some(0x19));
+        assert_eq!(book.policy_for(7, "fwd", &udp).map(|p| p.index), Some(0x1a));
+        assert_eq!(book.policy_for(7, "in", &udp).map(|p| p.index), None);
+        let other = flow("192.0.2.1", "198.51.100.1", 6, 22);
+        assert_eq!(
+            book.policy_for(7, "out", &other).map(|p| p.index),
+            Some(0x11)
+        );
+        assert!(book.policy_for(8, "out", &udp).is_none());
     }
 }
