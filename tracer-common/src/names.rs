@@ -19,7 +19,7 @@ pub mod maps {
         // Attribution (the brackets).
         SOURCES, ATTRIBUTION_ERRORS, SAMPLES, STACKS,
         // Attribution (diff at the drop).
-        CLAIM_TABLES,
+        CLAIM_TABLES, SHADOWS,
         // Drops at skb:kfree_skb.
         DROPS, DROPS_UNTRACKED, DROP_SAMPLING, DROP_SAMPLES, DROP_SAMPLES_LOST,
         IKE_EVENTS,
@@ -39,7 +39,6 @@ pub mod maps {
         "MASQ_PENDING",
         "LEAK_BUDGET",
         "NETNS_EXIT_CPU",
-        "SHADOWS",
         "CLAIM_FRAME",
         "OPEN_LOOKUPS",
     ];

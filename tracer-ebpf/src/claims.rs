@@ -31,9 +31,10 @@ use crate::{
 #[map]
 static CLAIM_TABLES: Array<ClaimTables> = Array::with_max_entries(1, 0);
 
-/// The shadows, by netns inode (a per-CPU value: each CPU its own).
+/// The shadows, by netns inode (a per-CPU value: each CPU its own);
+/// userspace sizes it to the namespaces there are.
 #[map]
-static SHADOWS: PerCpuHashMap<u32, Shadow> = PerCpuHashMap::with_max_entries(1024, 0);
+static SHADOWS: PerCpuHashMap<u32, Shadow> = PerCpuHashMap::with_max_entries(64, 0);
 
 /// Scratch space: the counters now (`before`), the flow and headers.
 #[map]

@@ -7,7 +7,7 @@ use aya::{
 use tracer_common::{
     ike::NetRecords,
     layout::{ABSENT, KernelOffsets, KfreeSkbRecord, OffsetSource},
-    names::globals,
+    names::{globals, maps},
 };
 
 use crate::{
@@ -125,6 +125,11 @@ pub fn load(layout: Option<&KernelLayout>, btf: Option<&Btf>) -> Result<Ebpf, Lo
             .override_global(globals::NET_RECORDS, &layout.net, true)
             .override_global(globals::POSSIBLE_CPUS, &layout.possible_cpus, true);
     }
+    // One shadow of the counters per netns and CPU (`attribution::claims`):
+    // room for twice the namespaces there are now, preallocated (tracing
+    // programs need that on older kernels), so a few hundred KiB per CPU.
+    let namespaces = crate::netns::all().len() as u32;
+    loader.set_max_entries(maps::SHADOWS, (namespaces * 2).clamp(64, 4096));
     Ok(loader.load(OBJECT)?)
 }
 
