@@ -179,6 +179,7 @@ impl Plans {
         let mut programs = trampolines(&self.mtu);
         programs.extend(trampolines(&self.exits));
         programs.extend(trampolines(&self.masquerade));
+        programs.extend(trampolines(&self.ike));
         if per_packet {
             programs.extend(trampolines(&self.brackets));
         }
