@@ -141,11 +141,16 @@ pub fn netif_receive_skb(ctx: TracePointContext) -> u32 {
 
 /// `ip_send_skb`/`ip6_send_skb`: a local socket hands an IKE datagram to
 /// IP output (sent, unless this host drops it on the way: userspace takes
-/// the outbound drops off).
+/// the outbound drops off). `skb->data` is the IP header there, whose
+/// length field is not filled in yet: the skb's length is the packet's.
 unsafe fn on_send(skb: u64) {
-    let Some(ip) = (unsafe { skb_packet(skb) }) else {
+    let Some(mut ip) = (unsafe { skb_packet(skb) }) else {
         return;
     };
+    let Ok(len) = (unsafe { read_at::<u32>(skb, KERNEL_OFFSETS.load().sk_buff_len) }) else {
+        return;
+    };
+    ip.set_length(len);
     let Some(ports) = ike_ports(&ip) else {
         return;
     };
