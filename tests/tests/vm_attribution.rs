@@ -740,6 +740,95 @@ fn in_state_proto_error_names_the_sa_of_corrupted_esp() {
 
 /// `Udp: ... NoPorts` of `/proc/net/snmp` in `host`: datagrams that found
 /// no socket (each answered with ICMP port unreachable).
+/// Runs of the IKE watch's programs (socket hooks and fallback
+/// tracepoints), summed over the programs process `pid` holds: the
+/// kernel's own statistics (`kernel.bpf_stats_enabled`), named by bpftool
+/// (which cuts names to 15 bytes).
+fn ike_watch_runs(pid: u32) -> u64 {
+    let mut runs = 0;
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fdinfo")).unwrap() {
+        let info = std::fs::read_to_string(fd.unwrap().path()).unwrap_or_default();
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name)?.trim().parse::<u64>().ok())
+        };
+        let (Some(id), Some(count)) = (field("prog_id:"), field("run_cnt:")) else {
+            continue;
+        };
+        let out = tests::sh(&["bpftool", "--json", "prog", "show", "id", &id.to_string()]);
+        let program: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let name = program["name"].as_str().unwrap_or_default();
+        if ["ike_", "net_dev_queue", "netif_receive"]
+            .iter()
+            .any(|prefix| name.starts_with(prefix))
+        {
+            runs += count;
+        }
+    }
+    runs
+}
+
+/// ESP packets through west's SAs (both directions), from `ip -s xfrm state`.
+fn esp_packets(lab: &Lab) -> u64 {
+    let out = lab
+        .exec(Host::West, "ip", &["-s", "xfrm", "state"])
+        .unwrap();
+    out.split_whitespace()
+        .filter_map(|w| w.strip_suffix("(packets)")?.parse::<u64>().ok())
+        .sum()
+}
+
+/// The IKE watch's runs per ESP packet while a TCP transfer goes through
+/// the tunnel (data one way, acknowledgements the other), with the tracer
+/// started with `hooks`.
+fn ike_watch_runs_per_esp_packet(lab: &Lab, hooks: &str) -> f64 {
+    use std::io::{Read as _, Write as _};
+    let listener = xfrm_trace::netns::run_in(&lab.ns_path(Host::Ehost), || {
+        std::net::TcpListener::bind((EHOST, 7001))
+    })
+    .unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        let mut sink = Vec::new();
+        stream.read_to_end(&mut sink).unwrap();
+        sink.len()
+    });
+    let ready = tests::scratch(&format!("ike-runs-{hooks}.ready"));
+    let mut tracer = tests::Tracer::start(&["--quiet", "--hooks", hooks], &ready);
+    let (runs_before, esp_before) = (ike_watch_runs(tracer.child.id()), esp_packets(lab));
+    let mut stream = xfrm_trace::netns::run_in(&lab.ns_path(Host::Whost), || {
+        std::net::TcpStream::connect((EHOST, 7001))
+    })
+    .unwrap();
+    stream.write_all(&vec![0x5a; 2 << 20]).unwrap();
+    drop(stream);
+    assert_eq!(server.join().unwrap(), 2 << 20);
+    let runs = ike_watch_runs(tracer.child.id()) - runs_before;
+    let esp = esp_packets(lab) - esp_before;
+    assert!(tracer.interrupt().status.success());
+    assert!(esp > 1000, "{esp} ESP packets");
+    eprintln!("IKE watch, --hooks {hooks}: {runs} runs for {esp} ESP packets");
+    runs as f64 / esp as f64
+}
+
+/// Healthy ESP costs the IKE watch nothing where functions can be hooked:
+/// no program of the watch runs while the tunnel carries a TCP transfer
+/// (no UDP socket, no ICMP on the way). The interface tracepoints, the
+/// fallback, run several times per ESP packet (each device it crosses).
+/// Runs on: 6.12 (the same hooks on every kernel that hooks functions)
+#[test]
+fn healthy_esp_runs_no_program_of_the_ike_watch() {
+    std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1").unwrap();
+    let lab = lab("ir");
+    // Neighbours resolved before the measured windows.
+    send_spaced(&lab, Host::Whost, EHOST, 1);
+    let fallback = ike_watch_runs_per_esp_packet(&lab, "tracepoint");
+    let sockets = ike_watch_runs_per_esp_packet(&lab, "auto");
+    std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "0").unwrap();
+    assert_eq!(sockets, 0.0);
+    assert!(fallback >= 1.0, "{fallback} runs per ESP packet");
+}
+
 fn udp_no_ports(lab: &Lab, host: Host) -> u64 {
     let snmp = xfrm_trace::netns::read_proc_net(&lab.ns_path(host), "snmp").expect("snmp");
     let mut udp = snmp.lines().filter(|l| l.starts_with("Udp: "));

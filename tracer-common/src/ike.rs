@@ -1,6 +1,9 @@
 //! The IKE path watch: IKE packets (UDP 500, and 4500 with the non-ESP
 //! marker) sent, received and dropped per local address and peer, and the
 //! ICMP errors a peer returns for them, counted exactly in per-CPU maps.
+//! Sent and received are counted at the interfaces (`SENT`, `RECEIVED`)
+//! where only tracepoints attach, else at the sockets (`TO_IP_OUTPUT`,
+//! `DELIVERED`), which userspace completes with the drops.
 
 /// What happened to an IKE packet (the `event` of an `IkeKey`).
 pub mod event {
@@ -14,6 +17,11 @@ pub mod event {
     /// The peer answered with ICMP "port unreachable": nothing listens
     /// for IKE there.
     pub const PORT_UNREACHABLE: u8 = 4;
+    /// Handed to IP output by a local socket (`ip_send_skb`,
+    /// `ip6_send_skb`): sent, unless dropped in this host on the way out.
+    pub const TO_IP_OUTPUT: u8 = 5;
+    /// Queued on a local socket (`__udp_enqueue_schedule_skb`).
+    pub const DELIVERED: u8 = 6;
 }
 
 /// Per (event, local address and port, peer address and port, netns,

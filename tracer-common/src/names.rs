@@ -41,6 +41,7 @@ pub mod maps {
         "NETNS_EXIT_CPU",
         "CLAIM_FRAME",
         "OPEN_LOOKUPS",
+        "IKE_ENQUEUEING",
     ];
 }
 
@@ -72,6 +73,10 @@ pub mod programs {
         shadow_init, lookup_route_exit, lookup_route_kprobe, lookup_route_kretprobe,
         // Drops and the IKE path watch (tracepoints).
         kfree_skb, net_dev_queue, netif_receive_skb,
+        // The IKE path watch at the sockets and ICMP.
+        ike_send_fentry, ike_send_kprobe, ike_send6_fentry, ike_send6_kprobe,
+        ike_icmp_fentry, ike_icmp_kprobe, ike_icmp6_fentry, ike_icmp6_kprobe,
+        ike_enqueue_fentry, ike_enqueue_fexit, ike_enqueue_kprobe, ike_enqueue_kretprobe,
         // MASQUERADE before IPsec.
         masq_xfrm4_output, masq_xfrm6_output, masq_xfrm4_okfn, masq_xfrm6_okfn,
         masq_xfrm4_okfn_exit, masq_xfrm6_okfn_exit, masq_output_kprobe, masq_okfn_kprobe,

@@ -1,13 +1,16 @@
-//! The IKE path watch (see `tracer_common::ike`): IKE packets at the
-//! interfaces and at the drop point, and the ICMP errors that come back
-//! for our IKE and ESP packets. Classic tracepoints only, so it works on
-//! every kernel, tracepoint-only hosts included.
+//! The IKE path watch (see `tracer_common::ike`): IKE packets where local
+//! sockets send and receive them and at the drop point, and the ICMP errors
+//! that come back for our IKE and ESP packets. Where the kernel lets us hook
+//! functions, only the socket layer's and ICMP's (no ESP packet, forwarded
+//! or ours, passes there: docs/kernel.md §7); where it does not, the
+//! interface tracepoints, which see every packet.
 
 use aya_ebpf::{
     Global,
-    macros::{map, tracepoint},
-    maps::PerCpuHashMap,
-    programs::TracePointContext,
+    helpers::bpf_probe_read_kernel,
+    macros::{fentry, fexit, kprobe, kretprobe, map, tracepoint},
+    maps::{PerCpuArray, PerCpuHashMap},
+    programs::{FEntryContext, FExitContext, ProbeContext, RetProbeContext, TracePointContext},
 };
 use tracer_common::{
     ike::{IkeKey, NetRecords, event},
@@ -15,7 +18,9 @@ use tracer_common::{
 };
 
 use crate::{
-    KERNEL_OFFSETS, mtu,
+    KERNEL_OFFSETS,
+    args::Args,
+    mtu,
     packet::{AF_INET, IpPacket, ip_at, quoted_at, skb_packet},
     skb::{read_at, skb_netns_and_ifindex},
 };
@@ -27,6 +32,94 @@ static NET_RECORDS: Global<NetRecords> = Global::new(NetRecords::UNSET);
 
 #[map]
 static IKE_EVENTS: PerCpuHashMap<IkeKey, u64> = PerCpuHashMap::with_max_entries(2048, 0);
+
+/// The IKE datagram a socket is being given on this CPU: its key is taken
+/// at the entry of `__udp_enqueue_schedule_skb` and counted at the exit if
+/// the socket took it (by then a reader may have freed the skb). Receiving
+/// runs in softirq, so nothing else enqueues on this CPU in between.
+#[repr(C)]
+struct Enqueueing {
+    skb: u64,
+    key: IkeKey,
+}
+
+#[map]
+static IKE_ENQUEUEING: PerCpuArray<Enqueueing> = PerCpuArray::with_max_entries(1, 0);
+
+/// The fentry and kprobe form of one entry hook.
+macro_rules! entry_hook {
+    ($function:tt, $handler:ident => $fentry:ident, $kprobe:ident) => {
+        #[fentry(function = $function)]
+        pub fn $fentry(ctx: FEntryContext) -> u32 {
+            $handler(&ctx);
+            0
+        }
+
+        #[kprobe]
+        pub fn $kprobe(ctx: ProbeContext) -> u32 {
+            $handler(&ctx);
+            0
+        }
+    };
+}
+
+// Sending: `ip_send_skb(net, skb)` and `ip6_send_skb(skb)` take every
+// datagram a local UDP socket sends (and ICMP replies, raw sockets' and
+// pings'), never a forwarded packet nor ESP.
+entry_hook!("ip_send_skb", on_ip_send => ike_send_fentry, ike_send_kprobe);
+entry_hook!("ip6_send_skb", on_ip6_send => ike_send6_fentry, ike_send6_kprobe);
+
+// ICMP errors: `icmp_rcv(skb)` and `icmpv6_rcv(skb)` take the ICMP packets
+// addressed to this host, whether or not a socket will hear of them.
+entry_hook!("icmp_rcv", on_icmp_rcv => ike_icmp_fentry, ike_icmp_kprobe);
+entry_hook!("icmpv6_rcv", on_icmp_rcv => ike_icmp6_fentry, ike_icmp6_kprobe);
+
+fn on_ip_send(a: &impl Args) {
+    unsafe { on_send(a.arg_u64(1)) };
+}
+
+fn on_ip6_send(a: &impl Args) {
+    unsafe { on_send(a.arg_u64(0)) };
+}
+
+fn on_icmp_rcv(a: &impl Args) {
+    let skb = a.arg_u64(0);
+    if let Some(ip) = unsafe { skb_packet(skb) } {
+        unsafe { icmp_error(skb, &ip) };
+    }
+}
+
+// Receiving: `__udp_enqueue_schedule_skb(sk, skb)` queues a datagram on a
+// local UDP socket (both families); ESP in UDP never gets there (the
+// NAT-T socket's encap_rcv takes it before).
+
+#[fentry(function = "__udp_enqueue_schedule_skb")]
+pub fn ike_enqueue_fentry(ctx: FEntryContext) -> u32 {
+    unsafe { enqueue_entry(ctx.arg_u64(1)) };
+    0
+}
+
+/// Two arguments (checked against BTF before attaching): the return value
+/// follows them.
+#[fexit(function = "__udp_enqueue_schedule_skb")]
+pub fn ike_enqueue_fexit(ctx: FExitContext) -> u32 {
+    let (skb, ret): (u64, u64) = (ctx.arg(1), ctx.arg(2));
+    enqueue_exit(Some(skb), ret as i32);
+    0
+}
+
+#[kprobe]
+pub fn ike_enqueue_kprobe(ctx: ProbeContext) -> u32 {
+    unsafe { enqueue_entry(ctx.arg_u64(1)) };
+    0
+}
+
+#[kretprobe]
+pub fn ike_enqueue_kretprobe(ctx: RetProbeContext) -> u32 {
+    let ret: u64 = ctx.ret();
+    enqueue_exit(None, ret as i32);
+    0
+}
 
 #[tracepoint]
 pub fn net_dev_queue(ctx: TracePointContext) -> u32 {
@@ -44,6 +137,62 @@ pub fn netif_receive_skb(ctx: TracePointContext) -> u32 {
         unsafe { on_receive(skb) };
     }
     0
+}
+
+/// `ip_send_skb`/`ip6_send_skb`: a local socket hands an IKE datagram to
+/// IP output (sent, unless this host drops it on the way: userspace takes
+/// the outbound drops off). `skb->data` is the IP header there, whose
+/// length field is not filled in yet: the skb's length is the packet's.
+unsafe fn on_send(skb: u64) {
+    let Some(mut ip) = (unsafe { skb_packet(skb) }) else {
+        return;
+    };
+    let Ok(len) = (unsafe { read_at::<u32>(skb, KERNEL_OFFSETS.load().sk_buff_len) }) else {
+        return;
+    };
+    ip.set_length(len);
+    let Some(ports) = ike_ports(&ip) else {
+        return;
+    };
+    let mut key = key(&ip, event::TO_IP_OUTPUT, true, ports);
+    (key.netns, key.ifindex) = unsafe { skb_netns_and_ifindex(skb) };
+    count(&key);
+}
+
+/// Entry of `__udp_enqueue_schedule_skb`: remembers an IKE datagram's key
+/// (and forgets whatever was there: only the datagram being queued counts).
+unsafe fn enqueue_entry(skb: u64) {
+    let Some(slot) = IKE_ENQUEUEING.get_ptr_mut(0) else {
+        return;
+    };
+    let slot = unsafe { &mut *slot };
+    slot.skb = 0;
+    let Some(ip) = (unsafe { skb_packet(skb) }) else {
+        return;
+    };
+    let Some(ports) = ike_ports(&ip) else {
+        return;
+    };
+    slot.key = key(&ip, event::DELIVERED, false, ports);
+    (slot.key.netns, slot.key.ifindex) = unsafe { skb_netns_and_ifindex(skb) };
+    slot.skb = skb;
+}
+
+/// Exit of `__udp_enqueue_schedule_skb` (`skb`: `None` from a kretprobe,
+/// which cannot read arguments): counts the datagram if the socket took it
+/// (0). A refused one is freed as a drop, which `on_drop` counts.
+fn enqueue_exit(skb: Option<u64>, ret: i32) {
+    let Some(slot) = IKE_ENQUEUEING.get_ptr_mut(0) else {
+        return;
+    };
+    let slot = unsafe { &mut *slot };
+    if slot.skb == 0 || skb.is_some_and(|skb| skb != slot.skb) {
+        return;
+    }
+    slot.skb = 0;
+    if ret == 0 {
+        count(&slot.key);
+    }
 }
 
 /// Source and destination port of a UDP datagram if it is IKE: port 500,
@@ -107,11 +256,24 @@ unsafe fn on_transmit(skb: u64) {
     count(&key);
 }
 
+/// The transport protocol of the IP packet at `at`, from one short read:
+/// the receive tracepoint sees every packet, and leaves at this first check
+/// for all but UDP and ICMP (ESP among them).
+#[inline(always)]
+fn ip_protocol_at(at: u64) -> Option<u8> {
+    let header: [u8; 10] = unsafe { bpf_probe_read_kernel(at as *const [u8; 10]) }.ok()?;
+    match header[0] >> 4 {
+        4 => Some(header[9]),
+        6 => Some(header[6]),
+        _ => None,
+    }
+}
+
 /// `net:netif_receive_skb` (`skb->data` is the IP header there): an IKE
 /// packet arrives, or an ICMP error about one of our IKE or ESP packets.
 unsafe fn on_receive(skb: u64) {
     let data: u64 = unsafe { read_at(skb, KERNEL_OFFSETS.load().sk_buff_data) }.unwrap_or(0);
-    if data == 0 {
+    if data == 0 || !matches!(ip_protocol_at(data), Some(17 | 1 | 58)) {
         return;
     }
     let Some(ip) = ip_at(data) else {

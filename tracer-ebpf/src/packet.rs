@@ -115,6 +115,15 @@ pub fn quoted_at(at: u64, quoted_len: u32) -> Option<IpPacket> {
 }
 
 impl IpPacket {
+    /// Takes the packet's length from its skb instead (`skb->len` with
+    /// `skb->data` at the IP header): the IP header's length field is
+    /// only filled in when the packet enters `ip_local_out`.
+    #[inline(always)]
+    pub fn set_length(&mut self, total_len: u32) {
+        self.total_len = total_len;
+        self.present_len = total_len;
+    }
+
     /// The 4 bytes after the IP header at `offset`, as they lie in memory;
     /// `None` past the end of the packet (or of its quote).
     #[inline(always)]

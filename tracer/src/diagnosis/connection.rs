@@ -376,7 +376,7 @@ fn ike_unanswered(cx: &ConnectionContext, earlier: &[Finding]) -> Option<Finding
     let mut lines = Vec::new();
     if silent_path {
         lines.push(format!(
-            "{sent} IKE packets to {peer} left this gateway and none came back (kernel: net:net_dev_queue, net:netif_receive_skb)"
+            "{sent} IKE packets to {peer} left this gateway and none came back (kernel: the IKE watch)"
         ));
     }
     lines.extend(dropped_on_the_way(cx));

@@ -227,10 +227,22 @@ pub fn hook_list(outcomes: &[HookOutcome], whole: &str) -> HookList {
             missing: vec![(whole.to_string(), outcomes[0].why())],
         };
     }
+    // Hooks whose fallback attached are not missing: it does their work.
+    let replaced: Vec<&str> = outcomes
+        .iter()
+        .filter(|o| o.via.is_some())
+        .filter_map(|o| match o.spec.needs {
+            Needs::Unhooked(functions) => Some(functions),
+            _ => None,
+        })
+        .flatten()
+        .copied()
+        .collect();
     let mut list = HookList::default();
     for outcome in outcomes {
         match outcome.via {
             Some(method) => list.attached.push(outcome.listed_as(method)),
+            None if replaced.contains(&outcome.function()) => {}
             None => list.missing.push((outcome.name(), outcome.why())),
         }
     }

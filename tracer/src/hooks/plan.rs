@@ -169,6 +169,13 @@ pub fn dependency(
             Some(Some(_)) => Err(Some(AttachFailure::EntryByKprobe)),
             _ => Err(None),
         },
+        Needs::Unhooked(functions) => {
+            if functions.iter().any(|f| matches!(hooked(f), Some(Some(_)))) {
+                Err(None)
+            } else {
+                Ok(())
+            }
+        }
     }
 }
 
@@ -176,11 +183,22 @@ pub fn dependency(
 pub fn plan(facts: &KernelFacts, choice: HookChoice, specs: &'static [HookSpec]) -> Vec<Planned> {
     let mut planned: Vec<Planned> = Vec::new();
     for spec in specs {
+        // A fallback is left out only where its hooks are sure to attach
+        // (the doctor knows which program types work); a run, which does
+        // not ask, plans it and the attacher decides.
+        let sure = |method: &Method| match method {
+            Method::Fentry => facts.fentry == Works::Yes,
+            Method::Kprobe => facts.kprobe == Works::Yes,
+            Method::Tracepoint => facts.tracepoint == Works::Yes,
+        };
         let hooked = |function: &str| {
             planned
                 .iter()
                 .find(|p| p.spec.function == function)
-                .map(Planned::first_try)
+                .map(|p| match spec.needs {
+                    Needs::Unhooked(_) => p.first_try().filter(sure),
+                    _ => p.first_try(),
+                })
         };
         let one = match dependency(spec.needs, hooked) {
             Ok(()) => plan_one(facts, choice, spec),

@@ -131,6 +131,9 @@ pub enum Needs {
     /// Completes this earlier hook, which must be an fentry (else not
     /// listed if it did not attach, missing if it is a kprobe).
     HookedByFentry(&'static str),
+    /// A fallback for these earlier hooks: only when none of them attached
+    /// (else not listed); once it attached, they are not listed as missing.
+    Unhooked(&'static [&'static str]),
 }
 
 /// One set of programs and the prototype it was written for.

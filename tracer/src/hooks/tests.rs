@@ -47,6 +47,11 @@ const COMMON: &[(&str, &[&str])] = &[
     ),
     ("xfrm_local_error", &["skb", "mtu"]),
     ("xfrm_net_exit", &["net"]),
+    ("ip_send_skb", &["net", "skb"]),
+    ("ip6_send_skb", &["skb"]),
+    ("__udp_enqueue_schedule_skb", &["sk", "skb"]),
+    ("icmp_rcv", &["skb"]),
+    ("icmpv6_rcv", &["skb"]),
 ];
 
 const VMLINUX: Presence = Presence::Exact { module: None };
@@ -192,6 +197,8 @@ fn neither_fentry_nor_kprobes_leaves_the_tracepoints() {
     );
     let ike = listed(&facts, HookChoice::Auto, ike::HOOKS);
     assert_eq!(ike.attached, ["net:net_dev_queue", "net:netif_receive_skb"]);
+    // The tracepoints do the socket hooks' work: nothing is missing.
+    assert_eq!(ike.missing, []);
     // The masquerade output and the okfn's fexit wait for the okfn.
     assert_eq!(plan(&facts, HookChoice::Auto, masquerade::HOOKS).len(), 2);
 }
@@ -448,5 +455,56 @@ fn every_program_in_the_tables_is_in_the_object() {
             }
         }
     }
-    assert_eq!(checked, 60);
+    assert_eq!(checked, 72);
+}
+
+/// Where functions can be hooked, the IKE watch takes the socket layer and
+/// ICMP, and its per-packet tracepoints are left out.
+#[test]
+fn the_ike_watch_takes_the_sockets_where_functions_can_be_hooked() {
+    for (works, method) in [(BOTH, "fentry"), ((Works::No, Works::Yes), "kprobe")] {
+        let facts = kernel_6_12(works);
+        let ike = listed(&facts, HookChoice::Auto, ike::HOOKS);
+        assert_eq!(
+            ike.attached,
+            [
+                format!("ip_send_skb ({method})"),
+                format!("ip6_send_skb ({method})"),
+                format!("__udp_enqueue_schedule_skb ({method})"),
+                format!("icmp_rcv ({method})"),
+                format!("icmpv6_rcv ({method})"),
+            ]
+        );
+        assert_eq!(ike.missing, []);
+    }
+}
+
+/// A run does not ask which program types work: it plans the fallback
+/// tracepoints too, and the attacher leaves them out if the socket hooks
+/// attach.
+#[test]
+fn a_run_plans_the_ike_fallback_for_the_attacher_to_decide() {
+    let facts = kernel_6_12((Works::Untested, Works::Untested));
+    let planned = plan(&facts, HookChoice::Auto, ike::HOOKS);
+    let functions: Vec<&str> = planned.iter().map(|p| p.spec.function).collect();
+    assert_eq!(
+        functions,
+        [
+            "ip_send_skb",
+            "ip6_send_skb",
+            "__udp_enqueue_schedule_skb",
+            "icmp_rcv",
+            "icmpv6_rcv",
+            "net_dev_queue",
+            "netif_receive_skb",
+        ]
+    );
+    let hooked_by = |attached: &'static [&'static str]| {
+        move |function: &str| Some(attached.contains(&function).then_some(Method::Fentry))
+    };
+    let fallback = |p: &Planned| plan::dependency(p.spec.needs, hooked_by(&["icmp_rcv"]));
+    // One receive hook attached: the receive tracepoint stays out, the
+    // send tracepoint goes in.
+    assert_eq!(fallback(&planned[5]), Ok(()));
+    assert_eq!(fallback(&planned[6]), Err(None));
 }

@@ -16,24 +16,75 @@ use tracer_common::names::maps;
 
 use crate::{
     drops,
-    hooks::{self, HookOutcome, HookSpec, Role, Variant},
+    hooks::{self, HookOutcome, HookSpec, Needs, Prototype, Role, Variant},
     kallsyms::Kallsyms,
     model::{HookList, Names},
 };
 
-/// The interface tracepoints of the watch (kfree_skb is attached by
-/// `drops`). Classic tracepoints: every kernel has them.
+/// The hooks that send and receive for local sockets (see docs/kernel.md
+/// §7): no ESP packet passes them.
+const SEND: &[&str] = &["ip_send_skb", "ip6_send_skb"];
+const RECEIVE: &[&str] = &["__udp_enqueue_schedule_skb", "icmp_rcv", "icmpv6_rcv"];
+
+/// The watch's hooks (kfree_skb is attached by `drops`): the socket layer
+/// and ICMP where functions can be hooked, else (the fallback: every
+/// kernel has them) the interface tracepoints, which run for every packet.
 pub const HOOKS: &[HookSpec] = &[
+    HookSpec::new(
+        "ip_send_skb",
+        Role::IkeWatch,
+        &[
+            Variant::entry(programs::ike_send_fentry, programs::ike_send_kprobe)
+                .prototype(Prototype::SkbAtOrNoBtf(1)),
+        ],
+    ),
+    HookSpec::new(
+        "ip6_send_skb",
+        Role::IkeWatch,
+        &[
+            Variant::entry(programs::ike_send6_fentry, programs::ike_send6_kprobe)
+                .prototype(Prototype::SkbAtOrNoBtf(0)),
+        ],
+    ),
+    HookSpec::new(
+        "__udp_enqueue_schedule_skb",
+        Role::IkeWatch,
+        &[Variant::bracket(
+            programs::ike_enqueue_fentry,
+            programs::ike_enqueue_fexit,
+            programs::ike_enqueue_kprobe,
+            programs::ike_enqueue_kretprobe,
+        )
+        .prototype(Prototype::ExitAfterArgs(2))],
+    ),
+    HookSpec::new(
+        "icmp_rcv",
+        Role::IkeWatch,
+        &[
+            Variant::entry(programs::ike_icmp_fentry, programs::ike_icmp_kprobe)
+                .prototype(Prototype::SkbAtOrNoBtf(0)),
+        ],
+    ),
+    HookSpec::new(
+        "icmpv6_rcv",
+        Role::IkeWatch,
+        &[
+            Variant::entry(programs::ike_icmp6_fentry, programs::ike_icmp6_kprobe)
+                .prototype(Prototype::SkbAtOrNoBtf(0)),
+        ],
+    ),
     HookSpec::new(
         "net_dev_queue",
         Role::IkeWatch,
         &[Variant::tracepoint("net", programs::net_dev_queue)],
-    ),
+    )
+    .needs(Needs::Unhooked(SEND)),
     HookSpec::new(
         "netif_receive_skb",
         Role::IkeWatch,
         &[Variant::tracepoint("net", programs::netif_receive_skb)],
-    ),
+    )
+    .needs(Needs::Unhooked(RECEIVE)),
 ];
 
 /// The published form of what `HOOKS` got, with the drops' kfree_skb the
@@ -97,14 +148,34 @@ impl IkePath {
     }
 }
 
-/// Rows grouped per (netns, local address, peer).
+/// Whether arrivals were counted at the interfaces (the tracepoint
+/// fallback) rather than where sockets take them.
+pub fn arrivals_at_interfaces(hooks: &HookList) -> bool {
+    hooks.attached.iter().any(|h| h == "net:netif_receive_skb")
+}
+
+/// What the socket hooks count, before the drops complete it.
+#[derive(Default)]
+struct AtSockets {
+    to_ip_output: u64,
+    dropped_out: u64,
+    dropped_in: u64,
+}
+
+/// Rows grouped per (netns, local address, peer). Counted at the sockets
+/// (`arrivals_at_interfaces` false), sent is what sockets handed to IP
+/// output less what this host dropped on the way out, and received what
+/// sockets got plus what this host dropped on the way in: the same
+/// figures as at the interfaces.
 pub fn summarize(
     rows: &[(IkeKey, u64)],
     kallsyms: &Kallsyms,
     reasons: &HashMap<u32, String>,
     names: &Names,
+    arrivals_at_interfaces: bool,
 ) -> Vec<IkePath> {
     let mut paths: BTreeMap<(u64, IpAddr, IpAddr), IkePath> = BTreeMap::new();
+    let mut at_sockets: BTreeMap<(u64, IpAddr, IpAddr), AtSockets> = BTreeMap::new();
     for (key, count) in rows {
         let (local, peer) = (
             address(&key.local, key.family),
@@ -125,11 +196,20 @@ pub fn summarize(
                 path.ports.sort_unstable();
             }
         }
+        let sockets = at_sockets
+            .entry((u64::from(key.netns), local, peer))
+            .or_default();
         match key.event {
             event::SENT => path.sent += count,
-            event::RECEIVED => path.received += count,
+            event::RECEIVED | event::DELIVERED => path.received += count,
+            event::TO_IP_OUTPUT => sockets.to_ip_output += count,
             event::PORT_UNREACHABLE => path.port_unreachable += count,
             event::DROPPED => {
+                if key.outbound == 1 {
+                    sockets.dropped_out += count;
+                } else {
+                    sockets.dropped_in += count;
+                }
                 let function = drops::function_at(kallsyms, key.location);
                 let reason = drops::reason_name(reasons, key.reason);
                 let direction = if key.outbound == 1 { "out" } else { "in" };
@@ -147,6 +227,17 @@ pub fn summarize(
                 }
             }
             _ => {}
+        }
+    }
+    for (at, sockets) in at_sockets {
+        let Some(path) = paths.get_mut(&at) else {
+            continue;
+        };
+        // Only what sockets handed over can have been dropped after it
+        // (at the interfaces, `sent` already left the drops out).
+        path.sent += sockets.to_ip_output.saturating_sub(sockets.dropped_out);
+        if !arrivals_at_interfaces {
+            path.received += sockets.dropped_in;
         }
     }
     paths.into_values().collect()
@@ -198,7 +289,7 @@ mod tests {
             (key(event::DROPPED, 0xffffffff81000410, 2, 0), 1),
             (key(event::PORT_UNREACHABLE, 0, 0, 0), 2),
         ];
-        let paths = summarize(&rows, &syms, &reasons, &Names::new(&[]));
+        let paths = summarize(&rows, &syms, &reasons, &Names::new(&[]), true);
         assert_eq!(paths.len(), 1);
         let path = &paths[0];
         assert_eq!(path.netns_label, format!("netns:{}", path.netns));
@@ -211,5 +302,49 @@ mod tests {
         assert!(path.dropped[0].firewall && path.dropped[0].direction == "out");
         assert!(!path.dropped[1].firewall && path.dropped[1].reason == "NO_SOCKET");
         assert_eq!(path.ports, vec![500]);
+    }
+
+    /// At the sockets, the drops complete sent and received: what our
+    /// firewall drops was not sent, what this host drops on the way in
+    /// (a firewall, no socket) still arrived.
+    #[test]
+    fn at_the_sockets_the_drops_complete_sent_and_received() {
+        let syms = Kallsyms::parse("ffffffff81000000 T nf_hook_slow\n");
+        let reasons = HashMap::from([(6, "NETFILTER_DROP".to_string())]);
+        let rows = [
+            (key(event::TO_IP_OUTPUT, 0, 0, 0), 7),
+            (key(event::DROPPED, 0xffffffff81000010, 6, 1), 3),
+            (key(event::DELIVERED, 0, 0, 0), 4),
+            (key(event::DROPPED, 0xffffffff81000010, 6, 0), 2),
+            (key(event::PORT_UNREACHABLE, 0, 0, 0), 1),
+        ];
+        let figures = |at_interfaces| {
+            let paths = summarize(&rows, &syms, &reasons, &Names::new(&[]), at_interfaces);
+            assert_eq!(paths.len(), 1);
+            let p = &paths[0];
+            (p.sent, p.received, p.port_unreachable, p.dropped_total())
+        };
+        assert_eq!(figures(false), (4, 6, 1, 5));
+        // Only what sockets handed over is taken off, and arrivals counted
+        // at the interfaces already include what was dropped after them.
+        assert_eq!(figures(true), (4, 4, 1, 5));
+        let only_drops = [(key(event::DROPPED, 0xffffffff81000010, 6, 1), 3)];
+        let paths = summarize(&only_drops, &syms, &reasons, &Names::new(&[]), false);
+        assert_eq!((paths[0].sent, paths[0].received), (0, 0));
+    }
+
+    #[test]
+    fn arrivals_are_at_the_interfaces_only_with_the_receive_tracepoint() {
+        let hooks = |attached: &[&str]| HookList {
+            attached: attached.iter().map(|h| h.to_string()).collect(),
+            ..HookList::default()
+        };
+        assert!(!arrivals_at_interfaces(&hooks(&[
+            "__udp_enqueue_schedule_skb (fentry)"
+        ])));
+        assert!(arrivals_at_interfaces(&hooks(&[
+            "net:netif_receive_skb",
+            "skb:kfree_skb"
+        ])));
     }
 }

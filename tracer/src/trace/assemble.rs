@@ -100,7 +100,13 @@ pub fn report(context: &Context, moment: Moment) -> Report {
         }
     }
     let leaks = masquerade::leaks(&readings.masquerade, &context.masquerade, &names);
-    let ike_paths = ike::summarize(&readings.ike, &context.kallsyms, &context.reasons, &names);
+    let ike_paths = ike::summarize(
+        &readings.ike,
+        &context.kallsyms,
+        &context.reasons,
+        &names,
+        ike::arrivals_at_interfaces(&context.ike_hooks),
+    );
     let esp_sizes = esp_sizes(&readings.mtu, book, &netns);
     let mut findings = masquerade::findings(&leaks, &netns);
     findings.extend(mtu::findings(&esp_sizes));

@@ -200,6 +200,7 @@ impl Plans {
         let mut programs = trampolines(&self.mtu);
         programs.extend(trampolines(&self.exits));
         programs.extend(trampolines(&self.masquerade));
+        programs.extend(trampolines(&self.ike));
         match strategy {
             Some(Strategy::Brackets) => programs.extend(trampolines(&self.brackets)),
             Some(Strategy::DropDiff) => programs.extend(trampolines(&self.claims)),
