@@ -21,7 +21,7 @@ pub mod maps {
         // Drops at skb:kfree_skb.
         DROPS, DROPS_UNTRACKED, DROP_SAMPLING, DROP_SAMPLES, DROP_SAMPLES_LOST,
         IKE_EVENTS,
-        MASQ_LEAKS, MASQ_POLICIES, MASQ_ERRORS, LEAK_SAMPLES,
+        MASQ_LEAKS, MASQ_ERRORS, LEAK_SAMPLES,
         MTU_EVENTS,
         NETNS_EXITS,
     }
@@ -33,8 +33,7 @@ pub mod maps {
         "AFTER",
         "SAMPLE_BUDGET",
         "DROP_BUDGET",
-        "MASQ_ENTERED",
-        "MASQ_PENDING",
+        "MASQ_LEAVING",
         "LEAK_BUDGET",
         "NETNS_EXIT_CPU",
     ];
@@ -67,8 +66,7 @@ pub mod programs {
         // Drops and the IKE path watch (tracepoints).
         kfree_skb, net_dev_queue, netif_receive_skb,
         // MASQUERADE before IPsec.
-        masq_xfrm4_output, masq_xfrm6_output, masq_xfrm4_okfn, masq_xfrm6_okfn,
-        masq_xfrm4_okfn_exit, masq_xfrm6_okfn_exit, masq_output_kprobe, masq_okfn_kprobe,
+        masq_xfrm4_okfn, masq_xfrm6_okfn, masq_okfn_kprobe,
         // Oversize ESP.
         mtu_fragment_fentry, mtu_fragment_kprobe, mtu_fragment6_fentry, mtu_fragment6_kprobe,
         mtu_icmp_fentry, mtu_icmp_kprobe, mtu_icmp6_fentry, mtu_icmp6_kprobe,

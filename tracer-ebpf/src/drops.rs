@@ -15,7 +15,7 @@ use tracer_common::{
     layout::{ABSENT, KfreeSkbRecord},
 };
 
-use crate::{capture, ike, skb::skb_netns_and_ifindex};
+use crate::{capture, ike, masquerade, skb::skb_netns_and_ifindex};
 
 /// Where the fields are in the tracepoint's record, written by userspace
 /// before loading (from tracefs).
@@ -53,6 +53,7 @@ pub fn kfree_skb(ctx: TracePointContext) -> u32 {
     count_drop(&ctx, &key);
     if let Ok(skb) = unsafe { ctx.read_at::<u64>(record.skbaddr as usize) } {
         unsafe { ike::on_drop(skb, key.location, key.reason, key.netns, key.ifindex) };
+        masquerade::on_drop(skb);
         sample_drop(skb, &key);
     }
     0

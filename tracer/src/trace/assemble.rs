@@ -96,7 +96,7 @@ pub fn report(context: &Context, moment: Moment) -> Report {
             join_policy_and_connection(source, book, &plutos);
         }
     }
-    let leaks = masquerade::leaks(&readings.masquerade, &context.masquerade, &names);
+    let leaks = masquerade::leaks(&readings.masquerade, &context.masquerade, &names, book);
     let ike_paths = ike::summarize(&readings.ike, &context.kallsyms, &context.reasons, &names);
     let esp_sizes = esp_sizes(&readings.mtu, book, &netns);
     let mut findings = masquerade::findings(&leaks, &netns);
