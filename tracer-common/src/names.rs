@@ -70,7 +70,7 @@ pub mod programs {
         // Oversize ESP.
         mtu_fragment_fentry, mtu_fragment_kprobe, mtu_fragment6_fentry, mtu_fragment6_kprobe,
         mtu_icmp_fentry, mtu_icmp_kprobe, mtu_icmp6_fentry, mtu_icmp6_kprobe,
-        mtu_local_error_fentry, mtu_local_error_kprobe, mtu_output_fentry, mtu_output_kprobe,
+        mtu_local_error_fentry, mtu_local_error_kprobe, mtu_gso_fentry, mtu_gso_kprobe,
         // Counters of a namespace at its teardown.
         netns_exit_fentry, netns_exit_kprobe,
         // The doctor's probes of which program types the kernel accepts.

@@ -46,6 +46,7 @@ const COMMON: &[(&str, &[&str])] = &[
         &["skb", "type", "code", "info", "force_saddr", "parm"],
     ),
     ("xfrm_local_error", &["skb", "mtu"]),
+    ("__skb_gso_segment", &["skb", "features", "tx_path"]),
     ("xfrm_net_exit", &["net"]),
 ];
 

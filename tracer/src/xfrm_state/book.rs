@@ -21,7 +21,12 @@ struct Namespace {
     interfaces: Vec<VpnInterface>,
     gone_sas: Vec<Sa>,
     gone_policies: Vec<Policy>,
+    /// Each SA's counters at the first dump.
+    first_counts: Option<BTreeMap<SaId, (u64, u64)>>,
 }
+
+/// An SA by (SPI, destination, protocol); its counters as (packets, bytes).
+type SaId = (u32, IpAddr, u8);
 
 #[derive(Default)]
 pub struct XfrmBook {
@@ -54,6 +59,7 @@ impl XfrmBook {
             interfaces: Vec::new(),
             gone_sas: Vec::new(),
             gone_policies: Vec::new(),
+            first_counts: None,
         });
         ns.path = path.to_path_buf();
         ns.notifications = notifications;
@@ -84,6 +90,41 @@ impl XfrmBook {
                 self.refreshes += 1;
             }
         }
+    }
+
+    /// Dumps every netns that can still be reached again: an SA's packet
+    /// and byte counters move without a notification (at the end of a run).
+    pub fn refresh_counters(&mut self) {
+        for ns in self.namespaces.values_mut() {
+            if ns.notifications.is_some() {
+                ns.refresh();
+            }
+        }
+    }
+
+    /// Each SA of the netns as last dumped, with the packets and bytes it
+    /// carried since the netns was first dumped (an SA added since counts
+    /// from zero).
+    pub fn carried(&self, netns: u64) -> Vec<(&Sa, u64, u64)> {
+        let Some(ns) = self.namespaces.get(&netns) else {
+            return Vec::new();
+        };
+        ns.sas
+            .iter()
+            .map(|sa| {
+                let (packets, bytes) = ns
+                    .first_counts
+                    .as_ref()
+                    .and_then(|first| first.get(&(sa.spi, sa.dst, sa.proto)))
+                    .copied()
+                    .unwrap_or((0, 0));
+                (
+                    sa,
+                    sa.packets.saturating_sub(packets),
+                    sa.bytes.saturating_sub(bytes),
+                )
+            })
+            .collect()
     }
 
     /// The SA with this SPI (host order) and destination in the netns,
@@ -136,6 +177,7 @@ impl XfrmBook {
             interfaces: state.interfaces,
             gone_sas: Vec::new(),
             gone_policies: Vec::new(),
+            first_counts: None,
         };
         Self {
             namespaces: BTreeMap::from([(netns, ns)]),
@@ -165,6 +207,15 @@ impl Namespace {
                 self.gone_policies.retain(|g| g.index != old.index);
                 self.gone_policies.push(old);
             }
+        }
+        if self.first_counts.is_none() {
+            self.first_counts = Some(
+                state
+                    .sas
+                    .iter()
+                    .map(|sa| ((sa.spi, sa.dst, sa.proto), (sa.packets, sa.bytes)))
+                    .collect(),
+            );
         }
         self.sas = state.sas;
         self.policies = state.policies;
