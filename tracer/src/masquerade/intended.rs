@@ -104,7 +104,7 @@ pub fn policy_and_sa<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::xfrm_state::{Lifetime, Mode, Template};
+    use crate::xfrm_state::{Mode, Template};
 
     fn selector(src: &str, dst: &str) -> Selector {
         Selector {
@@ -136,27 +136,7 @@ mod tests {
     }
 
     fn sa(spi: u32, reqid: u32, dst: &str) -> Sa {
-        Sa {
-            src: "192.0.2.1".parse().unwrap(),
-            dst: dst.parse().unwrap(),
-            spi,
-            proto: 50,
-            reqid,
-            mode: Mode::Tunnel,
-            replay_window: 0,
-            selector: Selector::default(),
-            aead: None,
-            cipher: None,
-            auth: None,
-            encap: None,
-            lifetime: Lifetime::default(),
-            bytes: 0,
-            packets: 0,
-            replay_errors: 0,
-            integrity_failures: 0,
-            mark: None,
-            if_id: None,
-        }
+        Sa::example(spi, reqid, dst, Mode::Tunnel)
     }
 
     fn flow(src: &str, dst: &str) -> Flow {

@@ -520,27 +520,7 @@ mod tests {
     }
 
     fn gateway_sa(mode: Mode) -> Sa {
-        Sa {
-            src: "192.0.2.1".parse().unwrap(),
-            dst: "203.0.113.1".parse().unwrap(),
-            spi: 0x1001,
-            proto: 50,
-            reqid: 1,
-            mode,
-            replay_window: 0,
-            selector: crate::xfrm_state::Selector::default(),
-            aead: None,
-            cipher: None,
-            auth: None,
-            encap: None,
-            lifetime: crate::xfrm_state::Lifetime::default(),
-            bytes: 0,
-            packets: 0,
-            replay_errors: 0,
-            integrity_failures: 0,
-            mark: None,
-            if_id: None,
-        }
+        Sa::example(0x1001, 1, "203.0.113.1", mode)
     }
 
     /// A gateway that sends with `sa` (its out policy's template names it).

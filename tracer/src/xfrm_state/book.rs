@@ -222,3 +222,39 @@ impl Namespace {
         self.interfaces = state.interfaces;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::xfrm_state::Mode;
+
+    #[test]
+    fn an_sa_carried_what_its_counters_moved_since_the_first_dump() {
+        let counted = |spi, packets, bytes| {
+            let mut sa = Sa::example(spi, 1, "203.0.113.1", Mode::Tunnel);
+            (sa.packets, sa.bytes) = (packets, bytes);
+            sa
+        };
+        let mut book = XfrmBook::seen(
+            7,
+            XfrmState {
+                sas: vec![counted(0x1001, 15, 1500), counted(0x1002, 3, 300)],
+                policies: Vec::new(),
+                interfaces: Vec::new(),
+            },
+        );
+        // 0x1001 was there at the first dump; 0x1002 came later.
+        let ns = book.namespaces.get_mut(&7).unwrap();
+        ns.first_counts = Some(BTreeMap::from([(
+            (0x1001, "203.0.113.1".parse().unwrap(), 50),
+            (10, 1000),
+        )]));
+        let carried: Vec<(u32, u64, u64)> = book
+            .carried(7)
+            .into_iter()
+            .map(|(sa, packets, bytes)| (sa.spi, packets, bytes))
+            .collect();
+        assert_eq!(carried, [(0x1001, 5, 500), (0x1002, 3, 300)]);
+        assert!(book.carried(8).is_empty());
+    }
+}
