@@ -177,6 +177,14 @@ kernel_offsets! {
     /// shadow set-up program finds the netns userspace entered.
     task_struct_nsproxy: optional("task_struct", "nsproxy"),
     nsproxy_net_ns: optional("nsproxy", "net_ns"),
+    // A packet's conntrack entry (the flow before NAT); ABSENT where the
+    // kernel's BTF lacks conntrack's structs.
+    sk_buff_nfct: optional("sk_buff", "_nfct"),
+    /// Where the original and the reply direction's tuple are in
+    /// `struct nf_conn` (`tuplehash[dir].tuple`).
+    ct_original_tuple: computed(ABSENT),
+    ct_reply_tuple: computed(ABSENT),
+    ct_tuple_src_addr: optional("nf_conntrack_tuple", "src.u3"),
 }
 
 // Sizes the eBPF and userspace compiles must agree on, every byte a
@@ -184,7 +192,7 @@ kernel_offsets! {
 const _: () = {
     use core::mem::size_of;
     assert!(size_of::<KfreeSkbRecord>() == 16);
-    assert!(size_of::<KernelOffsets>() == 232);
+    assert!(size_of::<KernelOffsets>() == 248);
 };
 
 #[cfg(feature = "user")]

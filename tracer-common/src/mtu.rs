@@ -1,5 +1,6 @@
 //! Oversize ESP: packets of an SA that did not fit the path MTU, and the
-//! largest inner packets and TCP MSS each SA carried.
+//! GSO packets each SA carried (what every SA carried comes from its own
+//! counters, read by userspace).
 
 /// What happened to a packet (the `kind` of an `MtuKey`).
 pub mod kind {
@@ -11,8 +12,9 @@ pub mod kind {
     /// A local sender got EMSGSIZE from the IPsec size check
     /// (`xfrm_local_error`).
     pub const LOCAL_EMSGSIZE: u8 = 3;
-    /// Every packet entering `xfrm_output`: largest inner packet and MSS.
-    pub const INNER: u8 = 4;
+    /// A GSO packet cut into its segments before encryption
+    /// (`__skb_gso_segment` with an SA on its route): the largest segment.
+    pub const GSO_SEGMENTED: u8 = 4;
     /// ICMP "fragmentation needed" / ICMPv6 "packet too big" received from
     /// the path for an ESP packet we sent (`net:netif_receive_skb`).
     pub const FRAG_NEEDED_RECEIVED: u8 = 5;
@@ -29,7 +31,7 @@ pub struct MtuKey {
     pub netns: u32,
     /// Egress interface (0 if unknown).
     pub ifindex: u32,
-    /// The MTU the packet was judged against (0 for `INNER`).
+    /// The MTU the packet was judged against (0 for `GSO_SEGMENTED`).
     pub mtu: u32,
     pub kind: u8,
     /// 1: `mtu` is the inner (IPsec bundle) MTU; 0: the outer path MTU.
@@ -48,9 +50,9 @@ pub struct MtuStats {
     pub count: u64,
     /// Largest packet (for GSO packets: the largest segment).
     pub max_len: u32,
-    /// Largest TCP MSS option seen in a SYN (`INNER` only).
+    /// Unused (0): the TCP MSS of SYNs was read by a per-packet hook.
     pub max_mss: u32,
-    /// GSO packets among them (`INNER` only): judged by their segments.
+    /// Unused (0): GSO packets are the `count` of `GSO_SEGMENTED`.
     pub gso_packets: u64,
 }
 

@@ -23,7 +23,7 @@ pub mod maps {
         // Drops at skb:kfree_skb.
         DROPS, DROPS_UNTRACKED, DROP_SAMPLING, DROP_SAMPLES, DROP_SAMPLES_LOST,
         IKE_EVENTS,
-        MASQ_LEAKS, MASQ_POLICIES, MASQ_ERRORS, LEAK_SAMPLES,
+        MASQ_LEAKS, MASQ_ERRORS, LEAK_SAMPLES,
         MTU_EVENTS,
         NETNS_EXITS,
     }
@@ -35,8 +35,7 @@ pub mod maps {
         "AFTER",
         "SAMPLE_BUDGET",
         "DROP_BUDGET",
-        "MASQ_ENTERED",
-        "MASQ_PENDING",
+        "MASQ_LEAVING",
         "LEAK_BUDGET",
         "NETNS_EXIT_CPU",
         "CLAIM_FRAME",
@@ -78,12 +77,11 @@ pub mod programs {
         ike_icmp_fentry, ike_icmp_kprobe, ike_icmp6_fentry, ike_icmp6_kprobe,
         ike_enqueue_fentry, ike_enqueue_fexit, ike_enqueue_kprobe, ike_enqueue_kretprobe,
         // MASQUERADE before IPsec.
-        masq_xfrm4_output, masq_xfrm6_output, masq_xfrm4_okfn, masq_xfrm6_okfn,
-        masq_xfrm4_okfn_exit, masq_xfrm6_okfn_exit, masq_output_kprobe, masq_okfn_kprobe,
+        masq_xfrm4_okfn, masq_xfrm6_okfn, masq_okfn_kprobe,
         // Oversize ESP.
         mtu_fragment_fentry, mtu_fragment_kprobe, mtu_fragment6_fentry, mtu_fragment6_kprobe,
         mtu_icmp_fentry, mtu_icmp_kprobe, mtu_icmp6_fentry, mtu_icmp6_kprobe,
-        mtu_local_error_fentry, mtu_local_error_kprobe, mtu_output_fentry, mtu_output_kprobe,
+        mtu_local_error_fentry, mtu_local_error_kprobe, mtu_gso_fentry, mtu_gso_kprobe,
         // Counters of a namespace at its teardown.
         netns_exit_fentry, netns_exit_kprobe,
         // The doctor's probes of which program types the kernel accepts.

@@ -16,7 +16,7 @@ use tracer_common::{
 };
 
 use crate::{
-    capture, claims, ike,
+    capture, claims, ike, masquerade,
     skb::{skb_net, skb_netns_and_ifindex},
 };
 
@@ -64,6 +64,7 @@ pub fn kfree_skb(ctx: TracePointContext) -> u32 {
             claims::Claimant::Drop { skb, site },
         );
         unsafe { ike::on_drop(skb, key.location, key.reason, key.netns, key.ifindex) };
+        masquerade::on_drop(skb);
         sample_drop(skb, &key);
     }
     0

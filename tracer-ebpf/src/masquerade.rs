@@ -1,19 +1,20 @@
-//! MASQUERADE before IPsec (see `tracer_common::masquerade`): remember each
-//! skb entering POSTROUTING with an IPsec bundle, count it when the okfn
-//! finds that POSTROUTING NAT replaced the bundle by a plain route.
+//! MASQUERADE before IPsec (see `tracer_common::masquerade`): one entry
+//! program at the okfn of the bundle's POSTROUTING, which returns at once
+//! while the route still has an SA (every healthy IPsec packet) and counts
+//! the packet when POSTROUTING NAT replaced the bundle by a plain route.
+//! The drops program reports, through `on_drop`, a leak dropped on its way
+//! out.
 
 use aya_ebpf::{
     helpers::generated::bpf_probe_read_kernel as probe_read_raw,
-    macros::{fentry, fexit, kprobe, map},
-    maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::{FEntryContext, FExitContext, ProbeContext},
+    macros::{fentry, kprobe, map},
+    maps::{PerCpuArray, PerCpuHashMap, RingBuf},
+    programs::{FEntryContext, ProbeContext},
 };
 use tracer_common::{
     capture::SampleBudget,
-    masquerade::{
-        ENTERED_SLOTS, Entered, LEAK_TABLE_ENTRIES, LeakCount, LeakKey, LeakSample, PolicyKey,
-        Selector, error,
-    },
+    layout::ABSENT,
+    masquerade::{LEAK_TABLE_ENTRIES, LeakCount, LeakKey, LeakSample, Leaving, error},
 };
 
 use crate::{
@@ -22,23 +23,15 @@ use crate::{
     skb::{read_at, skb_dst},
 };
 
-/// Skbs between POSTROUTING's two hooks, per CPU.
+/// The leak this CPU is sending, until the skb is freed or the next leak.
 #[map]
-static MASQ_ENTERED: PerCpuArray<Entered> = PerCpuArray::with_max_entries(1, 0);
+static MASQ_LEAVING: PerCpuArray<Leaving> = PerCpuArray::with_max_entries(1, 0);
 
-/// Re-routed skbs between the okfn's entry and exit (for the outcome).
-#[map]
-static MASQ_PENDING: LruHashMap<u64, LeakKey> = LruHashMap::with_max_entries(4096, 0);
-
-/// Packets that left IPsec in POSTROUTING, per (flows, SA, policy, netns,
-/// egress): exact per-CPU counts.
+/// Packets that left IPsec in POSTROUTING, per (flows, netns, egress):
+/// exact per-CPU counts.
 #[map]
 static MASQ_LEAKS: PerCpuHashMap<LeakKey, LeakCount> =
     PerCpuHashMap::with_max_entries(LEAK_TABLE_ENTRIES, 0);
-
-/// Selectors of the policies behind leaks, read from the kernel.
-#[map]
-static MASQ_POLICIES: HashMap<PolicyKey, Selector> = HashMap::with_max_entries(1024, 0);
 
 /// Leaked packets with their headers, rate-limited (the table stays exact).
 #[map]
@@ -81,18 +74,6 @@ unsafe fn read_bytes<const N: usize>(dst: &mut [u8; N], src: u64) {
     }
 }
 
-/// Like `read_bytes` at `base + offset`; zeroes for an absent offset.
-#[inline(always)]
-unsafe fn read_field<const N: usize>(dst: &mut [u8; N], base: u64, offset: u32) {
-    if offset == tracer_common::layout::ABSENT {
-        for byte in dst.iter_mut() {
-            unsafe { core::ptr::write_volatile(byte, 0) };
-        }
-        return;
-    }
-    unsafe { read_bytes(dst, base + u64::from(offset)) };
-}
-
 /// Family, protocol and addresses of the skb's (inner, not yet
 /// transformed) IP header; zeros if it has none.
 #[inline(always)]
@@ -105,44 +86,36 @@ unsafe fn ip_header(skb: u64, src: &mut [u8; 16], dst: &mut [u8; 16]) -> (u16, u
     (u16::from(packet.family), packet.proto)
 }
 
-/// fentry/kprobe `xfrm4_output`/`xfrm6_output`: the skb enters POSTROUTING
-/// with its bundle; remember the flow the policy matched, the SA, the policy.
+/// The flow the IPsec policy matched, from the packet's conntrack entry
+/// (docs/kernel.md §2): the original direction's source (before SNAT) and
+/// the reply direction's source (the destination after any DNAT, as the
+/// policy lookup saw it). False without a conntrack entry or its offsets.
 #[inline(always)]
-fn entering_postrouting(skb: u64) {
+unsafe fn flow_before_nat(skb: u64, key: &mut LeakKey) -> bool {
     let o = KERNEL_OFFSETS.load();
-    let dst = unsafe { skb_dst(skb) };
-    if dst == 0 {
-        return;
+    if o.ct_original_tuple == ABSENT || o.ct_reply_tuple == ABSENT {
+        return false;
     }
-    let x: u64 = unsafe { read_at(dst, o.dst_entry_xfrm) }.unwrap_or(0);
-    if x == 0 {
-        return;
+    let nfct: u64 = unsafe { read_at(skb, o.sk_buff_nfct) }.unwrap_or(0);
+    // The low bits of `_nfct` hold the packet's ctinfo (NFCT_INFOMASK).
+    let ct = nfct & !7;
+    if ct == 0 || o.ct_tuple_src_addr == ABSENT {
+        return false;
     }
-    let Some(entered) = MASQ_ENTERED.get_ptr_mut(0) else {
-        return;
-    };
-    let entered = unsafe { &mut *entered };
-    let index = (entered.next as usize) % ENTERED_SLOTS;
-    entered.next = entered.next.wrapping_add(1);
-    let Some(seen) = entered.slots.get_mut(index) else {
-        return;
-    };
-    seen.skb = skb;
-    seen.state = x;
-    let (family, proto) = unsafe { ip_header(skb, &mut seen.src, &mut seen.dst) };
-    seen.family = family;
-    seen.proto = proto;
-    // The bundle is a struct xfrm_dst whose first member is the dst_entry.
-    seen.policy = unsafe { read_at(dst, o.xfrm_dst_pols) }.unwrap_or(0);
-    let sk: u64 = unsafe { read_at(skb, o.sk_buff_sk) }.unwrap_or(0);
-    seen.local = u8::from(sk != 0);
+    let original = ct + u64::from(o.ct_original_tuple);
+    let reply = ct + u64::from(o.ct_reply_tuple);
+    unsafe {
+        read_bytes(&mut key.pre_src, original + u64::from(o.ct_tuple_src_addr));
+        read_bytes(&mut key.pre_dst, reply + u64::from(o.ct_tuple_src_addr));
+    }
+    true
 }
 
-/// fentry/kprobe `__xfrm4_output`/`__xfrm6_output` (the okfn of that
-/// POSTROUTING): if the route has no SA any more, NAT re-routed the packet
-/// out of IPsec and it is about to leave in clear.
+/// fentry/kprobe `__xfrm4_output`/`__xfrm6_output` (the okfn of the
+/// bundle's POSTROUTING): if the route has no SA any more, NAT re-routed
+/// the packet out of IPsec and it is about to leave in clear.
 #[inline(always)]
-fn leaving_postrouting(skb: u64, track_outcome: bool) {
+fn leaving_postrouting(skb: u64) {
     let o = KERNEL_OFFSETS.load();
     let dst = unsafe { skb_dst(skb) };
     if dst == 0 {
@@ -150,7 +123,7 @@ fn leaving_postrouting(skb: u64, track_outcome: bool) {
     }
     let x: u64 = unsafe { read_at(dst, o.dst_entry_xfrm) }.unwrap_or(1);
     if x != 0 {
-        // Still IPsec (the normal case): its slot is simply reused.
+        // Still IPsec: the healthy case, nothing more to do.
         return;
     }
     let mut key = core::mem::MaybeUninit::<LeakKey>::uninit();
@@ -167,27 +140,12 @@ fn leaving_postrouting(skb: u64, track_outcome: bool) {
     if net != 0 {
         key.netns = unsafe { read_at(net, o.net_ns_inum) }.unwrap_or(0);
     }
-    let mut policy: u64 = 0;
-    if let Some(seen) = entered_slot(skb) {
-        key.pre_src = seen.src;
-        key.pre_dst = seen.dst;
-        key.local = seen.local;
+    let sk: u64 = unsafe { read_at(skb, o.sk_buff_sk) }.unwrap_or(0);
+    key.local = u8::from(sk != 0);
+    if unsafe { flow_before_nat(skb, key) } {
         key.seen = 1;
-        // The SA and policy outlive the bundle NAT dropped (the SAD and
-        // SPD hold them); read only now, for the packet that leaked.
-        let x = seen.state;
-        key.spi = unsafe { read_at(x, o.xfrm_state_spi) }.unwrap_or(0);
-        key.reqid = unsafe { read_at(x, o.xfrm_state_reqid) }.unwrap_or(0);
-        unsafe { read_field(&mut key.sa_daddr, x, o.xfrm_state_daddr) };
-        key.sa_family = unsafe { read_at(x, o.xfrm_state_family) }.unwrap_or(0);
-        policy = seen.policy;
-        if policy != 0 {
-            key.policy_index = unsafe { read_at(policy, o.xfrm_policy_index) }.unwrap_or(0);
-        }
     } else {
         count_error(error::UNSEEN);
-        let sk: u64 = unsafe { read_at(skb, o.sk_buff_sk) }.unwrap_or(0);
-        key.local = u8::from(sk != 0);
     }
     let len: u32 = unsafe { read_at(skb, o.sk_buff_len) }.unwrap_or(0);
     if let Some(count) = MASQ_LEAKS.get_ptr_mut(key) {
@@ -206,45 +164,57 @@ fn leaving_postrouting(skb: u64, track_outcome: bool) {
         }
     }
     sample_leak(skb, key);
-    if policy != 0 && key.policy_index != 0 {
-        let pkey = PolicyKey {
-            netns: key.netns,
-            index: key.policy_index,
-        };
-        if unsafe { MASQ_POLICIES.get(&pkey) }.is_none() {
-            let mut selector = core::mem::MaybeUninit::<Selector>::uninit();
-            let selector = zeroed(&mut selector);
-            unsafe {
-                read_field(&mut selector.saddr, policy, o.xfrm_policy_sel_saddr);
-                read_field(&mut selector.daddr, policy, o.xfrm_policy_sel_daddr);
-            }
-            selector.family = unsafe { read_at(policy, o.xfrm_policy_sel_family) }.unwrap_or(0);
-            selector.prefixlen_s =
-                unsafe { read_at(policy, o.xfrm_policy_sel_prefixlen_s) }.unwrap_or(0);
-            selector.prefixlen_d =
-                unsafe { read_at(policy, o.xfrm_policy_sel_prefixlen_d) }.unwrap_or(0);
-            selector.proto = unsafe { read_at(policy, o.xfrm_policy_sel_proto) }.unwrap_or(0);
-            let _ = MASQ_POLICIES.insert(&pkey, selector, 0);
-        }
-    }
-    if track_outcome {
-        let _ = MASQ_PENDING.insert(&skb, key, 0);
+    remember_leaving(skb, dev, key);
+}
+
+/// Notes the leak this CPU is handing to `dst_output`, for `on_drop`.
+#[inline(always)]
+fn remember_leaving(skb: u64, dev: u64, key: &LeakKey) {
+    let Some(leaving) = MASQ_LEAVING.get_ptr_mut(0) else {
+        return;
+    };
+    unsafe {
+        (*leaving).skb = skb;
+        (*leaving).dev = dev;
+        // The key by helper: a struct copy of this size would be a memcpy call.
+        probe_read_raw(
+            core::ptr::addr_of_mut!((*leaving).key).cast(),
+            size_of::<LeakKey>() as u32,
+            (key as *const LeakKey).cast(),
+        );
     }
 }
 
-/// This CPU's slot for `skb`, if it entered POSTROUTING here.
+/// `skb:kfree_skb` (called by the drops program): the leak this CPU is
+/// sending was dropped if the skb is freed while still on its egress
+/// device; a later free elsewhere (the peer of a veth, another netns) is
+/// after it left. Either way the slot is done with: its address may come
+/// back for another packet.
 #[inline(always)]
-fn entered_slot(skb: u64) -> Option<&'static tracer_common::masquerade::Seen> {
-    let entered = unsafe { &*MASQ_ENTERED.get_ptr(0)? };
-    // Newest first: a freed skb's address comes back for a later packet.
-    for age in 1..=ENTERED_SLOTS as u32 {
-        let index = (entered.next.wrapping_sub(age) as usize) % ENTERED_SLOTS;
-        let slot = entered.slots.get(index)?;
-        if slot.skb == skb {
-            return Some(slot);
+pub fn on_drop(skb: u64) {
+    let Some(leaving) = MASQ_LEAVING.get_ptr_mut(0) else {
+        return;
+    };
+    let leaving = unsafe { &mut *leaving };
+    if leaving.skb != skb || skb == 0 {
+        return;
+    }
+    leaving.skb = 0;
+    let dev: u64 = unsafe { read_at(skb, KERNEL_OFFSETS.load().sk_buff_dev) }.unwrap_or(0);
+    if dev != leaving.dev {
+        return;
+    }
+    if let Some(count) = MASQ_LEAKS.get_ptr_mut(&leaving.key) {
+        unsafe { (*count).failed += 1 };
+    } else {
+        // Counted on another CPU (the task migrated): the sums agree.
+        let mut count = core::mem::MaybeUninit::<LeakCount>::uninit();
+        let count = zeroed(&mut count);
+        count.failed = 1;
+        if MASQ_LEAKS.insert(&leaving.key, count, 0).is_err() {
+            count_error(error::TABLE_FULL);
         }
     }
-    None
 }
 
 /// Sends the leaked packet's headers, as it leaves, if the budget allows.
@@ -268,86 +238,26 @@ fn sample_leak(skb: u64, key: &LeakKey) {
     entry.submit(0);
 }
 
-/// fexit of the okfn: `dst_output` of the plain route returned `ret`.
-#[inline(always)]
-fn left_postrouting(skb: u64, ret: i32) {
-    let Some(key) = MASQ_PENDING.get_ptr(&skb) else {
-        return;
-    };
-    // The key is used in place (a copy of the map value would need memcpy).
-    let key = unsafe { &*key };
-    let (sent, failed) = if ret == 0 { (1, 0) } else { (0, 1) };
-    if let Some(count) = MASQ_LEAKS.get_ptr_mut(key) {
-        unsafe {
-            (*count).sent += sent;
-            (*count).failed += failed;
-        }
-    } else {
-        // Another CPU counted the packet (the task migrated): the sums agree.
-        let mut count = core::mem::MaybeUninit::<LeakCount>::uninit();
-        let count = zeroed(&mut count);
-        count.sent = sent;
-        count.failed = failed;
-        if MASQ_LEAKS.insert(key, count, 0).is_err() {
-            count_error(error::TABLE_FULL);
-        }
-    }
-    let _ = MASQ_PENDING.remove(&skb);
-}
-
-// MASQUERADE before IPsec (docs/kernel.md §2). xfrm4_output, xfrm6_output
-// and their POSTROUTING okfns __xfrm4_output, __xfrm6_output all take
-// (net, sk, skb) (checked against BTF before attaching). One fentry program
-// per target; the kprobe fallbacks attach to both families.
-
-#[fentry(function = "xfrm4_output")]
-pub fn masq_xfrm4_output(ctx: FEntryContext) -> u32 {
-    entering_postrouting(ctx.arg(2));
-    0
-}
-
-#[fentry(function = "xfrm6_output")]
-pub fn masq_xfrm6_output(ctx: FEntryContext) -> u32 {
-    entering_postrouting(ctx.arg(2));
-    0
-}
+// MASQUERADE before IPsec (docs/kernel.md §2). __xfrm4_output and
+// __xfrm6_output take (net, sk, skb) (checked against BTF before
+// attaching). One fentry program per family; the kprobe serves both.
 
 #[fentry(function = "__xfrm4_output")]
 pub fn masq_xfrm4_okfn(ctx: FEntryContext) -> u32 {
-    leaving_postrouting(ctx.arg(2), true);
+    leaving_postrouting(ctx.arg(2));
     0
 }
 
 #[fentry(function = "__xfrm6_output")]
 pub fn masq_xfrm6_okfn(ctx: FEntryContext) -> u32 {
-    leaving_postrouting(ctx.arg(2), true);
-    0
-}
-
-#[fexit(function = "__xfrm4_output")]
-pub fn masq_xfrm4_okfn_exit(ctx: FExitContext) -> u32 {
-    left_postrouting(ctx.arg(2), ctx.arg(3));
-    0
-}
-
-#[fexit(function = "__xfrm6_output")]
-pub fn masq_xfrm6_okfn_exit(ctx: FExitContext) -> u32 {
-    left_postrouting(ctx.arg(2), ctx.arg(3));
-    0
-}
-
-#[kprobe]
-pub fn masq_output_kprobe(ctx: ProbeContext) -> u32 {
-    if let Some(skb) = ctx.arg::<u64>(2) {
-        entering_postrouting(skb);
-    }
+    leaving_postrouting(ctx.arg(2));
     0
 }
 
 #[kprobe]
 pub fn masq_okfn_kprobe(ctx: ProbeContext) -> u32 {
     if let Some(skb) = ctx.arg::<u64>(2) {
-        leaving_postrouting(skb, false);
+        leaving_postrouting(skb);
     }
     0
 }

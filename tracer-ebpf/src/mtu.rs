@@ -97,16 +97,10 @@ unsafe fn dst_device(dst: u64) -> (u32, u32) {
 
 #[inline(always)]
 pub(crate) fn record(key: &MtuKey, len: u32, mss: u32) {
-    record_packet(key, len, mss, 0);
-}
-
-#[inline(always)]
-fn record_packet(key: &MtuKey, len: u32, mss: u32, gso: u64) {
     if let Some(stats) = MTU_EVENTS.get_ptr_mut(key) {
         // Per-CPU value: no other CPU writes it.
         let stats = unsafe { &mut *stats };
         stats.count += 1;
-        stats.gso_packets += gso;
         if len > stats.max_len {
             stats.max_len = len;
         }
@@ -118,7 +112,7 @@ fn record_packet(key: &MtuKey, len: u32, mss: u32, gso: u64) {
             count: 1,
             max_len: len,
             max_mss: mss,
-            gso_packets: gso,
+            gso_packets: 0,
         };
         let _ = MTU_EVENTS.insert(key, &stats, 0);
     }
@@ -240,29 +234,34 @@ fn on_local_error(a: &impl Args) {
 }
 entry_hook!("xfrm_local_error", on_local_error => mtu_local_error_fentry, mtu_local_error_kprobe);
 
-/// `xfrm_output(sk, skb)`: the inner packet (for GSO, its segments) and
-/// the MSS a TCP SYN announces, per SA.
+/// `__skb_gso_segment(skb, features, tx_path)`: a GSO packet routed into
+/// IPsec is cut into its segments before encryption (only GSO packets
+/// come here, so a non-GSO IPsec packet costs nothing). Per SA: how many,
+/// and the largest segment.
 #[inline(always)]
-fn on_output(a: &impl Args) {
-    let skb = a.arg_u64(1);
+fn on_gso_segment(a: &impl Args) {
+    let skb = a.arg_u64(0);
     let x = unsafe { dst_sa(skb_dst(skb)) };
+    if x == 0 {
+        return;
+    }
     let Some(ip) = (unsafe { skb_packet(skb) }) else {
         return;
     };
-    if x == 0 {
+    let (len, _, gso) = unsafe { inner_size(skb, &ip) };
+    if !gso {
         return;
     }
     let (netns, _) = unsafe { skb_netns_and_ifindex(skb) };
     let mut key = MtuKey {
         netns,
-        kind: kind::INNER,
+        kind: kind::GSO_SEGMENTED,
         ..MtuKey::default()
     };
     unsafe { key_from_sa(x, &mut key) };
-    let (len, mss, gso) = unsafe { inner_size(skb, &ip) };
-    record_packet(&key, len, mss, u64::from(gso));
+    record(&key, len, 0);
 }
-entry_hook!("xfrm_output", on_output => mtu_output_fentry, mtu_output_kprobe);
+entry_hook!("__skb_gso_segment", on_gso_segment => mtu_gso_fentry, mtu_gso_kprobe);
 
 /// Size of the packet (of one segment for GSO), the MSS of a SYN, and
 /// whether it is GSO.

@@ -362,6 +362,11 @@ impl KernelBtf {
         self.member_offset(ty, path).ok()
     }
 
+    /// The size in bytes of `struct name`.
+    pub fn struct_size(&self, name: &str) -> Option<u32> {
+        Some(self.ty(self.struct_id(name)?)?.size_or_type)
+    }
+
     /// The id of a struct (not a forward declaration, a union or a
     /// same-named func): the first one, when two structs share a name.
     fn struct_id(&self, name: &str) -> Option<u32> {

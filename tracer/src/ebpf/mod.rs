@@ -105,7 +105,22 @@ fn kernel_offsets(btf: &KernelBtf, kallsyms: &Kallsyms) -> Result<KernelOffsets,
         })
         .unwrap_or(ABSENT);
     offsets.per_cpu_offset = kallsyms.data_address("__per_cpu_offset").unwrap_or(0);
+    if let Some((original, reply)) = conntrack_tuples(btf) {
+        offsets.ct_original_tuple = original;
+        offsets.ct_reply_tuple = reply;
+    }
     Ok(offsets)
+}
+
+/// Where `nf_conn.tuplehash[IP_CT_DIR_ORIGINAL].tuple` and
+/// `tuplehash[IP_CT_DIR_REPLY].tuple` are: the array's first and second
+/// element, each a `struct nf_conntrack_tuple_hash`.
+fn conntrack_tuples(btf: &KernelBtf) -> Option<(u32, u32)> {
+    let array = btf.optional_offset("nf_conn", "tuplehash")?;
+    let tuple = btf.optional_offset("nf_conntrack_tuple_hash", "tuple")?;
+    let element = btf.struct_size("nf_conntrack_tuple_hash")?;
+    let original = array.checked_add(tuple)?;
+    Some((original, original.checked_add(element)?))
 }
 
 /// Loads the object (maps created, no program loaded or attached yet).

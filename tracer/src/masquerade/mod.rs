@@ -4,36 +4,37 @@
 //! detector's hooks, reading what it counted, and the finding with its fix.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 use tracer_common::names::programs;
 
 use aya::{
     Ebpf,
-    maps::{HashMap as BpfHashMap, PerCpuArray, PerCpuHashMap},
+    maps::{PerCpuArray, PerCpuHashMap},
 };
 use serde::{Deserialize, Serialize};
-use tracer_common::masquerade::{LeakCount, LeakKey, LeakSample, PolicyKey, Selector, error};
+use tracer_common::masquerade::{LeakCount, LeakKey, LeakSample, error};
 use tracer_common::names::maps;
 
 use crate::{
-    hooks::{self, HookOutcome, HookSpec, Needs, Prototype, Role, Variant},
+    hooks::{self, HookOutcome, HookSpec, Prototype, Role, Variant},
     model::{Finding, FindingKind, HookList, Names},
+    xfrm_state::{Policy, Sa, XfrmBook, XfrmState},
 };
 
-/// Per family: the bundle's `output` (POSTROUTING starts) and its okfn
-/// (POSTROUTING ended); `skb` is the third argument of both.
-const FAMILIES: [(&str, &str, &str); 2] = [
-    ("ipv4", "xfrm4_output", "__xfrm4_output"),
-    ("ipv6", "xfrm6_output", "__xfrm6_output"),
-];
+mod intended;
+
+/// Per family: the okfn of the bundle's POSTROUTING; `skb` is its third
+/// argument.
+const FAMILIES: [(&str, &str); 2] = [("ipv4", "__xfrm4_output"), ("ipv6", "__xfrm6_output")];
 
 const SKB: Prototype = Prototype::SkbAtOrNoBtf(2);
 
-/// Per family: the okfn (detection), its fexit (sent or dropped: fentry
-/// only), then the output (the pre-NAT flow, SA and policy). The kprobe
-/// forms serve both families.
+/// One entry program per family (the kprobe form serves both): it returns
+/// at once while the route still has an SA, so a healthy IPsec packet
+/// costs one program run. Whether a leak was sent or dropped is seen by the
+/// drops program at `skb:kfree_skb`.
 pub const HOOKS: &[HookSpec] = &[
     HookSpec::new(
         "__xfrm4_output",
@@ -41,40 +42,10 @@ pub const HOOKS: &[HookSpec] = &[
         &[Variant::entry(programs::masq_xfrm4_okfn, programs::masq_okfn_kprobe).prototype(SKB)],
     ),
     HookSpec::new(
-        "__xfrm4_output",
-        Role::Nat,
-        &[Variant::exit(programs::masq_xfrm4_okfn_exit, None).prototype(SKB)],
-    )
-    .needs(Needs::HookedByFentry("__xfrm4_output")),
-    HookSpec::new(
-        "xfrm4_output",
-        Role::Nat,
-        &[
-            Variant::entry(programs::masq_xfrm4_output, programs::masq_output_kprobe)
-                .prototype(SKB),
-        ],
-    )
-    .needs(Needs::Hooked("__xfrm4_output")),
-    HookSpec::new(
         "__xfrm6_output",
         Role::Nat,
         &[Variant::entry(programs::masq_xfrm6_okfn, programs::masq_okfn_kprobe).prototype(SKB)],
     ),
-    HookSpec::new(
-        "__xfrm6_output",
-        Role::Nat,
-        &[Variant::exit(programs::masq_xfrm6_okfn_exit, None).prototype(SKB)],
-    )
-    .needs(Needs::HookedByFentry("__xfrm6_output")),
-    HookSpec::new(
-        "xfrm6_output",
-        Role::Nat,
-        &[
-            Variant::entry(programs::masq_xfrm6_output, programs::masq_output_kprobe)
-                .prototype(SKB),
-        ],
-    )
-    .needs(Needs::Hooked("__xfrm6_output")),
 ];
 
 /// What the detector covers on this kernel.
@@ -82,36 +53,39 @@ pub const HOOKS: &[HookSpec] = &[
 pub struct MasqCoverage {
     /// Families whose re-routes out of IPsec are counted (`ipv4`, `ipv6`).
     pub detected: Vec<String>,
-    /// Families whose pre-NAT flow, SA and policy are known too.
+    /// Families whose pre-NAT flow, SA and policy are known too (the
+    /// kernel's BTF describes conntrack's entries).
     pub explained: Vec<String>,
-    /// Families where "sent in clear" vs "dropped" is known (fexit).
+    /// Families where "sent in clear" vs "dropped" is known (the drops
+    /// program, always attached, sees the drops).
     pub outcome: Vec<String>,
-    /// `function (fentry|fexit|kprobe)`.
+    /// `function (fentry|kprobe)`.
     pub attached: Vec<String>,
     pub missing: Vec<(String, String)>,
 }
 
 impl MasqCoverage {
-    /// The published form of what `HOOKS` got (the okfn's fexit listed as
-    /// `__xfrm4_output (fexit)`).
-    pub fn of(outcomes: &[HookOutcome]) -> Self {
-        let is_exit = |o: &HookOutcome| o.programs.fentry.is_none();
+    /// The published form of what `HOOKS` got; `conntrack`: whether the
+    /// offsets of conntrack's entries were found.
+    pub fn of(outcomes: &[HookOutcome], conntrack: bool) -> Self {
         let HookList { attached, missing } = hooks::hook_list(outcomes, "MASQUERADE detection");
-        let families = |hooked: &dyn Fn(&HookOutcome, &str, &str) -> bool| {
-            FAMILIES
-                .iter()
-                .filter(|(_, output, okfn)| {
-                    outcomes
-                        .iter()
-                        .any(|o| o.via.is_some() && hooked(o, output, okfn))
-                })
-                .map(|(name, _, _)| name.to_string())
-                .collect::<Vec<_>>()
-        };
+        let detected: Vec<String> = FAMILIES
+            .iter()
+            .filter(|(_, okfn)| {
+                outcomes
+                    .iter()
+                    .any(|o| o.via.is_some() && o.function() == *okfn)
+            })
+            .map(|(name, _)| name.to_string())
+            .collect();
         Self {
-            detected: families(&|o, _, okfn| o.function() == okfn && !is_exit(o)),
-            explained: families(&|o, output, _| o.function() == output),
-            outcome: families(&|o, _, okfn| o.function() == okfn && is_exit(o)),
+            explained: if conntrack {
+                detected.clone()
+            } else {
+                Vec::new()
+            },
+            outcome: detected.clone(),
+            detected,
             attached,
             missing,
         }
@@ -122,7 +96,6 @@ impl MasqCoverage {
 #[derive(Debug, Default)]
 pub struct Counted {
     pub leaks: Vec<(LeakKey, LeakCount)>,
-    pub policies: HashMap<PolicyKey, Selector>,
     pub table_full: u64,
     pub unseen: u64,
     /// Leaks the rate limit or a full ring kept out of the pcapng.
@@ -131,7 +104,7 @@ pub struct Counted {
     pub samples: Vec<LeakSample>,
 }
 
-/// Reads the leak table (summed over CPUs), the selectors and the errors.
+/// Reads the leak table (summed over CPUs) and the errors.
 pub fn read(ebpf: &Ebpf) -> Result<Counted, aya::maps::MapError> {
     let map = |name: &str| {
         ebpf.map(name)
@@ -146,16 +119,11 @@ pub fn read(ebpf: &Ebpf) -> Result<Counted, aya::maps::MapError> {
         for c in per_cpu.iter() {
             sum.packets += c.packets;
             sum.bytes += c.bytes;
-            sum.sent += c.sent;
             sum.failed += c.failed;
         }
+        // What was not dropped on its egress device left it.
+        sum.sent = sum.packets.saturating_sub(sum.failed);
         counted.leaks.push((key, sum));
-    }
-    let policies: BpfHashMap<_, PolicyKey, Selector> =
-        BpfHashMap::try_from(map(maps::MASQ_POLICIES)?)?;
-    for entry in policies.iter() {
-        let (key, selector) = entry?;
-        counted.policies.insert(key, selector);
     }
     let errors: PerCpuArray<_, u64> = PerCpuArray::try_from(map(maps::MASQ_ERRORS)?)?;
     counted.table_full = errors.get(&error::TABLE_FULL, 0)?.iter().sum();
@@ -172,7 +140,8 @@ pub struct MasqueradeReport {
     pub leaks: Vec<Leak>,
     /// Leaks not itemized (table full): counted here only.
     pub table_full: u64,
-    /// Leaks whose skb was not seen entering POSTROUTING (no pre-NAT flow).
+    /// Leaks without a pre-NAT flow (no conntrack entry, or no conntrack
+    /// structs in the kernel's BTF).
     pub unseen: u64,
 }
 
@@ -181,11 +150,11 @@ pub struct MasqueradeReport {
 pub struct Leak {
     pub packets: u64,
     pub bytes: u64,
-    /// `dst_output` accepted them: they left in clear.
+    /// Not dropped on the egress device: they left in clear.
     pub sent: u64,
-    /// `dst_output` failed after the re-route.
+    /// Dropped on the egress device after the re-route (`skb:kfree_skb`).
     pub dropped: u64,
-    /// Whether `sent`/`dropped` are known (fexit attached).
+    /// Whether `sent`/`dropped` are known.
     pub outcome_known: bool,
     pub family: String,
     /// `forwarded` or `local` (the skb belonged to a local socket).
@@ -247,21 +216,31 @@ fn proto_name(proto: u8) -> String {
     }
 }
 
-/// The report rows, most packets first.
-pub fn leaks(counted: &Counted, coverage: &MasqCoverage, names: &Names) -> Vec<Leak> {
+/// The report rows, most packets first; the policy and SA each pre-NAT
+/// flow matched are looked up in the `book` of its netns.
+pub fn leaks(
+    counted: &Counted,
+    coverage: &MasqCoverage,
+    names: &Names,
+    book: &XfrmBook,
+) -> Vec<Leak> {
+    let mut states: BTreeMap<u32, Option<XfrmState>> = BTreeMap::new();
     let mut rows: Vec<Leak> = counted
         .leaks
         .iter()
         .filter(|(_, c)| c.packets > 0)
         .map(|(k, c)| {
             let family_name = if k.family == 10 { "ipv6" } else { "ipv4" };
-            let selector = counted.policies.get(&PolicyKey {
-                netns: k.netns,
-                index: k.policy_index,
-            });
-            let cidr = |bytes: &[u8; 16], len: u8, family: u16| {
-                address(family, bytes).map_or_else(String::new, |a| format!("{a}/{len}"))
+            let flow = intended::Flow::of(k);
+            let state = states
+                .entry(k.netns)
+                .or_insert_with(|| book.current(u64::from(k.netns)));
+            let (policy, sa): (Option<&Policy>, Option<&Sa>) = match (&flow, state.as_ref()) {
+                (Some(flow), Some(state)) => intended::policy_and_sa(state, flow)
+                    .map_or((None, None), |(p, sa)| (Some(p), sa)),
+                _ => (None, None),
             };
+            let template = policy.and_then(|p| p.templates.first());
             Leak {
                 packets: c.packets,
                 bytes: c.bytes,
@@ -270,31 +249,24 @@ pub fn leaks(counted: &Counted, coverage: &MasqCoverage, names: &Names) -> Vec<L
                 outcome_known: coverage.outcome.iter().any(|f| f == family_name),
                 family: family_name.into(),
                 origin: if k.local != 0 { "local" } else { "forwarded" }.into(),
-                pre_src: if k.seen != 0 {
-                    text(k.family, &k.pre_src)
-                } else {
-                    String::new()
-                },
-                pre_dst: if k.seen != 0 {
-                    text(k.family, &k.pre_dst)
-                } else {
-                    String::new()
-                },
+                pre_src: flow
+                    .as_ref()
+                    .map_or_else(String::new, |f| f.src.to_string()),
+                pre_dst: flow
+                    .as_ref()
+                    .map_or_else(String::new, |f| f.dst.to_string()),
                 post_src: text(k.family, &k.post_src),
                 post_dst: text(k.family, &k.post_dst),
                 proto: proto_name(k.proto),
-                spi: if k.seen != 0 {
-                    format!("{:#010x}", u32::from_be(k.spi))
-                } else {
-                    String::new()
-                },
-                reqid: k.reqid,
-                sa_dst: text(k.sa_family, &k.sa_daddr),
-                policy_index: k.policy_index,
-                policy_src: selector
-                    .map_or_else(String::new, |s| cidr(&s.saddr, s.prefixlen_s, s.family)),
-                policy_dst: selector
-                    .map_or_else(String::new, |s| cidr(&s.daddr, s.prefixlen_d, s.family)),
+                spi: sa.map_or_else(String::new, |sa| format!("{:#010x}", sa.spi)),
+                reqid: sa.map_or_else(|| template.map_or(0, |t| t.reqid), |sa| sa.reqid),
+                sa_dst: sa.map_or_else(
+                    || template.map_or_else(String::new, |t| t.dst.to_string()),
+                    |sa| sa.dst.to_string(),
+                ),
+                policy_index: policy.map_or(0, |p| p.index),
+                policy_src: policy.map_or_else(String::new, |p| p.selector.src.clone()),
+                policy_dst: policy.map_or_else(String::new, |p| p.selector.dst.clone()),
                 netns: u64::from(k.netns),
                 netns_label: names.label(u64::from(k.netns)),
                 ifindex: k.ifindex,

@@ -14,13 +14,15 @@ use tracer_common::mtu::{MtuKey, MtuStats, kind};
 use tracer_common::names::maps;
 
 use crate::{
-    hooks::{self, HookOutcome, HookSpec, Role, Variant},
+    hooks::{self, HookOutcome, HookSpec, Prototype, Role, Variant},
     model::{Finding, FindingKind, HookList},
-    xfrm_state::{EspGeometry, Sa, VpnInterface, VpnInterfaceKind, XfrmState},
+    xfrm_state::{EspGeometry, Mode, Sa, VpnInterface, VpnInterfaceKind, XfrmState},
 };
 
 /// Where oversize packets show: fragmented, refused with ICMP, refused
-/// locally (EMSGSIZE), and each ESP packet's size.
+/// locally (EMSGSIZE); and GSO packets cut into segments for an SA. None of
+/// them runs for a healthy non-GSO IPsec packet: what each SA carried comes
+/// from its own packet and byte counters.
 pub const HOOKS: &[HookSpec] = &[
     HookSpec::new(
         "ip_do_fragment",
@@ -63,12 +65,12 @@ pub const HOOKS: &[HookSpec] = &[
         )],
     ),
     HookSpec::new(
-        "xfrm_output",
+        "__skb_gso_segment",
         Role::Mtu,
-        &[Variant::entry(
-            programs::mtu_output_fentry,
-            programs::mtu_output_kprobe,
-        )],
+        &[
+            Variant::entry(programs::mtu_gso_fentry, programs::mtu_gso_kprobe)
+                .prototype(Prototype::SkbAtOrNoBtf(0)),
+        ],
     ),
 ];
 
@@ -167,10 +169,17 @@ pub struct SaSizes {
     pub mode: String,
     pub algorithms: String,
     pub geometry: Option<EspGeometry>,
+    /// Packets the SA encrypted where it sends, during the run (the SA's own
+    /// packet counter; a GSO packet counts once per segment).
     pub packets_out: u64,
-    /// GSO packets among `packets_out` (sizes are of their segments).
+    /// GSO packets cut into segments for the SA before encryption.
     pub gso_packets_out: u64,
+    /// The largest inner packet known: the mean size of the SA's packets
+    /// (its byte and packet counters) or its largest GSO segment, whichever
+    /// is larger. Exact when the SA's packets have one size, a lower bound
+    /// of the largest otherwise: no program sees each healthy packet.
     pub max_inner_len: u32,
+    /// Not measured any more (0): it took a program on every packet.
     pub max_tcp_mss: u32,
     pub events: Vec<SizeEvent>,
     /// The largest inner packet that fits the smallest MTU seen.
@@ -191,12 +200,48 @@ impl SaSizes {
     }
 }
 
-/// A netns as the analysis needs it: label, interfaces, XFRM state.
+/// A netns as the analysis needs it: label, interfaces, XFRM state, and
+/// what each of its SAs carried during the run (SA, packets, bytes).
 pub struct NetnsView<'a> {
     pub inode: u64,
     pub label: &'a str,
     pub interfaces: &'a BTreeMap<u32, String>,
     pub state: Option<&'a XfrmState>,
+    pub carried: Vec<(&'a Sa, u64, u64)>,
+}
+
+/// Whether the netns sends with `sa`: an `out` policy's template names it
+/// (its protocol, reqid and destination, or its source when the template
+/// leaves the destination to the packet). The SA is installed at both ends.
+fn sends_with(state: &XfrmState, sa: &Sa) -> bool {
+    state
+        .policies
+        .iter()
+        .filter(|p| p.dir == "out")
+        .flat_map(|p| &p.templates)
+        .any(|t| {
+            t.proto == sa.proto
+                && (t.reqid == 0 || t.reqid == sa.reqid)
+                && if t.dst.is_unspecified() {
+                    t.src.is_unspecified() || t.src == sa.src
+                } else {
+                    t.dst == sa.dst
+                }
+        })
+}
+
+/// The mean inner packet of `packets` that made `bytes` in the SA's
+/// counter. The kernel counts what ESP encrypts: the whole inner packet in
+/// tunnel mode, the payload after the IP header in transport mode.
+fn mean_inner_len(sa: &Sa, packets: u64, bytes: u64) -> u32 {
+    let ip_header = match (sa.mode, sa.dst) {
+        (Mode::Transport, IpAddr::V4(_)) => 20,
+        (Mode::Transport, IpAddr::V6(_)) => 40,
+        _ => 0,
+    };
+    u32::try_from(bytes / packets.max(1))
+        .unwrap_or(u32::MAX)
+        .saturating_add(ip_header)
 }
 
 fn address(raw: &[u8; 16], family: u8) -> IpAddr {
@@ -248,46 +293,60 @@ fn netns_state<'a>(key: &MtuKey, namespaces: &[NetnsView<'a>]) -> Option<&'a Xfr
         .state
 }
 
-/// Groups the events per SA and joins them with the SAs the kernel has.
+/// A row for the SA, with what the kernel has of it.
+fn sa_sizes(spi: u32, sa_dst: IpAddr, namespaces: &[NetnsView]) -> SaSizes {
+    // The SA lives where it is installed, which may be another netns than
+    // the one that saw the packet (a router on the path).
+    let found = namespaces.iter().find_map(|ns| {
+        let sa = ns.state?.sa(spi, sa_dst)?;
+        Some((ns.label, sa))
+    });
+    SaSizes {
+        spi: format!("{spi:#010x}"),
+        sa_dst: sa_dst.to_string(),
+        sa_netns: found.map_or_else(String::new, |(label, _)| label.to_string()),
+        mode: found.map_or_else(String::new, |(_, sa)| {
+            format!("{:?}", sa.mode).to_lowercase()
+        }),
+        algorithms: found.map_or_else(String::new, |(_, sa)| algorithms(sa)),
+        geometry: found.and_then(|(_, sa)| sa.esp_geometry()),
+        packets_out: 0,
+        gso_packets_out: 0,
+        max_inner_len: 0,
+        max_tcp_mss: 0,
+        events: Vec::new(),
+        max_inner_fitting: None,
+    }
+}
+
+/// Groups the events per SA and joins them with the SAs the kernel has and
+/// what each carried where it sends.
 pub fn summarize(rows: &[(MtuKey, MtuStats)], namespaces: &[NetnsView]) -> Vec<SaSizes> {
     let mut by_sa: BTreeMap<(u32, IpAddr), SaSizes> = BTreeMap::new();
+    for ns in namespaces {
+        let Some(state) = ns.state else { continue };
+        for &(sa, packets, bytes) in &ns.carried {
+            if packets == 0 || !sends_with(state, sa) {
+                continue;
+            }
+            let entry = by_sa
+                .entry((sa.spi, sa.dst))
+                .or_insert_with(|| sa_sizes(sa.spi, sa.dst, namespaces));
+            entry.sa_netns = ns.label.to_string();
+            entry.packets_out += packets;
+            entry.max_inner_len = entry.max_inner_len.max(mean_inner_len(sa, packets, bytes));
+        }
+    }
     for (key, stats) in rows {
         let Some((spi, sa_dst)) = sa_of(key, namespaces) else {
             continue;
         };
-        let entry = by_sa.entry((spi, sa_dst)).or_insert_with(|| {
-            // The SA lives where it is installed, which may be another netns
-            // than the one that saw the packet (a router on the path).
-            let found = namespaces.iter().find_map(|ns| {
-                let sa = ns.state?.sa(spi, sa_dst)?;
-                Some((ns.label, sa))
-            });
-            SaSizes {
-                spi: format!("{spi:#010x}"),
-                sa_dst: sa_dst.to_string(),
-                sa_netns: found.map_or_else(String::new, |(label, _)| label.to_string()),
-                mode: found.map_or_else(String::new, |(_, sa)| {
-                    format!("{:?}", sa.mode).to_lowercase()
-                }),
-                algorithms: found.map_or_else(String::new, |(_, sa)| algorithms(sa)),
-                geometry: found.and_then(|(_, sa)| sa.esp_geometry()),
-                packets_out: 0,
-                gso_packets_out: 0,
-                max_inner_len: 0,
-                max_tcp_mss: 0,
-                events: Vec::new(),
-                max_inner_fitting: None,
-            }
-        });
-        if key.kind == kind::INNER {
-            // The SA is installed at both ends; it is the sender's.
-            if let Some(ns) = namespaces.iter().find(|n| n.inode == u64::from(key.netns)) {
-                entry.sa_netns = ns.label.to_string();
-            }
-            entry.packets_out += stats.count;
+        let entry = by_sa
+            .entry((spi, sa_dst))
+            .or_insert_with(|| sa_sizes(spi, sa_dst, namespaces));
+        if key.kind == kind::GSO_SEGMENTED {
+            entry.gso_packets_out += stats.count;
             entry.max_inner_len = entry.max_inner_len.max(stats.max_len);
-            entry.max_tcp_mss = entry.max_tcp_mss.max(stats.max_mss);
-            entry.gso_packets_out += stats.gso_packets;
             continue;
         }
         let ns = namespaces.iter().find(|n| n.inode == u64::from(key.netns));
@@ -420,14 +479,8 @@ pub fn findings(sizes: &[SaSizes]) -> Vec<Finding> {
             let mut evidence = what;
             if sa.packets_out > 0 {
                 evidence.push(format!(
-                    "{} packets entered xfrm_output for this SA; largest inner packet {} bytes{}",
-                    sa.packets_out,
-                    sa.max_inner_len,
-                    if sa.max_tcp_mss > 0 {
-                        format!(", largest TCP MSS announced {}", sa.max_tcp_mss)
-                    } else {
-                        String::new()
-                    }
+                    "{} packets went out through this SA (its own counters); largest inner packet known {} bytes",
+                    sa.packets_out, sa.max_inner_len,
                 ));
             }
             Finding {
@@ -466,6 +519,36 @@ mod tests {
         }
     }
 
+    fn gateway_sa(mode: Mode) -> Sa {
+        Sa::example(0x1001, 1, "203.0.113.1", mode)
+    }
+
+    /// A gateway that sends with `sa` (its out policy's template names it).
+    fn sender(sa: Sa) -> XfrmState {
+        XfrmState {
+            policies: vec![crate::xfrm_state::Policy {
+                selector: crate::xfrm_state::Selector::default(),
+                dir: "out",
+                action: "allow",
+                index: 1,
+                priority: 0,
+                templates: vec![crate::xfrm_state::Template {
+                    src: sa.src,
+                    dst: sa.dst,
+                    proto: 50,
+                    spi: 0,
+                    reqid: 1,
+                    mode: sa.mode,
+                    optional: false,
+                }],
+                mark: None,
+                if_id: None,
+            }],
+            sas: vec![sa],
+            interfaces: Vec::new(),
+        }
+    }
+
     #[test]
     fn without_the_sa_the_inner_mtu_still_gives_the_fix() {
         let interfaces = BTreeMap::from([(3, "wan0".to_string())]);
@@ -474,19 +557,16 @@ mod tests {
             label: "west",
             interfaces: &interfaces,
             state: None,
+            carried: Vec::new(),
         }];
         let rows = [
             (key(kind::FRAG_NEEDED, 7, 1346, 1), stats(3, 1400)),
             (key(kind::FRAG_NEEDED, 7, 1446, 1), stats(2, 1500)),
-            (key(kind::INNER, 7, 0, 0), stats(10, 1500)),
         ];
         let sizes = summarize(&rows, &views);
         assert_eq!(sizes.len(), 1);
         let sa = &sizes[0];
-        assert_eq!(
-            (sa.spi.as_str(), sa.packets_out, sa.max_inner_len),
-            ("0x00001001", 10, 1500)
-        );
+        assert_eq!((sa.spi.as_str(), sa.packets_out), ("0x00001001", 0));
         assert_eq!(sa.max_inner_fitting, Some(1346));
         let findings = findings(&sizes);
         assert_eq!(findings.len(), 1);
@@ -500,15 +580,64 @@ mod tests {
     }
 
     #[test]
-    fn traffic_that_fits_gives_no_finding() {
+    fn what_an_sa_carried_comes_from_its_counters_where_it_sends() {
         let interfaces = BTreeMap::new();
+        for (mode, bytes, mean) in [
+            // Tunnel mode counts the whole inner packet, transport mode
+            // what follows its IP header.
+            (Mode::Tunnel, 10 * 1446, 1446),
+            (Mode::Transport, 10 * 1426, 1446),
+        ] {
+            let west = sender(gateway_sa(mode));
+            // The receiving end has the same SA, and no template naming it.
+            let mut east = west.clone();
+            east.policies.clear();
+            let views = [
+                NetnsView {
+                    inode: 7,
+                    label: "west",
+                    interfaces: &interfaces,
+                    state: Some(&west),
+                    carried: vec![(&west.sas[0], 10, bytes)],
+                },
+                NetnsView {
+                    inode: 8,
+                    label: "east",
+                    interfaces: &interfaces,
+                    state: Some(&east),
+                    carried: vec![(&east.sas[0], 10, bytes)],
+                },
+            ];
+            let sizes = summarize(&[], &views);
+            assert_eq!(sizes.len(), 1, "{mode:?}");
+            let sa = &sizes[0];
+            assert_eq!(
+                (sa.sa_netns.as_str(), sa.packets_out, sa.max_inner_len),
+                ("west", 10, mean),
+                "{mode:?}"
+            );
+            assert!(findings(&sizes).is_empty());
+        }
+    }
+
+    #[test]
+    fn gso_packets_are_counted_with_their_largest_segment() {
+        let interfaces = BTreeMap::new();
+        let west = sender(gateway_sa(Mode::Tunnel));
         let views = [NetnsView {
             inode: 7,
             label: "west",
             interfaces: &interfaces,
-            state: None,
+            state: Some(&west),
+            carried: vec![(&west.sas[0], 40, 40 * 1000)],
         }];
-        let sizes = summarize(&[(key(kind::INNER, 7, 0, 0), stats(10, 1000))], &views);
-        assert!(findings(&sizes).is_empty());
+        let rows = [(key(kind::GSO_SEGMENTED, 7, 0, 0), stats(3, 1420))];
+        let sizes = summarize(&rows, &views);
+        let sa = &sizes[0];
+        assert_eq!(
+            (sa.packets_out, sa.gso_packets_out, sa.max_inner_len),
+            (40, 3, 1420)
+        );
+        assert!(sa.events.is_empty());
     }
 }

@@ -99,7 +99,7 @@ pub fn report(context: &Context, moment: Moment) -> Report {
             join_policy_and_connection(source, book, &plutos);
         }
     }
-    let leaks = masquerade::leaks(&readings.masquerade, &context.masquerade, &names);
+    let leaks = masquerade::leaks(&readings.masquerade, &context.masquerade, &names, book);
     let ike_paths = ike::summarize(
         &readings.ike,
         &context.kallsyms,
@@ -251,15 +251,13 @@ fn netns_list(
     all
 }
 
-/// Oversize ESP per SA, joined with the SAs the book has seen.
+/// Oversize ESP per SA, joined with the SAs the book has seen and what
+/// each carried.
 fn esp_sizes(
     rows: &[(tracer_common::mtu::MtuKey, tracer_common::mtu::MtuStats)],
     book: &XfrmBook,
     netns: &[NetnsInfo],
 ) -> Vec<mtu::SaSizes> {
-    if rows.is_empty() {
-        return Vec::new();
-    }
     let states: BTreeMap<u64, XfrmState> = netns
         .iter()
         .filter_map(|n| Some((n.inode, book.current(n.inode)?)))
@@ -271,6 +269,7 @@ fn esp_sizes(
             label: &n.label,
             interfaces: &n.interfaces,
             state: states.get(&n.inode),
+            carried: book.carried(n.inode),
         })
         .collect();
     mtu::summarize(rows, &views)

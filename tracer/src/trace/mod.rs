@@ -283,7 +283,8 @@ impl<'a> Session<'a> {
         let stopping = Instant::now();
         let readings = probes.finish(&run.context.kallsyms)?;
         log::debug!("stop: read and detached in {:?}", stopping.elapsed());
-        run.book.poll();
+        // The SAs' counters as the run ends (what each SA carried).
+        run.book.refresh_counters();
         let report = run.assemble(readings, &after, plutos.finish(), elapsed);
         log::debug!("stop: report assembled in {:?}", stopping.elapsed());
         let xfrm_stat = run.counter_evidence(&report, &after);

@@ -290,7 +290,9 @@ impl Probes {
         forced_method_attached(choice, &coverage)?;
         let mtu_hooks = mtu::hook_list(&attach(&mut object, &aya_btf, &mtu_plan));
         log::debug!("start: MTU hooks attached in {:?}", started.elapsed());
-        let masquerade = MasqCoverage::of(&attach(&mut object, &aya_btf, &masquerade_plan));
+        let conntrack = btf.struct_size("nf_conntrack_tuple_hash").is_some();
+        let masquerade =
+            MasqCoverage::of(&attach(&mut object, &aya_btf, &masquerade_plan), conntrack);
         log::debug!(
             "start: MASQUERADE hooks attached in {:?}",
             started.elapsed()

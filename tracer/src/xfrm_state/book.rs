@@ -21,7 +21,12 @@ struct Namespace {
     interfaces: Vec<VpnInterface>,
     gone_sas: Vec<Sa>,
     gone_policies: Vec<Policy>,
+    /// Each SA's counters at the first dump.
+    first_counts: Option<BTreeMap<SaId, (u64, u64)>>,
 }
+
+/// An SA by (SPI, destination, protocol); its counters as (packets, bytes).
+type SaId = (u32, IpAddr, u8);
 
 #[derive(Default)]
 pub struct XfrmBook {
@@ -54,6 +59,7 @@ impl XfrmBook {
             interfaces: Vec::new(),
             gone_sas: Vec::new(),
             gone_policies: Vec::new(),
+            first_counts: None,
         });
         ns.path = path.to_path_buf();
         ns.notifications = notifications;
@@ -84,6 +90,41 @@ impl XfrmBook {
                 self.refreshes += 1;
             }
         }
+    }
+
+    /// Dumps every netns that can still be reached again: an SA's packet
+    /// and byte counters move without a notification (at the end of a run).
+    pub fn refresh_counters(&mut self) {
+        for ns in self.namespaces.values_mut() {
+            if ns.notifications.is_some() {
+                ns.refresh();
+            }
+        }
+    }
+
+    /// Each SA of the netns as last dumped, with the packets and bytes it
+    /// carried since the netns was first dumped (an SA added since counts
+    /// from zero).
+    pub fn carried(&self, netns: u64) -> Vec<(&Sa, u64, u64)> {
+        let Some(ns) = self.namespaces.get(&netns) else {
+            return Vec::new();
+        };
+        ns.sas
+            .iter()
+            .map(|sa| {
+                let (packets, bytes) = ns
+                    .first_counts
+                    .as_ref()
+                    .and_then(|first| first.get(&(sa.spi, sa.dst, sa.proto)))
+                    .copied()
+                    .unwrap_or((0, 0));
+                (
+                    sa,
+                    sa.packets.saturating_sub(packets),
+                    sa.bytes.saturating_sub(bytes),
+                )
+            })
+            .collect()
     }
 
     /// The SA with this SPI (host order) and destination in the netns,
@@ -148,6 +189,7 @@ impl XfrmBook {
             interfaces: state.interfaces,
             gone_sas: Vec::new(),
             gone_policies: Vec::new(),
+            first_counts: None,
         };
         Self {
             namespaces: BTreeMap::from([(netns, ns)]),
@@ -178,8 +220,53 @@ impl Namespace {
                 self.gone_policies.push(old);
             }
         }
+        if self.first_counts.is_none() {
+            self.first_counts = Some(
+                state
+                    .sas
+                    .iter()
+                    .map(|sa| ((sa.spi, sa.dst, sa.proto), (sa.packets, sa.bytes)))
+                    .collect(),
+            );
+        }
         self.sas = state.sas;
         self.policies = state.policies;
         self.interfaces = state.interfaces;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::xfrm_state::Mode;
+
+    #[test]
+    fn an_sa_carried_what_its_counters_moved_since_the_first_dump() {
+        let counted = |spi, packets, bytes| {
+            let mut sa = Sa::example(spi, 1, "203.0.113.1", Mode::Tunnel);
+            (sa.packets, sa.bytes) = (packets, bytes);
+            sa
+        };
+        let mut book = XfrmBook::seen(
+            7,
+            XfrmState {
+                sas: vec![counted(0x1001, 15, 1500), counted(0x1002, 3, 300)],
+                policies: Vec::new(),
+                interfaces: Vec::new(),
+            },
+        );
+        // 0x1001 was there at the first dump; 0x1002 came later.
+        let ns = book.namespaces.get_mut(&7).unwrap();
+        ns.first_counts = Some(BTreeMap::from([(
+            (0x1001, "203.0.113.1".parse().unwrap(), 50),
+            (10, 1000),
+        )]));
+        let carried: Vec<(u32, u64, u64)> = book
+            .carried(7)
+            .into_iter()
+            .map(|(sa, packets, bytes)| (sa.spi, packets, bytes))
+            .collect();
+        assert_eq!(carried, [(0x1001, 5, 500), (0x1002, 3, 300)]);
+        assert!(book.carried(8).is_empty());
     }
 }

@@ -52,7 +52,7 @@ impl Selector {
 }
 
 /// Whether `prefix` (`address/length`) contains `address`.
-fn covers(prefix: &str, address: IpAddr) -> bool {
+pub fn covers(prefix: &str, address: IpAddr) -> bool {
     let Some((net, len)) = prefix.split_once('/') else {
         return false;
     };
@@ -124,6 +124,35 @@ pub struct Sa {
     pub integrity_failures: u32,
     pub mark: Option<(u32, u32)>,
     pub if_id: Option<u32>,
+}
+
+#[cfg(test)]
+impl Sa {
+    /// An ESP SA from 192.0.2.1 to `dst`, no algorithm, no traffic (for
+    /// the tests of its readers).
+    pub fn example(spi: u32, reqid: u32, dst: &str, mode: Mode) -> Self {
+        Self {
+            src: "192.0.2.1".parse().unwrap(),
+            dst: dst.parse().unwrap(),
+            spi,
+            proto: 50,
+            reqid,
+            mode,
+            replay_window: 0,
+            selector: Selector::default(),
+            aead: None,
+            cipher: None,
+            auth: None,
+            encap: None,
+            lifetime: Lifetime::default(),
+            bytes: 0,
+            packets: 0,
+            replay_errors: 0,
+            integrity_failures: 0,
+            mark: None,
+            if_id: None,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
