@@ -259,16 +259,17 @@ fn print_table(results: &[Value]) -> Vec<String> {
     }
 
     println!("\nBPF program runs per datagram delivered (kernel BPF stats, one blast):\n");
-    println!("| kernel | condition | program | runs per datagram | ns per run |");
-    println!("| --- | --- | --- | ---: | ---: |");
+    println!("| kernel | condition | program | runs | runs per datagram | ns per run |");
+    println!("| --- | --- | --- | ---: | ---: | ---: |");
     for r in results {
         let kernel = r["matrix_name"].as_str().unwrap_or("?");
         for name in [TRACERS[0], TRACERS[1], PEER] {
             let programs = &r["conditions"][name]["program_runs"]["programs"];
             for p in programs.as_array().into_iter().flatten() {
                 println!(
-                    "| {kernel} | {name} | {} | {:.2} | {:.0} |",
+                    "| {kernel} | {name} | {} | {} | {:.2} | {:.0} |",
                     p["name"].as_str().unwrap_or("?"),
+                    p["runs"].as_u64().unwrap_or(0),
                     f(&p["per_packet"]),
                     f(&p["ns_per_run"])
                 );

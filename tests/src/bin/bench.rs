@@ -293,32 +293,56 @@ fn blast_receiver(lab: &Lab) -> anyhow::Result<UdpSocket> {
 const BLAST_PORT: u16 = 5202;
 const BLAST_SIZE: usize = 1000;
 
-/// Reads datagrams from `socket` until none came for 300 ms, once the
-/// first came (within 30 s: the sender starts on its own thread).
-fn drain(socket: &UdpSocket) -> std::io::Result<u64> {
+/// Counts the datagrams of blast `id` arriving on `socket` until `sent`
+/// is set and none came for a second: a datagram of an earlier blast that
+/// arrives late is not counted.
+fn count_blast(socket: &UdpSocket, id: u32, sent: &AtomicBool) -> std::io::Result<u64> {
     let mut buffer = [0u8; 2048];
-    socket.set_read_timeout(Some(Duration::from_secs(30)))?;
-    if socket.recv(&mut buffer).is_err() {
-        return Ok(0);
-    }
-    socket.set_read_timeout(Some(Duration::from_millis(300)))?;
-    let mut received = 1;
-    while socket.recv(&mut buffer).is_ok() {
-        received += 1;
+    socket.set_read_timeout(Some(Duration::from_millis(200)))?;
+    let mut received = 0;
+    let mut idle = Duration::ZERO;
+    while idle < Duration::from_secs(1) {
+        match socket.recv(&mut buffer) {
+            Ok(n) if n >= 4 && buffer[..4] == id.to_be_bytes() => {
+                received += 1;
+                idle = Duration::ZERO;
+            }
+            Ok(_) => {}
+            Err(_) if sent.load(Ordering::Relaxed) => idle += Duration::from_millis(200),
+            Err(_) => {}
+        }
     }
     Ok(received)
 }
 
-/// Sends the blast from whost to ehost; returns the datagrams delivered
-/// and the busy CPU seconds of the whole VM while they crossed.
+/// Sends a blast of `count` datagrams from whost to ehost, each carrying
+/// the blast's number; returns the datagrams delivered and the busy CPU
+/// seconds of the whole VM while they crossed.
 fn blast(lab: &Lab, socket: &UdpSocket, count: usize) -> anyhow::Result<(u64, f64)> {
-    let to = format!("{EHOST}:{BLAST_PORT}").parse()?;
+    static BLASTS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let id = BLASTS.fetch_add(1, Ordering::Relaxed);
+    let to: std::net::SocketAddr = format!("{EHOST}:{BLAST_PORT}").parse()?;
     let receiver = socket.try_clone()?;
+    let sent = Arc::new(AtomicBool::new(false));
     let before = busy_seconds()?;
-    let counting = std::thread::spawn(move || drain(&receiver));
-    lab.send_udp(Host::Whost, to, count, BLAST_SIZE)?;
+    let counting = {
+        let sent = sent.clone();
+        std::thread::spawn(move || count_blast(&receiver, id, &sent))
+    };
+    let sending = xfrm_trace::netns::run_in(&lab.ns_path(Host::Whost), move || {
+        let socket = UdpSocket::bind("0.0.0.0:0")?;
+        let mut payload = vec![0x5a; BLAST_SIZE];
+        payload[..4].copy_from_slice(&id.to_be_bytes());
+        for _ in 0..count {
+            // A refused send (full queue) is a datagram not delivered.
+            let _ = socket.send_to(&payload, to);
+        }
+        Ok(())
+    });
+    sent.store(true, Ordering::Relaxed);
     let delivered = counting.join().expect("blast receiver")?;
     let busy = busy_seconds()? - before;
+    sending.context("blast from whost")?;
     if delivered == 0 {
         bail!("no datagram of the blast reached ehost");
     }
