@@ -39,6 +39,10 @@ pub struct Options {
     /// Where the JSON of every kernel goes (default: target/bench.json).
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Prints the tables of an earlier run's JSON (one or more files,
+    /// their kernels one after the other) and measures nothing.
+    #[arg(long)]
+    pub print: Vec<PathBuf>,
 }
 
 /// The targets. CPU per healthy datagram with the tracer at most
@@ -58,6 +62,18 @@ const TRACERS: [&str; 2] = ["xfrm-trace", "xfrm-trace --hooks kprobe"];
 const PEER: &str = "bpftrace minimal";
 
 pub fn run(options: &Options) -> anyhow::Result<()> {
+    if !options.print.is_empty() {
+        let mut results = Vec::new();
+        for path in &options.print {
+            let text =
+                std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            let runs: Vec<Value> = serde_json::from_slice(&text)
+                .with_context(|| format!("{} is not the JSON of a bench run", path.display()))?;
+            results.extend(runs);
+        }
+        print_table(&results);
+        return Ok(());
+    }
     setup::all()?;
     setup::vm_tools()?;
     let binary = util::build_release()?;

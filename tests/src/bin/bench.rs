@@ -244,18 +244,26 @@ fn start_bpftrace() -> anyhow::Result<Child> {
 /// softirq, steal), in seconds.
 fn busy_seconds() -> anyhow::Result<f64> {
     let stat = std::fs::read_to_string("/proc/stat")?;
-    let line = stat.lines().next().context("empty /proc/stat")?;
+    let busy = busy_ticks(&stat).context("no cpu line in /proc/stat")?;
+    Ok(busy as f64 / ticks_per_second())
+}
+
+/// The busy ticks of the all-CPUs line of a `/proc/stat` text.
+fn busy_ticks(stat: &str) -> Option<u64> {
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
     let ticks: Vec<u64> = line
         .split_whitespace()
         .skip(1)
         .map(|v| v.parse().unwrap_or(0))
         .collect();
-    // user nice system idle iowait irq softirq steal
-    let busy: u64 = [0, 1, 2, 5, 6, 7]
-        .iter()
-        .filter_map(|&i| ticks.get(i))
-        .sum();
-    Ok(busy as f64 / ticks_per_second())
+    // user nice system idle iowait irq softirq steal (guest time is
+    // already in user)
+    Some(
+        [0, 1, 2, 5, 6, 7]
+            .iter()
+            .filter_map(|&i| ticks.get(i))
+            .sum(),
+    )
 }
 
 fn ticks_per_second() -> f64 {
@@ -695,5 +703,24 @@ impl Drop for KillOnDrop {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+    }
+}
+
+#[cfg(test)]
+mod unit {
+    use super::*;
+
+    #[test]
+    fn busy_ticks_leave_idle_and_iowait_out() {
+        let stat = "cpu  10 2 30 1000 7 4 5 1 0 0\ncpu0 5 1 15 500 3 2 2 0 0 0\nintr 1\n";
+        assert_eq!(busy_ticks(stat), Some(10 + 2 + 30 + 4 + 5 + 1));
+        assert_eq!(busy_ticks("intr 1\n"), None);
+    }
+
+    #[test]
+    fn median_of_odd_even_and_no_values() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert!(median(&[]).is_nan());
     }
 }
