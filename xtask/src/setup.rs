@@ -31,6 +31,8 @@ const PACKAGES: &[&str] = &[
     "iptables",
     "nftables",
     "iperf3",
+    // `cargo xtask bench`: the peer the tracer's cost is compared with.
+    "bpftrace",
     // Reads the pcapng of sampled packets in the tests.
     "tshark",
 ];
