@@ -110,6 +110,18 @@ pub fn tables(counters: &Counters, kallsyms: &Kallsyms) -> ClaimTables {
     tables
 }
 
+/// The fewest shadow slots the table gets.
+pub const MIN_SHADOWS: u32 = 64;
+
+/// Room in the shadow table (one shadow per netns and CPU, preallocated:
+/// tracing programs need that on older kernels) for twice the `namespaces`
+/// there are now: a few hundred KiB per CPU.
+pub fn shadow_entries(namespaces: usize) -> u32 {
+    u32::try_from(namespaces.saturating_mul(2))
+        .unwrap_or(u32::MAX)
+        .clamp(MIN_SHADOWS, 4096)
+}
+
 /// Whether every counter the kernel has fits the programs' arrays.
 pub fn fits(counters: &Counters) -> bool {
     (counters.array_len as usize) <= MAX_COUNTERS

@@ -118,7 +118,7 @@ pub fn run() -> Report {
             // Mounted (and unmounted) as a run does, so the prediction is
             // the run's; when it cannot be, the tracepoint row says why.
             let _tracefs = tracefs::mount().map_err(|e| log::warn!("{e}")).ok();
-            let programs = match ebpf::load(None, None) {
+            let programs = match ebpf::load(None, None, attribution::claims::MIN_SHADOWS) {
                 Ok(mut object) => capabilities::probe_programs(&mut object, btf, &kallsyms),
                 Err(e) => all_failed(&e.to_string()),
             };

@@ -123,8 +123,13 @@ fn conntrack_tuples(btf: &KernelBtf) -> Option<(u32, u32)> {
     Some((original, original.checked_add(element)?))
 }
 
-/// Loads the object (maps created, no program loaded or attached yet).
-pub fn load(layout: Option<&KernelLayout>, btf: Option<&Btf>) -> Result<Ebpf, LoadError> {
+/// Loads the object (maps created, no program loaded or attached yet), with
+/// room for `shadows` netns in the diff at the drop (`attribution::claims`).
+pub fn load(
+    layout: Option<&KernelLayout>,
+    btf: Option<&Btf>,
+    shadows: u32,
+) -> Result<Ebpf, LoadError> {
     if OBJECT.is_empty() {
         return Err(LoadError::NoObject);
     }
@@ -140,11 +145,7 @@ pub fn load(layout: Option<&KernelLayout>, btf: Option<&Btf>) -> Result<Ebpf, Lo
             .override_global(globals::NET_RECORDS, &layout.net, true)
             .override_global(globals::POSSIBLE_CPUS, &layout.possible_cpus, true);
     }
-    // One shadow of the counters per netns and CPU (`attribution::claims`):
-    // room for twice the namespaces there are now, preallocated (tracing
-    // programs need that on older kernels), so a few hundred KiB per CPU.
-    let namespaces = crate::netns::all().len() as u32;
-    loader.set_max_entries(maps::SHADOWS, (namespaces * 2).clamp(64, 4096));
+    loader.map_max_entries(maps::SHADOWS, shadows);
     Ok(loader.load(OBJECT)?)
 }
 

@@ -143,7 +143,8 @@ struct Loaded {
 fn load(btf: &KernelBtf, kallsyms: &Kallsyms) -> anyhow::Result<Loaded> {
     let layout = ebpf::KernelLayout::resolve(btf, kallsyms)?;
     let aya_btf = aya::Btf::from_sys_fs().map_err(|e| ebpf::describe(&e));
-    let mut object = ebpf::load(Some(&layout), aya_btf.as_ref().ok())?;
+    let shadows = claims::shadow_entries(crate::netns::all().len());
+    let mut object = ebpf::load(Some(&layout), aya_btf.as_ref().ok(), shadows)?;
     let logger = match aya_log::EbpfLogger::init(&mut object) {
         Ok(logger) => Some(logger),
         Err(e) => {
