@@ -399,8 +399,12 @@ pub(crate) fn sample<C: StackIdContext>(
         (*sample).hook = hook_id;
         (*sample).stack_id = stack_id;
         (*sample).count = count;
-        (*sample).flow = frame.flow;
         (*sample).seq = frame.seq;
+        probe_read_raw(
+            core::ptr::addr_of_mut!((*sample).flow).cast(),
+            size_of::<Flow>() as u32,
+            core::ptr::addr_of!(frame.flow).cast(),
+        );
         probe_read_raw(
             core::ptr::addr_of_mut!((*sample).headers).cast(),
             size_of::<Headers>() as u32,

@@ -135,6 +135,11 @@ pub fn claim<C: StackIdContext>(ctx: &C, net: u64, mask: u8, claimant: Claimant)
         return;
     }
     let site = describe(frame, netns, claimant);
+    // One sample per claim, of the first counter that moved (a drop
+    // nearly always moves one): the verifier walks the loop unrolled, and
+    // a sample in each iteration would multiply its work. The counts stay
+    // exact for every counter.
+    let mut sampled = (0u32, 0u32, 0u8, 0u64);
     for counter in 0..MAX_COUNTERS {
         let class_bits = tables.classes[counter];
         if class_bits & mask == 0 {
@@ -149,7 +154,14 @@ pub fn claim<C: StackIdContext>(ctx: &C, net: u64, mask: u8, claimant: Claimant)
         let hook_id = hook_of(class_bits, site);
         frame.flow.dir = dir_of(class_bits, site);
         record(counter as u32, hook_id, &frame.flow, moved);
-        sample(ctx, counter as u32, hook_id, frame, moved);
+        if sampled.3 == 0 {
+            sampled = (counter as u32, hook_id, frame.flow.dir, moved);
+        }
+    }
+    let (counter, hook_id, direction, moved) = sampled;
+    if moved != 0 {
+        frame.flow.dir = direction;
+        sample(ctx, counter, hook_id, frame, moved);
     }
 }
 
