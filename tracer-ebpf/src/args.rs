@@ -20,3 +20,23 @@ impl Args for ProbeContext {
         self.arg(n).unwrap_or(0)
     }
 }
+
+/// The fentry and kprobe form of one entry hook.
+/// (The fentry/kprobe macros and both context types must be in scope where
+/// it is used.)
+macro_rules! entry_hook {
+    ($function:tt, $handler:ident => $fentry:ident, $kprobe:ident) => {
+        #[fentry(function = $function)]
+        pub fn $fentry(ctx: FEntryContext) -> u32 {
+            $handler(&ctx);
+            0
+        }
+
+        #[kprobe]
+        pub fn $kprobe(ctx: ProbeContext) -> u32 {
+            $handler(&ctx);
+            0
+        }
+    };
+}
+pub(crate) use entry_hook;

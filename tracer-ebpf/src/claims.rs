@@ -346,20 +346,25 @@ fn lookup_failed(result: u64, dst_orig: u64) -> bool {
     x == 0
 }
 
-#[fexit(function = "xfrm_lookup_route")]
-pub fn lookup_route_exit(ctx: FExitContext) -> u32 {
-    let net: u64 = ctx.arg(0);
-    let dst_orig: u64 = ctx.arg(1);
-    let fl: u64 = ctx.arg(2);
-    let result: u64 = ctx.arg(5);
+/// Claims a failed lookup's increments (`result` is what it returned).
+#[inline(always)]
+fn claim_lookup<C: StackIdContext>(ctx: &C, net: u64, dst_orig: u64, fl: u64, result: u64) {
     if lookup_failed(result, dst_orig) {
         claim(
-            &ctx,
+            ctx,
             net,
             class::OUT_LOOKUP,
             Claimant::Lookup { fl, dst_orig },
         );
     }
+}
+
+#[fexit(function = "xfrm_lookup_route")]
+pub fn lookup_route_exit(ctx: FExitContext) -> u32 {
+    let net: u64 = ctx.arg(0);
+    let dst_orig: u64 = ctx.arg(1);
+    let fl: u64 = ctx.arg(2);
+    claim_lookup(&ctx, net, dst_orig, fl, ctx.arg(5));
     0
 }
 
@@ -410,14 +415,6 @@ pub fn lookup_route_kretprobe(ctx: RetProbeContext) -> u32 {
         return 0;
     }
     let [net, dst_orig, fl] = open.calls[depth & 3];
-    let result: u64 = ctx.ret();
-    if lookup_failed(result, dst_orig) {
-        claim(
-            &ctx,
-            net,
-            class::OUT_LOOKUP,
-            Claimant::Lookup { fl, dst_orig },
-        );
-    }
+    claim_lookup(&ctx, net, dst_orig, fl, ctx.ret());
     0
 }

@@ -19,7 +19,7 @@ use tracer_common::{
 
 use crate::{
     KERNEL_OFFSETS,
-    args::Args,
+    args::{Args, entry_hook},
     mtu,
     packet::{AF_INET, IpPacket, ip_at, quoted_at, skb_packet},
     skb::{read_at, skb_netns_and_ifindex},
@@ -45,23 +45,6 @@ struct Enqueueing {
 
 #[map]
 static IKE_ENQUEUEING: PerCpuArray<Enqueueing> = PerCpuArray::with_max_entries(1, 0);
-
-/// The fentry and kprobe form of one entry hook.
-macro_rules! entry_hook {
-    ($function:tt, $handler:ident => $fentry:ident, $kprobe:ident) => {
-        #[fentry(function = $function)]
-        pub fn $fentry(ctx: FEntryContext) -> u32 {
-            $handler(&ctx);
-            0
-        }
-
-        #[kprobe]
-        pub fn $kprobe(ctx: ProbeContext) -> u32 {
-            $handler(&ctx);
-            0
-        }
-    };
-}
 
 // Sending: `ip_send_skb(net, skb)` and `ip6_send_skb(skb)` take every
 // datagram a local UDP socket sends (and ICMP replies, raw sockets' and

@@ -11,30 +11,13 @@ use tracer_common::mtu::{MtuKey, MtuStats, kind};
 
 use crate::{
     KERNEL_OFFSETS,
-    args::Args,
+    args::{Args, entry_hook},
     packet::{IpPacket, skb_packet},
     skb::{read_at, skb_dst, skb_netns_and_ifindex},
 };
 
 #[map]
 static MTU_EVENTS: PerCpuHashMap<MtuKey, MtuStats> = PerCpuHashMap::with_max_entries(4096, 0);
-
-/// The fentry and kprobe form of one entry hook.
-macro_rules! entry_hook {
-    ($function:tt, $handler:ident => $fentry:ident, $kprobe:ident) => {
-        #[fentry(function = $function)]
-        pub fn $fentry(ctx: FEntryContext) -> u32 {
-            $handler(&ctx);
-            0
-        }
-
-        #[kprobe]
-        pub fn $kprobe(ctx: ProbeContext) -> u32 {
-            $handler(&ctx);
-            0
-        }
-    };
-}
 
 /// The SA of an IPsec bundle dst (0 if the dst is a plain route).
 #[inline(always)]
