@@ -845,7 +845,7 @@ fn udp_no_ports(lab: &Lab, host: Host) -> u64 {
 /// SPI where IKE has the zero non-ESP marker) is not IKE: the IKE watch
 /// counts no port unreachable for it, while IKE on UDP 500 to the same
 /// peer, where nothing listens either, still counts each datagram once.
-/// Runs on: 6.12 (the IKE watch is tracepoints only; the same rule runs everywhere in ike_watch_counts_each_peer_exactly)
+/// Runs on: 6.12 (the IKE watch reads the same packets on every kernel; its quote rule runs everywhere in ike_watch_counts_each_peer_exactly)
 #[test]
 fn esp_in_udp_refused_by_the_peer_is_not_ike() {
     const IKE_COUNT: usize = 3;
