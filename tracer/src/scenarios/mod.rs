@@ -34,8 +34,13 @@ impl Step {
 
 /// Runs the tracer (in this process) while `action` runs; its report.
 fn trace_during(hooks: HookChoice, action: impl FnOnce()) -> anyhow::Result<Report> {
-    let ready = std::env::temp_dir().join(format!("xfrm-trace-lab-{}.ready", std::process::id()));
-    let _ = std::fs::remove_file(&ready);
+    // In a directory only we can enter (0700, an unpredictable name):
+    // nobody can plant the ready file, nor a link where it goes.
+    let private = tempfile::Builder::new()
+        .prefix("xfrm-trace-lab-")
+        .tempdir()
+        .context("creating a private temporary directory")?;
+    let ready = private.path().join("ready");
     let stop = Arc::new(AtomicBool::new(false));
     let options = trace::Options {
         duration: None,
@@ -62,7 +67,6 @@ fn trace_during(hooks: HookChoice, action: impl FnOnce()) -> anyhow::Result<Repo
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        let _ = std::fs::remove_file(&ready);
         action();
         // Let the last packets' events land before reading the maps.
         std::thread::sleep(Duration::from_millis(500));
