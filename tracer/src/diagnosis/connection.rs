@@ -591,7 +591,7 @@ mod tests {
         ike::IkeDrop,
         pluto::{log::parse_line, status::parse_status},
         report::Counter,
-        xfrm_state::{Lifetime, Mode, Sa, Selector, XfrmBook, XfrmState},
+        xfrm_state::{Mode, Sa, XfrmBook, XfrmState},
     };
 
     /// West's `ipsec whack --status` in the lab (libreswan 4.10): "lab",
@@ -861,24 +861,7 @@ mod tests {
     fn sa(spi: u32, src: &str, dst: &str) -> Sa {
         Sa {
             src: src.parse().unwrap(),
-            dst: dst.parse().unwrap(),
-            spi,
-            proto: 50,
-            reqid: 16389,
-            mode: Mode::Tunnel,
-            replay_window: 0,
-            selector: Selector::default(),
-            aead: None,
-            cipher: None,
-            auth: None,
-            encap: None,
-            lifetime: Lifetime::default(),
-            bytes: 0,
-            packets: 0,
-            replay_errors: 0,
-            integrity_failures: 0,
-            mark: None,
-            if_id: None,
+            ..Sa::example(spi, 16389, dst, Mode::Tunnel)
         }
     }
 
