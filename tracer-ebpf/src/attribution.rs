@@ -20,7 +20,7 @@ use tracer_common::layout::ABSENT;
 use crate::{
     KERNEL_OFFSETS, capture,
     packet::{AF_INET6, IpPacket, skb_packet},
-    skb::{read_at, skb_dst, skb_net},
+    skb::{is_null_or_error, read_at, skb_dst, skb_net},
 };
 
 #[map]
@@ -134,19 +134,31 @@ pub(crate) fn flow_from_packet(packet: &IpPacket, flow: &mut Flow, seq: &mut u32
     }
 }
 
+/// The SA an outgoing skb's route points at (0 if none).
+#[inline(always)]
+pub(crate) unsafe fn route_sa(skb: u64) -> u64 {
+    let dst = unsafe { skb_dst(skb) };
+    if dst == 0 {
+        return 0;
+    }
+    unsafe { read_at(dst, KERNEL_OFFSETS.load().dst_entry_xfrm) }.unwrap_or(0)
+}
+
 /// The SA (SPI, reqid) an outgoing skb's route points at, if any.
 #[inline(always)]
 pub(crate) unsafe fn sa_of_route(skb: u64, flow: &mut Flow) {
-    let offsets = KERNEL_OFFSETS.load();
-    let dst = unsafe { skb_dst(skb) };
-    if dst == 0 {
-        return;
-    }
-    let x: u64 = unsafe { read_at(dst, offsets.dst_entry_xfrm) }.unwrap_or(0);
+    let x = unsafe { route_sa(skb) };
     if x != 0 {
-        flow.spi = unsafe { read_at(x, offsets.xfrm_state_spi) }.unwrap_or(0);
-        flow.reqid = unsafe { read_at(x, offsets.xfrm_state_reqid) }.unwrap_or(0);
+        unsafe { name_sa(x, flow) };
     }
+}
+
+/// Names the SA `x` (SPI, reqid) in the flow.
+#[inline(always)]
+pub(crate) unsafe fn name_sa(x: u64, flow: &mut Flow) {
+    let o = KERNEL_OFFSETS.load();
+    flow.spi = unsafe { read_at(x, o.xfrm_state_spi) }.unwrap_or(0);
+    flow.reqid = unsafe { read_at(x, o.xfrm_state_reqid) }.unwrap_or(0);
 }
 
 /// The flow a route lookup is made for.
@@ -327,9 +339,7 @@ unsafe fn read_pending_flow(frame: &mut Frame) {
     if frame.hook == hook::POLICY_CHECK {
         let x = unsafe { decapsulating_sa(skb) };
         if x != 0 {
-            let o = KERNEL_OFFSETS.load();
-            frame.flow.spi = unsafe { read_at(x, o.xfrm_state_spi) }.unwrap_or(0);
-            frame.flow.reqid = unsafe { read_at(x, o.xfrm_state_reqid) }.unwrap_or(0);
+            unsafe { name_sa(x, &mut frame.flow) };
         }
     }
     unsafe { flow_from_skb(skb, &mut frame.flow, &mut frame.seq) };
@@ -451,16 +461,13 @@ pub fn state_found(x: u64) {
     if frame.hook != hook::XFRM_INPUT {
         return;
     }
-    let o = KERNEL_OFFSETS.load();
-    frame.flow.spi = unsafe { read_at(x, o.xfrm_state_spi) }.unwrap_or(0);
-    frame.flow.reqid = unsafe { read_at(x, o.xfrm_state_reqid) }.unwrap_or(0);
+    unsafe { name_sa(x, &mut frame.flow) };
 }
 
 /// A policy lookup returned `policy`: name it in the open bracket.
 #[inline(always)]
 pub fn policy_found(policy: u64) {
-    // NULL, or an error pointer (the top 4095 values).
-    if policy == 0 || policy > u64::MAX - 4095 {
+    if is_null_or_error(policy) {
         return;
     }
     let Some(frame) = open_frame() else { return };

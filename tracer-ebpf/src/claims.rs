@@ -19,12 +19,12 @@ use tracer_common::attribution::{
 use crate::{
     KERNEL_OFFSETS,
     attribution::{
-        count_error, decapsulating_sa, flow_from_flowi, flow_from_packet, flow_from_skb,
-        netns_and_mib, read_counters, record, route_family, sample, zero,
+        count_error, decapsulating_sa, flow_from_flowi, flow_from_packet, flow_from_skb, name_sa,
+        netns_and_mib, read_counters, record, route_family, route_sa, sample, zero,
     },
     capture,
     packet::{ip_at, network_header},
-    skb::{read_at, skb_dst, skb_net},
+    skb::{is_null_or_error, read_at, skb_net},
 };
 
 /// Written by userspace at start (index 0).
@@ -223,17 +223,11 @@ unsafe fn describe_output(skb: u64, frame: &mut Frame) {
     let Some(at) = (unsafe { network_header(skb) }) else {
         return;
     };
-    let dst = unsafe { skb_dst(skb) };
-    let o = KERNEL_OFFSETS.load();
-    let x: u64 = if dst == 0 {
-        0
-    } else {
-        unsafe { read_at(dst, o.dst_entry_xfrm) }.unwrap_or(0)
-    };
+    let x = unsafe { route_sa(skb) };
     let mut inner_at = at;
     if x != 0 {
-        frame.flow.spi = unsafe { read_at(x, o.xfrm_state_spi) }.unwrap_or(0);
-        frame.flow.reqid = unsafe { read_at(x, o.xfrm_state_reqid) }.unwrap_or(0);
+        unsafe { name_sa(x, &mut frame.flow) };
+        let o = KERNEL_OFFSETS.load();
         let peer: [u8; 16] = unsafe { read_at(x, o.xfrm_state_daddr) }.unwrap_or([0; 16]);
         let header_len: u16 = unsafe { read_at(x, o.xfrm_state_header_len) }.unwrap_or(0);
         if unsafe { outer_header_to(at, &peer) } {
@@ -283,11 +277,9 @@ unsafe fn name_decapsulating_sa(skb: u64, frame: &mut Frame) {
     if x == 0 {
         return;
     }
-    let o = KERNEL_OFFSETS.load();
-    let spi: u32 = unsafe { read_at(x, o.xfrm_state_spi) }.unwrap_or(0);
+    let spi: u32 = unsafe { read_at(x, KERNEL_OFFSETS.load().xfrm_state_spi) }.unwrap_or(0);
     if frame.flow.spi == 0 || frame.flow.spi == spi {
-        frame.flow.spi = spi;
-        frame.flow.reqid = unsafe { read_at(x, o.xfrm_state_reqid) }.unwrap_or(0);
+        unsafe { name_sa(x, &mut frame.flow) };
     }
 }
 
@@ -335,8 +327,7 @@ pub fn shadow_init(_ctx: RawTracePointContext) -> i32 {
 /// Whether the lookup's result can hide an increment.
 #[inline(always)]
 fn lookup_failed(result: u64, dst_orig: u64) -> bool {
-    // An error pointer (the top 4095 values), or no route at all.
-    if result == 0 || result > u64::MAX - 4095 {
+    if is_null_or_error(result) {
         return true;
     }
     if result == dst_orig {

@@ -54,3 +54,10 @@ pub unsafe fn skb_dst(skb: u64) -> u64 {
     let refdst: u64 = unsafe { read_at(skb, KERNEL_OFFSETS.load().sk_buff_refdst) }.unwrap_or(0);
     refdst & !1
 }
+
+/// Whether a returned kernel pointer is NULL or an error (`ERR_PTR`: the
+/// top 4095 values).
+#[inline(always)]
+pub fn is_null_or_error(pointer: u64) -> bool {
+    pointer == 0 || pointer > u64::MAX - 4095
+}
