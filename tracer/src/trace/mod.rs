@@ -148,7 +148,13 @@ impl<'a> Session<'a> {
             .map(|u| u.release().to_string_lossy().into_owned())
             .context("uname")?;
         let counter_names = Counters::from_btf(&btf).unwrap_or_default();
-        let probes = Probes::attach(&btf, &kallsyms, options.hooks, options.brackets)?;
+        let probes = Probes::attach(
+            &btf,
+            &kallsyms,
+            &counter_names,
+            options.hooks,
+            options.brackets,
+        )?;
         // Without the teardown hook, a deleted namespace keeps the counters
         // last read (every second).
         let mut history =

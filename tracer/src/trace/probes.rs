@@ -2,6 +2,8 @@
 //! detached when dropped (also on error and Ctrl-C: the `Ebpf` owns the
 //! links).
 
+use std::collections::BTreeMap;
+
 use anyhow::Context as _;
 
 use tracer_common::{
@@ -25,7 +27,10 @@ use crate::{
     masquerade::{self, MasqCoverage},
     model::HookList,
     mtu,
-    netns::exits::{self, Exits},
+    netns::{
+        Netns,
+        exits::{self, Exits},
+    },
 };
 
 /// Leak and drop samples kept for the pcapng (the counts stay exact).
@@ -118,8 +123,8 @@ fn start_claims(
     object: &mut aya::Ebpf,
     counters: &Counters,
     kallsyms: &Kallsyms,
+    namespaces: &BTreeMap<u64, Netns>,
 ) -> Result<(), String> {
-    let namespaces = crate::netns::all();
     let paths: Vec<&std::path::Path> = namespaces.values().map(|ns| ns.path.as_path()).collect();
     let shadows = claims::start(object, claims::tables(counters, kallsyms), &paths)?;
     log::debug!(
@@ -140,10 +145,10 @@ struct Loaded {
     per_packet: bool,
 }
 
-fn load(btf: &KernelBtf, kallsyms: &Kallsyms) -> anyhow::Result<Loaded> {
+fn load(btf: &KernelBtf, kallsyms: &Kallsyms, namespaces: usize) -> anyhow::Result<Loaded> {
     let layout = ebpf::KernelLayout::resolve(btf, kallsyms)?;
     let aya_btf = aya::Btf::from_sys_fs().map_err(|e| ebpf::describe(&e));
-    let shadows = claims::shadow_entries(crate::netns::all().len());
+    let shadows = claims::shadow_entries(namespaces);
     let mut object = ebpf::load(Some(&layout), aya_btf.as_ref().ok(), shadows)?;
     let logger = match aya_log::EbpfLogger::init(&mut object) {
         Ok(logger) => Some(logger),
@@ -220,28 +225,33 @@ impl Probes {
     pub fn attach(
         btf: &KernelBtf,
         kallsyms: &Kallsyms,
+        counters: &Counters,
         choice: HookChoice,
         brackets: bool,
     ) -> anyhow::Result<Self> {
         let started = std::time::Instant::now();
         // Needed while attaching only (record layouts, tracepoint ids).
         let _tracefs = crate::tracefs::mount()?;
+        // The namespaces there are: the shadows' room and set-up.
+        let namespaces = crate::netns::all();
         let Loaded {
             mut object,
             logger,
             aya_btf,
             per_packet,
-        } = load(btf, kallsyms)?;
+        } = load(btf, kallsyms, namespaces.len())?;
         log::debug!("start: object loaded in {:?}", started.elapsed());
         let plans = Plans::new(btf, kallsyms, choice);
-        let counters = Counters::from_btf(btf).unwrap_or_default();
-        // Without __per_cpu_offset no counter can be read per CPU.
-        let strategy = if !per_packet || choice == HookChoice::Tracepoint {
-            None
-        } else if brackets || !claims::fits(&counters) {
+        // Without __per_cpu_offset no counter can be read per CPU; with
+        // `--hooks tracepoint` the brackets' report says nothing is hooked.
+        let strategy = if choice == HookChoice::Tracepoint
+            || (per_packet && (brackets || !claims::fits(counters)))
+        {
             Some(Strategy::Brackets)
-        } else {
+        } else if per_packet {
             Some(Strategy::DropDiff)
+        } else {
+            None
         };
         if let Ok(aya_btf) = &aya_btf {
             plans.preload(&mut object, aya_btf, strategy);
@@ -264,27 +274,19 @@ impl Probes {
         let coverage = match strategy {
             Some(Strategy::DropDiff) => {
                 let coverage = Coverage::of(&attach(&mut object, &aya_btf, &claim_plan));
-                let claims_started = if coverage.fentry_brackets + coverage.kprobe_brackets == 0 {
+                if coverage.fentry_brackets + coverage.kprobe_brackets == 0 {
                     // No function can be hooked here: the brackets' report
                     // says why.
-                    Err(None)
+                    Coverage::of(&attach(&mut object, &aya_btf, &bracket_plan))
+                } else if let Err(why) = start_claims(&mut object, counters, kallsyms, &namespaces)
+                {
+                    log::warn!("diff at the drop unavailable ({why}): brackets instead");
+                    Coverage::of(&attach(&mut object, &aya_btf, &bracket_plan))
                 } else {
-                    start_claims(&mut object, &counters, kallsyms).map_err(Some)
-                };
-                match claims_started {
-                    Ok(()) => coverage,
-                    Err(why) => {
-                        if let Some(why) = why {
-                            log::warn!("diff at the drop unavailable ({why}): brackets instead");
-                        }
-                        Coverage::of(&attach(&mut object, &aya_btf, &bracket_plan))
-                    }
+                    coverage
                 }
             }
             Some(Strategy::Brackets) => Coverage::of(&attach(&mut object, &aya_btf, &bracket_plan)),
-            None if choice == HookChoice::Tracepoint => {
-                Coverage::of(&attach(&mut object, &aya_btf, &bracket_plan))
-            }
             None => attribution::without_per_cpu_offset(&mut object, btf, kallsyms),
         };
         log::debug!("start: attribution attached in {:?}", started.elapsed());
